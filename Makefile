@@ -1,0 +1,32 @@
+# Quick start: `make demo` (set up, build the demo models, run the suite) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU machines: torch and torchvision must be a matching pair (transformers' Qwen2-VL processor needs torchvision).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo demo-models test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo-models: setup
+	$(PY) scripts/make_demo.py --out demo
+
+demo: demo-models
+	$(PY) -m orchestrator run recipes.toml
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) demo runs

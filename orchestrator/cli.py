@@ -1,0 +1,130 @@
+"""The command line: parse options, call the library, turn its exceptions into "Error: ..." and an exit code.
+
+Exit codes: 0 every recipe evaluated; 1 a recipe failed or was refused; 2 usage or config error;
+3 a quality gate failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.tree import Tree
+
+from . import __version__
+from .gpu import default_device, open_nvml
+from .plan import RecipePlan, make_plans
+from .recipes import RecipeFile, RecipeFileError, load_recipe_file
+from .report import render_markdown, render_terminal, run_summary
+from .results import new_run_dir, write_json
+from .supervisor import RecipeOutcome, run_suite
+
+EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG = 0, 1, 2
+
+# Logs of nightly jobs are read in wide windows: don't wrap the table at 80 columns when not on a terminal.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def _load(recipes_path: Path, only: str | None) -> tuple[RecipeFile, list[RecipePlan]]:
+    try:
+        recipe_file = load_recipe_file(recipes_path)
+        selected = recipe_file.select([n.strip() for n in only.split(",") if n.strip()] if only else None)
+    except RecipeFileError as exc:
+        err_console.print(f"[red]Error:[/red] {exc}", markup=True)
+        sys.exit(EXIT_CONFIG)
+    return recipe_file, make_plans(recipe_file, selected)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="evalorch")
+def main() -> None:
+    """Evaluate fine-tuned vision-language models, each in a fresh worker process."""
+
+
+@main.command()
+@click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"), show_default=True,
+              help="Folder that receives the run folder runs/<UTC time>/.")
+@click.option("--only", metavar="NAME[,NAME...]", help="Run only these recipes.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="auto: cuda where NVML sees a GPU, else cpu. cpu puts the whole model on the CPU (tests, demo);"
+              " a model is never split between devices.")
+@click.option("--timeout", type=float, default=None, help="Seconds allowed for each recipe (default: none).")
+def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None) -> None:
+    """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
+    recipe_file, plans = _load(recipes, only)
+    if device == "auto":
+        device = default_device(open_nvml())
+        console.print(f"Device: {device} (--device auto)")
+    run_dir = new_run_dir(out)
+    write_json(run_dir / "run.json", _run_record(recipe_file, plans, device, timeout))
+    console.print(f"Run folder: {run_dir}")
+    rows = run_suite(plans, run_dir, device=device, timeout=timeout, listener=_progress(len(plans)))
+    baseline = recipe_file.baseline.name if recipe_file.baseline else None
+    summary = run_summary(rows, baseline)
+    write_json(run_dir / "summary.json", summary)
+    (run_dir / "report.md").write_text(render_markdown(summary))
+    render_terminal(summary, console)
+    console.print(f"Report: {run_dir / 'report.md'}")
+    sys.exit(EXIT_OK if all(r["status"] == "ok" for r in rows) else EXIT_RECIPE_FAILED)
+
+
+@main.command()
+@click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--only", metavar="NAME[,NAME...]", help="Plan only these recipes.")
+def plan(recipes: Path, only: str | None) -> None:
+    """Validate RECIPES and show each recipe's lineage; loads no weights, needs no GPU."""
+    _, plans = _load(recipes, only)
+    for item in plans:
+        console.print(_lineage_tree(item))
+    problems = [p for p in plans if not p.runnable]
+    if problems:
+        err_console.print(f"[red]Error:[/red] {len(problems)} recipe(s) cannot run", markup=True)
+        sys.exit(EXIT_RECIPE_FAILED)
+
+
+def _lineage_tree(item: RecipePlan) -> Tree:
+    tree = Tree(f"[bold]{item.recipe.name}[/bold]")
+    if item.problem:
+        tree.add(f"[red]{item.problem}[/red]")
+        return tree
+    node = tree
+    for link in reversed(item.chain or []):  # top (what the recipe names) first, down to the root
+        note = " [yellow](base overridden by the recipe)[/yellow]" if link.source == "recipe-base" else ""
+        node = node.add(f"{link.kind} {link.path}  {link.fingerprint}  {link.bytes / 1e6:.2f} MB{note}")
+    return tree
+
+
+def _progress(total: int):
+    counter = {"index": 0}
+
+    def listener(event: str, outcome: RecipeOutcome, data: dict[str, Any]) -> None:
+        if event == "started":
+            counter["index"] += 1
+            console.print(f"[{counter['index']}/{total}] {outcome.name}: worker pid {data['pid']} starting")
+        elif event == "loaded":
+            console.print(f"    loaded in {data['seconds']:.1f}s ({data['dtype']}, {data['attn']}, {data['device']})")
+        elif event == "finished":
+            extra = f" ({outcome.detail.splitlines()[0][:120]})" if outcome.detail else ""
+            console.print(f"    {outcome.name}: {outcome.status}, {outcome.samples_received} samples{extra}")
+
+    return listener
+
+
+def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, timeout: float | None) -> dict:
+    return {
+        "orchestrator_version": __version__,
+        "command": sys.argv,
+        "recipe_file": str(recipe_file.path),
+        "device": device,
+        "timeout": timeout,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "recipes": [{**p.recipe.model_dump(), "problem": p.problem,
+                     "chain": [link.__dict__ for link in p.chain or []]} for p in plans],
+    }

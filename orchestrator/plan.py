@@ -1,0 +1,38 @@
+"""The verdict for each recipe before anything runs: its resolved chain, or why it cannot run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .lineage import LineageError, resolve_chain
+from .protocol import ChainLink
+from .recipes import Recipe, RecipeFile
+
+
+@dataclass
+class RecipePlan:
+    recipe: Recipe
+    chain: list[ChainLink] | None = None
+    problem: str | None = None  # set when the recipe must not run
+
+    @property
+    def runnable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def overridden_base(self) -> bool:
+        """The recipe loads its adapter on a base other than the one the adapter records."""
+        return self.chain is not None and any(link.source == "recipe-base" for link in self.chain)
+
+
+def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: bool = False) -> list[RecipePlan]:
+    """Resolve every recipe's lineage up front, so every problem is known before the first worker starts."""
+    plans = []
+    for recipe in recipes:
+        try:
+            chain = resolve_chain(recipe, recipe_file.lineage, hash_weights=hash_weights)
+        except LineageError as exc:
+            plans.append(RecipePlan(recipe, problem=f"lineage: {exc}"))
+        else:
+            plans.append(RecipePlan(recipe, chain=chain))
+    return plans

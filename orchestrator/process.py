@@ -1,0 +1,122 @@
+"""Mechanics of one worker process: start it, read its result pipe, signal it, reap it. No policy here.
+
+The worker runs in its own session (process group), so a signal meant for the group reaches everything it
+started, and the terminal's Ctrl-C reaches only the parent, which decides what the workers do.
+The worker's stdin is a pipe the parent holds open: the lifeline. When the parent dies, for any reason, the
+kernel closes it and the worker sees EOF and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_SIGNAL_HINTS = {
+    signal.SIGKILL: "killed by SIGKILL: perhaps the kernel's out-of-memory killer (see dmesg)",
+    signal.SIGSEGV: "crashed with SIGSEGV (segmentation fault)",
+    signal.SIGABRT: "crashed with SIGABRT (abort, often a failed assertion in native code)",
+    signal.SIGBUS: "crashed with SIGBUS",
+    signal.SIGILL: "crashed with SIGILL",
+    signal.SIGFPE: "crashed with SIGFPE",
+}
+
+
+@dataclass
+class ExitInfo:
+    code: int | None  # the exit code, or None when killed by a signal
+    signal: int | None
+    description: str
+
+
+def describe_exit(returncode: int) -> ExitInfo:
+    """Decode a Popen returncode into words (gunicorn's arbiter does the same for its workers)."""
+    if returncode >= 0:
+        return ExitInfo(returncode, None, f"exited with code {returncode}")
+    sig = -returncode
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    return ExitInfo(None, sig, _SIGNAL_HINTS.get(sig, f"killed by {name}"))
+
+
+class WorkerProcess:
+    """A `python -m worker` child with a result pipe, a lifeline and a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        read_fd, write_fd = os.pipe()
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - the child writes here; closed in cleanup()
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "worker", *args, "--result-fd", str(write_fd)],
+                stdin=subprocess.PIPE,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        finally:
+            os.close(write_fd)  # only the child holds the write end: its exit gives us EOF
+        self.result_fd = read_fd
+        os.set_blocking(read_fd, False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def read_results(self, wait: float = 0.0) -> bytes | None:
+        """Whatever the pipe holds, waiting up to `wait` seconds: b"" when nothing came, None at EOF."""
+        if wait > 0:
+            select.select([self.result_fd], [], [], wait)
+        try:
+            chunk = os.read(self.result_fd, 1 << 16)
+        except BlockingIOError:
+            return b""
+        return chunk if chunk else None
+
+    def send(self, line: bytes) -> bool:
+        """Write a control line to the worker's stdin; False if it is gone."""
+        try:
+            self.popen.stdin.write(line)
+            self.popen.stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError, OSError):
+            return False
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the worker and everything it started; harmless if they are gone."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def cleanup(self) -> None:
+        """Kill what is left of the group, reap, close our ends. Safe to call twice."""
+        if self.popen.poll() is None:
+            self.kill()
+            self.popen.wait()
+        self.signal_group(signal.SIGKILL)  # grandchildren the worker left behind
+        for closer in (self.popen.stdin.close, self._log.close):
+            with contextlib.suppress(OSError):
+                closer()
+        if self.result_fd >= 0:
+            os.close(self.result_fd)
+            self.result_fd = -1  # never close a number the OS may since have given to another file

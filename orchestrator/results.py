@@ -1,0 +1,88 @@
+"""The run folder: what was asked, what came back, durably.
+
+    runs/<UTC time>/run.json               recipes as resolved, environment, command line
+    runs/<UTC time>/<recipe>/spec.json     what the worker was told
+    runs/<UTC time>/<recipe>/samples.jsonl one line per sample, appended as it arrives
+    runs/<UTC time>/<recipe>/worker.log    the worker's stdout and stderr
+    runs/<UTC time>/<recipe>/summary.json  metrics, lineage, timings, status
+    runs/<UTC time>/summary.json, report.md
+
+Sample lines are flushed to the OS as they arrive and fsynced at least once a second, so a crash of the
+worker or of the parent loses nothing already received.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+_FSYNC_EVERY_S = 1.0
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return orjson.loads(path.read_bytes())
+
+
+def new_run_dir(out: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = out / stamp
+    suffix = 1
+    while run_dir.exists():  # two runs in the same second
+        suffix += 1
+        run_dir = out / f"{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+class SampleLog:
+    """Appends one recipe's sample records to samples.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "ab")  # noqa: SIM115 - held open for the recipe's life, closed in close()
+        self._last_sync = time.monotonic()
+        self.count = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(orjson.dumps(record) + b"\n")
+        self._file.flush()
+        self.count += 1
+        if time.monotonic() - self._last_sync >= _FSYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a samples.jsonl; a truncated last line (a crash mid-write) is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            records.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue  # only a cut-off last line can be malformed: we write whole lines
+    return records

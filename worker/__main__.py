@@ -1,0 +1,104 @@
+"""`python -m worker --spec SPEC --result-fd FD`: hello -> lineage -> load -> samples -> done (or error).
+
+Results go to FD as JSON lines; stdout and stderr are the log. stdin is the lifeline: EOF means the parent is
+gone and the worker exits at once; a `stop` line asks it to finish the current batch and send `done`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from orchestrator import protocol
+
+from .errors import WorkerError
+from .faults import Faults
+
+_LIFELINE_EXIT_CODE = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker")
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--result-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    out = protocol.MessageWriter(args.result_fd)
+    stop = threading.Event()
+    threading.Thread(target=_watch_lifeline, args=(stop,), daemon=True, name="lifeline").start()
+    try:
+        spec = protocol.WorkerSpec.from_json(args.spec.read_bytes())
+        _evaluate(spec, out, stop, Faults.from_env(spec.recipe["name"]))
+    except WorkerError as exc:
+        out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
+        return 1
+    except Exception as exc:
+        kind = "cuda_oom" if type(exc).__name__ == "OutOfMemoryError" else "internal"
+        out.send("error", kind=kind, message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        return 1
+    return 0
+
+
+def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, stop: threading.Event,
+              faults: Faults) -> None:
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
+
+    from .data import read_dataset
+    from .infer import run_inference
+    from .load import load_chain
+
+    timings["imports"] = time.perf_counter() - started
+    out.send("hello", version=protocol.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
+    out.send("lineage", links=[asdict(link) for link in spec.chain])
+    recipe = spec.recipe
+    samples = read_dataset(Path(spec.dataset), limit=recipe.get("limit"), skip_ids=set(spec.skip_ids))
+    faults.hit("load", out.write_raw)
+    device = "cuda:0" if spec.device == "cuda" else "cpu"
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
+    model, processor, loaded = load_chain(spec.chain, recipe, device)
+    timings["load"] = loaded["seconds"]
+    out.send("loaded", **loaded)
+    stats = run_inference(
+        model, processor, samples, recipe, device, out.send, stop.is_set,
+        before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw),
+    )
+    timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
+                "total": time.perf_counter() - started}
+    counts = {"scored": stats.scored, "errors": stats.errors, "batches": stats.batches,
+              "generated_tokens": stats.generated_tokens, "stopped_early": stop.is_set()}
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    out.send("done", counts=counts, timings=timings, peak_bytes=peak)
+
+
+def _watch_lifeline(stop: threading.Event) -> None:
+    """Read control lines from stdin; EOF means the parent died, so leave now (no orphan holding a GPU).
+    Raw os.read, not sys.stdin: a daemon thread parked inside a buffered reader aborts interpreter shutdown."""
+    splitter = protocol.LineSplitter()
+    while chunk := os.read(0, 4096):
+        if protocol.CONTROL_STOP.encode() in (line.strip() for line in splitter.feed(chunk)):
+            stop.set()
+    os._exit(_LIFELINE_EXIT_CODE)
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "accelerate", "flash-attn"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Test-only fault injection, read from EVALORCH_FAULT by the worker alone.
+
+    EVALORCH_FAULT="raise@sample:2,garbage-stdout"
+    EVALORCH_FAULT="r1-llm-only:raise@sample:2"      (only the worker of that recipe)
+
+Points: `load` (before weights load), `sample:N` (before the N-th sample, counting from 1, is sent).
+Actions: raise, segv, abort, hang, exit (exit 0 without `done`), bad-line (a malformed result line),
+garbage-stdout (print junk to stdout at every point, which must not disturb the result stream).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+ENV_VAR = "EVALORCH_FAULT"
+
+
+class Faults:
+    def __init__(self, spec: str, recipe: str = "") -> None:
+        self.rules: dict[str, str] = {}
+        self.garbage = False
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            target, colon, rest = item.partition(":")
+            if colon and "@" not in target:  # "recipe:action@point" applies to that recipe only
+                if target != recipe:
+                    continue
+                item = rest
+            if item == "garbage-stdout":
+                self.garbage = True
+                continue
+            action, _, point = item.partition("@")
+            self.rules[point] = action
+
+    @classmethod
+    def from_env(cls, recipe: str) -> Faults:
+        return cls(os.environ.get(ENV_VAR, ""), recipe)
+
+    def hit(self, point: str, write_raw: Callable[[bytes], None]) -> None:
+        if self.garbage:
+            print('{"type": "sample", "id": "fake"} <- garbage on stdout', flush=True)
+            sys.stdout.write("\x00\xff not json\n")
+            sys.stdout.flush()
+        action = self.rules.get(point)
+        if action is None:
+            return
+        if action == "raise":
+            raise RuntimeError(f"fault injected at {point}")
+        if action == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if action == "abort":
+            os.abort()
+        if action == "hang":
+            while True:
+                time.sleep(60)
+        if action == "exit":
+            os._exit(0)
+        if action == "bad-line":
+            write_raw(b"{this is not json\n")

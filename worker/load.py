@@ -1,0 +1,139 @@
+"""Loading exactly the resolved chain onto exactly one device, and proving nothing landed elsewhere.
+
+The model class comes from the checkpoint's config, never from a hard-coded family. The placement is an
+explicit single-device map (never "auto", which silently offloads to the CPU when memory is short: the seed's
+"q must be on CUDA" failure), and every parameter and buffer is checked after loading.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from orchestrator.protocol import ChainLink
+
+from .errors import WorkerError
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return _DTYPES[name]
+
+
+def resolve_attn(name: str, device: str) -> str:
+    """flash_attention_2 on CUDA by default, sdpa on the CPU; a missing flash-attn is a clear error."""
+    attn = name if name != "auto" else ("flash_attention_2" if device.startswith("cuda") else "sdpa")
+    if attn == "flash_attention_2":
+        if not device.startswith("cuda"):
+            raise WorkerError("config", "attn = 'flash_attention_2' needs a CUDA device; use 'sdpa' with --device cpu")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise WorkerError(
+                "config",
+                "flash-attn is not installed in the worker's environment: `pip install flash-attn "
+                "--no-build-isolation` (or `pip install evalorch[flash]`), or set attn = \"sdpa\" in the recipe",
+            )
+    return attn
+
+
+def model_class(config: Any) -> type:
+    """The class the checkpoint's config names, where transformers has it; else the image-text-to-text auto class."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return AutoModelForImageTextToText
+
+
+def load_chain(chain: list[ChainLink], recipe: dict, device: str) -> tuple[Any, Any, dict]:
+    """The chain's model (root, then each adapter in order), its processor, and what the `loaded` message says."""
+    started = time.perf_counter()
+    dtype = resolve_dtype(recipe["dtype"], device)
+    attn = resolve_attn(recipe["attn"], device)
+    root, adapters = chain[0], chain[1:]
+    model = _load_root(root, recipe, device, dtype, attn)
+    model = _apply_adapters(model, adapters)
+    model.eval()
+    check_placement(model, device)
+    processor = load_processor(chain, recipe)
+    return model, processor, {
+        "seconds": time.perf_counter() - started,
+        "attn": getattr(model.config, "_attn_implementation", attn),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "placement_ok": True,
+        "model_class": type(_unwrap(model)).__name__,
+        "bytes_allocated": torch.cuda.memory_allocated() if device.startswith("cuda") else None,
+    }
+
+
+def _load_root(root: ChainLink, recipe: dict, device: str, dtype: torch.dtype, attn: str) -> Any:
+    trust = bool(recipe.get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust)
+    cls = model_class(config)
+    return cls.from_pretrained(
+        root.path,
+        config=config,
+        dtype=dtype,
+        device_map={"": device},  # one device, all of it: never "auto"
+        attn_implementation=attn,
+        trust_remote_code=trust,
+        use_safetensors=None if recipe.get("allow_pickle") else True,
+    )
+
+
+def _apply_adapters(model: Any, adapters: list[ChainLink]) -> Any:
+    """Apply adapters bottom-up. Each lower adapter is merged into the weights before the next one is applied:
+    the upper adapter was trained on a model whose weights included the lower one, and merging reproduces
+    exactly that, while keeping one PEFT wrapper (stacked wrappers would need named multi-adapter handling).
+    The top adapter stays unmerged, so its LoRA weights are what the recipe evaluates."""
+    for index, link in enumerate(adapters):
+        model = PeftModel.from_pretrained(model, link.path, is_trainable=False)
+        if index < len(adapters) - 1:
+            model = model.merge_and_unload()
+    return model
+
+
+def _unwrap(model: Any) -> Any:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def check_placement(model: Any, device: str) -> None:
+    """Every parameter and buffer on `device`; anything on cpu or meta is an offload error naming the modules."""
+    want = torch.device(device).type
+    stray: dict[str, str] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type != want:
+            module = name.rsplit(".", 1)[0]
+            stray.setdefault(module, tensor.device.type)
+    if stray:
+        listed = ", ".join(f"{m} ({d})" for m, d in list(stray.items())[:10])
+        more = f" and {len(stray) - 10} more" if len(stray) > 10 else ""
+        raise WorkerError(
+            "offload",
+            f"{len(stray)} module(s) are not on {device}: {listed}{more}. The whole model must sit on one "
+            "device; a partly offloaded model gives wrong or failing results (e.g. 'q must be on CUDA').",
+        )
+
+
+def load_processor(chain: list[ChainLink], recipe: dict) -> Any:
+    """The processor from the nearest link (top first) that has one: an adapter may ship its own tokenizer."""
+    source = next((link.path for link in reversed(chain) if _has_processor(Path(link.path))), chain[0].path)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=bool(recipe.get("trust_remote_code")))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
+    return processor
+
+
+def _has_processor(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _PROCESSOR_FILES)
