@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from .lineage import LineageError, resolve_chain
 from .protocol import ChainLink
@@ -36,3 +37,22 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
         else:
             plans.append(RecipePlan(recipe, chain=chain))
     return plans
+
+
+@dataclass
+class LaunchDecision:
+    """The preflight's verdict just before a recipe's worker starts (see Preflight)."""
+
+    ok: bool
+    message: str = ""
+    gpu: str | None = None  # the CUDA_VISIBLE_DEVICES value for the worker
+    batch_size: int | None = None  # set when the preflight lowered the recipe's batch size to fit
+    record: dict = field(default_factory=dict)  # estimate, free memory, holders...: kept in the recipe's summary
+
+
+class Preflight(Protocol):
+    """Decides, before each launch, whether and where a recipe runs; told when each worker has exited."""
+
+    def before_launch(self, plan: RecipePlan) -> LaunchDecision: ...
+
+    def after_exit(self, plan: RecipePlan, pid: int | None) -> None: ...

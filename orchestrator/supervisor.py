@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .plan import RecipePlan
+from .plan import LaunchDecision, Preflight, RecipePlan
 from .process import WorkerProcess, describe_exit
 from .results import SampleLog, read_samples, write_json
 from .stats import metrics
@@ -185,14 +185,21 @@ def record_outcome(recipe_dir: Path, outcome: RecipeOutcome, summary: dict[str, 
 
 
 def run_suite(plans: list[RecipePlan], run_dir: Path, *, device: str, timeout: float | None,
-              listener: Listener | None = None) -> list[dict[str, Any]]:
+              listener: Listener | None = None, preflight: Preflight | None = None) -> list[dict[str, Any]]:
     """Run each recipe in its own fresh worker, in order; one recipe's failure never stops the others."""
     rows = []
     for plan in plans:
         recipe_dir = run_dir / plan.recipe.name
         recipe_dir.mkdir(parents=True, exist_ok=True)
-        if plan.runnable:
-            outcome = _run_one(plan, recipe_dir, device, timeout, listener)
+        decision = preflight.before_launch(plan) if preflight and plan.runnable else LaunchDecision(ok=True)
+        if plan.runnable and decision.ok:
+            outcome = _run_one(plan, recipe_dir, device, timeout, listener, decision)
+            if preflight:
+                preflight.after_exit(plan, outcome.pid)
+        elif plan.runnable:
+            outcome = RecipeOutcome(name=plan.recipe.name, status="refused", detail=decision.message)
+            if listener:
+                listener("finished", outcome, {})
         else:
             outcome = RecipeOutcome(name=plan.recipe.name, status="error", detail=plan.problem or "")
             outcome.error = {"kind": "lineage", "message": plan.problem}
@@ -206,6 +213,7 @@ def run_suite(plans: list[RecipePlan], run_dir: Path, *, device: str, timeout: f
             "lineage": outcome.lineage or [asdict(link) for link in plan.chain or []],
             "base_override": plan.overridden_base,
             "recipe": plan.recipe.model_dump(),
+            "preflight": decision.record,
         }
         record_outcome(recipe_dir, outcome, row)
         rows.append(row)
@@ -213,11 +221,13 @@ def run_suite(plans: list[RecipePlan], run_dir: Path, *, device: str, timeout: f
 
 
 def _run_one(plan: RecipePlan, recipe_dir: Path, device: str, timeout: float | None,
-             listener: Listener | None) -> RecipeOutcome:
+             listener: Listener | None, decision: LaunchDecision) -> RecipeOutcome:
     recipe = plan.recipe
-    spec = protocol.WorkerSpec(recipe=recipe.model_dump(), chain=plan.chain or [], dataset=str(recipe.dataset),
-                               device=device)
-    env, env_record = worker_env(device)
+    settings = recipe.model_dump()
+    if decision.batch_size is not None:
+        settings["batch_size"] = decision.batch_size
+    spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset), device=device)
+    env, env_record = worker_env(device, decision.gpu)
     run = RecipeRun(spec, recipe_dir, env, recipe.timeout or timeout, listener)
     run.outcome.env_set = env_record
     return run.run()

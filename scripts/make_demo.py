@@ -12,6 +12,11 @@ The family mirrors a real fine-tuning project on a grounding task
                       (``/ssd1/team/vlm_outputs/r3-stage1``) that the orchestrator must remap.
 * ``r4-joint``        recipe 4: one LoRA adapter on the language model and the vision blocks.
 
+The dataset (``data/grounding.jsonl`` + ``data/images/*.png``) has one record per image:
+``{"id", "image" (relative to the jsonl), "bbox" [x1, y1, x2, y2] in pixels, end-exclusive,
+"prompt"}``.  Image sizes are multiples of 28 inside the processor's pixel bounds, so the
+processor does not resize them (a 112x112 image gives 8x8 patches -> 16 image tokens).
+
 "Training" is simulated: full fine-tunes add seeded noise to the vision weights and LoRA
 adapters use ``init_lora_weights=False`` so that ``lora_B`` is non-zero.  Everything is built
 from configs (no Hugging Face Hub access): a byte-level BPE tokenizer is trained on a small
@@ -311,21 +316,20 @@ def save_lora(
 # ----------------------------------------------------------------------------- dataset
 
 
-def _place(rng: random.Random, size: tuple[int, int], taken: list[list[int]]) -> list[int]:
-    """A random box [x1, y1, x2, y2] (end-exclusive) not overlapping the boxes in ``taken``."""
+def _place(rng: random.Random, size: tuple[int, int], taken: list[list[int]]) -> list[int] | None:
+    """A random box [x1, y1, x2, y2] (end-exclusive) clear of ``taken``, or None if none was found."""
     width, height = size
-    box = [0, 0, 0, 0]
     for _ in range(100):
         w, h = rng.randint(14, width // 2), rng.randint(14, height // 2)
         x1, y1 = rng.randint(0, width - w), rng.randint(0, height - h)
         box = [x1, y1, x1 + w, y1 + h]
         if all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken):
             return box
-    return box
+    return None
 
 
 def make_sample(rng: random.Random, index: int, image_dir: Path) -> dict[str, Any]:
-    """Draw one image (target + 1-2 distractors) and return its jsonl record."""
+    """Draw one image (target + 1-2 distractors of other colours) and return its jsonl record."""
     size = IMAGE_SIZES[index % len(IMAGE_SIZES)]
     names = rng.sample(sorted(COLORS), 1 + rng.randint(1, 2))
     shade = rng.randint(225, 250)
@@ -334,8 +338,9 @@ def make_sample(rng: random.Random, index: int, image_dir: Path) -> dict[str, An
     boxes: list[list[int]] = []
     for name in names:
         box = _place(rng, size, boxes)
-        boxes.append(box)
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=COLORS[name])
+        if box is not None:  # always found for the target (drawn first on an empty image)
+            boxes.append(box)
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=COLORS[name])
     sample_id = f"s{index:03d}"
     image.save(image_dir / f"{sample_id}.png")
     prompt = rng.choice(PROMPT_TEMPLATES).format(c=names[0])
