@@ -116,7 +116,8 @@ class WorkerSpec:
     chain: list[ChainLink]
     dataset: str
     device: str  # "cpu" or "cuda"
-    skip_ids: list[str] = field(default_factory=list)  # samples already recorded (resume)
+    skip_ids: list[str] = field(default_factory=list)  # samples already recorded (resume, retry)
+    attempt: int = 1
     protocol: int = PROTOCOL_VERSION
 
     def to_json(self) -> bytes:

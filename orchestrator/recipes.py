@@ -45,6 +45,12 @@ class Settings(BaseModel):
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     limit: int | None = Field(None, gt=0, description="evaluate only the first N samples")
     timeout: float | None = Field(None, gt=0, description="seconds for the whole recipe")
+    startup_timeout: float = Field(300.0, gt=0, description="seconds from spawn to the worker's hello")
+    load_timeout: float = Field(1800.0, gt=0, description="seconds from hello to weights loaded")
+    stall_timeout: float = Field(900.0, gt=0, description="seconds without a message once samples run")
+    retries: int = Field(0, ge=0, le=10, description="re-runs after a crash, a kill or a timeout")
+    retry_backoff: float = Field(5.0, ge=0, description="seconds before the first retry; doubles each time")
+    memory_margin: float = Field(0.10, ge=0, le=1, description="safety margin on the memory estimate (0.1 = 10%)")
     trust_remote_code: bool = False
     allow_pickle: bool = False
 

@@ -74,15 +74,30 @@ class SampleLog:
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
-    """Every complete record of a samples.jsonl; a truncated last line (a crash mid-write) is dropped."""
+    """Every complete record of a samples.jsonl, the first of each id; a truncated last line is ignored."""
     if not path.exists():
         return []
-    records = []
+    records, seen = [], set()
     for line in path.read_bytes().split(b"\n"):
         if not line.strip():
             continue
         try:
-            records.append(orjson.loads(line))
+            record = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue  # only a cut-off last line can be malformed: we write whole lines
+        if record.get("id") not in seen:
+            seen.add(record.get("id"))
+            records.append(record)
     return records
+
+
+def repair_samples(path: Path) -> list[dict[str, Any]]:
+    """Cut a line left half-written by a crash off the end of samples.jsonl (so appends start on a fresh
+    line), and return the complete records."""
+    if path.exists():
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(end)
+    return read_samples(path)

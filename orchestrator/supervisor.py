@@ -7,6 +7,7 @@ runs: nothing here raises past a single recipe.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from typing import Any
 from . import protocol
 from .plan import LaunchDecision, Preflight, RecipePlan
 from .process import WorkerProcess, describe_exit
-from .results import SampleLog, read_samples, write_json
+from .recipes import Recipe
+from .results import SampleLog, read_json, read_samples, repair_samples, write_json
 from .stats import metrics
 
 # Variables of distributed launchers that would make a library in the worker think it is part of a job.
@@ -33,7 +35,7 @@ class RecipeOutcome:
     """Everything the parent learned about one recipe's run."""
 
     name: str
-    status: str = "pending"  # ok, error, crashed, killed, timeout, protocol, skipped
+    status: str = "pending"  # ok, error, crashed, killed, timeout, protocol, interrupted, refused, skipped
     detail: str = ""
     pid: int | None = None
     exit: str | None = None
@@ -76,53 +78,114 @@ def _is_launcher_var(name: str) -> bool:
     return name in _LAUNCHER_VARS or name.startswith(_LAUNCHER_PREFIXES)
 
 
-class RecipeRun:
-    """One recipe's worker, from launch to a classified outcome."""
+@dataclass(frozen=True)
+class Limits:
+    """Seconds allowed for each phase of a worker's life; None means no limit."""
 
-    def __init__(self, spec: protocol.WorkerSpec, recipe_dir: Path, env: dict[str, str],
-                 timeout: float | None, listener: Listener | None = None) -> None:
+    startup: float | None = None  # spawn -> hello (imports)
+    load: float | None = None  # hello -> loaded
+    stall: float | None = None  # longest silence once samples run
+    total: float | None = None  # the whole recipe
+
+    @classmethod
+    def of(cls, recipe: Recipe, total: float | None) -> Limits:
+        return cls(recipe.startup_timeout, recipe.load_timeout, recipe.stall_timeout, recipe.timeout or total)
+
+
+class Interrupts:
+    """Signal handlers only record what arrived; the supervision loop acts on it (gunicorn's arbiter does this).
+    One Ctrl-C: finish the running batch, start nothing new. A second Ctrl-C, or SIGTERM: kill now."""
+
+    def __init__(self) -> None:
+        self.sigint = 0
+        self.sigterm = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigint(self, *_: object) -> None:
+        self.sigint += 1
+
+    def _on_sigterm(self, *_: object) -> None:
+        self.sigterm = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.sigint > 0 or self.sigterm
+
+    @property
+    def kill_now(self) -> bool:
+        return self.sigint > 1 or self.sigterm
+
+
+class RecipeRun:
+    """One attempt of one recipe's worker, from launch to a classified outcome."""
+
+    def __init__(self, spec: protocol.WorkerSpec, recipe_dir: Path, env: dict[str, str], limits: Limits,
+                 interrupts: Interrupts, listener: Listener | None = None) -> None:
         self.spec = spec
         self.dir = recipe_dir
         self.env = env
-        self.timeout = timeout
+        self.limits = limits
+        self.interrupts = interrupts
         self.listener = listener or (lambda *_: None)
         self.outcome = RecipeOutcome(name=spec.recipe["name"])
-        self.samples = SampleLog(recipe_dir / "samples.jsonl")
         self._splitter = protocol.LineSplitter()
+        self._phase = "startup"
+        self._expired: str | None = None  # the phase whose time ran out
+        self._interrupted = False
 
     def run(self) -> RecipeOutcome:
         spec_path = self.dir / "spec.json"
         spec_path.write_bytes(self.spec.to_json())
+        self.samples = SampleLog(self.dir / "samples.jsonl")
         started = time.monotonic()
         proc = WorkerProcess(["--spec", str(spec_path)], self.env, self.dir / "worker.log")
         self.outcome.pid = proc.pid
         self._emit("started", {"pid": proc.pid})
         try:
-            timed_out = self._pump(proc, started)
+            self._pump(proc, started)
             returncode = self._reap(proc)
         finally:
             proc.cleanup()
             self.samples.close()
         self.outcome.seconds = time.monotonic() - started
-        self._classify(returncode, timed_out)
+        self._classify(returncode)
         self.outcome.log_tail = _tail(self.dir / "worker.log")
         self._emit("finished", {})
         return self.outcome
 
-    def _pump(self, proc: WorkerProcess, started: float) -> bool:
-        """Read messages until the pipe closes; True if the recipe ran out of time."""
-        while True:
-            chunk = proc.read_results(wait=1.0)
-            if chunk is None:
-                break
-            for line in self._splitter.feed(chunk):
-                self._handle(line)
-            if self.timeout is not None and time.monotonic() - started > self.timeout:
+    def _pump(self, proc: WorkerProcess, started: float) -> None:
+        """Read messages until the pipe closes, acting on interrupts and expired phases once a tick."""
+        stop_sent = False
+        last_message = started
+        while (chunk := proc.read_results(wait=0.5)) is not None:
+            now = time.monotonic()
+            if chunk:
+                last_message = now
+                for line in self._splitter.feed(chunk):
+                    self._handle(line)
+            if self.interrupts.kill_now and not self._interrupted:
+                self._interrupted = True
                 proc.kill()
-                return True
+            elif self.interrupts.stop_requested and not stop_sent:
+                stop_sent = proc.send(protocol.CONTROL_STOP.encode() + b"\n")
+                self._interrupted = True
+            if self._expired is None and (phase := self._expired_phase(now, started, last_message)):
+                self._expired = phase
+                proc.kill()
         if self._splitter.pending.strip():
             self.outcome.protocol_errors.append(f"stream cut mid-line: {self._splitter.pending[:200]!r}")
-        return False
+
+    def _expired_phase(self, now: float, started: float, last_message: float) -> str | None:
+        limits = self.limits
+        if limits.total is not None and now - started > limits.total:
+            return "recipe"
+        limit = {"startup": limits.startup, "load": limits.load, "inference": limits.stall}[self._phase]
+        if limit is not None and now - last_message > limit:
+            return {"inference": "stall"}.get(self._phase, self._phase)
+        return None
 
     def _handle(self, line: bytes) -> None:
         try:
@@ -138,6 +201,7 @@ class RecipeRun:
             self.outcome.lineage = message["links"]
         else:
             setattr(self.outcome, kind, message)
+        self._phase = {"hello": "load", "loaded": "inference"}.get(kind, self._phase)
         self._emit(kind, message)
 
     def _reap(self, proc: WorkerProcess) -> int:
@@ -147,16 +211,20 @@ class RecipeRun:
             returncode = proc.wait(_EXIT_GRACE_S)
         return returncode if returncode is not None else -9
 
-    def _classify(self, returncode: int, timed_out: bool) -> None:
+    def _classify(self, returncode: int) -> None:
         out = self.outcome
         info = describe_exit(returncode)
         out.exit = info.description
-        if timed_out:
-            out.status, out.detail = "timeout", f"recipe timeout of {self.timeout:g}s reached; worker killed"
+        if self._expired is not None:
+            limit = {"recipe": self.limits.total, "stall": self.limits.stall}.get(
+                self._expired, getattr(self.limits, self._expired, None))
+            out.status, out.detail = "timeout", f"{self._expired} timeout ({limit:g}s) reached; worker killed"
         elif out.error is not None:
             out.status, out.detail = "error", f"{out.error['kind']}: {out.error['message']}"
+        elif self._interrupted:
+            out.status, out.detail = "interrupted", f"stopped by the user after {out.samples_received} samples"
         elif info.signal is not None:
-            out.status = "killed" if info.signal == 9 else "crashed"
+            out.status = "killed" if info.signal == signal.SIGKILL else "crashed"
             out.detail = info.description
         elif out.done is not None and returncode == 0 and not out.protocol_errors:
             out.status = "ok"
@@ -180,31 +248,97 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def record_outcome(recipe_dir: Path, outcome: RecipeOutcome, summary: dict[str, Any]) -> None:
-    write_json(recipe_dir / "summary.json", {**outcome.to_dict(), **summary})
+RETRYABLE = ("crashed", "killed", "timeout")  # never config or lineage errors: those fail the same way again
 
 
-def run_suite(plans: list[RecipePlan], run_dir: Path, *, device: str, timeout: float | None,
-              listener: Listener | None = None, preflight: Preflight | None = None) -> list[dict[str, Any]]:
-    """Run each recipe in its own fresh worker, in order; one recipe's failure never stops the others."""
-    rows = []
-    for plan in plans:
-        recipe_dir = run_dir / plan.recipe.name
+@dataclass
+class SuiteOptions:
+    device: str
+    timeout: float | None = None
+    offline: bool = True
+    resume: bool = False  # keep recipes already finished in this run folder; continue the others
+
+
+class Suite:
+    """Runs each recipe in its own fresh worker, in order; one recipe's failure never stops the others."""
+
+    def __init__(self, plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, *,
+                 listener: Listener | None = None, preflight: Preflight | None = None,
+                 interrupts: Interrupts | None = None) -> None:
+        self.plans = plans
+        self.run_dir = run_dir
+        self.options = options
+        self.listener = listener or (lambda *_: None)
+        self.preflight = preflight
+        self.interrupts = interrupts or Interrupts()
+
+    def run(self) -> list[dict[str, Any]]:
+        return [self._recipe(plan) for plan in self.plans]
+
+    def _recipe(self, plan: RecipePlan) -> dict[str, Any]:
+        recipe_dir = self.run_dir / plan.recipe.name
         recipe_dir.mkdir(parents=True, exist_ok=True)
-        decision = preflight.before_launch(plan) if preflight and plan.runnable else LaunchDecision(ok=True)
-        if plan.runnable and decision.ok:
-            outcome = _run_one(plan, recipe_dir, device, timeout, listener, decision)
-            if preflight:
-                preflight.after_exit(plan, outcome.pid)
-        elif plan.runnable:
-            outcome = RecipeOutcome(name=plan.recipe.name, status="refused", detail=decision.message)
-            if listener:
-                listener("finished", outcome, {})
-        else:
-            outcome = RecipeOutcome(name=plan.recipe.name, status="error", detail=plan.problem or "")
+        previous = recipe_dir / "summary.json"
+        if self.options.resume and previous.exists() and read_json(previous).get("status") == "ok":
+            return read_json(previous)
+        decision, attempts = LaunchDecision(ok=True), []
+        if self.interrupts.stop_requested:
+            outcome = RecipeOutcome(plan.recipe.name, "skipped", "interrupted before it started")
+        elif not plan.runnable:
+            outcome = RecipeOutcome(plan.recipe.name, "error", plan.problem or "")
             outcome.error = {"kind": "lineage", "message": plan.problem}
-            if listener:
-                listener("finished", outcome, {})
+        elif self.preflight and not (decision := self.preflight.before_launch(plan)).ok:
+            outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
+        else:
+            outcome, attempts = self._attempts(plan, recipe_dir, decision)
+        if outcome.pid is None:
+            self.listener("finished", outcome, {})
+        return self._record(plan, recipe_dir, outcome, decision, attempts)
+
+    def _attempts(self, plan: RecipePlan, recipe_dir: Path,
+                  decision: LaunchDecision) -> tuple[RecipeOutcome, list[dict[str, Any]]]:
+        """The first attempt and, after a crash, kill or timeout, up to `retries` more with a back-off;
+        each retry continues with the samples not yet recorded."""
+        attempts = []
+        for attempt in range(plan.recipe.retries + 1):
+            if attempt:
+                _note(recipe_dir / "worker.log", f"=== evalorch: attempt {attempt + 1} ===")
+                if not self._sleep(plan.recipe.retry_backoff * 2 ** (attempt - 1)):
+                    break
+            outcome = self._launch(plan, recipe_dir, decision, attempt + 1)
+            if self.preflight:
+                self.preflight.after_exit(plan, outcome.pid)
+            attempts.append({"attempt": attempt + 1, "status": outcome.status, "detail": outcome.detail,
+                             "pid": outcome.pid, "seconds": outcome.seconds, "samples": outcome.samples_received})
+            if outcome.status not in RETRYABLE or self.interrupts.stop_requested:
+                break
+        return outcome, attempts
+
+    def _launch(self, plan: RecipePlan, recipe_dir: Path, decision: LaunchDecision, attempt: int) -> RecipeOutcome:
+        recipe = plan.recipe
+        settings = recipe.model_dump()
+        if decision.batch_size is not None:
+            settings["batch_size"] = decision.batch_size
+        done_ids = sorted({s["id"] for s in repair_samples(recipe_dir / "samples.jsonl")})
+        spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
+                                   device=self.options.device, skip_ids=done_ids, attempt=attempt)
+        env, env_record = worker_env(self.options.device, decision.gpu, offline=self.options.offline)
+        run = RecipeRun(spec, recipe_dir, env, Limits.of(recipe, self.options.timeout), self.interrupts,
+                        self.listener)
+        run.outcome.env_set = env_record
+        return run.run()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait out a back-off; False if the user interrupted it."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.interrupts.stop_requested:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _record(self, plan: RecipePlan, recipe_dir: Path, outcome: RecipeOutcome, decision: LaunchDecision,
+                attempts: list[dict[str, Any]]) -> dict[str, Any]:
         row = {
             "name": plan.recipe.name,
             "status": outcome.status,
@@ -214,20 +348,12 @@ def run_suite(plans: list[RecipePlan], run_dir: Path, *, device: str, timeout: f
             "base_override": plan.overridden_base,
             "recipe": plan.recipe.model_dump(),
             "preflight": decision.record,
+            "attempts": attempts,
         }
-        record_outcome(recipe_dir, outcome, row)
-        rows.append(row)
-    return rows
+        write_json(recipe_dir / "summary.json", {**outcome.to_dict(), **row})
+        return row
 
 
-def _run_one(plan: RecipePlan, recipe_dir: Path, device: str, timeout: float | None,
-             listener: Listener | None, decision: LaunchDecision) -> RecipeOutcome:
-    recipe = plan.recipe
-    settings = recipe.model_dump()
-    if decision.batch_size is not None:
-        settings["batch_size"] = decision.batch_size
-    spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset), device=device)
-    env, env_record = worker_env(device, decision.gpu)
-    run = RecipeRun(spec, recipe_dir, env, recipe.timeout or timeout, listener)
-    run.outcome.env_set = env_record
-    return run.run()
+def _note(log: Path, text: str) -> None:
+    with open(log, "a") as f:
+        f.write(f"\n{text}\n")

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tiny models' matmuls are so small that two threads on a two-core runner only fight (0.05 s vs up to 3 s
+# per generate); workers inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(ROOT))
 
 from scripts.make_demo import build_demo  # noqa: E402

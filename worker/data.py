@@ -26,13 +26,11 @@ def read_dataset(path: Path, *, limit: int | None = None, skip_ids: set[str] | N
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        sample = _parse_line(line, number, path.parent)
-        if skip_ids and sample.id in skip_ids:
-            continue
-        samples.append(sample)
+        samples.append(_parse_line(line, number, path.parent))
         if limit is not None and len(samples) >= limit:
             break
-    return samples
+    # `limit` names the first N samples of the file; what a previous attempt recorded is skipped within them
+    return [s for s in samples if not skip_ids or s.id not in skip_ids]
 
 
 def _parse_line(line: str, number: int, folder: Path) -> Sample:

@@ -3,9 +3,12 @@
     EVALORCH_FAULT="raise@sample:2,garbage-stdout"
     EVALORCH_FAULT="r1-llm-only:raise@sample:2"      (only the worker of that recipe)
 
-Points: `load` (before weights load), `sample:N` (before the N-th sample, counting from 1, is sent).
-Actions: raise, segv, abort, hang, exit (exit 0 without `done`), bad-line (a malformed result line),
-garbage-stdout (print junk to stdout at every point, which must not disturb the result stream).
+    EVALORCH_FAULT="r1:segv@sample:3#1"                (only on the recipe's first attempt)
+
+Points: `load` (before weights load), `sample:N` (before the N-th sample of this attempt, counting from 1, is
+sent), `each` (before every sample). Actions: raise, segv, abort, hang, exit (exit 0 without `done`), bad-line
+(a malformed result line), delay (sleep 0.5 s), garbage-stdout (junk on stdout at every point, which must not
+disturb the result stream).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ ENV_VAR = "EVALORCH_FAULT"
 
 
 class Faults:
-    def __init__(self, spec: str, recipe: str = "") -> None:
+    def __init__(self, spec: str, recipe: str = "", attempt: int = 1) -> None:
         self.rules: dict[str, str] = {}
         self.garbage = False
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -29,6 +32,9 @@ class Faults:
                 if target != recipe:
                     continue
                 item = rest
+            item, _, only_attempt = item.partition("#")
+            if only_attempt and int(only_attempt) != attempt:
+                continue
             if item == "garbage-stdout":
                 self.garbage = True
                 continue
@@ -36,14 +42,16 @@ class Faults:
             self.rules[point] = action
 
     @classmethod
-    def from_env(cls, recipe: str) -> Faults:
-        return cls(os.environ.get(ENV_VAR, ""), recipe)
+    def from_env(cls, recipe: str, attempt: int) -> Faults:
+        return cls(os.environ.get(ENV_VAR, ""), recipe, attempt)
 
     def hit(self, point: str, write_raw: Callable[[bytes], None]) -> None:
         if self.garbage:
             print('{"type": "sample", "id": "fake"} <- garbage on stdout', flush=True)
             sys.stdout.write("\x00\xff not json\n")
             sys.stdout.flush()
+        if self.rules.get("each") == "delay" and point.startswith("sample:"):
+            time.sleep(0.5)
         action = self.rules.get(point)
         if action is None:
             return
