@@ -13,31 +13,35 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.tree import Tree
 
 from . import __version__
 from .gpu import default_device, open_nvml
+from .lineage import describe_chain
+from .merge import MergeError, merge_recipe
 from .plan import RecipePlan, make_plans
-from .recipes import RecipeFile, RecipeFileError, load_recipe_file
+from .recipes import LineageRules, RecipeFile, RecipeFileError, load_recipe_file
 from .report import render_markdown, render_terminal, run_summary
 from .results import new_run_dir, write_json
 from .supervisor import RecipeOutcome, run_suite
 
 EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG = 0, 1, 2
+_HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 
 # Logs of nightly jobs are read in wide windows: don't wrap the table at 80 columns when not on a terminal.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
-def _load(recipes_path: Path, only: str | None) -> tuple[RecipeFile, list[RecipePlan]]:
+def _load(recipes_path: Path, only: str | None, hash_weights: bool = False) -> tuple[RecipeFile, list[RecipePlan]]:
     try:
         recipe_file = load_recipe_file(recipes_path)
         selected = recipe_file.select([n.strip() for n in only.split(",") if n.strip()] if only else None)
     except RecipeFileError as exc:
         err_console.print(f"[red]Error:[/red] {exc}", markup=True)
         sys.exit(EXIT_CONFIG)
-    return recipe_file, make_plans(recipe_file, selected)
+    return recipe_file, make_plans(recipe_file, selected, hash_weights=hash_weights)
 
 
 @click.group()
@@ -55,9 +59,10 @@ def main() -> None:
               help="auto: cuda where NVML sees a GPU, else cpu. cpu puts the whole model on the CPU (tests, demo);"
               " a model is never split between devices.")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed for each recipe (default: none).")
-def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None) -> None:
+@click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
+def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None, hash_weights: bool) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
-    recipe_file, plans = _load(recipes, only)
+    recipe_file, plans = _load(recipes, only, hash_weights)
     if device == "auto":
         device = default_device(open_nvml())
         console.print(f"Device: {device} (--device auto)")
@@ -77,27 +82,49 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
 @main.command()
 @click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--only", metavar="NAME[,NAME...]", help="Plan only these recipes.")
-def plan(recipes: Path, only: str | None) -> None:
+@click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
+def plan(recipes: Path, only: str | None, hash_weights: bool) -> None:
     """Validate RECIPES and show each recipe's lineage; loads no weights, needs no GPU."""
-    _, plans = _load(recipes, only)
+    recipe_file, plans = _load(recipes, only, hash_weights)
     for item in plans:
-        console.print(_lineage_tree(item))
+        console.print(_lineage_tree(item, recipe_file.lineage))
     problems = [p for p in plans if not p.runnable]
     if problems:
         err_console.print(f"[red]Error:[/red] {len(problems)} recipe(s) cannot run", markup=True)
         sys.exit(EXIT_RECIPE_FAILED)
 
 
-def _lineage_tree(item: RecipePlan) -> Tree:
+def _lineage_tree(item: RecipePlan, rules: LineageRules) -> Tree:
     tree = Tree(f"[bold]{item.recipe.name}[/bold]")
     if item.problem:
-        tree.add(f"[red]{item.problem}[/red]")
+        tree.add(f"[red]{escape(item.problem)}[/red]")  # messages name [lineage]: not markup
         return tree
     node = tree
-    for link in reversed(item.chain or []):  # top (what the recipe names) first, down to the root
+    # top (what the recipe names) first, down to the root
+    for line, link in zip(describe_chain(item.chain or [], rules), reversed(item.chain or []), strict=True):
         note = " [yellow](base overridden by the recipe)[/yellow]" if link.source == "recipe-base" else ""
-        node = node.add(f"{link.kind} {link.path}  {link.fingerprint}  {link.bytes / 1e6:.2f} MB{note}")
+        node = node.add(escape(line) + note)
     return tree
+
+
+@main.command("merge")
+@click.argument("recipe_name")
+@click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="New (or empty) folder for the merged checkpoint.")
+@click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
+def merge_command(recipe_name: str, recipes: Path, out: Path, hash_weights: bool) -> None:
+    """Merge RECIPE_NAME's adapter chain into one standalone checkpoint in OUT that loads without peft."""
+    try:
+        record = merge_recipe(load_recipe_file(recipes), recipe_name, out, hash_weights=hash_weights)
+    except RecipeFileError as exc:
+        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
+        sys.exit(EXIT_CONFIG)
+    except MergeError as exc:
+        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
+        sys.exit(exc.exit_code)
+    console.print(f"Merged {record['adapters_merged']} adapter(s) of '{recipe_name}' into {out} "
+                  f"({record['dtype']}, {record['fingerprint']}); its lineage is in {out / 'lineage.json'}")
 
 
 def _progress(total: int):

@@ -16,9 +16,12 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .protocol import ChainLink
 from .recipes import LineageRules, Recipe
+
+_SAMPLE_BYTES = 4096  # per tensor, for the quick fingerprint
 
 
 class LineageError(Exception):
@@ -27,7 +30,7 @@ class LineageError(Exception):
 
 @dataclass
 class Located:
-    path: Path
+    path: Path | None  # None: not found (then `tried` says where it was looked for)
     source: str  # how it was found: local, relative, remap, hub-cache, recipe-base
     tried: list[str] = field(default_factory=list)
 
@@ -54,6 +57,7 @@ def resolve_chain(recipe: Recipe, rules: LineageRules, *, hash_weights: bool = F
             break
         located = _locate_base(link, recipe, rules, is_top=len(links) == 1)
     links.reverse()
+    check_chain(links)
     return links
 
 
@@ -90,11 +94,15 @@ def _apply_recipe_base(recipe: Recipe, recorded: str, found: Located, rules: Lin
     explicit = _locate_model(recipe.base, rules)
     agrees = found.path is not None and found.path.resolve() == explicit.path.resolve()
     if not agrees and not recipe.base_override:
-        where = f"found at {found.path}" if found.path else "not found here"
+        if found.path is not None:
+            where, fix = f"found at {found.path}", "remove `base`"
+        else:  # the record may well mean the same checkpoint: a remap rule lets the two be compared
+            where = "not found here; tried " + ", ".join(found.tried)
+            fix = "add a [lineage] remap rule so the recorded base is found (then `base` is checked against it)"
         raise LineageError(
             f"recipe '{recipe.name}': `base` = {recipe.base} disagrees with the adapter's recorded base "
             f"{recorded!r} ({where}). Evaluating an adapter on another base silently changes its results; "
-            "remove `base`, or set `base_override = true` to do it on purpose (the report marks it)"
+            f"{fix}, or set `base_override = true` to do it on purpose (the report marks it)"
         )
     return Located(explicit.path, "recipe-base" if not agrees else found.source)
 
@@ -108,10 +116,7 @@ def find_recorded_base(recorded: str, adapter_dir: Path, rules: LineageRules) ->
         candidates.append((recorded_path, "local"))
     else:
         candidates.append(((adapter_dir / recorded_path), "relative"))
-    for prefix, target in sorted(rules.remap.items(), key=lambda kv: len(kv[0]), reverse=True):
-        if recorded == prefix or recorded.startswith(prefix.rstrip("/") + "/"):
-            rest = recorded[len(prefix.rstrip("/")) :].lstrip("/")
-            candidates.append((Path(target) / rest, f"remap {prefix} -> {target}"))
+    candidates += [(path, f"remap {prefix} -> {target}") for path, prefix, target in remap_candidates(recorded, rules)]
     for path, source in candidates:
         tried.append(str(path))
         if path.is_dir():
@@ -121,7 +126,17 @@ def find_recorded_base(recorded: str, adapter_dir: Path, rules: LineageRules) ->
         cached = _from_hub_cache(recorded, rules.allow_network)
         if cached is not None:
             return Located(cached, "hub-cache", tried)
-    return Located(None, "", tried)  # type: ignore[arg-type]
+    return Located(None, "", tried)
+
+
+def remap_candidates(recorded: str, rules: LineageRules) -> list[tuple[Path, str, str]]:
+    """Where the remap rules put a recorded path, longest prefix first: (path, prefix, target) for each rule."""
+    out = []
+    for prefix, target in sorted(rules.remap.items(), key=lambda kv: len(kv[0]), reverse=True):
+        if recorded == prefix or recorded.startswith(prefix.rstrip("/") + "/"):
+            rest = recorded[len(prefix.rstrip("/")) :].lstrip("/")
+            out.append((Path(target) / rest, prefix, target))
+    return out
 
 
 def _not_found_message(adapter: str, recorded: str, tried: list[str], rules: LineageRules) -> str:
@@ -206,8 +221,10 @@ def safetensors_header(path: Path) -> dict:
         return json.loads(f.read(length))
 
 
-def fingerprint(config_file: Path, weights: list[Path], *, hash_weights: bool) -> str:
-    """Cheap by default (config + safetensors headers + sizes); the full content with hash_weights."""
+def fingerprint(config_file: Path, weights: list[Path], *, hash_weights: bool = False) -> str:
+    """A link's identity. Quick by default: the config, each weight file's name, size and safetensors header, and
+    the first few kB of every tensor's data (a fine-tune keeps its config, names and shapes: only the values tell
+    it from its base, and any trained tensor changes in its first bytes). hash_weights: every byte, for audits."""
     digest = hashlib.sha256(config_file.read_bytes())
     for weight in weights:
         digest.update(weight.name.encode())
@@ -217,5 +234,198 @@ def fingerprint(config_file: Path, weights: list[Path], *, hash_weights: bool) -
                 for block in iter(lambda: f.read(1 << 24), b""):
                     digest.update(block)
         elif weight.suffix == ".safetensors":
-            digest.update(json.dumps(safetensors_header(weight), sort_keys=True).encode())
-    return ("sha256:" if hash_weights else "meta:") + digest.hexdigest()[:16]
+            header = safetensors_header(weight)
+            digest.update(json.dumps(header, sort_keys=True).encode())
+            _sample_tensors(weight, header, digest)
+    return ("sha256:" if hash_weights else "quick:") + digest.hexdigest()[:16]
+
+
+def _sample_tensors(path: Path, header: dict, digest: Any) -> None:
+    """Feed the first _SAMPLE_BYTES of each tensor's data into `digest`: a few MB of reads even for a 70B model."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        for name in sorted(k for k in header if k != "__metadata__"):
+            begin, end = header[name]["data_offsets"]
+            f.seek(8 + length + begin)
+            digest.update(f.read(min(end - begin, _SAMPLE_BYTES)))
+
+
+# ----------------------------------------------------------------------------- checks on a resolved chain
+
+# The part of an adapter tensor's name where the adapted module's path ends (lora_A, lora_embedding_B,
+# lora_magnitude_vector, ia3_l, hada_w1_a...).
+_ADAPTER_MARKERS = ("lora_", "ia3_", "hada_", "lokr_", "oft_", "boft_", "vera_")
+
+
+def check_chain(chain: list[ChainLink]) -> None:
+    """Every adapter must fit the model beneath it: same family, and every module it adapts exists in the root.
+    Raise LineageError otherwise; a mismatch found here would be a load failure or, worse, silently skipped
+    adapter weights in the worker."""
+    _check_model_identity(chain)
+    _check_target_modules(chain)
+
+
+def model_identity(folder: Path, kind: str) -> dict[str, tuple[Any, str]]:
+    """What a link says about the model it is (full) or was trained on (adapter): `model_type` and
+    `architecture` (a set of class names), each with the file that says so. Adapters often record neither;
+    an adapter folder may carry its base's config.json, and peft records the class it wrapped in
+    adapter_config.json's `auto_mapping` (the exact class, so it wins over config.json)."""
+    found: dict[str, tuple[Any, str]] = {}
+    config_file = folder / "config.json"
+    config = _read_json(config_file) if config_file.is_file() else {}
+    if config.get("model_type"):
+        found["model_type"] = (config["model_type"], str(config_file))
+    if config.get("architectures"):
+        found["architecture"] = (frozenset(config["architectures"]), str(config_file))
+    if kind == "adapter":
+        adapter_file = folder / "adapter_config.json"
+        adapter = _read_json(adapter_file)
+        cls = (adapter.get("auto_mapping") or {}).get("base_model_class") or adapter.get("base_model_class")
+        if cls:
+            found["architecture"] = (frozenset([cls]), str(adapter_file))
+    return found
+
+
+def _check_model_identity(chain: list[ChainLink]) -> None:
+    """Compare what each adapter records with the nearest link beneath it that records the same thing."""
+    known: dict[str, tuple[Any, str]] = {}
+    for link in chain:
+        for key, (value, source) in model_identity(Path(link.path), link.kind).items():
+            if key in known and not _same_identity(key, known[key][0], value):
+                raise LineageError(
+                    f"adapter {link.path} was trained on a model with {key} {_show(value)} ({source}), but the "
+                    f"model beneath it has {_show(known[key][0])} ({known[key][1]}). An adapter on another "
+                    "architecture fails to load or silently skips weights: point it at the checkpoint it was "
+                    "trained on (its base_model_name_or_path, a [lineage] remap rule, or the recipe's `base`)"
+                )
+            known[key] = (value, source)
+
+
+def _same_identity(key: str, below: Any, above: Any) -> bool:
+    return bool(below & above) if key == "architecture" else below == above
+
+
+def _show(value: Any) -> str:
+    return "/".join(sorted(value)) if isinstance(value, frozenset) else str(value)
+
+
+def _check_target_modules(chain: list[ChainLink]) -> None:
+    """Each module an adapter changes must exist in the root checkpoint (lower adapters add no modules: they
+    are merged into the root's weights before the next one is applied)."""
+    root = chain[0]
+    base_modules = checkpoint_modules(Path(root.path))
+    if base_modules is None:  # pickle weights, allowed by the recipe: their names need unpickling; loading checks
+        return
+    keys = {module_key(m) for m in base_modules}
+    if _ties_embeddings(Path(root.path)):
+        keys.add("lm_head")  # a tied lm_head is not saved: it is the embedding
+    for link in chain[1:]:
+        adapted = adapted_modules(Path(link.path))
+        missing = sorted(m for m in adapted or () if module_key(m) not in keys)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise LineageError(
+                f"adapter {link.path} changes {len(missing)} module(s) that its root checkpoint {root.path} "
+                f"does not have: {shown}. It was trained on another model (another size or family), or the "
+                "chain found the wrong base: check its base_model_name_or_path, the [lineage] remap rules and "
+                "the recipe's `base`"
+            )
+
+
+def module_key(path: str) -> str:
+    """The part of a module path that survives checkpoint renames: from the numbered block on
+    ('model.language_model.layers.0.self_attn.q_proj' and the older checkpoint name 'model.layers.0.self_attn.q_proj'
+    both give 'layers.0.self_attn.q_proj'), or the last name for a module outside any numbered block ('lm_head')."""
+    parts = path.split(".")
+    for index, part in enumerate(parts[1:], 1):
+        if part.isdigit():
+            return ".".join(parts[index - 1 :])
+    return parts[-1]
+
+
+def adapted_modules(folder: Path) -> set[str] | None:
+    """The module paths an adapter changes, read from its safetensors header(s); None when it has none.
+    'base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight' adapts
+    'model.language_model.layers.0.self_attn.q_proj'. Tensors without an adapter marker are whole modules
+    (modules_to_save), possibly new heads the base never had: not checked."""
+    files = sorted(folder.glob("adapter_model*.safetensors"))
+    if not files:
+        return None
+    modules = set()
+    for file in files:
+        for name in safetensors_header(file):
+            parts = name.split(".")
+            cut = next((i for i, part in enumerate(parts) if part.startswith(_ADAPTER_MARKERS)), None)
+            if cut:
+                modules.add(".".join(parts[:cut]).removeprefix("base_model.model."))
+    return modules
+
+
+def checkpoint_modules(folder: Path) -> set[str] | None:
+    """The module paths that own a tensor in a full checkpoint: from the shard index, else the safetensors
+    headers; None when its weights are not safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = list(_read_json(index).get("weight_map", {}))
+    else:
+        files = sorted(folder.glob("model*.safetensors"))
+        if not files:
+            return None
+        names = [name for file in files for name in safetensors_header(file) if name != "__metadata__"]
+    return {name.rsplit(".", 1)[0] for name in names if "." in name}
+
+
+def _ties_embeddings(folder: Path) -> bool:
+    config = _read_json(folder / "config.json")
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LineageError(f"{path}: not valid JSON ({exc}); restore the file from where the model was saved") from None
+    if not isinstance(data, dict):
+        raise LineageError(f"{path}: expected a JSON object; restore the file from where the model was saved")
+    return data
+
+
+# ----------------------------------------------------------------------------- explaining a chain
+
+
+def describe_chain(chain: list[ChainLink], rules: LineageRules) -> list[str]:
+    """One label per link, top (what the recipe names) first, down to the root: kind, path, fingerprint and the
+    bytes the link adds, then on a second line how it was found."""
+    labels = []
+    top_down = list(reversed(chain))
+    for index, link in enumerate(top_down):
+        above = top_down[index - 1] if index else None
+        labels.append(f"{link.kind} {link.path}  {link.fingerprint}  {format_bytes(link.bytes)}\n"
+                      f"found: {describe_source(link, above, rules)}")
+    return labels
+
+
+def describe_source(link: ChainLink, above: ChainLink | None, rules: LineageRules) -> str:
+    """How a link was found: the recipe's model, or the base recorded by the adapter above it, and by which rule."""
+    if above is None:
+        return "the recipe's model" + (", from the local Hugging Face cache" if link.source == "hub-cache" else "")
+    recorded = above.recorded_base or ""
+    if link.source == "remap":
+        rule = next(((p, t) for path, p, t in remap_candidates(recorded, rules) if path.resolve() == Path(link.path)),
+                    None)
+        return f"recorded {recorded}, remap {rule[0]} -> {rule[1]}" if rule else f"recorded {recorded}, remapped"
+    if link.source == "relative":
+        return f"recorded {recorded}, relative to the adapter's folder"
+    if link.source == "hub-cache":
+        return f"recorded hub id {recorded}, from the local Hugging Face cache {_hub_cache_dir()}"
+    if link.source == "recipe-base":
+        return f"the recipe's `base`, overriding the recorded {recorded}"
+    return f"recorded {recorded}"
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
