@@ -73,9 +73,34 @@ def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, stop: thre
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
                 "total": time.perf_counter() - started}
     counts = {"scored": stats.scored, "errors": stats.errors, "batches": stats.batches,
-              "generated_tokens": stats.generated_tokens, "stopped_early": stop.is_set()}
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    out.send("done", counts=counts, timings=timings, peak_bytes=peak)
+              "generated_tokens": stats.generated_tokens, "stopped_early": stop.is_set(),
+              "oom_retries": stats.oom_retries, "batch_size": stats.batch_size}
+    out.send("done", counts=counts, timings=timings, **_measured_memory(device))
+
+
+def _measured_memory(device: str) -> dict[str, int | None]:
+    """Peak memory as torch's allocator counted it, and this process's use as the driver (NVML) sees it: that
+    adds the CUDA context and the allocator's cache, and is what the parent's estimate is checked against."""
+    if not device.startswith("cuda"):
+        return {"peak_bytes": None, "peak_reserved_bytes": None, "nvml_used_bytes": None}
+    import torch
+
+    return {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+            "nvml_used_bytes": _nvml_used_bytes()}
+
+
+def _nvml_used_bytes() -> int | None:
+    """This process's GPU memory in NVML's process list; None where NVML lists pids of another namespace."""
+    from orchestrator.gpu import open_nvml  # torch-free, shared with the parent
+
+    try:
+        nvml = open_nvml()
+        states = [nvml.state(i) for i in range(nvml.device_count())] if nvml else []
+    except Exception as exc:  # a measurement must never cost the recipe its results
+        print(f"evalorch worker: NVML not readable ({exc!r})", file=sys.stderr)
+        return None
+    pid = os.getpid()
+    return next((p.used_bytes for state in states for p in state.processes if p.pid == pid), None)
 
 
 def _watch_lifeline(stop: threading.Event) -> None:

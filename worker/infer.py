@@ -32,11 +32,13 @@ class InferenceStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     first_sample_s: float | None = None
+    oom_retries: int = 0  # batches retried at half size after CUDA ran out of memory
+    batch_size: int = 0  # the batch size in use at the end: lower than the recipe's after an out-of-memory error
 
 
 def run_inference(model: Any, processor: Any, samples: list[Sample], recipe: dict, device: str,
                   send: Send, should_stop: Callable[[], bool], before_sample: Callable[[int], None]) -> InferenceStats:
-    stats = InferenceStats()
+    stats = InferenceStats(batch_size=recipe["batch_size"])
     started = time.perf_counter()
     sent = 0
     for batch in _batches(samples, recipe["batch_size"]):
@@ -52,7 +54,7 @@ def run_inference(model: Any, processor: Any, samples: list[Sample], recipe: dic
                 ready.append(prepared)
         if ready:
             batch_started = time.perf_counter()
-            texts, new_tokens = generate(model, processor, ready, recipe["max_new_tokens"], device)
+            texts, new_tokens = _generate_fitting(model, processor, ready, recipe["max_new_tokens"], device, stats)
             seconds = (time.perf_counter() - batch_started) / len(ready)
             stats.generated_tokens += new_tokens
             stats.batches += 1
@@ -91,6 +93,31 @@ def _prepare(processor: Any, sample: Sample, template: str) -> tuple[Prepared | 
     return Prepared(sample, image, text), None
 
 
+def _generate_fitting(model: Any, processor: Any, batch: list[Prepared], max_new_tokens: int, device: str,
+                      stats: InferenceStats) -> tuple[list[str], int]:
+    """Generate in chunks of stats.batch_size; when CUDA runs out of memory, halve it (for the rest of the run
+    too) and retry the chunk, down to one sample, which then fails the recipe as `cuda_oom`."""
+    texts: list[str] = []
+    tokens = start = 0
+    while start < len(batch):
+        chunk = batch[start : start + stats.batch_size]
+        try:
+            result = generate(model, processor, chunk, max_new_tokens, device)
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(chunk) == 1:
+                raise WorkerError("cuda_oom", f"out of GPU memory with a batch of 1: {exc}") from exc
+            result = None
+        if result is None:  # outside the except block, so the failed attempt's tensors are already released
+            stats.oom_retries += 1
+            stats.batch_size = max(1, len(chunk) // 2)
+            torch.cuda.empty_cache()
+            continue
+        texts += result[0]
+        tokens += result[1]
+        start += len(chunk)
+    return texts, tokens
+
+
 def generate(model: Any, processor: Any, batch: list[Prepared], max_new_tokens: int,
              device: str) -> tuple[list[str], int]:
     """Greedy generation for a left-padded batch; returns each sample's new text and the new-token count."""
@@ -98,14 +125,11 @@ def generate(model: Any, processor: Any, batch: list[Prepared], max_new_tokens: 
     inputs = processor(
         text=[p.text for p in batch], images=[p.image for p in batch], padding=True, return_tensors="pt"
     ).to(device)
-    try:
-        with torch.inference_mode():
-            output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-    except torch.cuda.OutOfMemoryError as exc:
-        raise WorkerError("cuda_oom", f"out of GPU memory in a batch of {len(batch)}: {exc}") from exc
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     new = output[:, inputs["input_ids"].shape[1] :]
     texts = [_decode(tokenizer, row.tolist(), model) for row in new]
     return texts, int(new.numel())

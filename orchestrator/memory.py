@@ -1,0 +1,417 @@
+"""How much GPU memory a recipe needs, read from files alone (no torch): the parent refuses or shrinks a recipe
+before its worker starts, instead of finding out from an out-of-memory error, or from a silent CPU offload.
+
+    needed = weights + adapter + KV cache + max(vision activations, language prefill) + CUDA context
+    total  = needed x (1 + memory_margin)
+
+- weights: the chain's full checkpoint, from its safetensors headers, each floating tensor in the dtype the
+  recipe runs in (bfloat16 on CUDA unless the recipe says otherwise); integer tensors as stored.
+- adapter: the top adapter's floating tensors at float32: peft upcasts half-precision adapters when it loads them.
+  Lower adapters of a chain are merged into the weights before the next loads, so they add nothing.
+- KV cache: layers x 2 x kv heads x head dim x (prompt tokens incl. image tokens + max_new_tokens) x batch x bytes.
+- image tokens: each dataset image resized the way Qwen2-VL's processor does (multiples of patch x merge, within
+  min/max pixels), one token per merge x merge patches; an unreadable image counts at max_pixels.
+- prompt tokens: the rendered prompt's UTF-8 bytes (a byte-level BPE never makes more tokens than bytes) plus
+  the chat template's tokens.
+- activations: the larger of the vision encoder's (all patches of the batch at once) and the language model's
+  prefill (the MLP's intermediate tensors dominate); decoding one token at a time needs far less.
+- context: a fixed allowance for the CUDA context, cuBLAS and flash-attention workspaces (on CUDA only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .lineage import safetensors_header, weight_files
+from .protocol import ChainLink
+from .recipes import Recipe
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
+CHAT_TOKENS = 48  # Qwen2-VL's chat template around the prompt: system turn, role and vision markers
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                 "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_RUN_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Qwen2VLImageProcessor's defaults, for a checkpoint whose processor files do not say.
+_DEFAULT_MIN_PIXELS, _DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+class EstimateError(Exception):
+    """The recipe's files do not say enough to estimate its memory; the message names the file."""
+
+
+def run_dtype(dtype: str, device: str) -> str:
+    """The dtype the worker loads in (mirrors worker/load.py resolve_dtype)."""
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return dtype
+
+
+def run_attn(attn: str, device: str) -> str:
+    """The attention the worker uses (mirrors worker/load.py resolve_attn)."""
+    if attn == "auto":
+        return "flash_attention_2" if device == "cuda" else "sdpa"
+    return attn
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of config.json that memory depends on."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    vision_embed: int = 0  # 0: no vision tower
+    vision_mlp: int = 0
+    vision_heads: int = 1
+    patch_size: int = 14
+    merge_size: int = 2
+    patch_values: int = 3 * 2 * 14 * 14  # pixel values per patch: channels x temporal patch x patch x patch
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The longest prompt of the dataset, in tokens, and the most image tokens of one image."""
+
+    text_tokens: int
+    image_tokens: int
+    patches: int  # vision-encoder sequence length of that image (image tokens x merge^2)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """One recipe's memory at one batch size, part by part (bytes)."""
+
+    dtype: str
+    attn: str
+    batch_size: int
+    weights_bytes: int
+    adapter_bytes: int
+    kv_cache_bytes: int
+    vision_bytes: int
+    prefill_bytes: int
+    context_bytes: int
+    margin: float
+    prompt_tokens: int  # text + image tokens of the longest prompt
+    image_tokens: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What no batch size can shrink: weights, adapter, CUDA context."""
+        return self.weights_bytes + self.adapter_bytes + self.context_bytes
+
+    @property
+    def activation_bytes(self) -> int:
+        # the vision encoder runs first and its intermediates are freed before the language model's prefill
+        return max(self.vision_bytes, self.prefill_bytes)
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.fixed_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    @property
+    def margin_bytes(self) -> int:
+        return int(self.needed_bytes * self.margin)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.needed_bytes + self.margin_bytes
+
+    def record(self) -> dict:
+        """For summary.json: every part, and the totals."""
+        return {**asdict(self), "notes": list(self.notes), "activation_bytes": self.activation_bytes,
+                "needed_bytes": self.needed_bytes, "margin_bytes": self.margin_bytes, "total_bytes": self.total_bytes}
+
+    def describe(self) -> str:
+        parts = [("weights", self.weights_bytes), ("adapter", self.adapter_bytes), ("KV", self.kv_cache_bytes),
+                 ("activations", self.activation_bytes), ("context", self.context_bytes),
+                 (f"margin {self.margin:.0%}", self.margin_bytes)]
+        listed = " + ".join(f"{name} {human(value)}" for name, value in parts if value)
+        return f"{human(self.total_bytes)} = {listed} ({self.dtype}, {self.attn}, batch {self.batch_size})"
+
+
+def human(value: int) -> str:
+    """Bytes for people: 4.12 GiB, 68.0 MiB, 889.4 KiB."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20)):
+        if abs(value) >= size:
+            return f"{value / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{value / 1024:.1f} KiB"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a recipe's memory depends on, read once from its files; `estimate(batch)` is then arithmetic."""
+
+    dtype: str
+    attn: str
+    weights_bytes: int
+    adapter_bytes: int
+    context_bytes: int
+    margin: float
+    max_new_tokens: int
+    shape: ModelShape | None  # None: config.json lacks the fields; only weights and context are counted
+    prompts: Prompts
+    notes: tuple[str, ...] = field(default=())
+
+    def estimate(self, batch_size: int) -> MemoryEstimate:
+        dtype_bytes = _RUN_BYTES[self.dtype]
+        kv = vision = prefill = 0
+        if self.shape is not None:
+            kv = kv_cache_bytes(self.shape, self.prompts, self.max_new_tokens, batch_size, dtype_bytes)
+            vision = vision_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
+            prefill = prefill_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
+        return MemoryEstimate(
+            dtype=self.dtype, attn=self.attn, batch_size=batch_size, weights_bytes=self.weights_bytes,
+            adapter_bytes=self.adapter_bytes, kv_cache_bytes=kv, vision_bytes=vision, prefill_bytes=prefill,
+            context_bytes=self.context_bytes, margin=self.margin,
+            prompt_tokens=self.prompts.text_tokens + self.prompts.image_tokens,
+            image_tokens=self.prompts.image_tokens, notes=self.notes,
+        )
+
+
+def estimate_recipe(recipe: Recipe, chain: list[ChainLink], device: str,
+                    batch_size: int | None = None) -> MemoryEstimate:
+    """The recipe's memory on `device` ("cuda" or "cpu") at its own batch size, or at `batch_size`."""
+    return read_workload(recipe, chain, device).estimate(batch_size or recipe.batch_size)
+
+
+def read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workload:
+    """Read the chain's headers and configs and the dataset's prompts and image sizes; raise EstimateError."""
+    dtype = run_dtype(recipe.dtype, device)
+    root, adapters = chain[0], chain[1:]
+    notes: list[str] = []
+    config = _read_json(Path(root.path) / "config.json")
+    shape = model_shape(config)
+    if shape is None:
+        notes.append("config.json has no text-model sizes: KV cache and activations not counted")
+    processor = _image_processor_settings(chain)
+    return Workload(
+        dtype=dtype,
+        attn=run_attn(recipe.attn, device),
+        weights_bytes=weights_bytes(root, _RUN_BYTES[dtype], allow_pickle=recipe.allow_pickle, notes=notes),
+        adapter_bytes=adapter_bytes(adapters[-1], allow_pickle=recipe.allow_pickle) if adapters else 0,
+        context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+        margin=recipe.memory_margin,
+        max_new_tokens=recipe.max_new_tokens,
+        shape=shape,
+        prompts=read_prompts(recipe, processor, shape),
+        notes=tuple(notes),
+    )
+
+
+def weights_bytes(link: ChainLink, run_bytes: int, *, allow_pickle: bool, notes: list[str] | None = None) -> int:
+    """A full checkpoint's bytes once loaded: floating tensors at `run_bytes` each, the others as stored."""
+    total = 0
+    for path in weight_files(Path(link.path), "full", allow_pickle=allow_pickle):
+        if path.suffix != ".safetensors":  # a pickle has no header to read: its size on disk is the best guess
+            total += path.stat().st_size
+            if notes is not None:
+                notes.append(f"{path.name}: pickle weights counted at their file size")
+            continue
+        total += _tensor_bytes(path, lambda dtype: run_bytes if dtype in _FLOAT_DTYPES else _STORED_BYTES[dtype])
+    return total
+
+
+def adapter_bytes(link: ChainLink, *, allow_pickle: bool) -> int:
+    """An adapter's bytes once loaded: floating tensors at float32 (peft upcasts fp16/bf16 adapters)."""
+    total = 0
+    for path in weight_files(Path(link.path), "adapter", allow_pickle=allow_pickle):
+        if path.suffix != ".safetensors":
+            total += path.stat().st_size
+            continue
+        total += _tensor_bytes(path, lambda dtype: 4 if dtype in _FLOAT_DTYPES else _STORED_BYTES[dtype])
+    return total
+
+
+def _tensor_bytes(path: Path, bytes_of) -> int:
+    try:
+        header = safetensors_header(path)
+    except (OSError, ValueError) as exc:
+        raise EstimateError(f"{path}: cannot read the safetensors header ({exc}); is the file complete?") from exc
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _STORED_BYTES:
+            raise EstimateError(f"{path}: tensor {name} has dtype {info['dtype']}, which evalorch cannot size")
+        total += math.prod(info["shape"]) * bytes_of(info["dtype"])
+    return total
+
+
+def model_shape(config: dict) -> ModelShape | None:
+    """The sizes of a Qwen2-VL-style config (text fields nested in text_config, or flat as on the hub)."""
+    text = config.get("text_config") or config
+    try:
+        heads = text["num_attention_heads"]
+        hidden = text["hidden_size"]
+        shape = ModelShape(
+            layers=text["num_hidden_layers"], heads=heads, kv_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or hidden // heads, hidden=hidden,
+            intermediate=text.get("intermediate_size") or 4 * hidden, vocab=text.get("vocab_size") or 0,
+        )
+    except (KeyError, TypeError):
+        return None
+    vision = config.get("vision_config")
+    if not vision:
+        return shape
+    embed = vision.get("embed_dim") or vision.get("hidden_size") or 0  # Qwen2.5-VL calls it hidden_size
+    patch, temporal = vision.get("patch_size", 14), vision.get("temporal_patch_size", 2)
+    return ModelShape(
+        **{**asdict(shape), "vision_embed": embed,
+           "vision_mlp": vision.get("intermediate_size") or int(embed * vision.get("mlp_ratio", 4)),
+           "vision_heads": vision.get("num_heads", 1), "patch_size": patch,
+           "merge_size": vision.get("spatial_merge_size", 2),
+           "patch_values": vision.get("in_channels", 3) * temporal * patch * patch},
+    )
+
+
+def kv_cache_bytes(shape: ModelShape, prompts: Prompts, max_new_tokens: int, batch: int, dtype_bytes: int) -> int:
+    tokens = prompts.text_tokens + prompts.image_tokens + max_new_tokens
+    return shape.layers * 2 * shape.kv_heads * shape.head_dim * tokens * batch * dtype_bytes
+
+
+def vision_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: int, attn: str) -> int:
+    """The vision tower runs all the batch's patches at once: the pixel values (float32 from the processor, and
+    their cast), and per block the residual stream, q/k/v and the MLP's hidden layer before and after GELU."""
+    if not shape.vision_embed:
+        return 0
+    patches = prompts.patches * batch
+    pixels = patches * shape.patch_values * (4 + dtype_bytes)
+    per_patch = (3 * shape.vision_embed + 3 * shape.vision_embed + 2 * shape.vision_mlp) * dtype_bytes
+    scores = 0
+    if attn != "flash_attention_2":  # without flash attention, one image's attention matrix is materialised
+        scores = shape.vision_heads * prompts.patches**2 * 4
+    return pixels + patches * per_patch + scores
+
+
+def prefill_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: int, attn: str) -> int:
+    """The language model's first forward over the whole prompt: per layer, the MLP's gate, up and product
+    (batch x tokens x intermediate each) and the residual stream; plus last-token logits in float32."""
+    tokens = prompts.text_tokens + prompts.image_tokens
+    per_token = (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes
+    scores = 0
+    if attn == "eager":  # sdpa and flash attention never hold the whole score matrix
+        scores = batch * shape.heads * tokens**2 * 4
+    return batch * tokens * per_token + 2 * batch * shape.vocab * 4 + scores
+
+
+# ----------------------------------------------------------------------------- prompts and images
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    merge_size: int
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize: each side a multiple of `factor` (patch x merge), the area within [min, max] pixels."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def image_tokens(size: tuple[int, int] | None, settings: ImageSettings) -> tuple[int, int]:
+    """(image tokens, vision patches) for an image of (width, height); None: the largest the processor allows."""
+    factor = settings.patch_size * settings.merge_size
+    if size is None:
+        patches = settings.max_pixels // settings.patch_size**2
+    else:
+        height, width = smart_resize(size[1], size[0], factor, settings.min_pixels, settings.max_pixels)
+        patches = (height // settings.patch_size) * (width // settings.patch_size)
+    return patches // settings.merge_size**2, patches
+
+
+def read_prompts(recipe: Recipe, settings: ImageSettings, shape: ModelShape | None) -> Prompts:
+    """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates."""
+    text, tokens, patches = 0, 0, 0
+    for record, folder in _dataset_records(recipe):
+        rendered = recipe.prompt.replace("{prompt}", str(record.get("prompt") or "")).replace(
+            "{id}", str(record.get("id", "")))
+        text = max(text, len(rendered.encode()) + CHAT_TOKENS)
+        size = _image_size(folder / record["image"]) if isinstance(record.get("image"), str) else None
+        sample_tokens, sample_patches = image_tokens(size, settings)
+        tokens, patches = max(tokens, sample_tokens), max(patches, sample_patches)
+    if shape is not None and not shape.vision_embed:
+        tokens = patches = 0
+    return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches)
+
+
+def _dataset_records(recipe: Recipe):
+    """The dataset's JSON objects, as many as the recipe evaluates; bad lines are the worker's to report."""
+    path = Path(recipe.dataset or "")
+    count = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise EstimateError(f"dataset {path}: {exc}") from exc
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        yield record, path.parent
+        count += 1
+        if recipe.limit is not None and count >= recipe.limit:
+            return
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.size
+    except (OSError, ValueError):
+        return None
+
+
+def _image_processor_settings(chain: list[ChainLink]) -> ImageSettings:
+    """The image processor's pixel bounds, from the nearest link (top first) that has processor files, as the
+    worker picks its processor."""
+    for link in reversed(chain):
+        for name in _PROCESSOR_FILES:
+            path = Path(link.path) / name
+            if path.is_file():
+                raw = _read_json(path)
+                return _image_settings(raw.get("image_processor", raw))
+    return _image_settings({})
+
+
+def _image_settings(raw: dict) -> ImageSettings:
+    size = raw.get("size") or {}
+    return ImageSettings(
+        min_pixels=raw.get("min_pixels") or size.get("min_pixels") or size.get("shortest_edge") or _DEFAULT_MIN_PIXELS,
+        max_pixels=raw.get("max_pixels") or size.get("max_pixels") or size.get("longest_edge") or _DEFAULT_MAX_PIXELS,
+        patch_size=raw.get("patch_size", 14),
+        merge_size=raw.get("merge_size", 2),
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EstimateError(f"{path}: {exc}") from exc

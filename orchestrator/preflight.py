@@ -1,0 +1,259 @@
+"""Before each launch: which GPU, has the last worker's memory come back, and does the recipe fit.
+
+One worker at a time: the GPU with the most free memory among the allowed ones (`--gpus`) is chosen. After a
+worker exits, the next launch waits until the worker's pid has left NVML's process list and free memory is back
+near its baseline (what was free before the run, less what other processes took since). Then the estimate
+(memory.py) is compared with the free memory:
+
+- the weights (with the context and margin) do not fit: refused, naming the estimate, the free memory, and
+  every process holding the rest (pid, name, bytes);
+- the weights fit but the recipe's batch does not: the batch size is lowered to the largest that fits;
+- even a batch of one does not fit: refused.
+
+The decision's record (estimate, free memory, holders, wait) lands in the recipe's summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .gpu import FAKE_ENV, GpuProcess, GpuState, Nvml, NvmlUnavailable, open_nvml
+from .memory import EstimateError, MemoryEstimate, Workload, estimate_recipe, human, read_workload
+from .plan import LaunchDecision, RecipePlan
+
+RELEASE_TIMEOUT_S = 120.0
+POLL_S = 0.25
+# Free memory counts as "back" within this much of the baseline: the driver's own bookkeeping moves a little.
+RELEASE_TOLERANCE_BYTES = 256 * 2**20
+
+
+class PreflightError(Exception):
+    """The preflight cannot work with what it was given (no GPU, a bad --gpus); the message says what to do."""
+
+
+def parse_gpus(value: str | None) -> list[int] | None:
+    """`--gpus 0,1` -> [0, 1]; None or "all" -> None (every GPU)."""
+    if value is None or value.strip() in ("", "all"):
+        return None
+    try:
+        indices = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        indices = []
+    if not indices or min(indices) < 0:
+        raise PreflightError(f"--gpus {value!r}: give GPU indices as nvidia-smi numbers them, e.g. --gpus 0,1")
+    return indices
+
+
+@dataclass
+class _LastWorker:
+    gpu: int
+    pid: int | None
+    recipe: str
+
+
+class GpuPreflight:
+    """The Preflight of plan.py over NVML (real, or the fake of gpu.py on CPU machines)."""
+
+    def __init__(self, nvml: Nvml, *, device: str = "cuda", gpus: list[int] | None = None,
+                 release_timeout: float = RELEASE_TIMEOUT_S, poll: float = POLL_S,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 report: Callable[[str], None] | None = None) -> None:
+        count = nvml.device_count()
+        if count == 0:
+            raise PreflightError("NVML sees no GPU: use --device cpu, or check the driver with nvidia-smi")
+        unknown = [i for i in gpus or [] if i >= count]
+        if unknown:
+            raise PreflightError(f"--gpus names GPU(s) {unknown}, but NVML sees {count} (0..{count - 1})")
+        self.nvml = nvml
+        self.device = device
+        self.gpus = gpus if gpus is not None else list(range(count))
+        self.release_timeout = release_timeout
+        self.poll = poll
+        self.clock = clock
+        self.sleep = sleep
+        self.report = report or (lambda _message: None)
+        self._last: _LastWorker | None = None
+        # What was free, and what other processes held, before any worker of this run started.
+        self._baseline = {i: self._snapshot(nvml.state(i)) for i in self.gpus}
+
+    # ------------------------------------------------------------------ the Preflight protocol
+
+    def before_launch(self, plan: RecipePlan) -> LaunchDecision:
+        wait = self._wait_for_release()
+        if wait.get("still_held_by_previous"):
+            return LaunchDecision(ok=False, message=wait["message"], record={"release_wait": wait})
+        decision = self.assess(plan)
+        decision.record["release_wait"] = wait
+        if decision.ok:  # a refusal is reported by the suite, with the recipe's status
+            self._last = _LastWorker(decision.record["gpu"], None, plan.recipe.name)
+            self.report(f"preflight {plan.recipe.name}: {decision.message}")
+        return decision
+
+    def after_exit(self, plan: RecipePlan, pid: int | None) -> None:
+        if self._last is not None:
+            self._last.pid = pid
+
+    # ------------------------------------------------------------------ the decision
+
+    def assess(self, plan: RecipePlan) -> LaunchDecision:
+        """The verdict for `plan` on the best allowed GPU as it is now; no waiting (`plan` uses this)."""
+        state = max((self.nvml.state(i) for i in self.gpus), key=lambda s: s.free_bytes)
+        record = {"gpu": state.index, "gpu_name": state.name, "gpu_uuid": state.uuid, "free_bytes": state.free_bytes,
+                  "total_bytes": state.total_bytes, "baseline_free_bytes": self._baseline[state.index]["free"],
+                  "holders": [_holder(p) for p in state.processes], "requested_batch_size": plan.recipe.batch_size}
+        gpu = state.uuid or str(state.index)
+        try:
+            workload = read_workload(plan.recipe, plan.chain or [], self.device)
+        except EstimateError as exc:  # the worker's placement check still guards against offload
+            record["estimate_error"] = str(exc)
+            return LaunchDecision(ok=True, gpu=gpu, message=f"no estimate ({exc}); running unchecked", record=record)
+        return _verdict(plan.recipe.name, workload, plan.recipe.batch_size, state, gpu, record)
+
+    # ------------------------------------------------------------------ waiting for the last worker's memory
+
+    def _wait_for_release(self) -> dict:
+        """Wait until the last worker has left its GPU and the memory it held is free again."""
+        last = self._last
+        if last is None or last.pid is None:
+            return {"waited_s": 0.0}
+        started = self.clock()
+        while True:
+            state = self.nvml.state(last.gpu)
+            listed, missing = state.holds(last.pid), self._missing_bytes(state)
+            waited = self.clock() - started
+            if not listed and missing <= RELEASE_TOLERANCE_BYTES:
+                self._last = None
+                return {"waited_s": round(waited, 3), "previous_pid": last.pid, "free_bytes": state.free_bytes}
+            if waited >= self.release_timeout:
+                self._last = None
+                return self._release_timed_out(last, state, listed, missing, waited)
+            self.sleep(self.poll)
+
+    def _missing_bytes(self, state: GpuState) -> int:
+        """How far free memory is below the baseline, not counting what other processes took since."""
+        baseline = self._baseline[state.index]
+        others_now = sum(p.used_bytes or 0 for p in state.processes)
+        taken_by_others = max(0, others_now - baseline["held"])
+        return baseline["free"] - taken_by_others - state.free_bytes
+
+    def _release_timed_out(self, last: _LastWorker, state: GpuState, listed: bool, missing: int,
+                           waited: float) -> dict:
+        record = {"waited_s": round(waited, 3), "previous_pid": last.pid, "timed_out": True,
+                  "free_bytes": state.free_bytes, "missing_bytes": missing}
+        if listed:
+            record["still_held_by_previous"] = True
+            record["message"] = (
+                f"worker pid {last.pid} of recipe '{last.recipe}' exited, but NVML still lists it on GPU "
+                f"{state.index} after {waited:.0f}s ({human(state.free_bytes)} free of "
+                f"{human(state.total_bytes)}): its memory was not released. Check `nvidia-smi`, end that process "
+                "(kill -9 the pid), then run the remaining recipes again.")
+            return record
+        # The worker is gone but memory is not back: a process NVML cannot list holds it. Go on and let the
+        # comparison with the free memory decide, with this on record.
+        record["message"] = (f"free memory on GPU {state.index} stayed {human(missing)} below its baseline "
+                             f"for {waited:.0f}s after worker pid {last.pid} exited")
+        self.report(f"warning: {record['message']}")
+        return record
+
+    @staticmethod
+    def _snapshot(state: GpuState) -> dict:
+        return {"free": state.free_bytes, "held": sum(p.used_bytes or 0 for p in state.processes)}
+
+
+def _verdict(name: str, workload: Workload, batch_size: int, state: GpuState, gpu: str,
+             record: dict) -> LaunchDecision:
+    requested = workload.estimate(batch_size)
+    record["estimate"] = requested.record()
+    free = state.free_bytes
+    if _with_margin(requested.fixed_bytes, requested.margin) > free:
+        return _refuse(name, "its weights do not fit", requested, state, record)
+    fitting = largest_batch(workload, batch_size, free)
+    if fitting is None:
+        return _refuse(name, "its weights fit, but not even a batch of 1", workload.estimate(1), state, record)
+    if fitting == batch_size:
+        record["batch_size"] = batch_size
+        message = f"GPU {state.index}: needs {requested.describe()}; {human(free)} free"
+        return LaunchDecision(ok=True, gpu=gpu, message=message, record=record)
+    lowered = workload.estimate(fitting)
+    record |= {"batch_size": fitting, "batch_lowered": True, "estimate_used": lowered.record()}
+    message = (f"GPU {state.index}: batch size lowered from {batch_size} to {fitting} to fit "
+               f"{human(free)} free (batch {batch_size} needs {human(requested.total_bytes)}; "
+               f"batch {fitting} needs {lowered.describe()})")
+    return LaunchDecision(ok=True, gpu=gpu, batch_size=fitting, message=message, record=record)
+
+
+def largest_batch(workload: Workload, batch_size: int, free_bytes: int) -> int | None:
+    """The largest batch size up to `batch_size` whose estimate fits `free_bytes`; None if not even 1."""
+    low, high = 0, batch_size  # memory grows with the batch: bisect for the last size that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if workload.estimate(middle).total_bytes <= free_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return low or None
+
+
+def _with_margin(value: int, margin: float) -> int:
+    return value + int(value * margin)
+
+
+def _refuse(name: str, why: str, estimate: MemoryEstimate, state: GpuState, record: dict) -> LaunchDecision:
+    holders = "; ".join(p.describe() for p in state.processes) or "no process NVML can list"
+    unlisted = state.total_bytes - state.free_bytes - sum(p.used_bytes or 0 for p in state.processes)
+    if state.processes and unlisted > RELEASE_TOLERANCE_BYTES * 4:
+        holders += f"; {human(unlisted)} more held by processes NVML does not list (other containers?)"
+    message = (
+        f"recipe '{name}' refused on GPU {state.index} ({state.name}): {why}. It needs {estimate.describe()}, "
+        f"but only {human(state.free_bytes)} of {human(state.total_bytes)} is free. "
+        f"Held by: {holders}. Free that memory, pick another GPU with --gpus, or lower batch_size or "
+        "memory_margin in the recipe. Nothing was started: a model is never split between GPU and CPU."
+    )
+    record["refused"] = why
+    return LaunchDecision(ok=False, message=message, record=record)
+
+
+def _holder(process: GpuProcess) -> dict:
+    return {"pid": process.pid, "name": process.name, "used_bytes": process.used_bytes}
+
+
+# ----------------------------------------------------------------------------- what the CLI uses
+
+
+def preflight_for(device: str, gpus: str | None, *, required: bool = True,
+                  report: Callable[[str], None] | None = None) -> GpuPreflight | None:
+    """The preflight for `run` (required: a CUDA run without NVML is an error) or `plan` (no GPU, no verdict).
+    On cuda always; with the fake NVML (EVALORCH_FAKE_NVML) on cpu too, so that CPU tests drive the
+    decisions through the real CLI and real workers."""
+    if device != "cuda" and not os.environ.get(FAKE_ENV):
+        return None
+    try:
+        nvml = open_nvml()
+    except NvmlUnavailable as exc:
+        raise PreflightError(str(exc)) from exc
+    if nvml is None:
+        if not required:
+            return None
+        raise PreflightError("--device cuda, but NVML finds no NVIDIA driver here: run on a GPU machine, "
+                             "or use --device cpu")
+    return GpuPreflight(nvml, device=device, gpus=parse_gpus(gpus), report=report)
+
+
+def plan_lines(plan: RecipePlan, device: str, preflight: GpuPreflight | None) -> tuple[list[str], bool]:
+    """What `plan` prints under a recipe's lineage: its memory estimate and, where a GPU is visible, the
+    verdict; and whether it may run."""
+    if not plan.runnable:
+        return [], False
+    try:
+        estimate = estimate_recipe(plan.recipe, plan.chain or [], device)
+    except EstimateError as exc:
+        return [f"memory: cannot estimate ({exc})"], True
+    lines = [f"memory: {estimate.describe()}"]
+    if preflight is None:
+        return lines, True
+    decision = preflight.assess(plan)
+    lines.append(("verdict: runs, " if decision.ok else "verdict: ") + decision.message)
+    return lines, decision.ok

@@ -1,0 +1,196 @@
+"""The memory estimate for the tiny demo family, checked against a hand computation from its configs and
+against the real processor; and the worker's answer to CUDA running out of memory: halve the batch, retry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_recipes
+from PIL import Image
+from transformers import AutoProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+
+from orchestrator.memory import CHAT_TOKENS, CUDA_CONTEXT_BYTES, estimate_recipe, read_workload, smart_resize
+from orchestrator.plan import RecipePlan, make_plans
+from orchestrator.recipes import load_recipe_file
+from worker.data import read_dataset
+from worker.errors import WorkerError
+from worker.infer import run_inference
+from worker.load import load_chain
+
+PROMPT = "{prompt} Answer with its bounding box."
+
+
+def _plan(demo: dict, tmp_path: Path, model: str, **settings: object) -> RecipePlan:
+    body = f'[[recipe]]\nname = "x"\nmodel = "{demo["root"] / "models" / model}"\n'
+    recipe_file = load_recipe_file(write_recipes(tmp_path, body, demo, **settings))
+    (plan,) = make_plans(recipe_file, recipe_file.recipes)
+    return plan
+
+
+def _parameters_by_hand(config: dict) -> int:
+    """Qwen2-VL's parameter count, layer by layer, from config.json."""
+    text, vision = config["text_config"], config["vision_config"]
+    hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    head_dim = hidden // text["num_attention_heads"]
+    kv = text["num_key_value_heads"] * head_dim
+    attention = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden  # q, k, v with bias; o
+    layer = attention + 3 * hidden * inter + 2 * hidden  # gate, up, down; two RMSNorms
+    language = vocab * hidden + text["num_hidden_layers"] * layer + hidden + vocab * hidden  # embed, norm, head
+    embed, mlp = vision["embed_dim"], vision["embed_dim"] * vision["mlp_ratio"]
+    patch = 3 * vision["temporal_patch_size"] * vision["patch_size"] ** 2 * embed  # Conv3d, no bias
+    block = 2 * 2 * embed + (embed * 3 * embed + 3 * embed) + (embed * embed + embed) + (embed * mlp + mlp) + (
+        mlp * embed + embed)  # two LayerNorms, qkv, proj, fc1, fc2
+    merged = embed * vision["spatial_merge_size"] ** 2
+    merger = 2 * embed + (merged * merged + merged) + (merged * hidden + hidden)
+    return language + patch + vision["depth"] * block + merger
+
+
+def _lora_by_hand(config: dict, rank: int, vision_too: bool) -> int:
+    text, vision = config["text_config"], config["vision_config"]
+    hidden, inter = text["hidden_size"], text["intermediate_size"]
+    kv = text["num_key_value_heads"] * hidden // text["num_attention_heads"]
+    pairs = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter),
+             (inter, hidden)]  # q, k, v, o, gate, up, down: A is rank x in, B is out x rank
+    total = text["num_hidden_layers"] * sum(rank * (a + b) for a, b in pairs)
+    if vision_too:
+        embed, mlp = vision["embed_dim"], vision["embed_dim"] * vision["mlp_ratio"]
+        blocks = [(embed, 3 * embed), (embed, embed), (embed, mlp), (mlp, embed)]  # qkv, proj, fc1, fc2
+        total += vision["depth"] * sum(rank * (a + b) for a, b in blocks)
+    return total
+
+
+def _demo_image_tokens(demo: dict) -> int:
+    """The demo's images are multiples of 28 inside the processor's bounds: no resize, one token per 28x28."""
+    dataset = Path(demo["dataset"])
+    sizes = [Image.open(dataset.parent / json.loads(line)["image"]).size for line in dataset.read_text().splitlines()]
+    return max((w // 28) * (h // 28) for w, h in sizes)
+
+
+def _longest_prompt(demo: dict) -> int:
+    prompts = [json.loads(line)["prompt"] for line in Path(demo["dataset"]).read_text().splitlines()]
+    return max(len(PROMPT.format(prompt=p).encode()) for p in prompts) + CHAT_TOKENS
+
+
+def test_weights_adapter_and_kv_cache_match_a_hand_computation(demo: dict, tmp_path: Path) -> None:
+    config = json.loads((demo["root"] / "models" / "base" / "config.json").read_text())
+    text = config["text_config"]
+    plan = _plan(demo, tmp_path, "r4-joint", batch_size=4, max_new_tokens=8)
+    estimate = estimate_recipe(plan.recipe, plan.chain, "cuda")
+    assert estimate.dtype == "bfloat16" and estimate.attn == "flash_attention_2"
+    assert estimate.weights_bytes == _parameters_by_hand(config) * 2  # bf16 on CUDA
+    assert estimate.adapter_bytes == _lora_by_hand(config, rank=8, vision_too=True) * 4  # peft keeps it in fp32
+    tokens = _longest_prompt(demo) + _demo_image_tokens(demo) + 8
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    kv = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * tokens * 4 * 2
+    assert estimate.kv_cache_bytes == kv
+    assert estimate.context_bytes == CUDA_CONTEXT_BYTES
+    needed = estimate.weights_bytes + estimate.adapter_bytes + kv + estimate.activation_bytes + CUDA_CONTEXT_BYTES
+    assert estimate.total_bytes == needed + int(needed * 0.10)
+
+
+def test_on_cpu_the_estimate_is_float32_without_a_cuda_context(demo: dict, tmp_path: Path) -> None:
+    config = json.loads((demo["root"] / "models" / "base" / "config.json").read_text())
+    plan = _plan(demo, tmp_path, "r1-llm-only", memory_margin=0.25)
+    estimate = estimate_recipe(plan.recipe, plan.chain, "cpu")
+    assert estimate.weights_bytes == _parameters_by_hand(config) * 4
+    assert estimate.adapter_bytes == _lora_by_hand(config, rank=8, vision_too=False) * 4
+    assert estimate.context_bytes == 0 and estimate.margin == 0.25
+
+
+def test_a_two_stage_chain_counts_the_stage_one_checkpoint_and_the_top_adapter(demo: dict, tmp_path: Path) -> None:
+    config = json.loads((demo["root"] / "models" / "r3-stage1" / "config.json").read_text())
+    plan = _plan(demo, tmp_path, "r3-stage2")
+    estimate = estimate_recipe(plan.recipe, plan.chain, "cuda")
+    assert [Path(link.path).name for link in plan.chain] == ["r3-stage1", "r3-stage2"]
+    assert estimate.weights_bytes == _parameters_by_hand(config) * 2
+    assert estimate.adapter_bytes == _lora_by_hand(config, rank=8, vision_too=False) * 4
+
+
+def test_image_and_text_tokens_agree_with_the_real_processor(demo: dict, tmp_path: Path) -> None:
+    """Image tokens exactly as the processor makes them; the text bound never below the real token count."""
+    plan = _plan(demo, tmp_path, "base")
+    workload = read_workload(plan.recipe, plan.chain, "cuda")
+    processor = AutoProcessor.from_pretrained(plan.chain[0].path)
+    samples = read_dataset(Path(demo["dataset"]))
+    most_image, most_text = 0, 0
+    for sample in samples:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT.format(
+            prompt=sample.prompt)}]}]
+        chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[chat], images=[Image.open(sample.image_path).convert("RGB")], return_tensors="pt")
+        image = int(inputs["image_grid_thw"].prod()) // 4
+        most_image = max(most_image, image)
+        most_text = max(most_text, inputs["input_ids"].shape[1] - image)
+    assert workload.prompts.image_tokens == most_image == _demo_image_tokens(demo)
+    assert workload.prompts.patches == most_image * 4
+    assert most_text <= workload.prompts.text_tokens
+
+
+@pytest.mark.parametrize("size", [(112, 112), (1000, 30), (30, 1000), (4000, 3000), (57, 57), (28, 28), (640, 480)])
+def test_the_resize_matches_qwen2_vl(size: tuple[int, int]) -> None:
+    height, width = size
+    for bounds in [(56 * 56, 28 * 28 * 32), (56 * 56, 28 * 28 * 1280)]:
+        assert smart_resize(height, width, 28, *bounds) == hf_smart_resize(height, width, 28, *bounds)
+
+
+def test_more_samples_per_batch_need_more_memory(demo: dict, tmp_path: Path) -> None:
+    plan = _plan(demo, tmp_path, "base")
+    workload = read_workload(plan.recipe, plan.chain, "cuda")
+    one, eight = workload.estimate(1), workload.estimate(8)
+    assert one.fixed_bytes == eight.fixed_bytes
+    assert eight.kv_cache_bytes == 8 * one.kv_cache_bytes
+    assert eight.total_bytes > one.total_bytes
+
+
+# ----------------------------------------------------------------------------- CUDA out of memory in the worker
+
+
+class _GpuLimit:
+    """Stands for a GPU that holds at most `most` samples per generate: CUDA cannot exist on a CPU machine, so
+    this raises the error torch raises there, and otherwise lets the real model generate."""
+
+    def __init__(self, model, most: int) -> None:
+        self.generate = model.generate
+        self.most = most
+        self.sizes: list[int] = []
+
+    def __call__(self, **inputs):
+        size = inputs["input_ids"].shape[0]
+        self.sizes.append(size)
+        if size > self.most:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (batch {size})")
+        return self.generate(**inputs)
+
+
+@pytest.fixture(scope="module")
+def loaded(demo: dict, tmp_path_factory: pytest.TempPathFactory):
+    plan = _plan(demo, tmp_path_factory.mktemp("oom"), "base", batch_size=8, max_new_tokens=4)
+    recipe = plan.recipe.model_dump()
+    model, processor, _ = load_chain(plan.chain, recipe, "cpu")
+    return model, processor, recipe
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_it_halved(loaded, demo: dict, monkeypatch) -> None:
+    model, processor, recipe = loaded
+    limit = _GpuLimit(model, most=2)
+    monkeypatch.setattr(model, "generate", limit)
+    samples = read_dataset(Path(demo["dataset"]))  # 12: a batch of 8, then one of 4
+    sent: list[dict] = []
+    stats = run_inference(model, processor, samples, recipe, "cpu", lambda _type, **m: sent.append(m),
+                          lambda: False, lambda _n: None)
+    assert limit.sizes == [8, 4, 2, 2, 2, 2, 2, 2]
+    assert stats.oom_retries == 2 and stats.batch_size == 2
+    assert [m["id"] for m in sent] == [s.id for s in samples] and stats.scored == len(samples)
+
+
+def test_out_of_memory_with_one_sample_fails_as_cuda_oom(loaded, demo: dict, monkeypatch) -> None:
+    model, processor, recipe = loaded
+    monkeypatch.setattr(model, "generate", _GpuLimit(model, most=0))
+    with pytest.raises(WorkerError, match="batch of 1") as caught:
+        run_inference(model, processor, read_dataset(Path(demo["dataset"]), limit=2), recipe, "cpu",
+                      lambda *_a, **_m: None, lambda: False, lambda _n: None)
+    assert caught.value.kind == "cuda_oom"
