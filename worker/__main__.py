@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_lifeline, args=(stop,), daemon=True, name="lifeline").start()
     try:
         spec = protocol.WorkerSpec.from_json(args.spec.read_bytes())
-        _evaluate(spec, out, stop, Faults.from_env(spec.recipe["name"]))
+        _evaluate(spec, out, stop, Faults.from_env(spec.recipe["name"], spec.attempt))
     except WorkerError as exc:
         out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
         return 1
