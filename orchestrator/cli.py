@@ -17,18 +17,20 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from . import __version__
+from .boxes import BOX_FORMATS
+from .gates import GateError, GateRequest, Outputs, ci_options, gate_request, publish, validate_for_run
 from .gpu import default_device, open_nvml
 from .lineage import describe_chain
 from .merge import MergeError, merge_recipe
 from .plan import RecipePlan, make_plans
-from .preflight import PreflightError, plan_lines, preflight_for
+from .progress import progress_display
 from .recipes import LineageRules, RecipeFile, RecipeFileError, load_recipe_file
-from .report import render_markdown, render_terminal, run_summary
+from .report import ReportError, load_run, run_summary
+from .rescore import RescoreError, rescore
 from .results import new_run_dir, write_json
-from .supervisor import RecipeOutcome, run_suite
+from .supervisor import run_suite
 
 EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG = 0, 1, 2
-_GPUS_HELP = "GPUs a worker may use, as nvidia-smi numbers them (default: all); the one with most free memory is used."
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 
 # Logs of nightly jobs are read in wide windows: don't wrap the table at 80 columns when not on a terminal.
@@ -62,61 +64,95 @@ def main() -> None:
               " a model is never split between devices.")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed for each recipe (default: none).")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
-@click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
+@ci_options
 def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None, hash_weights: bool,
-        gpus: str | None) -> None:
+        **ci: Any) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
+    request, outputs = _ci(**ci)  # gate options are checked before any worker starts
     recipe_file, plans = _load(recipes, only, hash_weights)
+    _check_gates(lambda: validate_for_run(request, [p.recipe.name for p in plans]))
     if device == "auto":
         device = default_device(open_nvml())
         console.print(f"Device: {device} (--device auto)")
-    preflight = _preflight(device, gpus, required=True)
     run_dir = new_run_dir(out)
     write_json(run_dir / "run.json", _run_record(recipe_file, plans, device, timeout))
     console.print(f"Run folder: {run_dir}")
-    rows = run_suite(plans, run_dir, device=device, timeout=timeout, listener=_progress(len(plans)),
-                     preflight=preflight)
+    with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
+        rows = run_suite(plans, run_dir, device=device, timeout=timeout, listener=listener)
     baseline = recipe_file.baseline.name if recipe_file.baseline else None
-    summary = run_summary(rows, baseline)
-    write_json(run_dir / "summary.json", summary)
-    (run_dir / "report.md").write_text(render_markdown(summary))
-    render_terminal(summary, console)
-    console.print(f"Report: {run_dir / 'report.md'}")
-    sys.exit(EXIT_OK if all(r["status"] == "ok" for r in rows) else EXIT_RECIPE_FAILED)
+    sys.exit(_check_gates(lambda: publish(run_dir, run_summary(rows, baseline), request, outputs)))
 
 
-def _preflight(device: str, gpus: str | None, *, required: bool):
-    """The GPU preflight (which GPU, wait for the last worker's memory, fit or refuse), or None on cpu."""
+def _ci(fail_under: tuple[str, ...], compare: Path | None, max_drop: tuple[str, ...], junit: Path | None,
+        json_out: bool) -> tuple[GateRequest, Outputs]:
+    """The gate and CI-output options; with --json, stdout carries the JSON alone (human output: stderr)."""
+    if json_out:
+        console.file = sys.stderr
+    request = _check_gates(lambda: gate_request(fail_under, compare, max_drop))
+    return request, Outputs(console, junit=junit, json_out=json_out)
+
+
+def _check_gates(action: Any) -> Any:
+    """Run `action`; a gate option it cannot apply is a usage error (exit 2)."""
     try:
-        return preflight_for(device, gpus, required=required,
-                             report=lambda message: console.print(f"    {message}", markup=False))
-    except PreflightError as exc:
+        return action()
+    except GateError as exc:
         err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
         sys.exit(EXIT_CONFIG)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@ci_options
+def report_command(run_dir: Path, **ci: Any) -> None:
+    """Re-render report.md and report.html of RUN_DIR from the run folder alone, and apply gates to it without a
+    rerun. Exit code as for `run`: 1 if a recipe failed, else 3 if a gate failed."""
+    request, outputs = _ci(**ci)
+    outputs.write_summary = False  # a re-render leaves the recorded summary.json as it was
+    try:
+        summary = load_run(run_dir)
+    except ReportError as exc:
+        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(_check_gates(lambda: publish(run_dir, summary, request, outputs)))
+
+
+@main.command("rescore")
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--box-format", type=click.Choice(sorted(BOX_FORMATS)),
+              help="Read every recipe's texts in this box format (default: each recipe's declared one).")
+@click.option("--thresholds", metavar="T[,T...]", help="IoU thresholds for the IoU>t rates, e.g. 0.5,0.7,0.9"
+              " (default: those of the run).")
+@ci_options
+def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | None, **ci: Any) -> None:
+    """Recompute every metric of RUN_DIR from the raw texts in samples.jsonl, without a model, into a new folder
+    RUN_DIR/rescore-<UTC time>/ (summary.json, report.md, report.html); the original is never overwritten."""
+    request, outputs = _ci(**ci)
+    try:
+        values = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else None
+    except ValueError:
+        err_console.print(f"[red]Error:[/red] --thresholds {thresholds!r}: expected numbers like 0.5,0.7,0.9",
+                          markup=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        out, summary = rescore(run_dir, box_format, values)
+    except (ReportError, RescoreError) as exc:
+        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
+        sys.exit(EXIT_CONFIG)
+    outputs.console.print(f"Rescored into {out}", markup=False)
+    sys.exit(_check_gates(lambda: publish(out, summary, request, outputs)))
 
 
 @main.command()
 @click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--only", metavar="NAME[,NAME...]", help="Plan only these recipes.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-              help="Estimate memory for this device (auto: cuda where NVML sees a GPU, else cpu).")
-@click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
-def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus: str | None) -> None:
-    """Validate RECIPES and show each recipe's lineage, memory estimate and, where a GPU is visible, whether
-    it fits; loads no weights, needs no GPU."""
+def plan(recipes: Path, only: str | None, hash_weights: bool) -> None:
+    """Validate RECIPES and show each recipe's lineage; loads no weights, needs no GPU."""
     recipe_file, plans = _load(recipes, only, hash_weights)
-    device = default_device(open_nvml()) if device == "auto" else device
-    preflight = _preflight(device, gpus, required=False)
-    refused = []
     for item in plans:
         console.print(_lineage_tree(item, recipe_file.lineage))
-        lines, fits = plan_lines(item, device, preflight)
-        for line in lines:
-            console.print(f"    {line}", markup=False)
-        if item.runnable and not fits:
-            refused.append(item)
-    problems = [p for p in plans if not p.runnable] + refused
+    problems = [p for p in plans if not p.runnable]
     if problems:
         err_console.print(f"[red]Error:[/red] {len(problems)} recipe(s) cannot run", markup=True)
         sys.exit(EXIT_RECIPE_FAILED)
@@ -153,22 +189,6 @@ def merge_command(recipe_name: str, recipes: Path, out: Path, hash_weights: bool
         sys.exit(exc.exit_code)
     console.print(f"Merged {record['adapters_merged']} adapter(s) of '{recipe_name}' into {out} "
                   f"({record['dtype']}, {record['fingerprint']}); its lineage is in {out / 'lineage.json'}")
-
-
-def _progress(total: int):
-    counter = {"index": 0}
-
-    def listener(event: str, outcome: RecipeOutcome, data: dict[str, Any]) -> None:
-        if event == "started":
-            counter["index"] += 1
-            console.print(f"[{counter['index']}/{total}] {outcome.name}: worker pid {data['pid']} starting")
-        elif event == "loaded":
-            console.print(f"    loaded in {data['seconds']:.1f}s ({data['dtype']}, {data['attn']}, {data['device']})")
-        elif event == "finished":
-            extra = f" ({outcome.detail.splitlines()[0][:120]})" if outcome.detail else ""
-            console.print(f"    {outcome.name}: {outcome.status}, {outcome.samples_received} samples{extra}")
-
-    return listener
 
 
 def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, timeout: float | None) -> dict:

@@ -1,0 +1,236 @@
+"""Live progress of a run: which recipe of how many, its phase, a sample bar with rate and ETA, and each
+finished recipe's row as it completes. On a terminal it is a rich live display; otherwise (CI logs, pipes) a
+few plain lines per recipe, so logs stay readable.
+
+Both are supervisor listeners, `listener(event, outcome, data)`, used as context managers around the run:
+
+    with progress_display(console, names, run_dir) as listener:
+        rows = Suite(..., listener=listener).run()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .results import read_json, read_samples
+from .stats import DEFAULT_THRESHOLDS, metrics, threshold_key
+
+_PHASES = {"started": "starting", "hello": "loading", "lineage": "loading", "loaded": "inferring",
+           "done": "finishing", "error": "error"}
+
+
+def expected_samples(recipe_dir: Path) -> int | None:
+    """How many samples this attempt will send: the dataset's samples up to the recipe's `limit`, less those
+    already recorded (resume, retry), read from the spec the worker was given; None if it cannot be read."""
+    try:
+        spec = read_json(recipe_dir / "spec.json")
+        lines = Path(spec["dataset"]).read_text(errors="replace").splitlines()
+    except (OSError, KeyError, ValueError):
+        return None
+    limit = (spec.get("recipe") or {}).get("limit")
+    skip = set(spec.get("skip_ids") or [])
+    ids: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        ids.append(_line_id(line, number))  # the worker names a bad line "line<N>" too
+        if limit and len(ids) >= limit:
+            break
+    return sum(1 for sample_id in ids if sample_id not in skip)
+
+
+def _line_id(line: str, number: int) -> str:
+    try:
+        raw = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return f"line{number}"
+    return str(raw.get("id", f"line{number}")) if isinstance(raw, dict) else f"line{number}"
+
+
+@dataclass
+class _Recipe:
+    name: str
+    status: str = "pending"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+    note: str = ""
+
+
+class _Listener:
+    """What both displays share: the recipes' states, and the metrics of a finished recipe."""
+
+    def __init__(self, console: Console, names: list[str], run_dir: Path) -> None:
+        self.console = console
+        self.run_dir = run_dir
+        self.recipes = {name: _Recipe(name) for name in names}
+        self.names = names
+        for name in names:  # a resumed run keeps finished recipes: they send no events
+            previous = run_dir / name / "summary.json"
+            if previous.is_file():
+                stored = read_json(previous)
+                if stored.get("status") == "ok":
+                    self.recipes[name] = _Recipe(name, "ok (kept)", stored.get("metrics") or {},
+                                                 stored.get("seconds"))
+
+    def position(self, name: str) -> str:
+        index = self.names.index(name) + 1 if name in self.names else 0
+        return f"{index}/{len(self.names)}"
+
+    def finish(self, outcome: Any) -> _Recipe:
+        state = self.recipes.setdefault(outcome.name, _Recipe(outcome.name))
+        state.status = outcome.status
+        state.metrics = metrics(read_samples(self.run_dir / outcome.name / "samples.jsonl"))
+        state.seconds = outcome.seconds or None
+        state.note = outcome.detail.splitlines()[0][:120] if outcome.detail else ""
+        return state
+
+    def __enter__(self) -> _Listener:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        return None
+
+
+class PlainProgress(_Listener):
+    """A few lines per recipe, for logs."""
+
+    def __call__(self, event: str, outcome: Any, data: dict[str, Any]) -> None:
+        print_ = self._print
+        if event == "started":
+            total = expected_samples(self.run_dir / outcome.name)
+            count = f", {total} samples to evaluate" if total is not None else ""
+            print_(f"[{self.position(outcome.name)}] {outcome.name}: worker pid {data['pid']} starting{count}")
+        elif event == "loaded":
+            print_(f"    loaded in {data['seconds']:.1f}s ({data['dtype']}, {data['attn']}, {data['device']})")
+        elif event == "error":
+            print_(f"    error: {data.get('kind')}: {str(data.get('message', '')).splitlines()[0][:200]}")
+        elif event == "finished":
+            state = self.finish(outcome)
+            mean = state.metrics.get("mean_iou")
+            score = f", mean IoU {mean:.4f}" if mean is not None else ""
+            took = f" in {state.seconds:.1f}s" if state.seconds else ""
+            extra = f" ({state.note})" if state.note else ""
+            prefix = "" if outcome.pid is not None else f"[{self.position(outcome.name)}] "
+            print_(f"    {prefix}{outcome.name}: {outcome.status}, {state.metrics.get('n', 0)} samples{score}"
+                   f"{took}{extra}")
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} samples/s" if speed else "- samples/s", style="cyan")
+
+
+class LiveProgress(_Listener):
+    """A rich live display: the current recipe and phase, a sample bar, and a row per recipe."""
+
+    def __init__(self, console: Console, names: list[str], run_dir: Path) -> None:
+        super().__init__(console, names, run_dir)
+        self.current: str | None = None
+        self.phase = ""
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            _RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
+                            console=console)
+        self.task = self.bar.add_task("waiting", total=None)
+        # transient: the final table (with intervals) replaces the live one when the run ends
+        self.live = Live(console=console, get_renderable=self._render, refresh_per_second=4, transient=True)
+
+    def __enter__(self) -> LiveProgress:
+        self.live.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.live.stop()
+
+    def __call__(self, event: str, outcome: Any, data: dict[str, Any]) -> None:
+        name = outcome.name
+        if event == "started":
+            self._start(name, data)
+        elif event == "sample":
+            self.bar.advance(self.task)
+        elif event == "loaded":
+            self.phase = f"inferring (loaded in {data['seconds']:.1f}s, {data['dtype']}, {data['attn']})"
+        elif event in _PHASES:
+            self.phase = _PHASES[event]
+        if event in _PHASES:
+            self.recipes.setdefault(name, _Recipe(name)).status = _PHASES[event]
+        if event == "finished":
+            state = self.finish(outcome)
+            took = f" in {state.seconds:.1f}s" if state.seconds else ""
+            self.console.print(f"[{self.position(name)}] {name}: {outcome.status}{took}"
+                               + (f" ({state.note})" if state.note else ""), markup=False, highlight=False)
+            self.current = None
+        self.live.refresh()
+
+    def _start(self, name: str, data: dict[str, Any]) -> None:
+        self.current, self.phase = name, f"starting (worker pid {data['pid']})"
+        self.recipes.setdefault(name, _Recipe(name)).status = "starting"
+        self.bar.reset(self.task, total=expected_samples(self.run_dir / name), description=escape(name))
+
+    def _render(self) -> RenderableType:
+        parts: list[RenderableType] = [self._table()]
+        if self.current is not None:
+            parts.append(Text.assemble(("Recipe ", "bold"), (self.position(self.current), "bold"), " ",
+                                       (self.current, "bold cyan"), f" · {self.phase}"))
+            parts.append(self.bar)
+        return Group(*parts)
+
+    def _table(self) -> Table:
+        table = Table(title="Evaluation progress", title_justify="left")
+        table.add_column("Recipe", style="bold")
+        table.add_column("Status")
+        for title in ("Mean IoU", "Det Rate", *[f"IoU>{t:g}" for t in DEFAULT_THRESHOLDS], "Samples", "Time"):
+            table.add_column(title, justify="right")
+        for name in self.names:
+            table.add_row(*self._cells(self.recipes[name]), style=_row_style(self.recipes[name].status))
+        return table
+
+    def _cells(self, state: _Recipe) -> list[str]:
+        m = state.metrics
+        keys = [("mean_iou", "{:.4f}"), ("detection_rate", "{:.1%}"),
+                *[(threshold_key(t), "{:.1%}") for t in DEFAULT_THRESHOLDS]]
+        values = [fmt.format(m[key]) if m.get(key) is not None else "" for key, fmt in keys]
+        took = f"{state.seconds:.1f}s" if state.seconds else ""
+        return [escape(state.name), escape(state.status), *values, str(m.get("n", "")) if m else "", took]
+
+
+def _row_style(status: str) -> str | None:
+    if status in ("pending",):
+        return "dim"
+    if status.startswith("ok"):
+        return None
+    if status in ("starting", "loading", "inferring", "finishing"):
+        return "cyan"
+    return "red"
+
+
+def progress_display(console: Console, names: list[str], run_dir: Path) -> LiveProgress | PlainProgress:
+    """The live display on a terminal, plain lines otherwise."""
+    cls = LiveProgress if console.is_terminal else PlainProgress
+    return cls(console, names, run_dir)

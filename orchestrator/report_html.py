@@ -1,0 +1,389 @@
+"""report.html: one self-contained file (inline CSS, PNGs as base64) that a person opens in the morning.
+
+It answers, without JSON: which recipe is best, by how much, how sure we are (intervals, paired comparison),
+and what the worst failures look like (each image with the ground-truth box in green and the predicted box in
+red, and the model's raw text). matplotlib (Agg, no pyplot state) and Pillow are imported here only.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .report import (
+    best_line,
+    change_cell,
+    interval_text,
+    label,
+    metric_columns,
+    problems,
+    status_text,
+)
+from .results import read_json
+
+GALLERY_SIZE = 6  # worst samples shown per recipe
+_THUMB_MIN, _THUMB_MAX = 224, 320  # longer side of a gallery picture, in pixels
+_GT_COLOUR, _PRED_COLOUR, _EDGE = (34, 197, 94), (239, 68, 68), (17, 24, 39)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def render_html(summary: dict[str, Any], run_dir: Path, samples: dict[str, list[dict[str, Any]]]) -> str:
+    record = _run_record(run_dir)
+    parts = [
+        _header(summary, run_dir, record),
+        _headline(summary),
+        _table(summary),
+        _forest(summary),
+        _gates(summary),
+        _problems(summary),
+        *[_recipe_section(row, summary, samples.get(row["name"], []), run_dir) for row in summary["recipes"]],
+    ]
+    body = "\n".join(p for p in parts if p)
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>evalorch: {_e(run_dir.name)}</title><style>{_CSS}</style></head>\n"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        return read_json(run_dir / "run.json")
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _anchor(name: str) -> str:
+    return "recipe-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def _png(data: bytes, alt: str, css: str = "") -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'<img class="{css}" alt="{_e(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+# ------------------------------------------------------------------------------------------- top of the page
+
+def _header(summary: dict[str, Any], run_dir: Path, record: dict[str, Any]) -> str:
+    meta = [f"run folder <code>{_e(run_dir)}</code>"]
+    if record.get("device"):
+        meta.append(f"device {_e(record['device'])}")
+    if record.get("host"):
+        meta.append(f"host {_e(record['host'])}")
+    if record.get("rescore_of"):
+        meta.append(f"rescored from <code>{_e(record['rescore_of'])}</code> ({_e(record.get('rescore', ''))})")
+    return f"<header><h1>Evaluation results</h1><p class=\"meta\">{' · '.join(meta)}</p></header>"
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    best = summary.get("best")
+    if best is None:
+        return '<section class="headline bad">No recipe finished with scored samples.</section>'
+    row = next(r for r in summary["recipes"] if r["name"] == best)
+    paired = row.get("vs_baseline_paired")
+    if paired is None:
+        sure = ""
+    elif paired["verdict"] == "better":
+        sure = f"<p class=\"good\">Clearly better than {_e(summary['baseline'])}: the paired 95% interval of the" \
+               " per-sample IoU difference lies above 0.</p>"
+    else:
+        sure = f"<p class=\"warn\">Not clearly better than {_e(summary['baseline'])}: the paired 95% interval" \
+               " of the per-sample IoU difference includes 0 (or lies below it).</p>"
+    tied = [r["name"] for r in summary["recipes"] if r["name"] not in (best, summary.get("baseline"))
+            and r["status"] == "ok" and (r.get("metrics") or {}).get("mean_iou") == row["metrics"]["mean_iou"]]
+    if tied:  # "best" is then only the first of equals
+        sure += f"<p class=\"warn\">Tied on mean IoU with {_e(', '.join(tied))}.</p>"
+    clear = paired is None or paired["verdict"] == "better"
+    return (f'<section class="headline{"" if clear else " unsure"}"><p class="best">{_e(best_line(summary))}</p>{sure}'
+            f"<p class=\"note\">{_e(_NOTE)}</p></section>")
+
+
+_NOTE = ("Intervals are 95% percentile-bootstrap intervals (2000 resamples, fixed seed). Paired Δ is the mean of"
+         " (recipe IoU - baseline IoU) over the samples both scored; it is called better or worse only when its"
+         " interval excludes 0.")
+
+
+def _table(summary: dict[str, Any]) -> str:
+    columns = metric_columns(summary)
+    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in columns)
+    rows = []
+    for row in summary["recipes"]:
+        cls = "best" if row["name"] == summary.get("best") else ("failed" if row["status"] != "ok" else "")
+        cells = "".join(_metric_td(row, key, fmt) for key, _, fmt in columns)
+        name = f'<a href="#{_anchor(row["name"])}">{_e(label(row, summary))}</a>'
+        status = f'<span class="badge {"ok" if row["status"] == "ok" else "bad"}">{_e(status_text(row))}</span>'
+        rows.append(f'<tr class="{cls}"><th scope="row">{name}</th>{cells}<td class="num">{_e(change_cell(row))}'
+                    f"</td>{_paired_td(row)}<td>{status}</td></tr>")
+    return (f'<section><h2>Results</h2><table class="results"><thead><tr><th>Model</th>{head}'
+            f"<th>vs baseline</th><th>Paired Δ IoU vs baseline<br><small>95% interval</small></th><th>Status</th>"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
+
+
+def _metric_td(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = (row.get("metrics") or {}).get(key)
+    if value is None:
+        return '<td class="num">-</td>'
+    bounds = (row.get("intervals") or {}).get(key)
+    ci = f'<span class="ci">{_e(interval_text(bounds, percent=fmt.endswith("%}")))}</span>' if bounds else ""
+    return f'<td class="num">{_e(fmt.format(value))}{ci}</td>'
+
+
+def _paired_td(row: dict[str, Any]) -> str:
+    paired = row.get("vs_baseline_paired")
+    if not paired:
+        return '<td class="num"></td>'
+    verdict = paired["verdict"]
+    cls = {"better": "good", "worse": "bad"}.get(verdict, "unclear")
+    return (f'<td class="num">{paired["difference"]:+.4f}<span class="ci">'
+            f"{_e(interval_text(paired['interval'], signed=True))}, n={paired['n']}</span>"
+            f'<span class="verdict {cls}">{_e(verdict)}</span></td>')
+
+
+def _forest(summary: dict[str, Any]) -> str:
+    rows = [r for r in summary["recipes"] if (r.get("metrics") or {}).get("mean_iou") is not None]
+    if not rows:
+        return ""
+    alt = "Mean IoU of each recipe with its 95% interval"
+    return f'<section><h2>Mean IoU with 95% intervals</h2>{_png(_forest_png(summary, rows), alt, "chart")}</section>'
+
+
+def _gates(summary: dict[str, Any]) -> str:
+    gates = summary.get("gates")
+    if not gates:
+        return ""
+    failures = gates.get("failures") or []
+    if not failures:
+        return f'<section><h2>Quality gates</h2><p class="good">All {gates.get("checked", 0)} checks passed.</p>' \
+               "</section>"
+    compared = any(f.get("previous") is not None for f in failures)  # --compare: show what it was before
+    rows = "".join(f"<tr><td>{_e(f['recipe'])}</td><td>{_e(f['metric'])}</td><td class=\"num\">{_num(f['value'])}"
+                   + (f"</td><td class=\"num\">{_num(f.get('previous'))}" if compared else "")
+                   + f"</td><td class=\"num\">{_num(f['limit'])}</td><td>{_e(f['rule'])}</td></tr>" for f in failures)
+    previous = "<th>Previous</th>" if compared else ""
+    return (f'<section><h2 class="bad">Quality gates failed</h2><table class="results gates"><thead><tr>'
+            f"<th>Recipe</th><th>Metric</th><th>Value</th>{previous}<th>Limit</th><th>Rule</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></section>")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _problems(summary: dict[str, Any]) -> str:
+    found = problems(summary)
+    if not found:
+        return ""
+    items = "".join(f"<li><pre>{_e(p)}</pre></li>" for p in found)
+    return f'<section><h2 class="bad">Problems</h2><ul class="problems">{items}</ul></section>'
+
+
+# -------------------------------------------------------------------------------------------- each recipe
+
+def _recipe_section(row: dict[str, Any], summary: dict[str, Any], samples: list[dict[str, Any]],
+                    run_dir: Path) -> str:
+    scored = [s for s in samples if s.get("status") == "ok"]
+    parts = [f'<section class="recipe" id="{_anchor(row["name"])}"><h2>{_e(label(row, summary))}</h2>']
+    if scored:
+        ious = [float(s["iou"]) for s in scored]
+        missed = sum(1 for s in scored if not s.get("detected"))
+        counts = f"<p>{len(scored)} scored sample(s); {missed} without a parsable box (IoU 0).</p>"
+        picture = _png(_histogram_png(ious), "IoU histogram of " + row["name"], "chart")
+        parts.append(f'<div class="overview"><div>{_lineage(row)}{counts}</div><div>{picture}</div></div>')
+        parts.append(_gallery(row, scored, run_dir))
+    else:
+        parts += [_lineage(row), "<p>No scored samples.</p>"]
+    parts.append(_sample_errors(samples))
+    parts.append("</section>")
+    return "\n".join(p for p in parts if p)
+
+
+def _lineage(row: dict[str, Any]) -> str:
+    links = list(reversed(row.get("lineage") or []))  # top (what the recipe names) first, down to the root
+    if not links:
+        return ""
+    items = "".join(f"<li><span class=\"kind\">{_e(link.get('kind'))}</span> <code>{_e(link.get('path'))}</code> "
+                    f"<small>{_e(link.get('fingerprint'))}</small></li>" for link in links)
+    note = ' <span class="warn">(base overridden by the recipe)</span>' if row.get("base_override") else ""
+    return f'<div class="lineage"><h3>Lineage{note}</h3><ol>{items}</ol></div>'
+
+
+def _sample_errors(samples: list[dict[str, Any]]) -> str:
+    errors = [s for s in samples if s.get("status") != "ok"]
+    if not errors:
+        return ""
+    items = "".join(f"<li><code>{_e(s.get('id'))}</code>: {_e(s.get('error'))}</li>" for s in errors[:10])
+    more = f"<li>… and {len(errors) - 10} more</li>" if len(errors) > 10 else ""
+    return f'<div class="errors"><h3>{len(errors)} sample error(s)</h3><ul>{items}{more}</ul></div>'
+
+
+def _gallery(row: dict[str, Any], scored: list[dict[str, Any]], run_dir: Path) -> str:
+    worst = sorted(scored, key=lambda s: (float(s["iou"]), str(s["id"])))[:GALLERY_SIZE]
+    images = dataset_images(str((row.get("recipe") or {}).get("dataset") or ""), str(run_dir))
+    cards = []
+    for sample in worst:
+        path = images.get(str(sample["id"]))
+        picture = _sample_png(path, sample.get("gt"), sample.get("pred")) if path else None
+        shown = _png(picture, f"sample {sample['id']}", "sample") if picture else \
+            '<div class="noimage">image not available</div>'
+        found = "no parsable box" if not sample.get("detected") else f"predicted {_box_text(sample.get('pred'))}"
+        cards.append(f'<figure class="card">{shown}<figcaption><b>{_e(sample["id"])}</b> · IoU '
+                     f"{float(sample['iou']):.3f} · {_e(found)}<br><small>truth {_e(_box_text(sample.get('gt')))}"
+                     f"</small><pre class=\"text\">{_e(_visible(sample.get('text') or ''))}</pre></figcaption>"
+                     "</figure>")
+    legend = ('<p class="legend"><span class="swatch gt"></span>ground truth <span class="swatch pred"></span>'
+              "prediction · raw model text below each picture</p>")
+    return f"<h3>Worst {len(worst)} samples</h3>{legend}<div class=\"gallery\">{''.join(cards)}</div>"
+
+
+def _box_text(box: Any) -> str:
+    return "-" if not box else "(" + ", ".join(f"{float(v):.0f}" for v in box) + ")"
+
+
+def _visible(text: str) -> str:
+    """Control characters shown as their Unicode pictures (␅), so a garbled output stays visible and valid."""
+    return _CONTROL.sub(lambda m: chr(0x2400 + ord(m.group())) if ord(m.group()) < 32 else "␡", text)
+
+
+@lru_cache(maxsize=16)
+def dataset_images(dataset: str, run_dir: str) -> dict[str, Path]:
+    """id -> image path, read from the dataset jsonl (images are relative to it); {} when it is gone.
+
+    A relative dataset path was relative to where the run started: the current folder, or the folder that
+    holds runs/ (the usual --out)."""
+    if not dataset:
+        return {}
+    candidates = [Path(dataset)] if Path(dataset).is_absolute() else \
+        [Path.cwd() / dataset, Path(run_dir).resolve().parent.parent / dataset]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return {}
+    found = {}
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(raw, dict) and isinstance(raw.get("image"), str):
+            found[str(raw.get("id", f"line{number}"))] = path.parent / raw["image"]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+
+def _sample_png(path: Path, gt: Any, pred: Any) -> bytes | None:
+    """The image scaled to a gallery size, ground truth (green) and prediction (red) drawn on it."""
+    from PIL import Image, ImageDraw
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError):
+        return None
+    longer = max(image.size)
+    scale = min(max(1.0, _THUMB_MIN / longer), _THUMB_MAX / longer) if longer else 1.0
+    if scale != 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for box, colour in ((gt, _GT_COLOUR), (pred, _PRED_COLOUR)):
+        if box and len(box) == 4:
+            x1, y1, x2, y2 = (float(v) * scale for v in box)
+            corners = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+            # a dark line on each side of the colour keeps the box visible on a region of its own colour
+            draw.rectangle([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], outline=_EDGE, width=5)
+            draw.rectangle(corners, outline=colour, width=3)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")  # a bare Figure renders through Agg
+    return buffer.getvalue()
+
+
+def _histogram_png(ious: list[float]) -> bytes:
+    fig = _figure(4.6, 2.4)
+    ax = fig.add_subplot()
+    ax.hist(ious, bins=20, range=(0.0, 1.0), color="#2563eb", edgecolor="white")
+    mean = sum(ious) / len(ious)
+    ax.axvline(mean, color="#111827", linestyle="--", linewidth=1)
+    ax.set_title(f"IoU of {len(ious)} scored samples (dashed: mean {mean:.3f})", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_ylabel("samples")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig)
+
+
+def _forest_png(summary: dict[str, Any], rows: list[dict[str, Any]]) -> bytes:
+    """Each recipe's mean IoU as a dot with its 95% interval; the baseline's mean as a dashed line."""
+    fig = _figure(8.0, 0.45 * len(rows) + 1.0)
+    ax = fig.add_subplot()
+    for y, row in enumerate(reversed(rows)):
+        mean = row["metrics"]["mean_iou"]
+        low, high = (row.get("intervals") or {}).get("mean_iou") or (mean, mean)
+        colour = "#16a34a" if row["name"] == summary.get("best") else "#2563eb"
+        ax.plot([low, high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
+        ax.plot([mean], [y], "o", color=colour)
+        ax.text(high, y, f"  {mean:.3f}", va="center", fontsize=8)
+        if row["name"] == summary.get("baseline"):
+            ax.axvline(mean, color="#6b7280", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), [r["name"] for r in reversed(rows)])
+    ax.set_xlim(0, 1.08)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel("mean IoU (dashed: baseline)")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1320px;
+ padding:0 16px;color:#111827;background:#fff;line-height:1.4}
+h1{margin:0 0 4px}h2{margin:28px 0 10px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}h3{margin:14px 0 6px}
+.meta{color:#6b7280;margin:0;font-size:13px}code{font-size:12px;background:#f3f4f6;padding:1px 4px;border-radius:3px}
+.headline{margin:16px 0;padding:12px 16px;border-left:4px solid #16a34a;background:#f0fdf4}
+.headline .best{font-size:17px;font-weight:600;margin:0 0 6px}.headline p{margin:4px 0}
+.headline.bad{border-color:#dc2626;background:#fef2f2}.headline.unsure{border-color:#d97706;background:#fffbeb}.note{color:#6b7280;font-size:12px}
+table.results{border-collapse:collapse;font-size:14px;width:100%}
+.results th,.results td{border-bottom:1px solid #e5e7eb;padding:6px 10px;text-align:left;vertical-align:top}
+.results thead th{background:#f9fafb;font-weight:600}.results td.num{text-align:right;white-space:nowrap}
+.results tr.best{background:#f0fdf4}.results tr.failed{background:#fef2f2}
+.results a{color:inherit}
+.ci{display:block;color:#6b7280;font-size:11px}
+.verdict{display:block;font-size:11px;font-weight:600}
+.good{color:#15803d}.bad{color:#b91c1c}.warn{color:#b45309}.unclear{color:#6b7280}
+.badge{padding:1px 8px;border-radius:10px;font-size:12px}.badge.ok{background:#dcfce7;color:#166534}
+.badge.bad{background:#fee2e2;color:#991b1b}
+img.chart{max-width:100%;height:auto}
+.recipe{margin-top:8px}.lineage ol{margin:4px 0;padding-left:22px;font-size:13px}
+.kind{display:inline-block;min-width:56px;font-weight:600}
+.overview{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}.overview>div:first-child{flex:1;min-width:420px}
+.overview p{color:#374151;font-size:13px;margin:6px 0}
+.legend{font-size:13px;color:#374151}.swatch{display:inline-block;width:14px;height:10px;margin:0 4px 0 10px;
+ border:3px solid}.swatch.gt{border-color:#22c55e}.swatch.pred{border-color:#ef4444}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:14px}
+.card{margin:0;border:1px solid #e5e7eb;border-radius:6px;padding:8px;background:#fafafa}
+.card img.sample{display:block;max-width:100%;margin:0 auto 6px;image-rendering:auto}
+.card figcaption{font-size:13px}
+.noimage{height:120px;display:flex;align-items:center;justify-content:center;color:#9ca3af;background:#f3f4f6}
+pre.text{white-space:pre-wrap;word-break:break-all;font-size:12px;background:#fff;border:1px solid #e5e7eb;
+ padding:6px;margin:6px 0 0;max-height:120px;overflow:auto}
+.problems pre{white-space:pre-wrap;margin:0}
+"""

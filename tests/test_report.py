@@ -1,0 +1,343 @@
+"""report.md / report.html, rescore and live progress, from run folders built by hand (real files: samples.jsonl,
+summaries, PNG images made with Pillow); the CLI runs in a real subprocess, no worker is launched."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image, ImageDraw
+from rich.console import Console
+
+from orchestrator.boxes import score_text
+from orchestrator.progress import LiveProgress, PlainProgress, expected_samples
+from orchestrator.report import run_summary
+from orchestrator.report_html import _GT_COLOUR, _PRED_COLOUR, GALLERY_SIZE
+from orchestrator.results import read_samples
+from orchestrator.stats import metrics
+from orchestrator.supervisor import RecipeOutcome
+
+IMAGE_SIZE = (64, 48)
+N_SAMPLES = 20
+Shift = Callable[[int], float | None]  # sample index -> horizontal shift of the predicted box, None: no box
+RECIPES: dict[str, Shift] = {
+    "base": lambda i: 10 + i % 5,  # a mediocre baseline
+    "good": lambda i: i % 2,  # nearly exact boxes: clearly better
+    "same": lambda i: 10 + i % 5 + (1 if i % 4 == 0 else -1 if i % 4 == 2 else 0),  # the baseline, give or take
+    "blind": lambda i: None if i % 3 else 20,  # mostly no box at all
+}
+
+
+def gt_box(i: int) -> list[float]:
+    x1, y1 = 6 + i % 10, 5 + i % 8
+    return [float(x1), float(y1), float(x1 + 30), float(y1 + 22)]
+
+
+def qwen_text(box: list[float]) -> str:
+    w, h = IMAGE_SIZE
+    x1, y1, x2, y2 = (round(v * 1000 / s) for v, s in zip(box, (w, h, w, h), strict=True))
+    return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+
+
+def make_dataset(folder: Path, n: int = N_SAMPLES) -> Path:
+    """Grey images with a blue rectangle where the ground truth is; the jsonl names them relative to itself."""
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        image = Image.new("RGB", IMAGE_SIZE, (200, 200, 200))
+        ImageDraw.Draw(image).rectangle(gt_box(i), fill=(40, 60, 200))
+        image.save(folder / "images" / f"s{i:03d}.png")
+        lines.append(json.dumps({"id": f"s{i:03d}", "image": f"images/s{i:03d}.png", "bbox": gt_box(i),
+                                 "prompt": "Find the blue rectangle."}))
+    path = folder / "grounding.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sample_record(i: int, text: str) -> dict:
+    gt = gt_box(i)
+    return {"id": f"s{i:03d}", "status": "ok", "gt": gt, "text": text, "image_size": list(IMAGE_SIZE),
+            "seconds": 0.05, "error": None, **score_text(text, "qwen2vl", IMAGE_SIZE, gt)}
+
+
+def recipe_samples(shift: Shift, n: int = N_SAMPLES) -> list[dict]:
+    records = []
+    for i in range(n):
+        dx = shift(i)
+        box = gt_box(i)
+        text = "I cannot find it." if dx is None else qwen_text([box[0] + dx, box[1], box[2] + dx, box[3]])
+        records.append(sample_record(i, text))
+    return records
+
+
+def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str = "20260101T000000Z",
+             dataset: Path | None = None, failed: dict[str, str] | None = None,
+             texts: dict[tuple[str, int], str] | None = None) -> Path:
+    """A run folder as `run` leaves it: run.json, <recipe>/samples.jsonl + summary.json, summary.json."""
+    recipes = recipes or RECIPES
+    dataset = dataset or make_dataset(root / "data")
+    run_dir = root / "runs" / name
+    run_dir.mkdir(parents=True)
+    rows = []
+    for recipe, shift in recipes.items():
+        samples = recipe_samples(shift)
+        for (which, index), text in (texts or {}).items():
+            if which == recipe:
+                samples[index] = sample_record(index, text)
+        (run_dir / recipe).mkdir()
+        (run_dir / recipe / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        status, detail = ("error", (failed or {})[recipe]) if recipe in (failed or {}) else ("ok", "")
+        row = {"name": recipe, "status": status, "detail": detail, "metrics": metrics(samples),
+               "lineage": [{"kind": "full", "path": f"/models/{recipe}", "fingerprint": f"quick:{recipe}"}],
+               "base_override": False, "preflight": None, "attempts": [],
+               "recipe": {"name": recipe, "dataset": str(dataset), "box_format": "qwen2vl", "limit": None,
+                          "baseline": recipe == "base"}}
+        (run_dir / recipe / "summary.json").write_text(json.dumps({**row, "seconds": 2.5, "pid": 4242}))
+        rows.append(row)
+    (run_dir / "run.json").write_text(json.dumps({"device": "cpu", "host": "test",
+                                                  "recipes": [r["recipe"] for r in rows]}))
+    (run_dir / "summary.json").write_text(json.dumps(run_summary(rows, "base")))
+    return run_dir
+
+
+@pytest.fixture
+def stored_run(tmp_path: Path) -> Path:
+    return make_run(tmp_path, texts={("blind", 1): '<script>alert("x")</script>\x05 no box'})
+
+
+def _section(html: str, recipe: str) -> str:
+    start = html.index(f'<section class="recipe" id="recipe-{recipe}">')
+    return html[start:html.index("</section>", start)]
+
+
+def _pictures(html: str) -> dict[str, Image.Image]:
+    found = re.findall(r'alt="sample ([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    return {sid: Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for sid, data in found}
+
+
+def _colour_bbox(image: Image.Image, colour: tuple[int, int, int]) -> tuple[int, int, int, int] | None:
+    ys, xs = np.nonzero((np.asarray(image) == colour).all(axis=2))
+    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if xs.size else None
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+def test_report_html_has_the_table_the_pictures_and_the_gallery(stored_run: Path) -> None:
+    (stored_run / "report.md").unlink(missing_ok=True)
+    summary_before = (stored_run / "summary.json").read_bytes()
+    result = run_cli("report", str(stored_run))
+    assert result.returncode == 0, result.stdout + result.stderr
+    html = (stored_run / "report.html").read_text()
+    assert '<table class="results">' in html
+    for recipe in RECIPES:
+        assert f'<a href="#recipe-{recipe}">' in html and f'id="recipe-{recipe}"' in html
+    # every picture is embedded and is a real PNG: 1 interval chart, 1 histogram per recipe, the galleries
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(embedded) == 1 + len(RECIPES) + GALLERY_SIZE * len(RECIPES)
+    for data in embedded:
+        assert Image.open(io.BytesIO(base64.b64decode(data))).format == "PNG"
+    assert not re.search(r'(?:src|href)="(?!data:|#)', html), "the report must not reference outside files"
+    # the gallery shows each recipe's worst samples, worst first
+    good = read_samples(stored_run / "good" / "samples.jsonl")
+    worst = [s["id"] for s in sorted(good, key=lambda s: (s["iou"], s["id"]))[:GALLERY_SIZE]]
+    section = _section(html, "good")
+    assert re.findall(r"<figcaption><b>([^<]+)</b>", section) == worst
+    assert "Best recipe: good" in html and "Clearly better than base" in html
+    assert (stored_run / "report.md").is_file()
+    assert (stored_run / "summary.json").read_bytes() == summary_before  # `report` only re-renders
+
+
+def test_gallery_pictures_carry_truth_and_prediction_where_they_are(stored_run: Path) -> None:
+    assert run_cli("report", str(stored_run)).returncode == 0
+    html = (stored_run / "report.html").read_text()
+    good, blind = _pictures(_section(html, "good")), _pictures(_section(html, "blind"))
+    sid, picture = next(iter(good.items()))
+    index = int(sid[1:])
+    scale = picture.width / IMAGE_SIZE[0]
+    assert picture.width >= 224
+    truth = _colour_bbox(picture, _GT_COLOUR)
+    expected = [v * scale for v in gt_box(index)]
+    assert truth is not None
+    assert truth[:2] == pytest.approx(expected[:2], abs=2) and truth[2:] == pytest.approx(expected[2:], abs=3)
+    assert _colour_bbox(picture, _PRED_COLOUR) is not None
+    undetected = [s for s in read_samples(stored_run / "blind" / "samples.jsonl") if not s["detected"]]
+    shown = [blind[s["id"]] for s in undetected if s["id"] in blind]
+    assert shown and all(_colour_bbox(p, _PRED_COLOUR) is None for p in shown)  # no box: nothing red drawn
+    assert all(_colour_bbox(p, _GT_COLOUR) is not None for p in shown)
+
+
+def test_raw_model_text_is_escaped(stored_run: Path) -> None:
+    assert run_cli("report", str(stored_run)).returncode == 0
+    html = (stored_run / "report.html").read_text()
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;␅ no box" in html
+
+
+def test_report_md_has_intervals_and_paired_verdicts(stored_run: Path) -> None:
+    assert run_cli("report", str(stored_run)).returncode == 0
+    lines = (stored_run / "report.md").read_text().splitlines()
+    row = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert re.search(r"\| 0\.\d{4} \[0\.\d{3}, 0\.\d{3}\] \|", row["good"])
+    assert "better" in row["good"] and "no clear difference" in row["same"] and "worse" in row["blind"]
+    assert "no clear difference" not in row["good"]
+    assert row["base (baseline)"].count("difference") == 0
+    assert "**Best recipe: good" in "\n".join(lines)
+
+
+def test_report_rebuilds_an_interrupted_run_from_its_folders(stored_run: Path) -> None:
+    (stored_run / "summary.json").unlink()
+    (stored_run / "blind" / "summary.json").unlink()  # the parent died while this recipe ran
+    result = run_cli("report", str(stored_run))
+    assert result.returncode == 1, result.stdout + result.stderr  # a recipe did not finish
+    html = (stored_run / "report.html").read_text()
+    assert "incomplete" in html and 'id="recipe-blind"' in html
+    assert "Best recipe: good" in html
+
+
+def test_report_without_the_dataset_still_renders(stored_run: Path, tmp_path: Path) -> None:
+    shutil.rmtree(tmp_path / "data")
+    result = run_cli("report", str(stored_run))
+    assert result.returncode == 0, result.stderr
+    html = (stored_run / "report.html").read_text()
+    assert html.count("image not available") == GALLERY_SIZE * len(RECIPES)
+
+
+def test_report_of_a_folder_that_is_no_run_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_cli("report", str(tmp_path))
+    assert result.returncode == 2 and "not a run folder" in result.stderr
+
+
+def test_json_goes_alone_to_stdout(stored_run: Path) -> None:
+    result = run_cli("report", str(stored_run), "--json")
+    assert result.returncode == 0
+    document = json.loads(result.stdout)  # nothing else on stdout
+    assert [r["name"] for r in document["recipes"]] == list(RECIPES)
+    good = next(r for r in document["recipes"] if r["name"] == "good")
+    assert good["vs_baseline_paired"]["verdict"] == "better"
+    assert set(good["intervals"]) == {"mean_iou", "detection_rate", "iou_gt_0.5", "iou_gt_0.7"}
+    assert document["exit_code"] == 0 and document["best"] == "good"
+    assert "Evaluation results" in result.stderr
+
+
+def test_step_summary_is_appended(stored_run: Path, tmp_path: Path) -> None:
+    target = tmp_path / "step_summary.md"
+    target.write_text("earlier step\n")
+    assert run_cli("report", str(stored_run), env={"GITHUB_STEP_SUMMARY": str(target)}).returncode == 0
+    text = target.read_text()
+    assert text.startswith("earlier step\n")
+    assert "| Model | Mean IoU |" in text and "| good |" in text and "**Best recipe: good" in text
+
+
+# ------------------------------------------------------------------------------------------------ rescore
+
+def test_rescore_with_a_new_threshold_writes_a_new_folder(stored_run: Path) -> None:
+    original = {p: p.read_bytes() for p in stored_run.rglob("*") if p.is_file()}
+    result = run_cli("rescore", str(stored_run), "--thresholds", "0.5,0.7,0.9")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (out,) = [p for p in stored_run.iterdir() if p.name.startswith("rescore-")]
+    for path, data in original.items():
+        if path.name not in ("report.md", "report.html"):
+            assert path.read_bytes() == data, f"{path} changed"
+    summary = json.loads((out / "summary.json").read_text())
+    for row in summary["recipes"]:
+        samples = read_samples(stored_run / row["name"] / "samples.jsonl")
+        expected = sum(1 for s in samples if s["iou"] > 0.9) / len(samples)
+        assert row["metrics"]["iou_gt_0.9"] == pytest.approx(expected)
+        assert row["metrics"]["mean_iou"] == pytest.approx(sum(s["iou"] for s in samples) / len(samples))
+    assert "IoU&gt;0.9" in (out / "report.html").read_text()
+    assert "IoU>0.9" in (out / "report.md").read_text()
+
+
+def test_rescore_recomputes_from_the_raw_text(stored_run: Path) -> None:
+    path = stored_run / "good" / "samples.jsonl"
+    samples = read_samples(path)
+    # as an old parser that missed every box would have recorded them
+    path.write_text("".join(json.dumps({**s, "pred": None, "iou": 0.0, "detected": False}) + "\n" for s in samples))
+    assert run_cli("rescore", str(stored_run)).returncode == 0
+    (out,) = [p for p in stored_run.iterdir() if p.name.startswith("rescore-")]
+    row = next(r for r in json.loads((out / "summary.json").read_text())["recipes"] if r["name"] == "good")
+    assert row["metrics"]["mean_iou"] == pytest.approx(sum(s["iou"] for s in samples) / len(samples))
+    assert row["metrics"]["detection_rate"] == 1.0
+    assert row["rescore"]["samples_changed"] == len(samples)
+    assert [s["iou"] for s in read_samples(out / "good" / "samples.jsonl")] == [s["iou"] for s in samples]
+
+
+def test_rescore_reads_the_box_format_it_is_told_never_a_guess(stored_run: Path) -> None:
+    result = run_cli("rescore", str(stored_run), "--box-format", "json_pixels", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert all(r["metrics"]["detection_rate"] == 0.0 for r in document["recipes"])  # qwen2vl texts: no bbox_2d
+    assert run_cli("rescore", str(stored_run), "--thresholds", "0.5,x").returncode == 2
+
+
+# ----------------------------------------------------------------------------------------------- progress
+
+def _spec(recipe_dir: Path, dataset: Path, limit: int | None, skip: list[str]) -> None:
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    (recipe_dir / "spec.json").write_text(json.dumps({"dataset": str(dataset), "recipe": {"limit": limit},
+                                                      "skip_ids": skip}))
+
+
+def test_expected_samples_counts_up_to_the_limit_less_those_recorded(tmp_path: Path) -> None:
+    dataset = make_dataset(tmp_path / "data", n=10)
+    _spec(tmp_path / "a", dataset, None, [])
+    _spec(tmp_path / "b", dataset, 6, ["s000", "s001", "s007"])  # s007 lies past the limit
+    assert expected_samples(tmp_path / "a") == 10
+    assert expected_samples(tmp_path / "b") == 4
+    assert expected_samples(tmp_path / "missing") is None
+
+
+def _events(listener: PlainProgress | LiveProgress, run_dir: Path, names: list[str]) -> None:
+    for index, name in enumerate(names):
+        outcome = RecipeOutcome(name, pid=100 + index)
+        listener("started", outcome, {"pid": outcome.pid})
+        listener("hello", outcome, {})
+        listener("loaded", outcome, {"seconds": 0.4, "dtype": "float32", "attn": "sdpa", "device": "cpu"})
+        for sample in read_samples(run_dir / name / "samples.jsonl"):
+            listener("sample", outcome, sample)
+        outcome.status, outcome.seconds = "ok", 1.5
+        listener("finished", outcome, {})
+
+
+def test_plain_progress_is_a_few_lines_per_recipe(stored_run: Path, tmp_path: Path) -> None:
+    for name in ("base", "good"):
+        _spec(stored_run / name, tmp_path / "data" / "grounding.jsonl", 8, [])
+    out = io.StringIO()
+    with PlainProgress(Console(file=out, width=200), ["base", "good"], stored_run) as listener:
+        _events(listener, stored_run, ["base", "good"])
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[1/2] base: worker pid 100 starting, 8 samples to evaluate"
+    assert lines[1] == "    loaded in 0.4s (float32, sdpa, cpu)"
+    assert lines[2].startswith("    base: ok, 20 samples, mean IoU 0.")
+    assert lines[3].startswith("[2/2] good:") and len(lines) == 6
+
+
+def test_live_progress_shows_recipe_phase_bar_and_finished_rows(stored_run: Path, tmp_path: Path) -> None:
+    names = ["base", "good", "same"]
+    for name in names:
+        _spec(stored_run / name, tmp_path / "data" / "grounding.jsonl", None, [])
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=True, color_system=None)
+    with LiveProgress(console, names, stored_run) as listener:
+        _events(listener, stored_run, names[:2])
+        outcome = RecipeOutcome("same", pid=7)
+        listener("started", outcome, {"pid": 7})
+        listener("loaded", outcome, {"seconds": 0.4, "dtype": "float32", "attn": "sdpa", "device": "cpu"})
+        for sample in read_samples(stored_run / "same" / "samples.jsonl")[:5]:
+            listener("sample", outcome, sample)
+        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener._render())
+    shown = frame.getvalue()
+    assert "Recipe 3/3 same · inferring" in shown
+    assert "5/20" in shown and "samples/s" in shown and "ETA" in shown
+    rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if line.count("│") > 3}
+    assert "ok" in rows["base"] and re.search(r"0\.\d{4}", rows["good"])
+    assert "inferring" in rows["same"]
+    assert "[1/3] base: ok in 1.5s" in out.getvalue()  # each finished recipe also leaves a line
