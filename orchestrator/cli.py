@@ -23,6 +23,7 @@ from .gpu import default_device, open_nvml
 from .lineage import describe_chain
 from .merge import MergeError, merge_recipe
 from .plan import RecipePlan, make_plans
+from .preflight import PreflightError, plan_lines, preflight_for
 from .progress import progress_display
 from .recipes import LineageRules, RecipeFile, RecipeFileError, load_recipe_file
 from .report import ReportError, load_run, run_summary
@@ -31,6 +32,7 @@ from .results import new_run_dir, write_json
 from .supervisor import run_suite
 
 EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG = 0, 1, 2
+_GPUS_HELP = "GPUs a worker may use, as nvidia-smi numbers them (default: all); the one with most free memory is used."
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 
 # Logs of nightly jobs are read in wide windows: don't wrap the table at 80 columns when not on a terminal.
@@ -64,9 +66,10 @@ def main() -> None:
               " a model is never split between devices.")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed for each recipe (default: none).")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
+@click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
 @ci_options
 def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None, hash_weights: bool,
-        **ci: Any) -> None:
+        gpus: str | None, **ci: Any) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
     request, outputs = _ci(**ci)  # gate options are checked before any worker starts
     recipe_file, plans = _load(recipes, only, hash_weights)
@@ -74,11 +77,12 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
     if device == "auto":
         device = default_device(open_nvml())
         console.print(f"Device: {device} (--device auto)")
+    preflight = _preflight(device, gpus, required=True)
     run_dir = new_run_dir(out)
     write_json(run_dir / "run.json", _run_record(recipe_file, plans, device, timeout))
     console.print(f"Run folder: {run_dir}")
     with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
-        rows = run_suite(plans, run_dir, device=device, timeout=timeout, listener=listener)
+        rows = run_suite(plans, run_dir, device=device, timeout=timeout, listener=listener, preflight=preflight)
     baseline = recipe_file.baseline.name if recipe_file.baseline else None
     sys.exit(_check_gates(lambda: publish(run_dir, run_summary(rows, baseline), request, outputs)))
 
@@ -143,16 +147,38 @@ def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | Non
     sys.exit(_check_gates(lambda: publish(out, summary, request, outputs)))
 
 
+def _preflight(device: str, gpus: str | None, *, required: bool):
+    """The GPU preflight (which GPU, wait for the last worker's memory, fit or refuse), or None on cpu."""
+    try:
+        return preflight_for(device, gpus, required=required,
+                             report=lambda message: console.print(f"    {message}", markup=False))
+    except PreflightError as exc:
+        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
+        sys.exit(EXIT_CONFIG)
+
+
 @main.command()
 @click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--only", metavar="NAME[,NAME...]", help="Plan only these recipes.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
-def plan(recipes: Path, only: str | None, hash_weights: bool) -> None:
-    """Validate RECIPES and show each recipe's lineage; loads no weights, needs no GPU."""
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="Estimate memory for this device (auto: cuda where NVML sees a GPU, else cpu).")
+@click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
+def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus: str | None) -> None:
+    """Validate RECIPES and show each recipe's lineage, memory estimate and, where a GPU is visible, whether
+    it fits; loads no weights, needs no GPU."""
     recipe_file, plans = _load(recipes, only, hash_weights)
+    device = default_device(open_nvml()) if device == "auto" else device
+    preflight = _preflight(device, gpus, required=False)
+    refused = []
     for item in plans:
         console.print(_lineage_tree(item, recipe_file.lineage))
-    problems = [p for p in plans if not p.runnable]
+        lines, fits = plan_lines(item, device, preflight)
+        for line in lines:
+            console.print(f"    {line}", markup=False)
+        if item.runnable and not fits:
+            refused.append(item)
+    problems = [p for p in plans if not p.runnable] + refused
     if problems:
         err_console.print(f"[red]Error:[/red] {len(problems)} recipe(s) cannot run", markup=True)
         sys.exit(EXIT_RECIPE_FAILED)
