@@ -29,9 +29,10 @@ from .recipes import LineageRules, RecipeFile, RecipeFileError, load_recipe_file
 from .report import ReportError, load_run, run_summary
 from .rescore import RescoreError, rescore
 from .results import new_run_dir, write_json
-from .supervisor import run_suite
+from .resume import ResumeError, differences, planned_recipe
+from .supervisor import Interrupts, Suite, SuiteOptions
 
-EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 _GPUS_HELP = "GPUs a worker may use, as nvidia-smi numbers them (default: all); the one with most free memory is used."
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 
@@ -65,11 +66,17 @@ def main() -> None:
               help="auto: cuda where NVML sees a GPU, else cpu. cpu puts the whole model on the CPU (tests, demo);"
               " a model is never split between devices.")
 @click.option("--timeout", type=float, default=None, help="Seconds allowed for each recipe (default: none).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Continue this interrupted run folder: finished recipes are kept, the others continue.")
+@click.option("--force", is_flag=True, help="With --resume: continue even though recipes or weights changed.")
+@click.option("--prestart/--no-prestart", default=True, show_default=True,
+              help="Start the next recipe's worker (imports, data, page cache; no GPU) while this one runs.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
 @ci_options
-def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None, hash_weights: bool,
-        gpus: str | None, **ci: Any) -> None:
+def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None,
+        resume_dir: Path | None, force: bool, prestart: bool, hash_weights: bool, gpus: str | None,
+        **ci: Any) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
     request, outputs = _ci(**ci)  # gate options are checked before any worker starts
     recipe_file, plans = _load(recipes, only, hash_weights)
@@ -78,13 +85,21 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
         device = default_device(open_nvml())
         console.print(f"Device: {device} (--device auto)")
     preflight = _preflight(device, gpus, required=True)
-    run_dir = new_run_dir(out)
+    run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
     write_json(run_dir / "run.json", _run_record(recipe_file, plans, device, timeout))
     console.print(f"Run folder: {run_dir}")
+    interrupts = Interrupts()
+    interrupts.install()
+    options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
+                           resume=resume_dir is not None, prestart=prestart)
     with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
-        rows = run_suite(plans, run_dir, device=device, timeout=timeout, listener=listener, preflight=preflight)
+        rows = Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
     baseline = recipe_file.baseline.name if recipe_file.baseline else None
-    sys.exit(_check_gates(lambda: publish(run_dir, run_summary(rows, baseline), request, outputs)))
+    code = _check_gates(lambda: publish(run_dir, run_summary(rows, baseline), request, outputs,
+                                        interrupted=interrupts.stop_requested))
+    if interrupts.stop_requested:
+        err_console.print(f"Interrupted: continue with --resume {run_dir}")
+    sys.exit(code)
 
 
 def _ci(fail_under: tuple[str, ...], compare: Path | None, max_drop: tuple[str, ...], junit: Path | None,
@@ -157,6 +172,21 @@ def _preflight(device: str, gpus: str | None, *, required: bool):
         sys.exit(EXIT_CONFIG)
 
 
+def _resume_dir(run_dir: Path, plans: list[RecipePlan], force: bool) -> Path:
+    try:
+        changed = differences(run_dir, plans)
+    except ResumeError as exc:
+        err_console.print(f"[red]Error:[/red] {exc}", markup=True)
+        sys.exit(EXIT_CONFIG)
+    if changed and not force:
+        lines = "\n".join(f"  - {c}" for c in changed)
+        err_console.print(f"[red]Error:[/red] {run_dir} was started with other recipes or weights:\n{lines}\n"
+                          "Results would mix two setups. Start a new run, or pass --force to continue anyway.",
+                          markup=True)
+        sys.exit(EXIT_CONFIG)
+    return run_dir
+
+
 @main.command()
 @click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--only", metavar="NAME[,NAME...]", help="Plan only these recipes.")
@@ -226,6 +256,5 @@ def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, t
         "timeout": timeout,
         "python": platform.python_version(),
         "host": platform.node(),
-        "recipes": [{**p.recipe.model_dump(), "problem": p.problem,
-                     "chain": [link.__dict__ for link in p.chain or []]} for p in plans],
+        "recipes": [planned_recipe(p) for p in plans],
     }

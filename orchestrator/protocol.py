@@ -21,6 +21,7 @@ PROTOCOL_VERSION = 1
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": ("version", "pid", "versions", "device"),
     "lineage": ("links",),
+    "ready": ("seconds",),  # a held worker has done everything short of touching the GPU (see WorkerSpec.hold)
     "loaded": ("seconds", "attn", "dtype", "device", "placement_ok"),
     "sample": ("id", "status", "pred", "gt", "iou", "detected", "text", "seconds"),
     "done": ("counts", "timings"),
@@ -28,8 +29,14 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 }
 ERROR_KINDS = ("config", "lineage", "memory", "offload", "cuda_oom", "data", "internal")
 
-# Parent -> worker control messages (on the worker's stdin).
+# Parent -> worker control messages (JSON lines on the worker's stdin).
 CONTROL_STOP = "stop"  # finish the current batch, send `done`, exit
+CONTROL_GO = "go"  # a held worker may load onto the device now; may carry "batch_size"
+
+
+def control(type_: str, **fields: Any) -> bytes:
+    """A parent -> worker control line."""
+    return encode({"type": type_, **fields})
 
 
 class ProtocolError(Exception):
@@ -118,6 +125,9 @@ class WorkerSpec:
     device: str  # "cpu" or "cuda"
     skip_ids: list[str] = field(default_factory=list)  # samples already recorded (resume, retry)
     attempt: int = 1
+    # Hidden start-up: a held worker imports, reads its data and warms the page cache with its weights while
+    # the previous recipe still runs, sends `ready`, and touches the device only after the parent's `go`.
+    hold: bool = False
     protocol: int = PROTOCOL_VERSION
 
     def to_json(self) -> bytes:

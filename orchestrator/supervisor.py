@@ -48,6 +48,7 @@ class RecipeOutcome:
     samples_received: int = 0
     seconds: float = 0.0
     env_set: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # parent-side: hidden start-up, teardown
     log_tail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,19 +137,37 @@ class RecipeRun:
         self._expired: str | None = None  # the phase whose time ran out
         self._interrupted = False
 
-    def run(self) -> RecipeOutcome:
+    def start(self) -> None:
+        """Spawn the worker. A held one (spec.hold) prepares but waits for release() to touch the device."""
         spec_path = self.dir / "spec.json"
         spec_path.write_bytes(self.spec.to_json())
         self.samples = SampleLog(self.dir / "samples.jsonl")
+        self._spawned = time.monotonic()
+        self.proc = WorkerProcess(["--spec", str(spec_path)], self.env, self.dir / "worker.log")
+        self.outcome.pid = self.proc.pid
+
+    def release(self, batch_size: int | None = None) -> None:
+        """Let a held worker load onto the device (the preflight has just said the GPU is free for it)."""
+        fields = {"batch_size": batch_size} if batch_size is not None else {}
+        self.proc.send(protocol.control(protocol.CONTROL_GO, **fields))
+
+    def abandon(self) -> None:
+        """A held worker that will not run after all (refused, interrupted): stop it and forget it."""
+        self.proc.cleanup()
+        self.samples.close()
+
+    def run(self) -> RecipeOutcome:
+        """Supervise the (started, released) worker to its end and classify the outcome."""
         started = time.monotonic()
-        proc = WorkerProcess(["--spec", str(spec_path)], self.env, self.dir / "worker.log")
-        self.outcome.pid = proc.pid
-        self._emit("started", {"pid": proc.pid})
+        self.outcome.timings["hidden_startup"] = started - self._spawned
+        self._emit("started", {"pid": self.proc.pid})
         try:
-            self._pump(proc, started)
-            returncode = self._reap(proc)
+            self._pump(self.proc, started)
+            done_at = time.monotonic()
+            returncode = self._reap(self.proc)
+            self.outcome.timings["teardown"] = time.monotonic() - done_at
         finally:
-            proc.cleanup()
+            self.proc.cleanup()
             self.samples.close()
         self.outcome.seconds = time.monotonic() - started
         self._classify(returncode)
@@ -170,7 +189,7 @@ class RecipeRun:
                 self._interrupted = True
                 proc.kill()
             elif self.interrupts.stop_requested and not stop_sent:
-                stop_sent = proc.send(protocol.CONTROL_STOP.encode() + b"\n")
+                stop_sent = proc.send(protocol.control(protocol.CONTROL_STOP))
                 self._interrupted = True
             if self._expired is None and (phase := self._expired_phase(now, started, last_message)):
                 self._expired = phase
@@ -194,6 +213,8 @@ class RecipeRun:
             self.outcome.protocol_errors.append(str(exc))
             return
         kind = message.pop("type")
+        if kind == "hello":
+            self.outcome.timings["spawn_to_hello"] = time.monotonic() - self._spawned
         if kind == "sample":
             self.samples.append(message)
             self.outcome.samples_received += 1
@@ -257,6 +278,7 @@ class SuiteOptions:
     timeout: float | None = None
     offline: bool = True
     resume: bool = False  # keep recipes already finished in this run folder; continue the others
+    prestart: bool = True  # start the next recipe's worker (held off the device) while this one runs
 
 
 class Suite:
@@ -271,16 +293,24 @@ class Suite:
         self.listener = listener or (lambda *_: None)
         self.preflight = preflight
         self.interrupts = interrupts or Interrupts()
+        self._held: RecipeRun | None = None  # the next recipe's worker, started ahead and held off the device
 
     def run(self) -> list[dict[str, Any]]:
-        return [self._recipe(plan) for plan in self.plans]
+        try:
+            return [self._recipe(plan) for plan in self.plans]
+        finally:
+            if self._held is not None:
+                self._held.abandon()
+
+    def _finished_before(self, plan: RecipePlan) -> bool:
+        previous = self.run_dir / plan.recipe.name / "summary.json"
+        return self.options.resume and previous.exists() and read_json(previous).get("status") == "ok"
 
     def _recipe(self, plan: RecipePlan) -> dict[str, Any]:
         recipe_dir = self.run_dir / plan.recipe.name
         recipe_dir.mkdir(parents=True, exist_ok=True)
-        previous = recipe_dir / "summary.json"
-        if self.options.resume and previous.exists() and read_json(previous).get("status") == "ok":
-            return read_json(previous)
+        if self._finished_before(plan):
+            return read_json(recipe_dir / "summary.json")
         decision, attempts = LaunchDecision(ok=True), []
         if self.interrupts.stop_requested:
             outcome = RecipeOutcome(plan.recipe.name, "skipped", "interrupted before it started")
@@ -291,6 +321,9 @@ class Suite:
             outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
         else:
             outcome, attempts = self._attempts(plan, recipe_dir, decision)
+        if self._held is not None and self._held.spec.recipe["name"] == plan.recipe.name:
+            self._held.abandon()  # started ahead, but the recipe did not run after all
+            self._held = None
         if outcome.pid is None:
             self.listener("finished", outcome, {})
         return self._record(plan, recipe_dir, outcome, decision, attempts)
@@ -315,18 +348,52 @@ class Suite:
         return outcome, attempts
 
     def _launch(self, plan: RecipePlan, recipe_dir: Path, decision: LaunchDecision, attempt: int) -> RecipeOutcome:
+        run = self._take_held(plan, decision) if attempt == 1 else None
+        if run is not None:
+            run.release(decision.batch_size)
+        else:
+            run = self._new_run(plan, decision, attempt, hold=False)
+            run.start()
+        self._prestart_after(plan, decision)
+        return run.run()
+
+    def _new_run(self, plan: RecipePlan, decision: LaunchDecision, attempt: int, *, hold: bool) -> RecipeRun:
         recipe = plan.recipe
+        recipe_dir = self.run_dir / recipe.name
+        recipe_dir.mkdir(parents=True, exist_ok=True)
         settings = recipe.model_dump()
         if decision.batch_size is not None:
             settings["batch_size"] = decision.batch_size
         done_ids = sorted({s["id"] for s in repair_samples(recipe_dir / "samples.jsonl")})
         spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
-                                   device=self.options.device, skip_ids=done_ids, attempt=attempt)
+                                   device=self.options.device, skip_ids=done_ids, attempt=attempt, hold=hold)
         env, env_record = worker_env(self.options.device, decision.gpu, offline=self.options.offline)
         run = RecipeRun(spec, recipe_dir, env, Limits.of(recipe, self.options.timeout), self.interrupts,
                         self.listener)
         run.outcome.env_set = env_record
-        return run.run()
+        return run
+
+    def _take_held(self, plan: RecipePlan, decision: LaunchDecision) -> RecipeRun | None:
+        """The worker started ahead for this recipe, if it was put on the GPU the preflight chose now."""
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        if held.spec.recipe["name"] == plan.recipe.name and held.env.get("CUDA_VISIBLE_DEVICES") == worker_env(
+                self.options.device, decision.gpu, offline=self.options.offline)[0].get("CUDA_VISIBLE_DEVICES"):
+            return held
+        held.abandon()
+        return None
+
+    def _prestart_after(self, plan: RecipePlan, decision: LaunchDecision) -> None:
+        """Start the next runnable recipe's worker now, held off the device: its imports, data and page-cache
+        warming overlap this recipe's run. It is assumed to go to the same GPU; if not, it is abandoned."""
+        if not self.options.prestart or self.interrupts.stop_requested:
+            return
+        index = self.plans.index(plan)
+        upcoming = [p for p in self.plans[index + 1:] if p.runnable and not self._finished_before(p)]
+        if upcoming:
+            self._held = self._new_run(upcoming[0], LaunchDecision(ok=True, gpu=decision.gpu), 1, hold=True)
+            self._held.start()
 
     def _sleep(self, seconds: float) -> bool:
         """Wait out a back-off; False if the user interrupted it."""

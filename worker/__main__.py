@@ -15,6 +15,8 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+import orjson
+
 from orchestrator import protocol
 
 from .errors import WorkerError
@@ -23,17 +25,32 @@ from .faults import Faults
 _LIFELINE_EXIT_CODE = 3
 
 
+class Control:
+    """What the parent said on stdin: `stop` (finish the batch and end) and `go` (a held worker may load)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.go = threading.Event()
+        self.go_fields: dict = {}
+
+    def wait_for_go(self) -> dict:
+        while not self.go.wait(0.5):
+            if self.stop.is_set():
+                return {}
+        return self.go_fields
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--result-fd", type=int, required=True)
     args = parser.parse_args(argv)
     out = protocol.MessageWriter(args.result_fd)
-    stop = threading.Event()
-    threading.Thread(target=_watch_lifeline, args=(stop,), daemon=True, name="lifeline").start()
+    control = Control()
+    threading.Thread(target=_watch_lifeline, args=(control,), daemon=True, name="lifeline").start()
     try:
         spec = protocol.WorkerSpec.from_json(args.spec.read_bytes())
-        _evaluate(spec, out, stop, Faults.from_env(spec.recipe["name"], spec.attempt))
+        _evaluate(spec, out, control, Faults.from_env(spec.recipe["name"], spec.attempt))
     except WorkerError as exc:
         out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
         return 1
@@ -44,21 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, stop: threading.Event,
-              faults: Faults) -> None:
+def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, control: Control, faults: Faults) -> None:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
     from .data import read_dataset
     from .infer import run_inference
-    from .load import load_chain
+    from .load import load_chain, warm_page_cache
 
     timings["imports"] = time.perf_counter() - started
     out.send("hello", version=protocol.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
-    recipe = spec.recipe
+    recipe = dict(spec.recipe)
     samples = read_dataset(Path(spec.dataset), limit=recipe.get("limit"), skip_ids=set(spec.skip_ids))
+    if spec.hold:
+        held = time.perf_counter()
+        timings["page_cache"] = warm_page_cache(spec.chain)
+        out.send("ready", seconds=time.perf_counter() - started)
+        recipe |= {k: v for k, v in control.wait_for_go().items() if k in ("batch_size",)}
+        timings["held"] = time.perf_counter() - held
     faults.hit("load", out.write_raw)
     device = "cuda:0" if spec.device == "cuda" else "cpu"
     if spec.device == "cuda" and not torch.cuda.is_available():
@@ -67,14 +89,15 @@ def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, stop: thre
     timings["load"] = loaded["seconds"]
     out.send("loaded", **loaded)
     stats = run_inference(
-        model, processor, samples, recipe, device, out.send, stop.is_set,
+        model, processor, samples, recipe, device, out.send, control.stop.is_set,
         before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw),
     )
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
                 "total": time.perf_counter() - started}
     counts = {"scored": stats.scored, "errors": stats.errors, "batches": stats.batches,
-              "generated_tokens": stats.generated_tokens, "stopped_early": stop.is_set(),
-              "oom_retries": stats.oom_retries, "batch_size": stats.batch_size}
+              "generated_tokens": stats.generated_tokens, "stopped_early": control.stop.is_set(),
+              "oom_retries": stats.oom_retries, "batch_size": stats.batch_size,
+              "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
     out.send("done", counts=counts, timings=timings, **_measured_memory(device))
 
 
@@ -103,13 +126,21 @@ def _nvml_used_bytes() -> int | None:
     return next((p.used_bytes for state in states for p in state.processes if p.pid == pid), None)
 
 
-def _watch_lifeline(stop: threading.Event) -> None:
+def _watch_lifeline(control: Control) -> None:
     """Read control lines from stdin; EOF means the parent died, so leave now (no orphan holding a GPU).
     Raw os.read, not sys.stdin: a daemon thread parked inside a buffered reader aborts interpreter shutdown."""
     splitter = protocol.LineSplitter()
     while chunk := os.read(0, 4096):
-        if protocol.CONTROL_STOP.encode() in (line.strip() for line in splitter.feed(chunk)):
-            stop.set()
+        for line in splitter.feed(chunk):
+            try:
+                message = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if message.get("type") == protocol.CONTROL_STOP:
+                control.stop.set()
+            elif message.get("type") == protocol.CONTROL_GO:
+                control.go_fields = message
+                control.go.set()
     os._exit(_LIFELINE_EXIT_CODE)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from orchestrator.boxes import score_text
 
@@ -36,29 +39,34 @@ class InferenceStats:
     batch_size: int = 0  # the batch size in use at the end: lower than the recipe's after an out-of-memory error
 
 
+@dataclass
+class PreparedBatch:
+    """A batch made ready on the CPU while the device works on the one before."""
+
+    items: list[Prepared]
+    errors: list[tuple[Sample, str]]
+    inputs: Any = None  # the processor's tensors for all items (pinned on CUDA), or None when no item is usable
+
+
 def run_inference(model: Any, processor: Any, samples: list[Sample], recipe: dict, device: str,
                   send: Send, should_stop: Callable[[], bool], before_sample: Callable[[int], None]) -> InferenceStats:
     stats = InferenceStats(batch_size=recipe["batch_size"])
     started = time.perf_counter()
     sent = 0
-    for batch in _batches(samples, recipe["batch_size"]):
-        ready = []
-        for sample in batch:
-            prepared, error = _prepare(processor, sample, recipe["prompt"])
-            if error is not None:
-                sent += 1
-                before_sample(sent)
-                send("sample", **_error_record(sample, error))
-                stats.errors += 1
-            else:
-                ready.append(prepared)
-        if ready:
+    batches = list(_batches(by_prompt_length(samples), recipe["batch_size"]))
+    for prepared in prefetch(batches, lambda b: prepare_batch(processor, b, recipe["prompt"], device)):
+        for sample, error in prepared.errors:
+            sent += 1
+            before_sample(sent)
+            send("sample", **_error_record(sample, error))
+            stats.errors += 1
+        if prepared.items:
             batch_started = time.perf_counter()
-            texts, new_tokens = _generate_fitting(model, processor, ready, recipe["max_new_tokens"], device, stats)
-            seconds = (time.perf_counter() - batch_started) / len(ready)
+            texts, new_tokens = _generate_fitting(model, processor, prepared, recipe["max_new_tokens"], device, stats)
+            seconds = (time.perf_counter() - batch_started) / len(prepared.items)
             stats.generated_tokens += new_tokens
             stats.batches += 1
-            for item, text in zip(ready, texts, strict=True):
+            for item, text in zip(prepared.items, texts, strict=True):
                 sent += 1
                 before_sample(sent)
                 send("sample", **_scored_record(item, text, recipe["box_format"], seconds))
@@ -69,6 +77,70 @@ def run_inference(model: Any, processor: Any, samples: list[Sample], recipe: dic
             break
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def by_prompt_length(samples: list[Sample]) -> list[Sample]:
+    """Samples ordered by their prompt's length (image area first: it sets the image-token count), so that a
+    batch pads little. Image sizes come from the file headers; unreadable ones sort last and fail later."""
+    def key(sample: Sample) -> tuple[int, int]:
+        try:
+            with Image.open(sample.image_path) as image:
+                area = image.size[0] * image.size[1]
+        except (OSError, ValueError, TypeError, AttributeError):
+            area = 1 << 62
+        return area, len(sample.prompt or "")
+
+    return sorted(samples, key=key)
+
+
+def prefetch(batches: list[list[Sample]], prepare: Callable[[list[Sample]], PreparedBatch],
+             depth: int = 2) -> Iterator[PreparedBatch]:
+    """Prepare batches (decode images, run the processor) in a background thread, `depth` ahead of the device:
+    the GPU should not wait on the CPU between batches. Exceptions surface in the caller."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    finished = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not finished.is_set():
+                    try:
+                        ready.put(("batch", prepare(batch)), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the consumer, which raises it where it belongs
+            ready.put(("error", exc))
+        ready.put(("end", None))
+
+    threading.Thread(target=produce, daemon=True, name="prefetch").start()
+    try:
+        while (item := ready.get())[0] != "end":
+            if item[0] == "error":
+                raise item[1]
+            yield item[1]
+    finally:
+        finished.set()
+
+
+def prepare_batch(processor: Any, batch: list[Sample], template: str, device: str) -> PreparedBatch:
+    items, errors = [], []
+    for sample in batch:
+        prepared, error = _prepare(processor, sample, template)
+        if error is not None:
+            errors.append((sample, error))
+        else:
+            items.append(prepared)
+    inputs = _processor_inputs(processor, items, device) if items else None
+    return PreparedBatch(items, errors, inputs)
+
+
+def _processor_inputs(processor: Any, items: list[Prepared], device: str) -> Any:
+    inputs = processor(text=[p.text for p in items], images=[p.image for p in items], padding=True,
+                       return_tensors="pt")
+    if device.startswith("cuda"):  # pinned pages copy to the device at full speed, and asynchronously
+        inputs = inputs.__class__({k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in inputs.items()})
+    return inputs
 
 
 def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
@@ -93,16 +165,19 @@ def _prepare(processor: Any, sample: Sample, template: str) -> tuple[Prepared | 
     return Prepared(sample, image, text), None
 
 
-def _generate_fitting(model: Any, processor: Any, batch: list[Prepared], max_new_tokens: int, device: str,
+def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, max_new_tokens: int, device: str,
                       stats: InferenceStats) -> tuple[list[str], int]:
-    """Generate in chunks of stats.batch_size; when CUDA runs out of memory, halve it (for the rest of the run
-    too) and retry the chunk, down to one sample, which then fails the recipe as `cuda_oom`."""
+    """Generate the batch, in chunks of stats.batch_size; when CUDA runs out of memory, halve it (for the rest of
+    the run too) and retry the chunk, down to one sample, which then fails the recipe as `cuda_oom`."""
+    batch = prepared.items
     texts: list[str] = []
     tokens = start = 0
     while start < len(batch):
         chunk = batch[start : start + stats.batch_size]
+        whole = start == 0 and len(chunk) == len(batch)  # the prefetched tensors serve the whole batch only
         try:
-            result = generate(model, processor, chunk, max_new_tokens, device)
+            inputs = prepared.inputs if whole else _processor_inputs(processor, chunk, device)
+            result = generate(model, processor, inputs, max_new_tokens, device)
         except torch.cuda.OutOfMemoryError as exc:
             if len(chunk) == 1:
                 raise WorkerError("cuda_oom", f"out of GPU memory with a batch of 1: {exc}") from exc
@@ -118,13 +193,10 @@ def _generate_fitting(model: Any, processor: Any, batch: list[Prepared], max_new
     return texts, tokens
 
 
-def generate(model: Any, processor: Any, batch: list[Prepared], max_new_tokens: int,
-             device: str) -> tuple[list[str], int]:
+def generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int, device: str) -> tuple[list[str], int]:
     """Greedy generation for a left-padded batch; returns each sample's new text and the new-token count."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    inputs = processor(
-        text=[p.text for p in batch], images=[p.image for p in batch], padding=True, return_tensors="pt"
-    ).to(device)
+    inputs = inputs.to(device, non_blocking=True)
     with torch.inference_mode():
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
