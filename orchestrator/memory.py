@@ -184,7 +184,7 @@ class Workload:
 def estimate_recipe(recipe: Recipe, chain: list[ChainLink], device: str,
                     batch_size: int | None = None) -> MemoryEstimate:
     """The recipe's memory on `device` ("cuda" or "cpu") at its own batch size, or at `batch_size`."""
-    return read_workload(recipe, chain, device).estimate(batch_size or recipe.batch_size)
+    return read_workload(recipe, chain, device).estimate(batch_size or recipe.requested_batch)
 
 
 def read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workload:

@@ -110,7 +110,12 @@ class GpuPreflight:
         except EstimateError as exc:  # the worker's placement check still guards against offload
             record["estimate_error"] = str(exc)
             return LaunchDecision(ok=True, gpu=gpu, message=f"no estimate ({exc}); running unchecked", record=record)
-        return _verdict(plan.recipe.name, workload, plan.recipe.batch_size, state, gpu, record)
+        decision = _verdict(plan.recipe.name, workload, plan.recipe.requested_batch, state, gpu, record)
+        if plan.recipe.batch_size == "auto" and decision.ok:  # "auto" is sized here, not lowered
+            decision.batch_size = record["batch_size"]
+            record.pop("batch_lowered", None)
+            decision.message = f"GPU {state.index}: batch size auto -> {decision.batch_size}; " + decision.message
+        return decision
 
     # ------------------------------------------------------------------ waiting for the last worker's memory
 

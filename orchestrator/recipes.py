@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+AUTO_BATCH_CAP = 64  # decode throughput flattens well before this, and larger batches only pad and wait more
+UNCHECKED_AUTO_BATCH = 8  # "auto" without a GPU preflight to size it (CPU runs, no estimate)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -40,7 +42,9 @@ class Settings(BaseModel):
     prompt: str = "{prompt}"
     box_format: Literal["qwen2vl", "json_pixels"] = "qwen2vl"
     max_new_tokens: int = Field(64, gt=0, le=8192)
-    batch_size: int = Field(8, gt=0, le=4096)
+    batch_size: int | Literal["auto"] = Field("auto", description="samples per generate; auto: the largest the "
+                                            "GPU's free memory allows (at most 64), or 8 without a GPU preflight")
+    min_new_tokens: int | None = Field(None, ge=0, description="force at least this many new tokens (benchmarks)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     limit: int | None = Field(None, gt=0, description="evaluate only the first N samples")
@@ -53,6 +57,18 @@ class Settings(BaseModel):
     memory_margin: float = Field(0.10, ge=0, le=1, description="safety margin on the memory estimate (0.1 = 10%)")
     trust_remote_code: bool = False
     allow_pickle: bool = False
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 < value <= 4096:
+            raise ValueError("must be between 1 and 4096, or \"auto\"")
+        return value
+
+    @property
+    def requested_batch(self) -> int:
+        """The batch size to aim for: the recipe's, or for "auto" the cap the preflight may lower to fit."""
+        return AUTO_BATCH_CAP if self.batch_size == "auto" else self.batch_size
 
     @field_validator("prompt")
     @classmethod

@@ -18,7 +18,7 @@ from typing import Any
 from . import protocol
 from .plan import LaunchDecision, Preflight, RecipePlan
 from .process import WorkerProcess, describe_exit
-from .recipes import Recipe
+from .recipes import UNCHECKED_AUTO_BATCH, Recipe
 from .results import SampleLog, read_json, read_samples, repair_samples, write_json
 from .stats import metrics
 
@@ -364,6 +364,8 @@ class Suite:
         settings = recipe.model_dump()
         if decision.batch_size is not None:
             settings["batch_size"] = decision.batch_size
+        elif settings["batch_size"] == "auto":  # no preflight sized it (CPU, or no estimate)
+            settings["batch_size"] = UNCHECKED_AUTO_BATCH
         done_ids = sorted({s["id"] for s in repair_samples(recipe_dir / "samples.jsonl")})
         spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
                                    device=self.options.device, skip_ids=done_ids, attempt=attempt, hold=hold)

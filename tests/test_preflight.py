@@ -279,3 +279,16 @@ def test_cli_rejects_gpus_that_do_not_exist(demo: dict, tmp_path: Path) -> None:
                      "--gpus", "3", env={FAKE_ENV: str(fake)})
     assert result.returncode == 2 and "--gpus names GPU(s) [3]" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_batch_size_auto_takes_the_largest_batch_that_fits_up_to_the_cap(demo: dict, tmp_path: Path) -> None:
+    body = f'[[recipe]]\nname = "auto"\nmodel = "{demo["root"] / "models" / "base"}"\nbatch_size = "auto"\n'
+    recipe_file = load_recipe_file(write_recipes(tmp_path, body, demo))
+    (auto,) = make_plans(recipe_file, recipe_file.recipes)
+    workload = _workload(auto)
+    roomy = GpuPreflight(_fake(tmp_path, [_gpu(70 * GIB)])).before_launch(auto)
+    assert roomy.ok and roomy.batch_size == 64  # the cap: memory allows far more for the tiny model
+    room_for_5 = (workload.estimate(5).total_bytes + workload.estimate(6).total_bytes) // 2
+    tight = GpuPreflight(_fake(tmp_path, [_gpu(room_for_5)])).before_launch(auto)
+    assert tight.ok and tight.batch_size == 5 and "batch_lowered" not in tight.record
+    assert "batch size auto -> 5" in tight.message

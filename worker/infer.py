@@ -62,7 +62,7 @@ def run_inference(model: Any, processor: Any, samples: list[Sample], recipe: dic
             stats.errors += 1
         if prepared.items:
             batch_started = time.perf_counter()
-            texts, new_tokens = _generate_fitting(model, processor, prepared, recipe["max_new_tokens"], device, stats)
+            texts, new_tokens = _generate_fitting(model, processor, prepared, recipe, device, stats)
             seconds = (time.perf_counter() - batch_started) / len(prepared.items)
             stats.generated_tokens += new_tokens
             stats.batches += 1
@@ -165,7 +165,7 @@ def _prepare(processor: Any, sample: Sample, template: str) -> tuple[Prepared | 
     return Prepared(sample, image, text), None
 
 
-def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, max_new_tokens: int, device: str,
+def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: dict, device: str,
                       stats: InferenceStats) -> tuple[list[str], int]:
     """Generate the batch, in chunks of stats.batch_size; when CUDA runs out of memory, halve it (for the rest of
     the run too) and retry the chunk, down to one sample, which then fails the recipe as `cuda_oom`."""
@@ -177,7 +177,8 @@ def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, max_n
         whole = start == 0 and len(chunk) == len(batch)  # the prefetched tensors serve the whole batch only
         try:
             inputs = prepared.inputs if whole else _processor_inputs(processor, chunk, device)
-            result = generate(model, processor, inputs, max_new_tokens, device)
+            result = generate(model, processor, inputs, device, max_new_tokens=recipe["max_new_tokens"],
+                              min_new_tokens=recipe.get("min_new_tokens"))
         except torch.cuda.OutOfMemoryError as exc:
             if len(chunk) == 1:
                 raise WorkerError("cuda_oom", f"out of GPU memory with a batch of 1: {exc}") from exc
@@ -193,14 +194,16 @@ def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, max_n
     return texts, tokens
 
 
-def generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int, device: str) -> tuple[list[str], int]:
+def generate(model: Any, processor: Any, inputs: Any, device: str, *, max_new_tokens: int,
+             min_new_tokens: int | None = None) -> tuple[list[str], int]:
     """Greedy generation for a left-padded batch; returns each sample's new text and the new-token count."""
     tokenizer = getattr(processor, "tokenizer", processor)
     inputs = inputs.to(device, non_blocking=True)
+    extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
     with torch.inference_mode():
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id, **extra,
         )
     new = output[:, inputs["input_ids"].shape[1] :]
     texts = [_decode(tokenizer, row.tolist(), model) for row in new]
