@@ -30,10 +30,12 @@ from .report import ReportError, load_run, run_summary
 from .rescore import RescoreError, rescore
 from .results import new_run_dir, write_json
 from .resume import ResumeError, differences, planned_recipe
+from .scheduler import GpuScheduler, runs_concurrently
 from .supervisor import Interrupts, Suite, SuiteOptions
 
 EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
-_GPUS_HELP = "GPUs a worker may use, as nvidia-smi numbers them (default: all); the one with most free memory is used."
+_GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: one worker at a time, on the GPU"
+              " with most free memory; with it (run): one worker per GPU at once, each recipe on the GPU that fits it.")
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 
 # Logs of nightly jobs are read in wide windows: don't wrap the table at 80 columns when not on a terminal.
@@ -93,7 +95,11 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
     options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
                            resume=resume_dir is not None, prestart=prestart)
     with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
-        rows = Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
+        if runs_concurrently(preflight, gpus):
+            rows = GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts,
+                                preflight=preflight).run()
+        else:
+            rows = Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
     baseline = recipe_file.baseline.name if recipe_file.baseline else None
     code = _check_gates(lambda: publish(run_dir, run_summary(rows, baseline), request, outputs,
                                         interrupted=interrupts.stop_requested))

@@ -1,9 +1,10 @@
 """Before each launch: which GPU, has the last worker's memory come back, and does the recipe fit.
 
-One worker at a time: the GPU with the most free memory among the allowed ones (`--gpus`) is chosen. After a
-worker exits, the next launch waits until the worker's pid has left NVML's process list and free memory is back
-near its baseline (what was free before the run, less what other processes took since). Then the estimate
-(memory.py) is compared with the free memory:
+One worker at a time: the GPU with the most free memory among the allowed ones (`--gpus`) is chosen. With
+several GPUs at once (scheduler.py), each GPU is a lane: the decision is asked for that GPU, and the waiting
+below is per GPU. After a worker exits, the next launch waits until the worker's pid has left NVML's process
+list and free memory is back near its baseline (what was free before the run, less what other processes took
+since). Then the estimate (memory.py) is compared with the free memory:
 
 - the weights (with the context and margin) do not fit: refused, naming the estimate, the free memory, and
   every process holding the rest (pid, name, bytes);
@@ -75,32 +76,53 @@ class GpuPreflight:
         self.clock = clock
         self.sleep = sleep
         self.report = report or (lambda _message: None)
-        self._last: _LastWorker | None = None
+        # The last worker started on each GPU (one entry at most when one worker runs at a time), and where each
+        # recipe went: after_exit is told the recipe, not the GPU. Each lane's thread touches only its own GPU.
+        self._last: dict[int, _LastWorker] = {}
+        self._gpu_of: dict[str, int] = {}
         # What was free, and what other processes held, before any worker of this run started.
         self._baseline = {i: self._snapshot(nvml.state(i)) for i in self.gpus}
 
     # ------------------------------------------------------------------ the Preflight protocol
 
-    def before_launch(self, plan: RecipePlan) -> LaunchDecision:
-        wait = self._wait_for_release()
+    def before_launch(self, plan: RecipePlan, gpu: int | None = None) -> LaunchDecision:
+        """The decision on the best allowed GPU, or on `gpu` alone (a scheduler's lane), once the last worker
+        there has released its memory."""
+        wait = self._wait_for_release(gpu)
         if wait.get("still_held_by_previous"):
             return LaunchDecision(ok=False, message=wait["message"], record={"release_wait": wait})
-        decision = self.assess(plan)
+        decision = self.assess(plan, gpu)
         decision.record["release_wait"] = wait
         if decision.ok:  # a refusal is reported by the suite, with the recipe's status
-            self._last = _LastWorker(decision.record["gpu"], None, plan.recipe.name)
+            index = decision.record["gpu"]
+            self._last[index] = _LastWorker(index, None, plan.recipe.name)
+            self._gpu_of[plan.recipe.name] = index
             self.report(f"preflight {plan.recipe.name}: {decision.message}")
         return decision
 
     def after_exit(self, plan: RecipePlan, pid: int | None) -> None:
-        if self._last is not None:
-            self._last.pid = pid
+        last = self._last.get(self._gpu_of.get(plan.recipe.name, -1))
+        if last is not None and last.recipe == plan.recipe.name:
+            last.pid = pid
+
+    def expected_free(self, gpu: int) -> int:
+        """What `gpu` will have free once our last worker's memory is back (the scheduler places by it): free
+        memory now, or its baseline less what other programs took since, whichever is more; a GPU whose worker
+        has just exited is not back yet."""
+        state = self.nvml.state(gpu)
+        last = self._last.get(gpu)
+        ours = last.pid if last is not None else None
+        others = sum(p.used_bytes or 0 for p in state.processes if p.pid != ours)
+        baseline = self._baseline[gpu]
+        return max(state.free_bytes, baseline["free"] - max(0, others - baseline["held"]))
 
     # ------------------------------------------------------------------ the decision
 
-    def assess(self, plan: RecipePlan) -> LaunchDecision:
-        """The verdict for `plan` on the best allowed GPU as it is now; no waiting (`plan` uses this)."""
-        state = max((self.nvml.state(i) for i in self.gpus), key=lambda s: s.free_bytes)
+    def assess(self, plan: RecipePlan, gpu: int | None = None) -> LaunchDecision:
+        """The verdict for `plan` on the best allowed GPU (or on `gpu`) as it is now; no waiting (`plan` uses
+        this)."""
+        state = max((self.nvml.state(i) for i in ([gpu] if gpu is not None else self.gpus)),
+                    key=lambda s: s.free_bytes)
         record = {"gpu": state.index, "gpu_name": state.name, "gpu_uuid": state.uuid, "free_bytes": state.free_bytes,
                   "total_bytes": state.total_bytes, "baseline_free_bytes": self._baseline[state.index]["free"],
                   "holders": [_holder(p) for p in state.processes], "requested_batch_size": plan.recipe.batch_size}
@@ -119,9 +141,10 @@ class GpuPreflight:
 
     # ------------------------------------------------------------------ waiting for the last worker's memory
 
-    def _wait_for_release(self) -> dict:
-        """Wait until the last worker has left its GPU and the memory it held is free again."""
-        last = self._last
+    def _wait_for_release(self, gpu: int | None) -> dict:
+        """Wait until the last worker (on `gpu`, or anywhere when one worker runs at a time) has left its GPU and
+        the memory it held is free again."""
+        last = self._last.pop(gpu, None) if gpu is not None else self._pop_any()
         if last is None or last.pid is None:
             return {"waited_s": 0.0}
         started = self.clock()
@@ -130,12 +153,13 @@ class GpuPreflight:
             listed, missing = state.holds(last.pid), self._missing_bytes(state)
             waited = self.clock() - started
             if not listed and missing <= RELEASE_TOLERANCE_BYTES:
-                self._last = None
                 return {"waited_s": round(waited, 3), "previous_pid": last.pid, "free_bytes": state.free_bytes}
             if waited >= self.release_timeout:
-                self._last = None
                 return self._release_timed_out(last, state, listed, missing, waited)
             self.sleep(self.poll)
+
+    def _pop_any(self) -> _LastWorker | None:
+        return self._last.pop(next(iter(self._last))) if self._last else None
 
     def _missing_bytes(self, state: GpuState) -> int:
         """How far free memory is below the baseline, not counting what other processes took since."""

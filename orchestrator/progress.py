@@ -1,6 +1,7 @@
 """Live progress of a run: which recipe of how many, its phase, a sample bar with rate and ETA, and each
 finished recipe's row as it completes. On a terminal it is a rich live display; otherwise (CI logs, pipes) a
-few plain lines per recipe, so logs stay readable.
+few plain lines per recipe, so logs stay readable. With several GPUs at once (scheduler.py) each event's data
+names its GPU: the live display keeps one line per GPU, and plain lines say which GPU and recipe they are about.
 
 Both are supervisor listeners, `listener(event, outcome, data)`, used as context managers around the run:
 
@@ -26,6 +27,7 @@ from rich.progress import (
     ProgressColumn,
     SpinnerColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -118,14 +120,17 @@ class PlainProgress(_Listener):
 
     def __call__(self, event: str, outcome: Any, data: dict[str, Any]) -> None:
         print_ = self._print
+        gpu = data.get("gpu")  # set when several GPUs run at once: lines of different recipes interleave
+        who = f"[GPU {gpu}] {outcome.name}: " if gpu is not None else ""
         if event == "started":
             total = expected_samples(self.run_dir / outcome.name)
             count = f", {total} samples to evaluate" if total is not None else ""
-            print_(f"[{self.position(outcome.name)}] {outcome.name}: worker pid {data['pid']} starting{count}")
+            where = f" on GPU {gpu}" if gpu is not None else ""
+            print_(f"[{self.position(outcome.name)}] {outcome.name}: worker pid {data['pid']} starting{where}{count}")
         elif event == "loaded":
-            print_(f"    loaded in {data['seconds']:.1f}s ({data['dtype']}, {data['attn']}, {data['device']})")
+            print_(f"    {who}loaded in {data['seconds']:.1f}s ({data['dtype']}, {data['attn']}, {data['device']})")
         elif event == "error":
-            print_(f"    error: {data.get('kind')}: {str(data.get('message', '')).splitlines()[0][:200]}")
+            print_(f"    {who}error: {data.get('kind')}: {str(data.get('message', '')).splitlines()[0][:200]}")
         elif event == "finished":
             state = self.finish(outcome)
             mean = state.metrics.get("mean_iou")
@@ -133,6 +138,7 @@ class PlainProgress(_Listener):
             took = f" in {state.seconds:.1f}s" if state.seconds else ""
             extra = f" ({state.note})" if state.note else ""
             prefix = "" if outcome.pid is not None else f"[{self.position(outcome.name)}] "
+            prefix += f"[GPU {gpu}] " if gpu is not None else ""
             print_(f"    {prefix}{outcome.name}: {outcome.status}, {state.metrics.get('n', 0)} samples{score}"
                    f"{took}{extra}")
 
@@ -157,6 +163,7 @@ class LiveProgress(_Listener):
                             _RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
                             console=console)
         self.task = self.bar.add_task("waiting", total=None)
+        self.lanes: dict[int, TaskID] = {}  # several GPUs at once: a bar per GPU, its description the recipe
         # transient: the final table (with intervals) replaces the live one when the run ends
         self.live = Live(console=console, get_renderable=self._render, refresh_per_second=4, transient=True)
 
@@ -170,6 +177,10 @@ class LiveProgress(_Listener):
 
     def __call__(self, event: str, outcome: Any, data: dict[str, Any]) -> None:
         name = outcome.name
+        if data.get("gpu") is not None:
+            self._lane_event(data["gpu"], event, outcome, data)
+            self.live.refresh()
+            return
         if event == "started":
             self._start(name, data)
         elif event == "sample":
@@ -188,6 +199,27 @@ class LiveProgress(_Listener):
             self.current = None
         self.live.refresh()
 
+    def _lane_event(self, gpu: int, event: str, outcome: Any, data: dict[str, Any]) -> None:
+        """The same events from one GPU's lane: its own bar, whose description carries recipe and phase."""
+        name = outcome.name
+        if gpu not in self.lanes:
+            self.bar.update(self.task, visible=False)  # the one-recipe bar has nothing to show here
+            self.lanes[gpu] = self.bar.add_task("", total=None)
+        task = self.lanes[gpu]
+        if event == "started":
+            self.bar.reset(task, total=expected_samples(self.run_dir / name))
+        elif event == "sample":
+            self.bar.advance(task)
+        if event in _PHASES:
+            self.recipes.setdefault(name, _Recipe(name)).status = _PHASES[event]
+            self.bar.update(task, description=f"GPU {gpu} · {self.position(name)} {escape(name)} · {_PHASES[event]}")
+        if event == "finished":
+            state = self.finish(outcome)
+            took = f" in {state.seconds:.1f}s" if state.seconds else ""
+            self.console.print(f"[{self.position(name)}] [GPU {gpu}] {name}: {outcome.status}{took}"
+                               + (f" ({state.note})" if state.note else ""), markup=False, highlight=False)
+            self.bar.update(task, description=f"GPU {gpu} · idle")
+
     def _start(self, name: str, data: dict[str, Any]) -> None:
         self.current, self.phase = name, f"starting (worker pid {data['pid']})"
         self.recipes.setdefault(name, _Recipe(name)).status = "starting"
@@ -195,7 +227,9 @@ class LiveProgress(_Listener):
 
     def _render(self) -> RenderableType:
         parts: list[RenderableType] = [self._table()]
-        if self.current is not None:
+        if self.lanes:
+            parts.append(self.bar)
+        elif self.current is not None:
             parts.append(Text.assemble(("Recipe ", "bold"), (self.position(self.current), "bold"), " ",
                                        (self.current, "bold cyan"), f" · {self.phase}"))
             parts.append(self.bar)

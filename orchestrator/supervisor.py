@@ -58,12 +58,17 @@ class RecipeOutcome:
 Listener = Callable[[str, RecipeOutcome, dict[str, Any]], None]
 
 
-def worker_env(device: str, gpu: str | None = None, offline: bool = True) -> tuple[dict[str, str], dict]:
-    """The worker's environment, built on purpose; returns it and what was set or removed."""
+def worker_env(device: str, gpu: str | None = None, offline: bool = True,
+               pinned: bool = False) -> tuple[dict[str, str], dict]:
+    """The worker's environment, built on purpose; returns it and what was set or removed. `pinned` (a
+    scheduler's lane) gives the worker its GPU even with --device cpu: only the fake NVML makes lanes on a CPU
+    machine, and there the tests read where each worker was put."""
     env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
     removed = sorted(set(os.environ) - set(env))
+    # A CPU worker gets no GPU, unless a lane pinned one.
+    visible = (gpu or "0") if device == "cuda" else (gpu if pinned and gpu else "")
     chosen = {
-        "CUDA_VISIBLE_DEVICES": (gpu or "0") if device == "cuda" else "",
+        "CUDA_VISIBLE_DEVICES": visible,
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -282,34 +287,37 @@ class SuiteOptions:
 
 
 class Suite:
-    """Runs each recipe in its own fresh worker, in order; one recipe's failure never stops the others."""
+    """Runs each recipe in its own fresh worker, in order; one recipe's failure never stops the others.
+    With `gpu` set it is one lane of scheduler.py: each recipe it is given runs on that GPU alone."""
 
     def __init__(self, plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, *,
                  listener: Listener | None = None, preflight: Preflight | None = None,
-                 interrupts: Interrupts | None = None) -> None:
+                 interrupts: Interrupts | None = None, gpu: int | None = None) -> None:
         self.plans = plans
         self.run_dir = run_dir
         self.options = options
         self.listener = listener or (lambda *_: None)
         self.preflight = preflight
         self.interrupts = interrupts or Interrupts()
+        self.gpu = gpu
         self._held: RecipeRun | None = None  # the next recipe's worker, started ahead and held off the device
 
     def run(self) -> list[dict[str, Any]]:
         try:
-            return [self._recipe(plan) for plan in self.plans]
+            return [self.run_recipe(plan) for plan in self.plans]
         finally:
             if self._held is not None:
                 self._held.abandon()
 
-    def _finished_before(self, plan: RecipePlan) -> bool:
+    def finished_before(self, plan: RecipePlan) -> bool:
         previous = self.run_dir / plan.recipe.name / "summary.json"
         return self.options.resume and previous.exists() and read_json(previous).get("status") == "ok"
 
-    def _recipe(self, plan: RecipePlan) -> dict[str, Any]:
+    def run_recipe(self, plan: RecipePlan) -> dict[str, Any]:
+        """One recipe to its recorded end (kept, skipped, error, refused, or its attempts); returns its row."""
         recipe_dir = self.run_dir / plan.recipe.name
         recipe_dir.mkdir(parents=True, exist_ok=True)
-        if self._finished_before(plan):
+        if self.finished_before(plan):
             return read_json(recipe_dir / "summary.json")
         decision, attempts = LaunchDecision(ok=True), []
         if self.interrupts.stop_requested:
@@ -317,7 +325,7 @@ class Suite:
         elif not plan.runnable:
             outcome = RecipeOutcome(plan.recipe.name, "error", plan.problem or "")
             outcome.error = {"kind": "lineage", "message": plan.problem}
-        elif self.preflight and not (decision := self.preflight.before_launch(plan)).ok:
+        elif self.preflight and not (decision := self._before_launch(plan)).ok:
             outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
         else:
             outcome, attempts = self._attempts(plan, recipe_dir, decision)
@@ -327,6 +335,11 @@ class Suite:
         if outcome.pid is None:
             self.listener("finished", outcome, {})
         return self._record(plan, recipe_dir, outcome, decision, attempts)
+
+    def _before_launch(self, plan: RecipePlan) -> LaunchDecision:
+        if self.gpu is None:
+            return self.preflight.before_launch(plan)
+        return self.preflight.before_launch(plan, gpu=self.gpu)  # GpuPreflight: this lane's GPU only
 
     def _attempts(self, plan: RecipePlan, recipe_dir: Path,
                   decision: LaunchDecision) -> tuple[RecipeOutcome, list[dict[str, Any]]]:
@@ -369,7 +382,8 @@ class Suite:
         done_ids = sorted({s["id"] for s in repair_samples(recipe_dir / "samples.jsonl")})
         spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
                                    device=self.options.device, skip_ids=done_ids, attempt=attempt, hold=hold)
-        env, env_record = worker_env(self.options.device, decision.gpu, offline=self.options.offline)
+        env, env_record = worker_env(self.options.device, decision.gpu, offline=self.options.offline,
+                                     pinned=self.gpu is not None)
         run = RecipeRun(spec, recipe_dir, env, Limits.of(recipe, self.options.timeout), self.interrupts,
                         self.listener)
         run.outcome.env_set = env_record
@@ -392,7 +406,7 @@ class Suite:
         if not self.options.prestart or self.interrupts.stop_requested:
             return
         index = self.plans.index(plan)
-        upcoming = [p for p in self.plans[index + 1:] if p.runnable and not self._finished_before(p)]
+        upcoming = [p for p in self.plans[index + 1:] if p.runnable and not self.finished_before(p)]
         if upcoming:
             self._held = self._new_run(upcoming[0], LaunchDecision(ok=True, gpu=decision.gpu), 1, hold=True)
             self._held.start()
