@@ -53,6 +53,8 @@ class LaunchDecision:
 class Preflight(Protocol):
     """Decides, before each launch, whether and where a recipe runs; told when each worker has exited."""
 
-    def before_launch(self, plan: RecipePlan) -> LaunchDecision: ...
+    def before_launch(self, plan: RecipePlan, gpu: int | None = None) -> LaunchDecision:
+        """The verdict for `plan`; on `gpu` only when the scheduler placed it there (several GPUs at once)."""
+        ...
 
     def after_exit(self, plan: RecipePlan, pid: int | None) -> None: ...
