@@ -1,0 +1,776 @@
+"""The GPU benchmark of issue 7: evalorch's suite against the notebook way, on the same random-weight 7B models.
+
+    python3 scripts/bench_gpu.py bench --work /tmp/bench --out "$OUT"                      # on the GPU machine
+    python3 scripts/bench_gpu.py bench --work /tmp/bench_s --out /tmp/bench_o --small      # the flow on a CPU
+
+In one call, timestamped so a timeout still says where the time went:
+  build     random-weight Qwen2-VL at the 7B shape (scripts/gpu_check.py's builders) as a five-recipe family:
+            base; r1 LoRA on the LLM; r2 vision fine-tuned (full checkpoint); r3 two-stage = stage-1 full checkpoint
+            + stage-2 LoRA recording stage 1 (a training-machine path, remapped) as its base; r4 LoRA on LLM +
+            vision. The vision tower is a shard of its own, so r2 and r3-stage1 hard-link base's language-model
+            shards and write only a new (random) vision shard; plus 200 synthetic 448x448 samples.
+  (a)       `python -m orchestrator run suite.toml --device cuda`: flash_attention_2, bf16, batch_size "auto",
+            min_new_tokens = max_new_tokens = 32; its stdout is timestamped line by line.
+  (b)       the notebook way, in one process: each model loaded in turn (AutoModelForImageTextToText with
+            device_map="cuda", adapters through PeftModel), one `generate` per sample, gc.collect() and
+            torch.cuda.empty_cache() between models; on the first N samples of each model (a time slice each,
+            so the call ends in time), extrapolated to all samples. The same process measures the device copy
+            bandwidth, the bf16 matmul rate (8192^3), pinned/pageable host-to-device copies, and prefill and
+            decode of the base model at the batch size the orchestrator chose.
+The table goes to stdout and OUT/bench.md, the figures to OUT/bench.json, logs to OUT/*.log. This process never
+touches CUDA itself (it would count as a foreign holder of GPU memory in the orchestrator's preflight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.gpu_check import (  # noqa: E402 - torch-free at import
+    GIB,
+    JOINT_TARGETS,
+    LORA_TARGETS,
+    SHAPES,
+    SMALL_SHAPES,
+    _configs,
+    _hub_name,
+    _random,
+    _write_lora,
+)
+
+NEW_TOKENS = 32
+R3_TRAINING_PREFIX = "/ssd1/team/vlm_outputs"  # what r3-stage2's adapter_config.json records; remapped in suite.toml
+RECIPES = [  # name, model folder (the recipe's `model`), chain as the notebook loads it: (root, adapter or None)
+    ("base", "base", ("base", None)),
+    ("r1-llm-only", "r1-llm-only", ("base", "r1-llm-only")),
+    ("r2-vision-only", "r2-vision-only", ("r2-vision-only", None)),
+    ("r3-two-stage", "r3-stage2", ("r3-stage1", "r3-stage2")),
+    ("r4-joint", "r4-joint", ("base", "r4-joint")),
+]
+_T0 = time.time()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - _T0:6.1f}s] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------- building (a child process)
+
+
+def build_family(folder: Path, device: str, small: bool) -> None:
+    """base + r2/r3-stage1 (new vision shard, hard-linked language-model shards) + three LoRA adapters."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    shape = SMALL_SHAPES["tiny-b"] if small else SHAPES["7b"]
+    processor, config, generation = _configs(shape)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    vision = {n: s for n, s in shapes.items() if n.startswith("model.visual.")}
+    language = {n: s for n, s in shapes.items() if n not in vision}
+    groups = [list(vision), *_groups(language, (1 << 20) if small else 4 * GIB)]  # small: several LLM shards too
+    files = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    base = folder / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for file, names in zip(files, groups, strict=True):
+        weight_map |= _write_shard(base / file, {n: shapes[n] for n in names}, device)
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(base)
+    generation.save_pretrained(base)
+    processor.save_pretrained(base)
+    log(f"base written: {len(files)} shards, {total / 1e9:.2f} GB")
+    for name in ("r2-vision-only", "r3-stage1"):  # vision fine-tuned: a new vision shard, the LLM shared
+        target = folder / name
+        target.mkdir(parents=True, exist_ok=True)
+        for item in base.iterdir():
+            if item.name in files[1:]:
+                _link(item, target / item.name)
+            elif item.name != files[0]:
+                shutil.copy2(item, target / item.name)
+        _write_shard(target / files[0], vision, device)
+        log(f"{name} written (vision shard {files[0]} new, {len(files) - 1} language-model shard(s) hard-linked)")
+    _write_lora(model, folder / "r1-llm-only", base, LORA_TARGETS, device)
+    _write_lora(model, folder / "r4-joint", base, JOINT_TARGETS, device)
+    _write_lora(model, folder / "r3-stage2", Path(R3_TRAINING_PREFIX) / "r3-stage1", LORA_TARGETS, device)
+    log("adapters written: r1-llm-only, r3-stage2 (on r3-stage1), r4-joint")
+
+
+def _groups(shapes: dict[str, tuple], shard_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _write_shard(path: Path, shapes: dict[str, tuple], device: str) -> dict[str, str]:
+    from safetensors.torch import save_file
+
+    tensors = {_hub_name(n): _random(s, n, device) for n, s in shapes.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return dict.fromkeys(tensors, path.name)
+
+
+def _link(source: Path, target: Path) -> None:
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:  # another file system: a symbolic link does as well (the loader and lineage follow it)
+        target.symlink_to(source.resolve())
+
+
+def build_dataset(folder: Path, samples: int) -> Path:
+    """`samples` 448x448 images (256 image tokens each) with a red rectangle, one prompt for all: fixed work."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(samples):
+        size = 448
+        x1, y1 = rng.randint(0, size // 2), rng.randint(0, size // 2)
+        box = [x1, y1, x1 + rng.randint(28, size // 2), y1 + rng.randint(28, size // 2)]
+        image = Image.new("RGB", (size, size), (240, 240, 240))
+        ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(220, 30, 30))
+        image.save(folder / "images" / f"s{index:03d}.png")
+        lines.append(json.dumps({"id": f"s{index:03d}", "image": f"images/s{index:03d}.png", "bbox": box,
+                                 "prompt": "Find the red rectangle."}))
+    (folder / "grounding.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "grounding.jsonl"
+
+
+# ----------------------------------------------------------------------------- (b) the notebook way (a child process)
+
+
+def notebook(models: Path, dataset: Path, device: str, attn: str, n: int, deadline: float, batch: int,
+             out: Path) -> None:
+    """The notebook way, plus the hardware and kernel measurements; writes its figures to `out` (JSON)."""
+    started = time.perf_counter()
+    import gc
+
+    import torch
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    result: dict[str, Any] = {"imports_s": time.perf_counter() - started, "attn": attn, "models": []}
+    log(f"notebook: imports {result['imports_s']:.1f}s")
+    cuda = device == "cuda"
+    excluded = time.perf_counter()  # measurements that are not part of the notebook way
+    result["hardware"] = hardware(cuda)
+    excluded = time.perf_counter() - excluded
+    log(f"notebook: hardware {json.dumps(result['hardware'])}")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    setup = time.perf_counter()
+    processor = AutoProcessor.from_pretrained(models / "base")
+    records = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
+    result["setup_s"] = time.perf_counter() - setup
+
+    def sample_inputs(record: dict) -> Any:
+        image = Image.open(dataset.parent / record["image"]).convert("RGB")
+        messages = [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": f"{record['prompt']} Answer with its bounding box."}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return processor(text=[text], images=[image], return_tensors="pt").to(device)
+
+    for index, (name, _folder, (root, adapter)) in enumerate(RECIPES):
+        entry: dict[str, Any] = {"name": name, "root": root, "adapter": adapter}
+        t = time.perf_counter()
+        model = AutoModelForImageTextToText.from_pretrained(models / root, dtype=dtype, device_map=device,
+                                                            attn_implementation=attn)
+        if adapter:
+            model = PeftModel.from_pretrained(model, models / adapter)
+        model.eval()
+        if cuda:
+            torch.cuda.synchronize()
+        entry["load_s"] = time.perf_counter() - t
+        entry["bytes"] = sum(f.stat().st_size for f in (models / root).glob("*.safetensors")) + (
+            sum(f.stat().st_size for f in (models / adapter).glob("*.safetensors")) if adapter else 0)
+        # each model gets an equal share of the time left, less its load, so every model is measured
+        slice_s = (deadline - time.time()) / (len(RECIPES) - index) - entry["load_s"]
+        loop_end = time.time() + slice_s
+        times = []
+        for record in records[:n]:
+            if len(times) >= 4 and time.time() > loop_end:
+                break
+            t = time.perf_counter()
+            inputs = sample_inputs(record)
+            with torch.inference_mode():
+                output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                        do_sample=False)
+            processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+            times.append(time.perf_counter() - t)
+        entry["sample_s"] = times
+        entry["new_tokens"] = int(output.shape[1] - inputs["input_ids"].shape[1])
+        log(f"notebook: {name}: load {entry['load_s']:.1f}s, {len(times)} samples, first {times[0]:.3f}s, "
+            f"mean of the rest {_mean(times[1:]):.3f}s")
+        if name == "base":
+            t = time.perf_counter()
+            try:
+                result["kernels"] = kernels(model, processor, records[:batch], dataset.parent, device, cuda,
+                                             batch)
+                log(f"notebook: kernels at batch {batch}: {json.dumps(result['kernels'])}")
+            except Exception as exc:  # a measurement must not cost the comparison
+                result["kernels"] = {"error": repr(exc)}
+                log(f"notebook: kernels failed: {exc!r}")
+            if cuda:
+                torch.cuda.empty_cache()
+            excluded += time.perf_counter() - t
+        t = time.perf_counter()
+        del model, output, inputs
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+        entry["teardown_s"] = time.perf_counter() - t
+        result["models"].append(entry)
+        out.write_text(json.dumps(result, indent=1))  # what was measured so far survives a timeout
+    result["excluded_s"] = excluded
+    result["wall_s"] = time.perf_counter() - started - excluded
+    out.write_text(json.dumps(result, indent=1))
+
+
+def hardware(cuda: bool) -> dict[str, float | None]:
+    """Device copy bandwidth (read + write), bf16 matmul rate (8192^3), pinned and pageable host-to-device."""
+    import torch
+
+    device = "cuda" if cuda else "cpu"
+    result = {"copy_Bps": _copy_rate(torch, device, cuda), "matmul_side": 8192 if cuda else 512,
+              "h2d_pinned_Bps": None, "h2d_pageable_Bps": None}
+    result["matmul_flops"] = _matmul_rate(torch, device, cuda, result["matmul_side"])
+    if cuda:
+        result["h2d_pinned_Bps"], result["h2d_pageable_Bps"] = _h2d_rates(torch)
+        torch.cuda.empty_cache()
+    return result
+
+
+def _timed(torch: Any, fn: Any, iterations: int, cuda: bool) -> float:
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iterations
+
+
+def _copy_rate(torch: Any, device: str, cuda: bool) -> float:
+    size = (2 << 30) if cuda else (64 << 20)
+    src = torch.empty(size, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * size / _timed(torch, lambda: dst.copy_(src), 20 if cuda else 3, cuda)
+
+
+def _matmul_rate(torch: Any, device: str, cuda: bool, side: int) -> float:
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    b = torch.randn_like(a)
+    return 2 * side**3 / _timed(torch, lambda: a @ b, 30 if cuda else 2, cuda)
+
+
+def _h2d_rates(torch: Any) -> tuple[float, float]:
+    size = 1 << 30
+    host = torch.empty(size, dtype=torch.uint8).fill_(1)
+    pinned = host.pin_memory()
+    target = torch.empty(size, dtype=torch.uint8, device="cuda")
+    fast = size / _timed(torch, lambda: target.copy_(pinned, non_blocking=True), 5, True)
+    slow = size / _timed(torch, lambda: target.copy_(host), 5, True)
+    return fast, slow
+
+
+def kernels(model: Any, processor: Any, records: list[dict], folder: Path, device: str, cuda: bool,
+            batch: int) -> dict:
+    """Prefill and decode of `model` on one batch, as the worker runs it (left padding, one generate): prefill =
+    generate of 1 token, decode = (generate of 32 - generate of 1) / 31 steps; and their floors' FLOPs."""
+    import torch
+    from PIL import Image
+
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    texts, images = [], []
+    for record in records:
+        images.append(Image.open(folder / record["image"]).convert("RGB"))
+        messages = [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": f"{record['prompt']} Answer with its bounding box."}]}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+    tokenizer.padding_side = side
+
+    def run(tokens: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    one = min(run(1) for _ in range(3))
+    full = min(run(NEW_TOKENS) for _ in range(2))
+    flops = prefill_flops(model, inputs)
+    return {"batch": len(records), "batch_requested": batch, "prefill_s": one, "generate_s": full,
+            "decode_step_s": (full - one) / (NEW_TOKENS - 1), **flops}
+
+
+def prefill_flops(model: Any, inputs: Any) -> dict:
+    """Matmul FLOPs of one prefill, from the model's own parameters and the batch: 2 x params x tokens for every
+    linear layer (vision blocks over all patches, the merger over the merged tokens, the language model over the
+    real, unpadded tokens), attention scores (full within an image, causal in the text), and lm_head once per
+    sequence. Also the per-step decode FLOPs (2 x language-model params x batch)."""
+    config = model.config
+    vision_blocks = merger = llm = lm_head = 0
+    for name, param in model.named_parameters():
+        if param.dim() < 2 or "lora_" in name:
+            continue
+        count = param.numel()
+        if ".visual." in f".{name}" and ".merger." in name:
+            merger += count
+        elif ".visual." in f".{name}":
+            vision_blocks += count
+        elif "lm_head" in name:
+            lm_head += count
+        elif "embed_tokens" not in name:
+            llm += count
+    grid = inputs["image_grid_thw"].tolist()
+    patches = [t * h * w for t, h, w in grid]
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    vision_cfg = config.vision_config
+    text_cfg = getattr(config, "text_config", config)
+    hidden = text_cfg.hidden_size
+    vision = 2 * vision_blocks * sum(patches) + 2 * merger * sum(patches) // 4
+    vision += sum(4 * vision_cfg.depth * p * p * vision_cfg.embed_dim for p in patches)
+    text = 2 * llm * sum(lengths) + sum(2 * text_cfg.num_hidden_layers * n * n * hidden for n in lengths)
+    head = 2 * lm_head * len(lengths)
+    decode = 2 * (llm + lm_head) * len(lengths)
+    return {"prefill_flops": vision + text + head, "vision_flops": vision, "text_flops": text,
+            "decode_step_flops": decode, "tokens": lengths, "patches": patches}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- the benchmark (this process)
+
+
+class Bench:
+    def __init__(self, work: Path, out: Path, small: bool, samples: int, notebook_samples: int, budget: float):
+        self.work, self.out, self.small = work, out, small
+        self.samples, self.notebook_samples = samples, notebook_samples
+        self.deadline = _T0 + budget
+        self.device = "cpu" if small else "cuda"
+        self.attn = "sdpa" if small else "flash_attention_2"
+        self.models = work / "models"
+        self.lines: list[str] = []
+        self.figures: dict[str, Any] = {"device": self.device, "attn": self.attn, "samples": samples}
+        work.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+
+    def child(self, name: str, args: list[str], timeout: float, env: dict | None = None) -> tuple[int, list]:
+        """Run a child, its output timestamped line by line into OUT/<name>.log and echoed; (returncode, lines)."""
+        started = time.monotonic()
+        lines: list[tuple[float, str]] = []
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        timer = threading.Timer(max(1.0, timeout), proc.kill)
+        timer.start()
+        with open(self.out / f"{name}.log", "a") as f:
+            f.write(f"$ {' '.join(args)}\n")
+            for line in proc.stdout:
+                at = time.monotonic() - started
+                lines.append((at, line.rstrip("\n")))
+                f.write(f"{at:8.2f} {line}")
+                f.flush()
+                print(f"    {name} {at:7.2f}s | {line.rstrip()}", flush=True)
+        code = proc.wait()
+        timer.cancel()
+        log(f"{name}: exit {code} after {time.monotonic() - started:.1f}s")
+        return code, lines
+
+    def build(self) -> Path:
+        log("building the models and the dataset")
+        if not (self.models / "r4-joint" / "adapter_config.json").is_file():
+            shutil.rmtree(self.models, ignore_errors=True)
+            code, _ = self.child("build", [sys.executable, __file__, "build", "--models", str(self.models),
+                                           "--device", self.device, *(["--small"] if self.small else [])], 400)
+            if code != 0:
+                raise SystemExit(f"building the models failed: see {self.out / 'build.log'}")
+        dataset = build_dataset(self.work / "data", self.samples)
+        sizes = {name: _folder_bytes(self.models / name) for name in ("base", "r2-vision-only", "r3-stage1",
+                                                                      "r1-llm-only", "r3-stage2", "r4-joint")}
+        self.figures["model_bytes"] = sizes
+        log(f"built: {json.dumps({k: round(v / 1e9, 3) for k, v in sizes.items()})} GB; {self.samples} samples")
+        return dataset
+
+    def suite(self, dataset: Path) -> None:
+        body = "".join(f'\n[[recipe]]\nname = "{name}"\nmodel = "{self.models / folder}"\n'
+                       + ("baseline = true\n" if name == "base" else "") for name, folder, _ in RECIPES)
+        recipes = self.work / "suite.toml"
+        recipes.write_text(
+            f'[defaults]\ndataset = "{dataset}"\nprompt = "{{prompt}} Answer with its bounding box."\n'
+            f'max_new_tokens = {NEW_TOKENS}\nmin_new_tokens = {NEW_TOKENS}\nbatch_size = "auto"\n'
+            f'dtype = "{"bfloat16" if not self.small else "auto"}"\nattn = "{self.attn}"\ntimeout = 300\n'
+            f'\n[lineage]\nremap = {{ "{R3_TRAINING_PREFIX}" = "{self.models}" }}\n{body}')
+        env = {"COLUMNS": "200"}  # rich wraps at 80 columns on a pipe
+        if self.small:  # the fake NVML lets the preflight size batch_size "auto" on a CPU, as on a GPU
+            from orchestrator.gpu import FAKE_ENV, write_fake_nvml
+
+            fake = self.work / "nvml.json"
+            write_fake_nvml(fake, [{"name": "Fake GPU (--small)", "uuid": "GPU-fake-0", "total_bytes": 80 * GIB,
+                                    "free_bytes": 80 * GIB, "processes": []}])
+            env[FAKE_ENV] = str(fake)
+        command = [sys.executable, "-m", "orchestrator", "run", str(recipes), "--device", self.device,
+                   "--out", str(self.work / "runs")]
+        self.figures["suite_command"] = "python -m orchestrator run suite.toml --device " + self.device
+        started = time.monotonic()
+        budget = self.deadline - time.time() - (60 if self.small else 170)  # leave the notebook its share
+        code, lines = self.child("suite", command, budget, env)
+        wall = time.monotonic() - started
+        match = next((re.search(r"Run folder: (\S+)", text) for _, text in lines if "Run folder:" in text), None)
+        if match is None:
+            raise SystemExit("the orchestrator printed no run folder: see suite.log")
+        run_dir = Path(match.group(1))
+        names = [name for name, _, _ in RECIPES]
+        summaries = {n: json.loads((run_dir / n / "summary.json").read_text()) for n in names
+                     if (run_dir / n / "summary.json").is_file()}
+        self.figures["suite"] = {"exit": code, "wall_s": wall, "run_dir": str(run_dir),
+                                 "events": _events(lines, names), "recipes": summaries}
+
+    def notebook(self, batch: int) -> None:
+        out = self.work / "notebook.json"
+        out.unlink(missing_ok=True)
+        deadline = self.deadline - 10
+        command = [sys.executable, __file__, "notebook", "--models", str(self.models), "--dataset",
+                   str(self.work / "data" / "grounding.jsonl"), "--device", self.device, "--attn", self.attn,
+                   "-n", str(self.notebook_samples), "--deadline", str(deadline), "--batch", str(batch),
+                   "--json", str(out)]
+        started = time.monotonic()
+        code, _ = self.child("notebook", command, deadline - time.time() + 5)
+        process_wall = time.monotonic() - started
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        self.figures["notebook"] = {"exit": code, "process_wall_s": process_wall, **result}
+
+    # ------------------------------------------------------------------ the table
+
+    def report(self) -> None:
+        f = self.figures
+        hw = (f.get("notebook") or {}).get("hardware") or {}
+        suite = f.get("suite") or {}
+        nb = f.get("notebook") or {}
+        rows = []
+        for name, _, _ in RECIPES:
+            if name not in suite.get("recipes", {}):
+                continue
+            row = _recipe_row(suite["recipes"][name])
+            previous, event = suite["events"].get(_previous(name) or "", {}), suite["events"].get(name, {})
+            if previous.get("finished") is not None and event.get("loaded") is not None and row["load_s"]:
+                row["not_hidden_s"] = event["loaded"] - previous["finished"] - row["load_s"]
+                if row["exit_s"] is not None and row["not_hidden_s"] > 0:  # a late worker: see _exit_seconds
+                    row["exit_s"] -= row["not_hidden_s"]
+            rows.append(row)
+        notebook_rows = [_notebook_row(m, self.samples) for m in nb.get("models", [])]
+        nb_measured = nb.get("wall_s")
+        nb_extrapolated = None
+        if len(notebook_rows) == len(RECIPES):
+            nb_extrapolated = nb["imports_s"] + nb["setup_s"] + sum(r["extrapolated_s"] for r in notebook_rows)
+        suite_wall = suite.get("wall_s")
+        ratio = suite_wall / nb_extrapolated if suite_wall and nb_extrapolated else None
+        total = self.samples * len(RECIPES)
+        f["summary"] = {"suite_wall_s": suite_wall, "notebook_measured_s": nb_measured,
+                        "notebook_extrapolated_s": nb_extrapolated, "ratio": ratio}
+        e = self.emit
+        e(f"## Wall time, {len(RECIPES)} recipes x {self.samples} samples, {NEW_TOKENS} new tokens each", "",
+          "| | wall | samples/s | |", "|---|---|---|---|",
+          f"| (a) evalorch suite (exit {suite.get('exit')}) | {_s(suite_wall)} | {_rate(total, suite_wall)} | "
+          f"5 fresh workers, {self.attn}, batch auto |",
+          f"| (b) notebook way, measured | {_s(nb_measured)} | "
+          f"{_rate(sum(len(m['sample_s']) for m in nb.get('models', [])), nb_measured)} | "
+          f"{'/'.join(str(len(m['sample_s'])) for m in nb.get('models', []))} samples per model, one generate each |",
+          f"| (b) notebook way, extrapolated to {self.samples} per model | {_s(nb_extrapolated)} | "
+          f"{_rate(total, nb_extrapolated)} | imports + processor + per model: load + first sample + "
+          f"{self.samples - 1} x mean of the other measured samples + teardown |",
+          f"| ratio (a) / (b extrapolated) | **{_x(ratio)}** | | target <= 0.1x |", "")
+        e("## Device (measured in this script)", "", "| device copy (read+write) | bf16 matmul 8192^3 | "
+          "host-to-device pinned | host-to-device pageable |", "|---|---|---|---|",
+          f"| {_gbps(hw.get('copy_Bps'))} | {_tflops(hw.get('matmul_flops'))} | {_gbps(hw.get('h2d_pinned_Bps'))} | "
+          f"{_gbps(hw.get('h2d_pageable_Bps'))} |", "")
+        e("## (a) evalorch, per recipe (seconds; parent: hidden_startup, spawn_to_hello, teardown; worker: imports, "
+          "page_cache, held, load, first_sample, inference)", "",
+          "| recipe | status | batch | hidden_startup | spawn_to_hello | imports | page_cache | held | load | "
+          "load GB/s | first_sample | inference | s/sample | samples/s | gen tok/s | teardown | exit | not hidden |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+          *[_recipe_line(r) for r in rows], "")
+        e("not hidden = time from the previous worker's exit (its `finished` line in the parent's output) to this "
+          "worker's `loaded` line, less its load: the start-up the pipeline did not hide. load GB/s = bytes of the "
+          "chain's weight files / load seconds (CUDA context creation included). gen tok/s = generated tokens / "
+          "inference seconds (prefill included). exit = the worker's `done` to its reaping (derived: the parent's "
+          "run span less the worker's own span), which the parent's `teardown` (pipe closed to reaped) does not see. "
+          "spawn_to_hello of a held worker is when the parent first read its pipe (at release), not when it said "
+          "hello: its imports column is the real figure.", "")
+        e("## (b) the notebook way, per model", "", "| model | load | load GB/s | samples measured | first sample | "
+          "mean of the rest | extrapolated to all | teardown |", "|---|---|---|---|---|---|---|---|",
+          *[f"| {r['name']} | {_s(r['load_s'])} | {_gb(r['load_GBps'])} | {r['n']} | {_s(r['first_s'], 3)} | "
+            f"{_s(r['mean_s'], 3)} | {_s(r['extrapolated_s'])} | {_s(r['teardown_s'])} |" for r in notebook_rows],
+          "", f"imports {_s(nb.get('imports_s'))}, processor and dataset {_s(nb.get('setup_s'))}; excluded from its "
+          f"wall: the device and kernel measurements ({_s(nb.get('excluded_s'))}).", "")
+        self.kernel_section(hw, nb.get("kernels") or {}, rows)
+        self.targets(ratio, rows)
+        (self.out / "bench.json").write_text(json.dumps(f, indent=1, default=str))
+
+    def kernel_section(self, hw: dict, k: dict, rows: list[dict]) -> None:
+        if "prefill_s" not in k:
+            self.emit(f"## Kernels: not measured ({k.get('error', 'no result')})", "")
+            return
+        batch = k["batch"]
+        weights = self.figures["model_bytes"]["base"]
+        copy, matmul = hw["copy_Bps"], hw["matmul_flops"]
+        step_floor = max(weights / copy, k["decode_step_flops"] / matmul)
+        prefill_floor = k["prefill_flops"] / matmul
+        floor = (prefill_floor + (NEW_TOKENS - 1) * step_floor) / batch
+        k |= {"step_floor_s": step_floor, "prefill_floor_s": prefill_floor, "per_sample_floor_s": floor}
+        for row in rows:
+            if row.get("s_per_sample") and row.get("batch") == k["batch_requested"]:
+                row["floor_ratio"] = row["s_per_sample"] / floor
+        dtype = "float32" if self.small else "bf16"
+        self.emit(f"## Prefill and decode at batch {batch} (base, {self.attn}, {dtype}; one generate of 1 and of "
+                  f"{NEW_TOKENS} tokens in the notebook process)", "",
+                  "| figure | measured | bound | of bound |", "|---|---|---|---|",
+                  f"| prefill ({sum(k['tokens'])} text+image tokens, {sum(k['patches'])} vision patches; "
+                  f"{k['prefill_flops'] / 1e12:.1f} TFLOP) | {_s(k['prefill_s'], 3)} = "
+                  f"{_tflops(k['prefill_flops'] / k['prefill_s'])} | {_tflops(matmul)} (matmul) | "
+                  f"{k['prefill_flops'] / k['prefill_s'] / matmul:.0%} |",
+                  f"| decode step ({weights / 1e9:.2f} GB of weights) | {k['decode_step_s'] * 1e3:.2f} ms = "
+                  f"{batch / k['decode_step_s']:,.0f} tok/s | {step_floor * 1e3:.2f} ms = {batch / step_floor:,.0f} "
+                  f"tok/s (weights / copy bandwidth) | {step_floor / k['decode_step_s']:.0%} |",
+                  f"| per sample, prefill + {NEW_TOKENS - 1} decode steps, / batch | "
+                  f"{(k['generate_s']) / batch * 1e3:.1f} ms | {floor * 1e3:.1f} ms (floor) | "
+                  f"{floor / (k['generate_s'] / batch):.0%} |", "")
+
+    def targets(self, ratio: float | None, rows: list[dict]) -> None:
+        not_hidden = [(r["name"], r["not_hidden_s"]) for r in rows if r.get("not_hidden_s") is not None]
+        loads = [(r["name"], r["load_GBps"]) for r in rows if r.get("load_GBps")]
+        floors = [(r["name"], r["floor_ratio"]) for r in rows if r.get("floor_ratio")]
+        first = rows[0] if rows else {}
+
+        def verdict(ok: bool | None) -> str:
+            return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+        listing = lambda pairs, fmt: ", ".join(f"{n} {fmt(v)}" for n, v in pairs) or "n/a"  # noqa: E731
+        self.emit("## Targets", "",
+                  f"- suite wall <= 0.1x the notebook way's: {verdict(None if ratio is None else ratio <= 0.1)} "
+                  f"({_x(ratio)}, against the extrapolated notebook wall)",
+                  f"- start-up not hidden <= 2 s per recipe: "
+                  f"{verdict(None if not not_hidden else max(v for _, v in not_hidden) <= 2)} "
+                  f"({listing(not_hidden, lambda v: f'{v:.2f} s')}; the first recipe has nothing to hide behind: "
+                  f"spawn to hello {_s(first.get('spawn_to_hello_s'))}, imports {_s(first.get('imports_s'))})",
+                  f"- model load >= 15 GB/s from a warm page cache: "
+                  f"{verdict(None if not loads else min(v for _, v in loads) >= 15)} "
+                  f"({listing(loads, lambda v: f'{v:.1f} GB/s')})",
+                  f"- per-sample inference within 3x of the prefill+decode floor at the chosen batch: "
+                  f"{verdict(None if not floors else max(v for _, v in floors) <= 3)} "
+                  f"({listing(floors, lambda v: f'{v:.2f}x')})", "")
+
+    def emit(self, *lines: str) -> None:
+        for line in lines:
+            print(line, flush=True)
+        self.lines.extend(lines)
+        (self.out / "bench.md").write_text("\n".join(self.lines) + "\n")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _previous(name: str) -> str | None:
+    names = [n for n, _, _ in RECIPES]
+    index = names.index(name)
+    return names[index - 1] if index else None
+
+
+def _events(lines: list[tuple[float, str]], names: list[str]) -> dict[str, dict[str, float]]:
+    """When the parent printed each recipe's `starting`, `loaded` and `finished` lines (seconds since spawn)."""
+    events: dict[str, dict[str, float]] = {}
+    current = None
+    for at, text in lines:
+        if m := re.match(r"\[\d+/\d+\] (\S+): worker pid \d+ starting", text):
+            current = m.group(1)
+            events.setdefault(current, {})["started"] = at
+        elif current and text.strip().startswith("loaded in "):
+            events[current]["loaded"] = at
+        elif (m := re.match(r"\s+(\S+): \w+, \d+ samples", text)) and m.group(1) in names:
+            events.setdefault(m.group(1), {})["finished"] = at
+    return events
+
+
+def _recipe_row(summary: dict) -> dict:
+    timings = summary.get("timings") or {}
+    done = summary.get("done") or {}
+    worker = done.get("timings") or {}
+    counts = done.get("counts") or {}
+    loaded = summary.get("loaded") or {}
+    chain = sum(link.get("bytes") or 0 for link in summary.get("lineage") or [])
+    load = loaded.get("seconds")
+    scored = counts.get("scored") or 0
+    inference = worker.get("inference")
+    return {
+        "name": summary["name"], "status": summary.get("status"), "batch": counts.get("batch_size"),
+        "hidden_startup_s": timings.get("hidden_startup"), "spawn_to_hello_s": timings.get("spawn_to_hello"),
+        "teardown_s": timings.get("teardown"), "imports_s": worker.get("imports"),
+        "page_cache_s": worker.get("page_cache"), "held_s": worker.get("held"), "load_s": load,
+        "load_GBps": chain / load / 1e9 if load else None, "first_sample_s": worker.get("first_sample"),
+        "inference_s": inference, "s_per_sample": inference / scored if inference and scored else None,
+        "samples_per_s": scored / inference if inference and scored else None,
+        "gen_tok_per_s": counts.get("decode_tokens_per_s"), "not_hidden_s": None, "chain_bytes": chain,
+        "exit_s": _exit_seconds(summary.get("seconds"), timings, worker),
+    }
+
+
+def _exit_seconds(seconds: float | None, parent: dict, worker: dict) -> float | None:
+    """From the worker's `done` to its reaping (CUDA context teardown, interpreter exit), derived: the parent's
+    `teardown` starts only when the result pipe closes, which is when the worker has already exited. The parent's
+    span of the run less the worker's own span from release (held) or from its first import (not held). A held
+    worker that was not ready at its release noticed `go` late, and that lateness is in the parent's span: the
+    caller subtracts it (the recipe's "not hidden" time)."""
+    if seconds is None or worker.get("total") is None or worker.get("imports") is None:
+        return None
+    if worker.get("held") is not None:
+        return seconds - (worker["total"] - worker["imports"] - worker["held"])
+    if parent.get("spawn_to_hello") is None:
+        return None
+    return seconds - worker["total"] - (parent["spawn_to_hello"] - worker["imports"])
+
+
+def _recipe_line(r: dict) -> str:
+    return (f"| {r['name']} | {r['status']} | {r['batch']} | {_s(r['hidden_startup_s'])} | "
+            f"{_s(r['spawn_to_hello_s'])} | {_s(r['imports_s'])} | {_s(r['page_cache_s'])} | {_s(r['held_s'])} | "
+            f"{_s(r['load_s'])} | {_gb(r['load_GBps'])} | {_s(r['first_sample_s'])} | {_s(r['inference_s'])} | "
+            f"{_s(r['s_per_sample'], 4)} | {_num(r['samples_per_s'])} | {_num(r['gen_tok_per_s'], 0)} | "
+            f"{_s(r['teardown_s'])} | {_s(r['exit_s'])} | {_s(r['not_hidden_s'])} |")
+
+
+def _notebook_row(m: dict, samples: int) -> dict:
+    times = m["sample_s"]
+    rest = _mean(times[1:]) if len(times) > 1 else times[0]
+    return {"name": m["name"], "load_s": m["load_s"], "load_GBps": m["bytes"] / m["load_s"] / 1e9, "n": len(times),
+            "first_s": times[0], "mean_s": rest, "teardown_s": m["teardown_s"],
+            "extrapolated_s": m["load_s"] + times[0] + (samples - 1) * rest + m["teardown_s"]}
+
+
+def _s(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f} s"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _rate(count: int, seconds: float | None) -> str:
+    return "n/a" if not seconds else f"{count / seconds:.2f}"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}x"
+
+
+def _gb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _gbps(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1e9:,.1f} GB/s"
+
+
+def _tflops(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1e12:,.1f} TFLOP/s"
+
+
+def bench(args: argparse.Namespace) -> int:
+    runner = Bench(args.work.resolve(), args.out.resolve(), args.small, args.samples, args.notebook_samples,
+                   args.budget)
+    log(f"bench: device {runner.device}, {args.samples} samples, notebook subset {args.notebook_samples}, "
+        f"budget {args.budget:.0f}s")
+    dataset = runner.build()
+    failed = False
+    try:
+        runner.suite(dataset)
+    except (SystemExit, OSError, ValueError) as exc:
+        log(f"suite failed: {exc}")
+        failed = True
+    batches = [((s.get("done") or {}).get("counts") or {}).get("batch_size")
+               for s in ((runner.figures.get("suite") or {}).get("recipes") or {}).values()]
+    batch = next((b for b in batches if b), 8)
+    runner.notebook(batch)
+    if failed:
+        runner.figures.setdefault("suite", {"recipes": {}, "events": {}})
+    runner.report()
+    return 1 if failed or runner.figures["suite"].get("exit") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("bench", help="build, run (a) and (b), print the table")
+    run.add_argument("--work", type=Path, required=True, help="scratch folder: models, data, run folders")
+    run.add_argument("--out", type=Path, required=True, help="where the table and the logs go")
+    run.add_argument("--small", action="store_true", help="tiny shapes on the CPU: the flow without a GPU")
+    run.add_argument("--samples", type=int, default=None, help="dataset size (default 200; 12 with --small)")
+    run.add_argument("--notebook-samples", type=int, default=None, help="notebook subset per model (40; 3 small)")
+    run.add_argument("--budget", type=float, default=None, help="seconds for everything (default 540; 900 small)")
+    make = sub.add_parser("build", help="(internal) write the random-weight model family")
+    make.add_argument("--models", type=Path, required=True)
+    make.add_argument("--device", default="cuda")
+    make.add_argument("--small", action="store_true")
+    nb = sub.add_parser("notebook", help="(internal) the notebook way and the device measurements")
+    nb.add_argument("--models", type=Path, required=True)
+    nb.add_argument("--dataset", type=Path, required=True)
+    nb.add_argument("--device", default="cuda")
+    nb.add_argument("--attn", default="flash_attention_2")
+    nb.add_argument("-n", type=int, required=True)
+    nb.add_argument("--deadline", type=float, required=True, help="epoch seconds by which to be done")
+    nb.add_argument("--batch", type=int, required=True)
+    nb.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        build_family(args.models, args.device, args.small)
+        return 0
+    if args.command == "notebook":
+        notebook(args.models, args.dataset, args.device, args.attn, args.n, args.deadline, args.batch, args.json)
+        return 0
+    args.samples = args.samples or (12 if args.small else 200)
+    args.notebook_samples = args.notebook_samples or (3 if args.small else 40)
+    args.budget = args.budget or (900.0 if args.small else 540.0)
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
