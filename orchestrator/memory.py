@@ -105,6 +105,7 @@ class MemoryEstimate:
     margin: float
     prompt_tokens: int  # text + image tokens of the longest prompt
     image_tokens: int
+    lora_bytes: int = 0  # LoRA's float32 temporaries in the widest adapted layer during the prefill
     notes: tuple[str, ...] = ()
 
     @property
@@ -115,7 +116,7 @@ class MemoryEstimate:
     @property
     def activation_bytes(self) -> int:
         # the vision encoder runs first and its intermediates are freed before the language model's prefill
-        return max(self.vision_bytes, self.prefill_bytes)
+        return max(self.vision_bytes, self.prefill_bytes) + self.lora_bytes
 
     @property
     def needed_bytes(self) -> int:
@@ -163,6 +164,7 @@ class Workload:
     max_new_tokens: int
     shape: ModelShape | None  # None: config.json lacks the fields; only weights and context are counted
     prompts: Prompts
+    lora_widths: tuple[int, int] = (0, 0)  # widest in/out features the top adapter adapts: (text, vision)
     notes: tuple[str, ...] = field(default=())
 
     def estimate(self, batch_size: int) -> MemoryEstimate:
@@ -173,6 +175,7 @@ class Workload:
             vision = vision_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
             prefill = prefill_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
         return MemoryEstimate(
+            lora_bytes=lora_temporary_bytes(self.lora_widths, self.prompts, batch_size),
             dtype=self.dtype, attn=self.attn, batch_size=batch_size, weights_bytes=self.weights_bytes,
             adapter_bytes=self.adapter_bytes, kv_cache_bytes=kv, vision_bytes=vision, prefill_bytes=prefill,
             context_bytes=self.context_bytes, margin=self.margin,
@@ -207,8 +210,31 @@ def read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Worklo
         max_new_tokens=recipe.max_new_tokens,
         shape=shape,
         prompts=read_prompts(recipe, processor, shape),
+        lora_widths=lora_widths(adapters[-1]) if adapters else (0, 0),
         notes=tuple(notes),
     )
+
+
+def lora_widths(link: ChainLink) -> tuple[int, int]:
+    """The widest input or output of the modules an adapter adapts, in the text model and in the vision tower
+    (from lora_A (r, in) and lora_B (out, r) shapes in the safetensors header)."""
+    widths = [0, 0]
+    for path in sorted(Path(link.path).glob("adapter_model*.safetensors")):
+        for name, info in safetensors_header(path).items():
+            if name == "__metadata__" or ".lora_" not in name:
+                continue
+            vision = "visual" in name or "vision" in name
+            widths[vision] = max(widths[vision], *info["shape"])
+    return widths[0], widths[1]
+
+
+def lora_temporary_bytes(widths: tuple[int, int], prompts: Prompts, batch: int) -> int:
+    """peft computes LoRA in the adapter's float32: at the widest adapted layer it holds a float32 copy of the
+    input and a float32 output for every token (text) or patch (vision). Measured on the H100: a LoRA on the
+    7B's MLP peaks 2.8 GiB above its base at batch 64 (BENCHMARKS.md); this gives 2.6 GiB."""
+    text_width, vision_width = widths
+    text = (prompts.text_tokens + prompts.image_tokens) * text_width
+    return batch * max(text, prompts.patches * vision_width) * 8
 
 
 def weights_bytes(link: ChainLink, run_bytes: int, *, allow_pickle: bool, notes: list[str] | None = None) -> int:
@@ -298,9 +324,11 @@ def vision_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: i
 
 def prefill_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: int, attn: str) -> int:
     """The language model's first forward over the whole prompt: per layer, the MLP's gate, up and product
-    (batch x tokens x intermediate each) and the residual stream; plus last-token logits in float32."""
+    (batch x tokens x intermediate each) and the residual stream, twice over (the allocator's peak holds the
+    previous layer's buffers too: calibrated on the H100 at batch 8 and 64, BENCHMARKS.md); plus last-token
+    logits in float32."""
     tokens = prompts.text_tokens + prompts.image_tokens
-    per_token = (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes
+    per_token = 2 * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes
     scores = 0
     if attn == "eager":  # sdpa and flash attention never hold the whole score matrix
         scores = batch * shape.heads * tokens**2 * 4

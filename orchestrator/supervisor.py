@@ -48,6 +48,7 @@ class RecipeOutcome:
     samples_received: int = 0
     seconds: float = 0.0
     env_set: dict[str, Any] = field(default_factory=dict)
+    ready: dict[str, Any] | None = None  # a held worker's `ready` (it had imported and warmed its weights)
     timings: dict[str, float] = field(default_factory=dict)  # parent-side: hidden start-up, teardown
     log_tail: str = ""
 
@@ -140,6 +141,7 @@ class RecipeRun:
         self._splitter = protocol.LineSplitter()
         self._phase = "startup"
         self._expired: str | None = None  # the phase whose time ran out
+        self._done_at: float | None = None
         self._interrupted = False
 
     def start(self) -> None:
@@ -168,9 +170,9 @@ class RecipeRun:
         self._emit("started", {"pid": self.proc.pid})
         try:
             self._pump(self.proc, started)
-            done_at = time.monotonic()
             returncode = self._reap(self.proc)
-            self.outcome.timings["teardown"] = time.monotonic() - done_at
+            if self._done_at is not None:  # from `done` to the process reaped: interpreter and CUDA shutdown
+                self.outcome.timings["teardown"] = time.monotonic() - self._done_at
         finally:
             self.proc.cleanup()
             self.samples.close()
@@ -218,8 +220,10 @@ class RecipeRun:
             self.outcome.protocol_errors.append(str(exc))
             return
         kind = message.pop("type")
-        if kind == "hello":
+        if kind == "hello" and not self.spec.hold:  # a held worker's pipe is read only once released
             self.outcome.timings["spawn_to_hello"] = time.monotonic() - self._spawned
+        elif kind == "done":
+            self._done_at = time.monotonic()
         if kind == "sample":
             self.samples.append(message)
             self.outcome.samples_received += 1

@@ -194,3 +194,15 @@ def test_out_of_memory_with_one_sample_fails_as_cuda_oom(loaded, demo: dict, mon
         run_inference(model, processor, read_dataset(Path(demo["dataset"]), limit=2), recipe, "cpu",
                       lambda *_a, **_m: None, lambda: False, lambda _n: None)
     assert caught.value.kind == "cuda_oom"
+
+
+def test_a_lora_counts_its_float32_temporaries_at_the_widest_adapted_layer(demo: dict, tmp_path: Path) -> None:
+    """peft runs LoRA in float32: a float32 copy of the input and a float32 output per token, at the widest
+    adapted layer (the LLM adapters here adapt the MLP, whose widest side is the intermediate size)."""
+    text = json.loads((demo["root"] / "models" / "base" / "config.json").read_text())["text_config"]
+    base = estimate_recipe(_plan(demo, tmp_path, "base").recipe, _plan(demo, tmp_path, "base").chain, "cuda", 4)
+    plan = _plan(demo, tmp_path, "r1-llm-only")
+    lora = estimate_recipe(plan.recipe, plan.chain, "cuda", 4)
+    assert base.lora_bytes == 0
+    assert lora.lora_bytes == 4 * lora.prompt_tokens * max(text["intermediate_size"], text["hidden_size"]) * 8
+    assert lora.activation_bytes == base.activation_bytes + lora.lora_bytes

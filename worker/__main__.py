@@ -67,29 +67,39 @@ def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, control: C
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
     from .data import read_dataset
-    from .infer import run_inference
-    from .load import load_chain, warm_page_cache
+    from .infer import run_inference, start_batches
+    from .load import load_chain, load_processor, warm_page_cache
 
     timings["imports"] = time.perf_counter() - started
     out.send("hello", version=protocol.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
     recipe = dict(spec.recipe)
     samples = read_dataset(Path(spec.dataset), limit=recipe.get("limit"), skip_ids=set(spec.skip_ids))
+    device = "cuda:0" if spec.device == "cuda" else "cpu"
+    processor = batches = None
     if spec.hold:
         held = time.perf_counter()
         timings["page_cache"] = warm_page_cache(spec.chain)
+        go = control.go.is_set if spec.device == "cuda" else lambda: True  # pinning memory would touch CUDA
+        processor = load_processor(spec.chain, recipe)
+        if isinstance(recipe["batch_size"], int):  # the first batches get ready while the previous recipe runs
+            batches = start_batches(processor, samples, recipe, device, may_pin=go)
         out.send("ready", seconds=time.perf_counter() - started)
-        recipe |= {k: v for k, v in control.wait_for_go().items() if k in ("batch_size",)}
+        given = control.wait_for_go()
+        if given.get("batch_size") not in (None, recipe["batch_size"]):  # the preflight resized the batch
+            recipe["batch_size"] = given["batch_size"]
+            if batches is not None:
+                batches.close()
+                batches = None
         timings["held"] = time.perf_counter() - held
     faults.hit("load", out.write_raw)
-    device = "cuda:0" if spec.device == "cuda" else "cpu"
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
-    model, processor, loaded = load_chain(spec.chain, recipe, device)
+    model, processor, loaded = load_chain(spec.chain, recipe, device, processor)
     timings["load"] = loaded["seconds"]
     out.send("loaded", **loaded)
     stats = run_inference(
-        model, processor, samples, recipe, device, out.send, control.stop.is_set,
+        model, processor, batches or samples, recipe, device, out.send, control.stop.is_set,
         before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw),
     )
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,

@@ -48,13 +48,23 @@ class PreparedBatch:
     inputs: Any = None  # the processor's tensors for all items (pinned on CUDA), or None when no item is usable
 
 
-def run_inference(model: Any, processor: Any, samples: list[Sample], recipe: dict, device: str,
-                  send: Send, should_stop: Callable[[], bool], before_sample: Callable[[int], None]) -> InferenceStats:
+def start_batches(processor: Any, samples: list[Sample], recipe: dict, device: str,
+                  may_pin: Callable[[], bool] = lambda: True) -> Prefetched:
+    """Start preparing the recipe's batches in the background (see prefetch). `may_pin` says whether CUDA may be
+    touched yet: pinning host memory creates a CUDA context, which a held worker must not have."""
+    batches = list(_batches(by_prompt_length(samples), recipe["batch_size"]))
+    return prefetch(batches, lambda b: prepare_batch(processor, b, recipe["prompt"], device, may_pin))
+
+
+def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched, recipe: dict,
+                  device: str, send: Send, should_stop: Callable[[], bool],
+                  before_sample: Callable[[int], None]) -> InferenceStats:
+    """Generate for every sample (or every batch already being prepared by start_batches), streaming records."""
     stats = InferenceStats(batch_size=recipe["batch_size"])
     started = time.perf_counter()
     sent = 0
-    batches = list(_batches(by_prompt_length(samples), recipe["batch_size"]))
-    for prepared in prefetch(batches, lambda b: prepare_batch(processor, b, recipe["prompt"], device)):
+    prepared_batches = start_batches(processor, samples, recipe, device) if isinstance(samples, list) else samples
+    for prepared in prepared_batches:
         for sample, error in prepared.errors:
             sent += 1
             before_sample(sent)
@@ -94,9 +104,10 @@ def by_prompt_length(samples: list[Sample]) -> list[Sample]:
 
 
 def prefetch(batches: list[list[Sample]], prepare: Callable[[list[Sample]], PreparedBatch],
-             depth: int = 2) -> Iterator[PreparedBatch]:
+             depth: int = 2) -> Prefetched:
     """Prepare batches (decode images, run the processor) in a background thread, `depth` ahead of the device:
-    the GPU should not wait on the CPU between batches. Exceptions surface in the caller."""
+    the GPU should not wait on the CPU between batches. The thread starts at once (a held worker prepares its
+    first batches before it may load); exceptions surface in the consumer."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     finished = threading.Event()
 
@@ -114,16 +125,31 @@ def prefetch(batches: list[list[Sample]], prepare: Callable[[list[Sample]], Prep
         ready.put(("end", None))
 
     threading.Thread(target=produce, daemon=True, name="prefetch").start()
-    try:
-        while (item := ready.get())[0] != "end":
-            if item[0] == "error":
-                raise item[1]
-            yield item[1]
-    finally:
-        finished.set()
+    return Prefetched(ready, finished)
 
 
-def prepare_batch(processor: Any, batch: list[Sample], template: str, device: str) -> PreparedBatch:
+class Prefetched:
+    """The batches a prefetch thread prepares; iterate once, or close() to stop the thread unused."""
+
+    def __init__(self, ready: queue.Queue, finished: threading.Event) -> None:
+        self._ready = ready
+        self._finished = finished
+
+    def close(self) -> None:
+        self._finished.set()
+
+    def __iter__(self) -> Iterator[PreparedBatch]:
+        try:
+            while (item := self._ready.get())[0] != "end":
+                if item[0] == "error":
+                    raise item[1]
+                yield item[1]
+        finally:
+            self.close()
+
+
+def prepare_batch(processor: Any, batch: list[Sample], template: str, device: str,
+                  may_pin: Callable[[], bool] = lambda: True) -> PreparedBatch:
     items, errors = [], []
     for sample in batch:
         prepared, error = _prepare(processor, sample, template)
@@ -131,14 +157,14 @@ def prepare_batch(processor: Any, batch: list[Sample], template: str, device: st
             errors.append((sample, error))
         else:
             items.append(prepared)
-    inputs = _processor_inputs(processor, items, device) if items else None
+    inputs = _processor_inputs(processor, items, device, may_pin()) if items else None
     return PreparedBatch(items, errors, inputs)
 
 
-def _processor_inputs(processor: Any, items: list[Prepared], device: str) -> Any:
+def _processor_inputs(processor: Any, items: list[Prepared], device: str, pin: bool = True) -> Any:
     inputs = processor(text=[p.text for p in items], images=[p.image for p in items], padding=True,
                        return_tensors="pt")
-    if device.startswith("cuda"):  # pinned pages copy to the device at full speed, and asynchronously
+    if pin and device.startswith("cuda"):  # pinned pages copy to the device at full speed, and asynchronously
         inputs = inputs.__class__({k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in inputs.items()})
     return inputs
 

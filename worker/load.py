@@ -55,8 +55,9 @@ def model_class(config: Any) -> type:
     return AutoModelForImageTextToText
 
 
-def load_chain(chain: list[ChainLink], recipe: dict, device: str) -> tuple[Any, Any, dict]:
-    """The chain's model (root, then each adapter in order), its processor, and what the `loaded` message says."""
+def load_chain(chain: list[ChainLink], recipe: dict, device: str, processor: Any = None) -> tuple[Any, Any, dict]:
+    """The chain's model (root, then each adapter in order), its processor (loaded here unless given: a held
+    worker loads it early to prepare batches), and what the `loaded` message says."""
     started = time.perf_counter()
     dtype = resolve_dtype(recipe["dtype"], device)
     attn = resolve_attn(recipe["attn"], device)
@@ -65,7 +66,7 @@ def load_chain(chain: list[ChainLink], recipe: dict, device: str) -> tuple[Any, 
     model = _apply_adapters(model, adapters)
     model.eval()
     check_placement(model, device)
-    processor = load_processor(chain, recipe)
+    processor = processor or load_processor(chain, recipe)
     return model, processor, {
         "seconds": time.perf_counter() - started,
         "attn": getattr(model.config, "_attn_implementation", attn),
