@@ -89,7 +89,33 @@ def add_statistics(summary: dict[str, Any], samples: Samples) -> dict[str, Any]:
         row["intervals"] = metric_intervals(own, thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS)
         paired = base_ok and row["name"] != baseline
         row["vs_baseline_paired"] = paired_comparison(own, samples.get(baseline, [])) if paired else None
+        row["vs_recorded_base_paired"] = _versus_recorded_base(row, summary, samples)
     return summary
+
+
+def _versus_recorded_base(row: dict[str, Any], summary: dict[str, Any], samples: Samples) -> dict | None:
+    """A recipe that loads its adapter on another base than the recorded one, paired with the recipe that loads
+    the same adapter on its recorded base: how much the wrong base costs (the seed's bug, measured)."""
+    if not row.get("base_override") or row["status"] != "ok":
+        return None
+    model = (row.get("recipe") or {}).get("model")
+    sibling = next((r["name"] for r in summary["recipes"] if r["status"] == "ok" and not r.get("base_override")
+                    and (r.get("recipe") or {}).get("model") == model), None)
+    if sibling is None:
+        return None
+    return {**paired_comparison(samples.get(row["name"], []), samples.get(sibling, [])), "against": sibling}
+
+
+def override_notes(summary: dict[str, Any]) -> list[str]:
+    """One line per recipe evaluated on an overridden base, with its paired difference from the recorded base."""
+    notes = []
+    for row in summary["recipes"]:
+        paired = row.get("vs_recorded_base_paired")
+        if paired:
+            notes.append(f"{row['name']} loads its adapter on a base it was not trained on; against "
+                         f"{paired['against']} (the same adapter on its recorded base): {paired['difference']:+.4f} "
+                         f"{interval_text(paired['interval'], signed=True)} {paired['verdict']}")
+    return notes
 
 
 def recipe_seconds(run_dir: Path, name: str) -> float | None:
@@ -194,6 +220,8 @@ def render_terminal(summary: dict[str, Any], console: Console) -> None:
         table.add_row(*[Text(t) for t in texts], style=style)  # Text: a recipe name is never rich markup
     console.print(table)
     console.print(best_line(summary), markup=False)
+    for note in override_notes(summary):
+        console.print(note, markup=False, highlight=False, style="yellow")
     for problem in problems(summary):
         console.print(problem, markup=False, highlight=False, style="red")
 
@@ -217,6 +245,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     gates = summary.get("gates")
     if gates and gates.get("failures"):
         lines += ["## Quality gates failed", "", gates_markdown(gates), ""]
+    notes = override_notes(summary)
+    if notes:
+        lines += ["## Base overrides", "", *[f"- {n}" for n in notes], ""]
     found = problems(summary)
     if found:
         lines += ["## Problems", "", *[f"- {p}" for p in found], ""]

@@ -23,6 +23,7 @@ from .report import (
     interval_text,
     label,
     metric_columns,
+    override_notes,
     problems,
     status_text,
 )
@@ -179,11 +180,16 @@ def _num(value: float | None) -> str:
 
 
 def _problems(summary: dict[str, Any]) -> str:
+    html = ""
+    notes = override_notes(summary)
+    if notes:
+        items = "".join(f"<li>{_e(n)}</li>" for n in notes)
+        html += f'<section><h2>Base overrides</h2><ul class="problems">{items}</ul></section>'
     found = problems(summary)
     if not found:
-        return ""
+        return html
     items = "".join(f"<li><pre>{_e(p)}</pre></li>" for p in found)
-    return f'<section><h2 class="bad">Problems</h2><ul class="problems">{items}</ul></section>'
+    return html + f'<section><h2 class="bad">Problems</h2><ul class="problems">{items}</ul></section>'
 
 
 # -------------------------------------------------------------------------------------------- each recipe

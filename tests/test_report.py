@@ -341,3 +341,23 @@ def test_live_progress_shows_recipe_phase_bar_and_finished_rows(stored_run: Path
     assert "ok" in rows["base"] and re.search(r"0\.\d{4}", rows["good"])
     assert "inferring" in rows["same"]
     assert "[1/3] base: ok in 1.5s" in out.getvalue()  # each finished recipe also leaves a line
+
+
+def test_a_base_override_is_compared_with_the_same_adapter_on_its_recorded_base() -> None:
+    """The seed's bug, measured: the overridden row is paired with the row that loads the same adapter on the
+    base it records, and the report says how much the wrong base costs."""
+    from orchestrator.report import add_statistics, override_notes
+
+    def rows(name: str, override: bool) -> dict:
+        return {"name": name, "status": "ok", "base_override": override, "metrics": {"mean_iou": 0.5},
+                "recipe": {"model": "/m/r3-stage2"}}
+
+    summary = {"baseline": None, "recipes": [rows("r3", False), rows("r3-wrong", True)]}
+    samples = {"r3": [{"id": f"s{i}", "status": "ok", "iou": 0.9, "detected": True} for i in range(30)],
+               "r3-wrong": [{"id": f"s{i}", "status": "ok", "iou": 0.4, "detected": True} for i in range(30)]}
+    add_statistics(summary, samples)
+    paired = summary["recipes"][1]["vs_recorded_base_paired"]
+    assert paired["against"] == "r3" and paired["difference"] == pytest.approx(-0.5)
+    assert paired["verdict"] == "worse" and summary["recipes"][0]["vs_recorded_base_paired"] is None
+    (note,) = override_notes(summary)
+    assert note.startswith("r3-wrong loads its adapter on a base it was not trained on; against r3") and "worse" in note
