@@ -49,6 +49,7 @@ from scripts.gpu_check import (  # noqa: E402 - torch-free at import
     _hub_name,
     _random,
     _write_lora,
+    shard_groups,
 )
 
 NEW_TOKENS = 32
@@ -82,7 +83,7 @@ def build_family(folder: Path, device: str, small: bool) -> None:
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     vision = {n: s for n, s in shapes.items() if n.startswith("model.visual.")}
     language = {n: s for n, s in shapes.items() if n not in vision}
-    groups = [list(vision), *_groups(language, (1 << 20) if small else 4 * GIB)]  # small: several LLM shards too
+    groups = [list(vision), *shard_groups(language, (1 << 20) if small else 4 * GIB)]  # small: several LLM shards too
     files = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     base = folder / "base"
     base.mkdir(parents=True, exist_ok=True)
@@ -110,19 +111,6 @@ def build_family(folder: Path, device: str, small: bool) -> None:
     _write_lora(model, folder / "r4-joint", base, JOINT_TARGETS, device)
     _write_lora(model, folder / "r3-stage2", Path(R3_TRAINING_PREFIX) / "r3-stage1", LORA_TARGETS, device)
     log("adapters written: r1-llm-only, r3-stage2 (on r3-stage1), r4-joint")
-
-
-def _groups(shapes: dict[str, tuple], shard_bytes: int) -> list[list[str]]:
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    return groups
 
 
 def _write_shard(path: Path, shapes: dict[str, tuple], device: str) -> dict[str, str]:

@@ -127,10 +127,9 @@ def _random(shape: tuple, name: str, device: str):
     return torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02
 
 
-def _write_sharded(shapes: dict[str, tuple], folder: Path, device: str, shard_bytes: int) -> None:
+def shard_groups(shapes: dict[str, tuple], shard_bytes: int) -> list[list[str]]:
+    """Tensor names in file order, cut into shards of at most `shard_bytes` of bfloat16."""
     import math
-
-    from safetensors.torch import save_file
 
     groups: list[list[str]] = [[]]
     size = 0
@@ -141,6 +140,14 @@ def _write_sharded(shapes: dict[str, tuple], folder: Path, device: str, shard_by
             size = 0
         groups[-1].append(name)
         size += nbytes
+    return groups
+
+
+def _write_sharded(shapes: dict[str, tuple], folder: Path, device: str, shard_bytes: int) -> None:
+
+    from safetensors.torch import save_file
+
+    groups = shard_groups(shapes, shard_bytes)
     weight_map, total = {}, 0
     for number, names in enumerate(groups, 1):
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
