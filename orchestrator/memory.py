@@ -87,6 +87,7 @@ class Prompts:
     text_tokens: int
     image_tokens: int
     patches: int  # vision-encoder sequence length of that image (image tokens x merge^2)
+    samples: int = 0  # how many samples the recipe evaluates (0: unknown); no batch needs to be larger
 
 
 @dataclass(frozen=True)
@@ -374,8 +375,9 @@ def image_tokens(size: tuple[int, int] | None, settings: ImageSettings) -> tuple
 
 def read_prompts(recipe: Recipe, settings: ImageSettings, shape: ModelShape | None) -> Prompts:
     """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates."""
-    text, tokens, patches = 0, 0, 0
+    text, tokens, patches, samples = 0, 0, 0, 0
     for record, folder in _dataset_records(recipe):
+        samples += 1
         rendered = recipe.prompt.replace("{prompt}", str(record.get("prompt") or "")).replace(
             "{id}", str(record.get("id", "")))
         text = max(text, len(rendered.encode()) + CHAT_TOKENS)
@@ -384,7 +386,7 @@ def read_prompts(recipe: Recipe, settings: ImageSettings, shape: ModelShape | No
         tokens, patches = max(tokens, sample_tokens), max(patches, sample_patches)
     if shape is not None and not shape.vision_embed:
         tokens = patches = 0
-    return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches)
+    return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches, samples=samples)
 
 
 def _dataset_records(recipe: Recipe):

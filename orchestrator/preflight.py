@@ -132,7 +132,10 @@ class GpuPreflight:
         except EstimateError as exc:  # the worker's placement check still guards against offload
             record["estimate_error"] = str(exc)
             return LaunchDecision(ok=True, gpu=gpu, message=f"no estimate ({exc}); running unchecked", record=record)
-        decision = _verdict(plan.recipe.name, workload, plan.recipe.requested_batch, state, gpu, record)
+        batch = plan.recipe.requested_batch
+        if plan.recipe.batch_size == "auto" and workload.prompts.samples:  # more than the dataset: memory unused
+            batch = min(batch, workload.prompts.samples)
+        decision = _verdict(plan.recipe.name, workload, batch, state, gpu, record)
         if plan.recipe.batch_size == "auto" and decision.ok:  # "auto" is sized here, not lowered
             decision.batch_size = record["batch_size"]
             record.pop("batch_lowered", None)

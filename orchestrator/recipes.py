@@ -10,6 +10,7 @@ Relative paths are relative to the recipe file's folder.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -17,7 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-AUTO_BATCH_CAP = 64  # decode throughput flattens well before this, and larger batches only pad and wait more
+# A decode step of a 7B model costs about the same at batch 1 and 256 on an H100 (30-36 ms: generate's per-step host
+# work and syncs, not the GPU, set it), so per-sample time keeps falling with the batch: 29 ms at 64, 22 ms at 128,
+# 18 ms at 256 (BENCHMARKS.md). The preflight lowers it to what fits, and to the dataset's size.
+AUTO_BATCH_CAP = 256
 UNCHECKED_AUTO_BATCH = 8  # "auto" without a GPU preflight to size it (CPU runs, no estimate)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -43,7 +47,7 @@ class Settings(BaseModel):
     box_format: Literal["qwen2vl", "json_pixels"] = "qwen2vl"
     max_new_tokens: int = Field(64, gt=0, le=8192)
     batch_size: int | Literal["auto"] = Field("auto", description="samples per generate; auto: the largest the "
-                                            "GPU's free memory allows (at most 64), or 8 without a GPU preflight")
+                                            "GPU's free memory allows (at most 256), or 8 without a GPU preflight")
     min_new_tokens: int | None = Field(None, ge=0, description="force at least this many new tokens (benchmarks)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
@@ -55,8 +59,17 @@ class Settings(BaseModel):
     retries: int = Field(0, ge=0, le=10, description="re-runs after a crash, a kill or a timeout")
     retry_backoff: float = Field(5.0, ge=0, description="seconds before the first retry; doubles each time")
     memory_margin: float = Field(0.10, ge=0, le=1, description="safety margin on the memory estimate (0.1 = 10%)")
+    loader: Literal["staged", "transformers"] = Field(
+        "staged", description="staged: threads read safetensors through pinned buffers onto the device; "
+        "transformers: its own from_pretrained reads (slower on a GPU; a fallback for checkpoints staging can't read)")
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"
+                              "preprocessed), shared by every recipe whose processor has the same settings; off by "
+                              "default: entries are large (float32 pixels), never evicted, and batch preparation "
+                              "already runs ahead of the GPU")
+    cache_dir: str | None = Field(None, description="evalorch's cache folder; default $EVALORCH_CACHE, else "
+                                  "$XDG_CACHE_HOME/evalorch, else ~/.cache/evalorch")
 
     @field_validator("batch_size")
     @classmethod
@@ -221,7 +234,20 @@ def _resolve_paths(recipe: Recipe, folder: Path, where: str, problems: list[str]
             updates[field] = str(local)
         elif not _HUB_ID.match(value) or value.startswith((".", "/")):
             problems.append(f"{where}, field '{field}': no such directory: {local}")
+    updates["cache_dir"] = str(cache_root(recipe.cache_dir, folder))
     return recipe.model_copy(update=updates)
+
+
+def cache_root(value: str | None, folder: Path) -> Path:
+    """evalorch's cache folder (created when first written): the recipe's `cache_dir` (relative to the recipe
+    file's folder, like every path in it), else $EVALORCH_CACHE, else $XDG_CACHE_HOME/evalorch, else
+    ~/.cache/evalorch."""
+    if value is not None:
+        return folder / Path(value).expanduser()
+    if os.environ.get("EVALORCH_CACHE"):
+        return Path(os.environ["EVALORCH_CACHE"]).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "evalorch"
 
 
 def _duplicate_names(entries: list) -> list[str]:

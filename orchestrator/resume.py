@@ -6,7 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from .plan import RecipePlan
+from .recipes import Recipe
 from .results import read_json
+
+# Settings that change how fast a recipe runs, never what it produces: recorded, but a resume ignores them.
+RESULT_NEUTRAL = frozenset({"image_cache", "cache_dir"})
 
 
 class ResumeError(Exception):
@@ -32,13 +36,22 @@ def differences(run_dir: Path, plans: list[RecipePlan]) -> list[str]:
             found.append(f"recipe '{plan.recipe.name}' is new")
             continue
         now = planned_recipe(plan)
-        for key in sorted(set(now) | set(old)):
+        for key in sorted((set(now) | set(old)) - RESULT_NEUTRAL):
             if key == "chain":
                 if _fingerprints(now["chain"]) != _fingerprints(old.get("chain", [])):
                     found.append(f"recipe '{plan.recipe.name}': weights changed (lineage fingerprints differ)")
-            elif now.get(key) != old.get(key):
-                found.append(f"recipe '{plan.recipe.name}', field '{key}': {old.get(key)!r} -> {now.get(key)!r}")
+            elif now.get(key) != _recorded(old, key):
+                found.append(f"recipe '{plan.recipe.name}', field '{key}': {_recorded(old, key)!r} -> "
+                             f"{now.get(key)!r}")
     return found
+
+
+def _recorded(old: dict[str, Any], key: str) -> Any:
+    """The run's value of a setting; one added since the run was recorded had its default then (a new setting's
+    default keeps the behaviour from before it existed), so an older run.json still resumes."""
+    if key in old or key not in Recipe.model_fields:
+        return old.get(key)
+    return Recipe.model_fields[key].default
 
 
 def _fingerprints(chain: list[dict[str, Any]]) -> list[tuple[str, str]]:

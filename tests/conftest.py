@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(ROOT))
 
 from scripts.make_demo import build_demo  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def evalorch_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The image cache of every run in the session's temporary folder, never the user's ~/.cache: recipes
+    resolve their cache_dir from $EVALORCH_CACHE (session-wide, so that module-scoped runs get it too)."""
+    folder = tmp_path_factory.mktemp("evalorch-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EVALORCH_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -176,14 +176,15 @@ def loaded(demo: dict, tmp_path_factory: pytest.TempPathFactory):
 
 def test_out_of_memory_halves_the_batch_and_keeps_it_halved(loaded, demo: dict, monkeypatch) -> None:
     model, processor, recipe = loaded
-    limit = _GpuLimit(model, most=2)
+    limit = _GpuLimit(model, most=3)
     monkeypatch.setattr(model, "generate", limit)
-    samples = read_dataset(Path(demo["dataset"]))  # 12: a batch of 8, then one of 4
+    samples = read_dataset(Path(demo["dataset"]))  # 12 at a batch size of 8: two batches of 6
     sent: list[dict] = []
     stats = run_inference(model, processor, samples, recipe, "cpu", lambda _type, **m: sent.append(m),
                           lambda: False, lambda _n: None)
-    assert limit.sizes == [8, 4, 2, 2, 2, 2, 2, 2]
-    assert stats.oom_retries == 2 and stats.batch_size == 2
+    assert recipe["batch_size"] == 8 and len(samples) == 12
+    assert limit.sizes == [6, 3, 3, 3, 3]  # 6 fails, 3 fits: the rest of that batch and the next one at 3
+    assert stats.oom_retries == 1 and stats.batch_size == 3
     assert sorted(m["id"] for m in sent) == sorted(s.id for s in samples) and stats.scored == len(samples)
 
 

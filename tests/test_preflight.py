@@ -17,7 +17,7 @@ from orchestrator.gpu import FAKE_ENV, FakeNvml, GpuState, write_fake_nvml
 from orchestrator.memory import human, read_workload
 from orchestrator.plan import RecipePlan, make_plans
 from orchestrator.preflight import GpuPreflight, PreflightError, largest_batch, parse_gpus
-from orchestrator.recipes import load_recipe_file
+from orchestrator.recipes import AUTO_BATCH_CAP, load_recipe_file
 
 GIB = 2**30
 TOTAL = 80 * GIB
@@ -281,13 +281,29 @@ def test_cli_rejects_gpus_that_do_not_exist(demo: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_batch_size_auto_stops_at_the_cap(demo: dict, tmp_path: Path) -> None:
+    """A dataset larger than the cap (the demo's records repeated under new ids, the images shared)."""
+    records = [json.loads(line) for line in Path(demo["dataset"]).read_text().splitlines()]
+    large = tmp_path / "large.jsonl"
+    image_dir = Path(demo["dataset"]).parent
+    large.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{i}", "image": str(image_dir / r["image"])}) + "\n"
+                             for i in range(AUTO_BATCH_CAP // len(records) + 2) for r in records))
+    body = f'[[recipe]]\nname = "auto"\nmodel = "{demo["root"] / "models" / "base"}"\nbatch_size = "auto"\n'
+    recipe_file = load_recipe_file(write_recipes(tmp_path, body, demo, dataset=str(large)))
+    (auto,) = make_plans(recipe_file, recipe_file.recipes)
+    assert _workload(auto).prompts.samples > AUTO_BATCH_CAP
+    roomy = GpuPreflight(_fake(tmp_path, [_gpu(70 * GIB)])).before_launch(auto)
+    assert roomy.ok and roomy.batch_size == AUTO_BATCH_CAP
+
+
 def test_batch_size_auto_takes_the_largest_batch_that_fits_up_to_the_cap(demo: dict, tmp_path: Path) -> None:
     body = f'[[recipe]]\nname = "auto"\nmodel = "{demo["root"] / "models" / "base"}"\nbatch_size = "auto"\n'
     recipe_file = load_recipe_file(write_recipes(tmp_path, body, demo))
     (auto,) = make_plans(recipe_file, recipe_file.recipes)
     workload = _workload(auto)
     roomy = GpuPreflight(_fake(tmp_path, [_gpu(70 * GIB)])).before_launch(auto)
-    assert roomy.ok and roomy.batch_size == 64  # the cap: memory allows far more for the tiny model
+    samples = len(Path(demo["dataset"]).read_text().splitlines())
+    assert roomy.ok and roomy.batch_size == samples < AUTO_BATCH_CAP  # no batch beyond the dataset's size
     room_for_5 = (workload.estimate(5).total_bytes + workload.estimate(6).total_bytes) // 2
     tight = GpuPreflight(_fake(tmp_path, [_gpu(room_for_5)])).before_launch(auto)
     assert tight.ok and tight.batch_size == 5 and "batch_lowered" not in tight.record

@@ -153,7 +153,8 @@ def test_the_next_worker_starts_while_the_previous_recipe_runs(demo_run: dict) -
     run_dir = demo_run["run_dir"]
     for name in NAMES[1:]:
         summary = json.loads((run_dir / name / "summary.json").read_text())
-        assert summary["timings"]["hidden_startup"] > 1.0, name  # spawned well before its turn came
+        # spawned a whole recipe before its turn came (a worker started at its turn waits milliseconds)
+        assert summary["timings"]["hidden_startup"] > 0.25, name
         assert "held" in summary["done"]["timings"] and "page_cache" in summary["done"]["timings"]
     first = json.loads((run_dir / NAMES[0] / "summary.json").read_text())
-    assert "held" not in first["done"]["timings"]
+    assert "held" not in first["done"]["timings"] and first["timings"]["hidden_startup"] < 0.25

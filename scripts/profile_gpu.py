@@ -1,0 +1,249 @@
+"""Where a worker's load and inference time goes on the GPU, piece by piece (issue 7's remaining targets).
+
+    python3 scripts/profile_gpu.py --work /tmp/prof --out "$OUT"            # on the GPU machine, one device call
+
+One process (this is a measurement, not the orchestrator): builds base and r1 of scripts/bench_gpu.py's 7B family
+and a 256-sample set, then measures
+  load      the staged reader alone (worker/weights.py) over threads x chunk sizes; then the worker's _load_root
+            with loader = "staged" and loader = "transformers" (the same tensors, checked), and r1's adapter;
+  inference the worker's own batch preparation (processor) per batch, the first generate of a fresh process
+            against the next ones on the same batch, and generate time per sample at batch 64, 128 and 256.
+Figures go to OUT/profile.json and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+_T0 = time.time()
+
+
+def log(message: str) -> None:
+    print(f"[+{time.time() - _T0:6.1f}s] {message}", flush=True)
+
+
+def timed(fn, torch) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    value = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, value
+
+
+def profile_loads(models: Path, figures: dict) -> None:
+    import torch
+
+    from worker.load import _apply_adapters, _load_root
+    from worker.weights import load_safetensors
+
+    files = sorted((models / "base").glob("model*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    for f in files:  # the page cache, as a held worker leaves it
+        f.read_bytes()
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    reader = []
+    for threads in (8, 16, 32):
+        for chunk_mb in (16, 32):
+            seconds, weights = timed(lambda t=threads, c=chunk_mb: load_safetensors(
+                files, "cuda:0", torch.bfloat16, threads=t, chunk_bytes=c << 20), torch)
+            reader.append({"threads": threads, "chunk_mb": chunk_mb, "seconds": seconds, "GBps": total / seconds / 1e9})
+            log(f"staged reader threads={threads} chunk={chunk_mb} MB: {seconds:.2f} s, {reader[-1]['GBps']:.1f} GB/s")
+            weights.close()
+            del weights
+            torch.cuda.empty_cache()
+    figures["reader"] = reader
+    link = type("Link", (), {"path": str(models / "base")})()
+    loads: dict = {}
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    for loader in ("staged", "transformers", "staged"):
+        seconds, (model, how) = timed(lambda ld=loader: _load_root(
+            link, {"loader": ld}, "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
+        loads.setdefault(loader, []).append({"seconds": seconds, "GBps": total / seconds / 1e9, **how})
+        log(f"_load_root loader={loader}: {seconds:.2f} s = {total / seconds / 1e9:.1f} GB/s {how}")
+        if loader == "transformers":
+            reference = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
+        else:
+            staged = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
+        seconds, model = timed(lambda m=model: _apply_adapters(m, [adapter]), torch)
+        loads.setdefault(f"{loader}+r1 adapter", []).append({"seconds": seconds})
+        del model
+        torch.cuda.empty_cache()
+    figures["loads"] = loads
+    figures["same_tensors"] = reference == staged
+    log(f"staged and transformers loads give the same tensors (checksums of {len(staged)}): {reference == staged}")
+
+
+def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
+    import torch
+
+    from worker.data import read_dataset
+    from worker.infer import generate, prepare_batch
+    from worker.load import _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    processor = load_processor([link], {})
+    figures["image_processor"] = type(processor.image_processor).__name__
+    samples = read_dataset(dataset)
+    model, _ = _load_root(link, {"loader": "staged"}, "cuda:0", torch.bfloat16, "flash_attention_2")
+    template = "{prompt} Answer with its bounding box."
+    rows = []
+    for batch in (64, 64, 64, 128, 256):
+        started = time.perf_counter()
+        prepared = prepare_batch(processor, samples[:batch], template, "cuda:0")
+        prepare_s = time.perf_counter() - started
+        seconds, _ = timed(lambda p=prepared: generate(
+            model, processor, p.inputs, "cuda:0", max_new_tokens=32, min_new_tokens=32), torch)
+        one, _ = timed(lambda p=prepared: generate(
+            model, processor, p.inputs, "cuda:0", max_new_tokens=1, min_new_tokens=1), torch)
+        row = {"batch": batch, "prepare_s": prepare_s, "generate32_s": seconds, "generate1_s": one,
+               "decode_step_ms": (seconds - one) / 31 * 1e3, "per_sample_ms": seconds / batch * 1e3,
+               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        rows.append(row)
+        log("inference " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    figures["inference"] = rows
+    small = prepare_batch(processor, samples[:1], template, "cuda:0")
+    seconds, _ = timed(lambda: generate(model, processor, small.inputs, "cuda:0", max_new_tokens=32,
+                                        min_new_tokens=32), torch)
+    one, _ = timed(lambda: generate(model, processor, small.inputs, "cuda:0", max_new_tokens=1,
+                                    min_new_tokens=1), torch)
+    figures["batch1_decode_step_ms"] = (seconds - one) / 31 * 1e3
+    log(f"batch 1: decode step {(seconds - one) / 31 * 1e3:.2f} ms (host overhead bound)")
+
+
+def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
+    """A fresh process's first CUDA work, step by step: which of the first generate's extra seconds are one-off
+    (kernel and library loading, whatever the shapes) and which come with each new batch shape; then the decode
+    step with sdpa instead of flash_attention_2 (flash-attn's padded path syncs with the host in every layer)."""
+    steps: dict[str, float] = {}
+    started = time.perf_counter()
+    import torch
+
+    from worker.data import read_dataset
+    from worker.infer import generate, prepare_batch
+    from worker.load import _load_root, load_processor
+
+    steps["import torch, worker"] = time.perf_counter() - started
+    started = time.perf_counter()
+    import flash_attn  # noqa: F401
+    from flash_attn import flash_attn_varlen_func  # noqa: F401
+
+    steps["import flash_attn"] = time.perf_counter() - started
+    steps["cuda context"], _ = timed(lambda: torch.empty(1, device="cuda"), torch)
+    link = type("Link", (), {"path": str(models / "base")})()
+    steps["load (staged)"], (model, _) = timed(lambda: _load_root(
+        link, {"loader": "staged"}, "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
+    processor = load_processor([link], {})
+    samples = read_dataset(dataset)
+    template = "{prompt} Answer with its bounding box."
+    one = prepare_batch(processor, samples[:1], template, "cuda:0").inputs
+    big = prepare_batch(processor, samples[:64], template, "cuda:0").inputs
+
+    def run(inputs, tokens):
+        return timed(lambda: generate(model, processor, inputs, "cuda:0", max_new_tokens=tokens,
+                                      min_new_tokens=tokens), torch)[0]
+
+    steps["first generate: batch 1, 2 tokens"] = _profiled(lambda: run(one, 2), "first generate, batch 1")
+    steps["again: batch 1, 2 tokens"] = run(one, 2)
+    steps["first batch-64 prefill (1 token)"] = run(big, 1)
+    steps["again: batch-64 prefill"] = run(big, 1)
+    steps["first batch-64 generate 32"] = run(big, 32)
+    steps["again: batch-64 generate 32"] = _profiled(lambda: run(big, 32), "warm generate, batch 64, 32 tokens")
+    warm = steps["again: batch-64 generate 32"] - steps["again: batch-64 prefill"]
+    steps["fa2 decode step ms, batch 64"] = warm / 31 * 1e3
+    model.set_attn_implementation("sdpa")
+    run(big, 2)
+    prefill = run(big, 1)
+    steps["sdpa: batch-64 generate 32"] = run(big, 32)
+    steps["sdpa decode step ms, batch 64"] = (steps["sdpa: batch-64 generate 32"] - prefill) / 31 * 1e3
+    for name, value in steps.items():
+        log(f"cold: {name}: {value:.3f}")
+    figures["cold"] = steps
+
+
+def profile_static(models: Path, dataset: Path, figures: dict) -> None:
+    """generate with a static KV cache, which transformers compiles (CUDA graphs) on CUDA: the compile's cost in a
+    fresh process against the decode step it buys, at batch 64, for flash_attention_2 and sdpa."""
+    import torch
+
+    from worker.data import read_dataset
+    from worker.infer import prepare_batch
+    from worker.load import _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    processor = load_processor([link], {})
+    inputs = prepare_batch(processor, read_dataset(dataset)[:64], "{prompt}", "cuda:0").inputs.to("cuda:0")
+    pad = processor.tokenizer.pad_token_id
+    results: dict = {}
+    for attn in ("flash_attention_2", "sdpa"):
+        model, _ = _load_root(link, {"loader": "staged"}, "cuda:0", torch.bfloat16, attn)
+        for tokens in (1, 32, 1, 32):
+            try:
+                with torch.inference_mode():
+                    seconds, _ = timed(lambda t=tokens, m=model: m.generate(
+                        **inputs, max_new_tokens=t, min_new_tokens=t, do_sample=False, pad_token_id=pad,
+                        cache_implementation="static"), torch)
+            except Exception as exc:  # a measurement: say what failed and go on
+                results[f"{attn} error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log(f"static {attn}: {results[f'{attn} error']}")
+                break
+            results.setdefault(attn, []).append({"tokens": tokens, "seconds": seconds})
+            log(f"static cache, {attn}, generate {tokens}: {seconds:.2f} s")
+        del model
+        torch.cuda.empty_cache()
+    figures["static"] = results
+
+
+def _profiled(fn, title: str):
+    """fn() under cProfile; prints the 30 costliest calls by cumulative and by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    value = profiler.runcall(fn)
+    for order in ("cumulative", "tottime"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
+        log(f"profile of {title} by {order}:\n{text.getvalue()}")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--part", choices=("all", "load", "inference", "cold", "static"), default="all")
+    args = parser.parse_args()
+    from scripts.bench_gpu import build_dataset
+
+    models = args.work / "models"
+    if not (models / "r1-llm-only").exists():
+        subprocess.run([sys.executable, "scripts/bench_gpu.py", "build", "--models", str(models)], check=True,
+                       cwd=ROOT)
+        log("models built")
+    dataset = build_dataset(args.work / "data", 256)
+    figures: dict = {}
+    if args.part in ("all", "load"):
+        profile_loads(models, figures)
+    if args.part == "cold":
+        profile_cold(models, dataset, figures)
+    if args.part == "static":
+        profile_static(models, dataset, figures)
+    if args.part in ("all", "inference"):
+        profile_inference(models, dataset, figures)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
