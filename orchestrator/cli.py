@@ -72,13 +72,15 @@ def main() -> None:
               help="Continue this interrupted run folder: finished recipes are kept, the others continue.")
 @click.option("--force", is_flag=True, help="With --resume: continue even though recipes or weights changed.")
 @click.option("--prestart/--no-prestart", default=True, show_default=True,
-              help="Start the next recipe's worker (imports, data, page cache; no GPU) while this one runs.")
+              help="Start the next recipes' workers (imports, data, page cache; no GPU) while this one runs.")
+@click.option("--prestart-depth", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
 @ci_options
 def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None,
-        resume_dir: Path | None, force: bool, prestart: bool, hash_weights: bool, gpus: str | None,
-        **ci: Any) -> None:
+        resume_dir: Path | None, force: bool, prestart: bool, prestart_depth: int, hash_weights: bool,
+        gpus: str | None, **ci: Any) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
     request, outputs = _ci(**ci)  # gate options are checked before any worker starts
     recipe_file, plans = _load(recipes, only, hash_weights)
@@ -93,7 +95,7 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
     interrupts = Interrupts()
     interrupts.install()
     options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
-                           resume=resume_dir is not None, prestart=prestart)
+                           resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth)
     with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
         if runs_concurrently(preflight, gpus):
             rows = GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts,

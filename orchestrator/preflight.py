@@ -105,6 +105,16 @@ class GpuPreflight:
         if last is not None and last.recipe == plan.recipe.name:
             last.pid = pid
 
+    def expected_batch(self, plan: RecipePlan, gpu: int | None = None) -> int | None:
+        """The batch size `plan` will most likely run at once the GPU is back to its baseline: a worker started
+        ahead prepares its first batches at this size while the GPU is still busy. None without an estimate."""
+        try:
+            workload = read_workload(plan.recipe, plan.chain or [], self.device)
+        except EstimateError:
+            return None
+        return largest_batch(workload, _aimed_batch(plan, workload), self.expected_free(
+            gpu if gpu is not None else self.gpus[0]))
+
     def expected_free(self, gpu: int) -> int:
         """What `gpu` will have free once our last worker's memory is back (the scheduler places by it): free
         memory now, or its baseline less what other programs took since, whichever is more; a GPU whose worker
@@ -132,10 +142,7 @@ class GpuPreflight:
         except EstimateError as exc:  # the worker's placement check still guards against offload
             record["estimate_error"] = str(exc)
             return LaunchDecision(ok=True, gpu=gpu, message=f"no estimate ({exc}); running unchecked", record=record)
-        batch = plan.recipe.requested_batch
-        if plan.recipe.batch_size == "auto" and workload.prompts.samples:  # more than the dataset: memory unused
-            batch = min(batch, workload.prompts.samples)
-        decision = _verdict(plan.recipe.name, workload, batch, state, gpu, record)
+        decision = _verdict(plan.recipe.name, workload, _aimed_batch(plan, workload), state, gpu, record)
         if plan.recipe.batch_size == "auto" and decision.ok:  # "auto" is sized here, not lowered
             decision.batch_size = record["batch_size"]
             record.pop("batch_lowered", None)
@@ -215,6 +222,14 @@ def _verdict(name: str, workload: Workload, batch_size: int, state: GpuState, gp
                f"{human(free)} free (batch {batch_size} needs {human(requested.total_bytes)}; "
                f"batch {fitting} needs {lowered.describe()})")
     return LaunchDecision(ok=True, gpu=gpu, batch_size=fitting, message=message, record=record)
+
+
+def _aimed_batch(plan: RecipePlan, workload: Workload) -> int:
+    """The recipe's batch size, or for "auto" the cap, but never more than the dataset (memory it would not use)."""
+    batch = plan.recipe.requested_batch
+    if plan.recipe.batch_size == "auto" and workload.prompts.samples:
+        batch = min(batch, workload.prompts.samples)
+    return batch
 
 
 def largest_batch(workload: Workload, batch_size: int, free_bytes: int) -> int | None:

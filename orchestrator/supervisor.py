@@ -287,7 +287,17 @@ class SuiteOptions:
     timeout: float | None = None
     offline: bool = True
     resume: bool = False  # keep recipes already finished in this run folder; continue the others
-    prestart: bool = True  # start the next recipe's worker (held off the device) while this one runs
+    prestart: bool = True  # start the next recipes' workers (held off the device) while this one runs
+    # how many: a fresh worker's imports (11-15 s on the H100 host) outlast one fast recipe (about 10 s)
+    prestart_depth: int = 2
+
+
+def _batch_size(plan: RecipePlan, decision: LaunchDecision) -> int:
+    """The batch size a worker runs at: the preflight's, else the recipe's, else (auto, no preflight) the default."""
+    if decision.batch_size is not None:
+        return decision.batch_size
+    batch = plan.recipe.batch_size
+    return batch if isinstance(batch, int) else UNCHECKED_AUTO_BATCH
 
 
 class Suite:
@@ -304,14 +314,15 @@ class Suite:
         self.preflight = preflight
         self.interrupts = interrupts or Interrupts()
         self.gpu = gpu
-        self._held: RecipeRun | None = None  # the next recipe's worker, started ahead and held off the device
+        self._held: dict[str, RecipeRun] = {}  # the next recipes' workers, started ahead and held off the device
 
     def run(self) -> list[dict[str, Any]]:
         try:
             return [self.run_recipe(plan) for plan in self.plans]
         finally:
-            if self._held is not None:
-                self._held.abandon()
+            for held in self._held.values():
+                held.abandon()
+            self._held.clear()
 
     def finished_before(self, plan: RecipePlan) -> bool:
         previous = self.run_dir / plan.recipe.name / "summary.json"
@@ -333,9 +344,8 @@ class Suite:
             outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
         else:
             outcome, attempts = self._attempts(plan, recipe_dir, decision)
-        if self._held is not None and self._held.spec.recipe["name"] == plan.recipe.name:
-            self._held.abandon()  # started ahead, but the recipe did not run after all
-            self._held = None
+        if (unused := self._held.pop(plan.recipe.name, None)) is not None:
+            unused.abandon()  # started ahead, but the recipe did not run after all
         if outcome.pid is None:
             self.listener("finished", outcome, {})
         return self._record(plan, recipe_dir, outcome, decision, attempts)
@@ -367,7 +377,7 @@ class Suite:
     def _launch(self, plan: RecipePlan, recipe_dir: Path, decision: LaunchDecision, attempt: int) -> RecipeOutcome:
         run = self._take_held(plan, decision) if attempt == 1 else None
         if run is not None:
-            run.release(decision.batch_size)
+            run.release(_batch_size(plan, decision))  # it may have been started with another guess
         else:
             run = self._new_run(plan, decision, attempt, hold=False)
             run.start()
@@ -379,10 +389,7 @@ class Suite:
         recipe_dir = self.run_dir / recipe.name
         recipe_dir.mkdir(parents=True, exist_ok=True)
         settings = recipe.model_dump()
-        if decision.batch_size is not None:
-            settings["batch_size"] = decision.batch_size
-        elif settings["batch_size"] == "auto":  # no preflight sized it (CPU, or no estimate)
-            settings["batch_size"] = UNCHECKED_AUTO_BATCH
+        settings["batch_size"] = _batch_size(plan, decision)
         done_ids = sorted({s["id"] for s in repair_samples(recipe_dir / "samples.jsonl")})
         spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
                                    device=self.options.device, skip_ids=done_ids, attempt=attempt, hold=hold)
@@ -395,7 +402,7 @@ class Suite:
 
     def _take_held(self, plan: RecipePlan, decision: LaunchDecision) -> RecipeRun | None:
         """The worker started ahead for this recipe, if it was put on the GPU the preflight chose now."""
-        held, self._held = self._held, None
+        held = self._held.pop(plan.recipe.name, None)
         if held is None:
             return None
         if held.spec.recipe["name"] == plan.recipe.name and held.env.get("CUDA_VISIBLE_DEVICES") == worker_env(
@@ -405,15 +412,21 @@ class Suite:
         return None
 
     def _prestart_after(self, plan: RecipePlan, decision: LaunchDecision) -> None:
-        """Start the next runnable recipe's worker now, held off the device: its imports, data and page-cache
-        warming overlap this recipe's run. It is assumed to go to the same GPU; if not, it is abandoned."""
+        """Start the next runnable recipes' workers now (prestart_depth of them), held off the device: their
+        imports, data, page-cache warming and first batches overlap this recipe's run. Each is assumed to go to
+        the same GPU, at the batch size the preflight expects once the GPU is free; if not, it is abandoned
+        (another GPU) or re-batches when released (another batch size)."""
         if not self.options.prestart or self.interrupts.stop_requested:
             return
         index = self.plans.index(plan)
         upcoming = [p for p in self.plans[index + 1:] if p.runnable and not self.finished_before(p)]
-        if upcoming:
-            self._held = self._new_run(upcoming[0], LaunchDecision(ok=True, gpu=decision.gpu), 1, hold=True)
-            self._held.start()
+        for nxt in upcoming[: self.options.prestart_depth]:
+            if nxt.recipe.name in self._held:
+                continue
+            expected = self.preflight.expected_batch(nxt, decision.record.get("gpu")) if self.preflight else None
+            guess = LaunchDecision(ok=True, gpu=decision.gpu, batch_size=expected)
+            self._held[nxt.recipe.name] = self._new_run(nxt, guess, 1, hold=True)
+            self._held[nxt.recipe.name].start()
 
     def _sleep(self, seconds: float) -> bool:
         """Wait out a back-off; False if the user interrupted it."""

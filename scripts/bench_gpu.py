@@ -515,9 +515,9 @@ class Bench:
         e("## (a) evalorch, per recipe (seconds; parent: hidden_startup, spawn_to_hello, teardown; worker: imports, "
           "page_cache, held, load, first_sample, inference)", "",
           "| recipe | status | batch | hidden_startup | spawn_to_hello | imports | page_cache | held | load | "
-          "load GB/s | cuda init | weights GB/s | staged read GB/s | first_sample | inference | s/sample | "
-          "samples/s | gen tok/s | teardown | exit | not hidden |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+          "load GB/s | cuda init | weights GB/s | staged read GB/s | first_sample | inference | batch wait | "
+          "generate | s/sample | samples/s | gen tok/s | teardown | exit | not hidden |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
           *[_recipe_line(r) for r in rows], "")
         e("not hidden = time from the previous worker's exit (its `finished` line in the parent's output) to this "
           "worker's `loaded` line, less its load: the start-up the pipeline did not hide. load GB/s = bytes of the "
@@ -643,6 +643,7 @@ def _recipe_row(summary: dict) -> dict:
         "weights_GBps": chain / (load - loaded["cuda_init_s"]) / 1e9 if load and "cuda_init_s" in loaded else None,
         "staged_GBps": loaded["staged_bytes"] / loaded["staged_s"] / 1e9 if loaded.get("staged_s") else None,
         "inference_s": inference, "s_per_sample": inference / scored if inference and scored else None,
+        "batch_wait_s": worker.get("batch_wait"), "generate_s": worker.get("generate"),
         "samples_per_s": scored / inference if inference and scored else None,
         "gen_tok_per_s": counts.get("decode_tokens_per_s"), "not_hidden_s": None, "chain_bytes": chain,
         "exit_s": _exit_seconds(summary.get("seconds"), timings, worker),
@@ -669,6 +670,7 @@ def _recipe_line(r: dict) -> str:
             f"{_s(r['spawn_to_hello_s'])} | {_s(r['imports_s'])} | {_s(r['page_cache_s'])} | {_s(r['held_s'])} | "
             f"{_s(r['load_s'])} | {_gb(r['load_GBps'])} | {_s(r['cuda_init_s'])} | {_gb(r['weights_GBps'])} | "
             f"{_gb(r['staged_GBps'])} | {_s(r['first_sample_s'])} | {_s(r['inference_s'])} | "
+            f"{_s(r['batch_wait_s'])} | {_s(r['generate_s'])} | "
             f"{_s(r['s_per_sample'], 4)} | {_num(r['samples_per_s'])} | {_num(r['gen_tok_per_s'], 0)} | "
             f"{_s(r['teardown_s'])} | {_s(r['exit_s'])} | {_s(r['not_hidden_s'])} |")
 

@@ -308,3 +308,23 @@ def test_batch_size_auto_takes_the_largest_batch_that_fits_up_to_the_cap(demo: d
     tight = GpuPreflight(_fake(tmp_path, [_gpu(room_for_5)])).before_launch(auto)
     assert tight.ok and tight.batch_size == 5 and "batch_lowered" not in tight.record
     assert "batch size auto -> 5" in tight.message
+
+
+def test_a_worker_started_ahead_prepares_batches_at_the_size_the_preflight_will_choose(demo: dict,
+                                                                                         tmp_path: Path) -> None:
+    """The second recipe's worker is spawned (held) while the first runs, when the GPU is busy: it is given the
+    batch size expected once the GPU is free again, so the batches it prepares in advance are the ones it runs."""
+    models = demo["root"] / "models"
+    body = "".join(f'[[recipe]]\nname = "{n}"\nmodel = "{models / n}"\n' for n in ("base", "r1-llm-only"))
+    recipes = write_recipes(tmp_path, body, demo, batch_size="auto", limit=5)
+    fake = tmp_path / "nvml.json"
+    write_fake_nvml(fake, [_gpu(70 * GIB)])
+    result = run_cli("run", str(recipes), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                     env={FAKE_ENV: str(fake)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    held = json.loads((run_dir / "r1-llm-only" / "summary.json").read_text())
+    assert held["preflight"]["batch_size"] == 5  # auto, at most the dataset (limit = 5)
+    assert "held" in held["done"]["timings"]  # it was started ahead
+    spec = json.loads((run_dir / "r1-llm-only" / "spec.json").read_text())
+    assert spec["recipe"]["batch_size"] == 5 and spec["hold"]  # not the CPU default of 8, re-batched at release

@@ -158,3 +158,7 @@ def test_the_next_worker_starts_while_the_previous_recipe_runs(demo_run: dict) -
         assert "held" in summary["done"]["timings"] and "page_cache" in summary["done"]["timings"]
     first = json.loads((run_dir / NAMES[0] / "summary.json").read_text())
     assert "held" not in first["done"]["timings"] and first["timings"]["hidden_startup"] < 0.25
+    # two recipes ahead (prestart_depth 2): the third worker was started with the second, when the first began,
+    # so it waited for two recipes, the second for one
+    hidden = [json.loads((run_dir / n / "summary.json").read_text())["timings"]["hidden_startup"] for n in NAMES]
+    assert hidden[2] > hidden[1] + 0.25

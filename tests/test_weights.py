@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from worker.load import _load_root, model_class
-from worker.weights import load_safetensors, plan_chunks, read_spans
+from worker.weights import load_safetensors, plan_chunks, read_spans, read_through
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -128,3 +128,10 @@ def test_staged_model_sharded_and_tied(demo: dict, tmp_path: Path) -> None:
     link = type("Link", (), {"path": str(tmp_path / "tied")})()
     got, _ = _load_root(link, {"loader": "staged"}, "cpu", torch.bfloat16, "sdpa")
     assert got.get_output_embeddings().weight.data_ptr() == got.get_input_embeddings().weight.data_ptr()
+
+
+def test_read_through_reads_every_byte_of_every_file(tmp_path: Path) -> None:
+    sizes = {"a.safetensors": 0, "b.safetensors": 1000, "c.safetensors": 3 * 64 + 5}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(bytes(size))
+    assert read_through([tmp_path / n for n in sizes], threads=3, block=64) == sum(sizes.values())

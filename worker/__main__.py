@@ -106,6 +106,7 @@ def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, control: C
         before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw),
     )
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
+                "batch_wait": stats.wait_s, "generate": stats.generate_s,
                 "total": time.perf_counter() - started}
     counts = {"scored": stats.scored, "errors": stats.errors, "batches": stats.batches,
               "generated_tokens": stats.generated_tokens, "stopped_early": control.stop.is_set(),

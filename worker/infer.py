@@ -40,6 +40,8 @@ class InferenceStats:
     oom_retries: int = 0  # batches retried at half size after CUDA ran out of memory
     batch_size: int = 0  # the batch size in use at the end: lower than the recipe's after an out-of-memory error
     cache_hits: int = 0  # samples whose processor output the image cache held
+    wait_s: float = 0.0  # time the device loop waited for the prefetch thread's next batch
+    generate_s: float = 0.0  # time inside generate (and its out-of-memory retries)
     cache_misses: int = 0  # samples the processor ran on with the cache on (their output is stored for next time)
 
 
@@ -72,7 +74,7 @@ def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched
     started = time.perf_counter()
     sent = 0
     prepared_batches = start_batches(processor, samples, recipe, device) if isinstance(samples, list) else samples
-    for prepared in prepared_batches:
+    for prepared in _timed(prepared_batches, stats):
         stats.cache_hits += prepared.cache_hits
         stats.cache_misses += prepared.cache_misses
         for sample, error in prepared.errors:
@@ -83,6 +85,7 @@ def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched
         if prepared.items:
             batch_started = time.perf_counter()
             texts, new_tokens = _generate_fitting(model, processor, prepared, recipe, device, stats)
+            stats.generate_s += time.perf_counter() - batch_started
             seconds = (time.perf_counter() - batch_started) / len(prepared.items)
             stats.generated_tokens += new_tokens
             stats.batches += 1
@@ -97,6 +100,19 @@ def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched
             break
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _timed(batches: Iterator[PreparedBatch] | Prefetched, stats: InferenceStats) -> Iterator[PreparedBatch]:
+    """The batches, adding the time spent waiting for each to stats.wait_s (the GPU idles meanwhile)."""
+    iterator = iter(batches)
+    while True:
+        waited = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        stats.wait_s += time.perf_counter() - waited
+        yield batch
 
 
 def by_prompt_length(samples: list[Sample]) -> list[Sample]:

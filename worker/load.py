@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from orchestrator.protocol import ChainLink
 
 from .errors import WorkerError
-from .weights import load_safetensors
+from .weights import load_safetensors, read_through
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -151,7 +151,8 @@ def _apply_adapters(model: Any, adapters: list[ChainLink]) -> Any:
     exactly that, while keeping one PEFT wrapper (stacked wrappers would need named multi-adapter handling).
     The top adapter stays unmerged, so its LoRA weights are what the recipe evaluates."""
     for index, link in enumerate(adapters):
-        model = PeftModel.from_pretrained(model, link.path, is_trainable=False)
+        # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file, not initialised first
+        model = PeftModel.from_pretrained(model, link.path, is_trainable=False, low_cpu_mem_usage=True)
         if index < len(adapters) - 1:
             model = model.merge_and_unload()
     return model
@@ -192,14 +193,9 @@ def _has_processor(folder: Path) -> bool:
     return any((folder / name).is_file() for name in _PROCESSOR_FILES)
 
 
-def warm_page_cache(chain: list[ChainLink], block: int = 64 << 20) -> float:
+def warm_page_cache(chain: list[ChainLink]) -> float:
     """Read every weight file of the chain once, so that the load which follows reads from memory, not disk.
     A held worker does this while the previous recipe still owns the GPU (hidden start-up). Returns seconds."""
     started = time.perf_counter()
-    buffer = bytearray(block)
-    for link in chain:
-        for path in sorted(Path(link.path).glob("*.safetensors")):
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buffer):
-                    pass
+    read_through([path for link in chain for path in sorted(Path(link.path).glob("*.safetensors"))])
     return time.perf_counter() - started
