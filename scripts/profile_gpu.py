@@ -202,6 +202,47 @@ def profile_static(models: Path, dataset: Path, figures: dict) -> None:
     figures["static"] = results
 
 
+def prep_one(work: Path, threads: int, count: int) -> None:
+    """(child) prepare_batch of `count` samples with torch limited to `threads` (0: its default), on the CPU."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from worker.data import read_dataset
+    from worker.infer import prepare_batch
+    from worker.load import load_processor
+
+    link = type("Link", (), {"path": str(work / "processor")})()
+    processor = load_processor([link], {})
+    samples = read_dataset(work / "data" / "grounding.jsonl")[:count]
+    started = time.perf_counter()
+    prepare_batch(processor, samples, "{prompt}", "cpu")
+    print(json.dumps({"threads": threads or torch.get_num_threads(), "count": count,
+                      "backend": getattr(processor.image_processor, "backend", None),
+                      "seconds": time.perf_counter() - started}), flush=True)
+
+
+def profile_prep(work: Path, figures: dict) -> None:
+    """Batch preparation of 200 samples (the worker's processor path): alone, and three processes at once (a
+    running worker and two held ones), at torch's default thread count and at fewer threads."""
+    from scripts.gpu_check import SHAPES, _configs
+
+    processor, _, _ = _configs(SHAPES["7b"])
+    processor.save_pretrained(work / "processor")
+    rows = []
+    for threads in (0, 4, 1):
+        for together in (1, 3):
+            procs = [subprocess.Popen([sys.executable, __file__, "--work", str(work), "--out", "/tmp",
+                                       "--part", "prep-one", "--threads", str(threads)], cwd=ROOT,
+                                      stdout=subprocess.PIPE, text=True) for _ in range(together)]
+            results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+            row = {"threads": results[0]["threads"], "processes": together, "backend": results[0]["backend"],
+                   "seconds": [round(r["seconds"], 2) for r in results]}
+            rows.append(row)
+            log(f"prepare 200: {row}")
+    figures["prep"] = rows
+
+
 def _profiled(fn, title: str):
     """fn() under cProfile; prints the 30 costliest calls by cumulative and by own time."""
     import cProfile
@@ -221,10 +262,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--part", choices=("all", "load", "inference", "cold", "static"), default="all")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--part", default="all",
+                        choices=("all", "load", "inference", "cold", "static", "prep", "prep-one"))
     args = parser.parse_args()
     from scripts.bench_gpu import build_dataset
 
+    if args.part == "prep-one":
+        prep_one(args.work, args.threads, 200)
+        return 0
+    if args.part == "prep":
+        build_dataset(args.work / "data", 256)
+        figures_prep: dict = {}
+        profile_prep(args.work, figures_prep)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "prep.json").write_text(json.dumps(figures_prep, indent=1))
+        return 0
     models = args.work / "models"
     if not (models / "r1-llm-only").exists():
         subprocess.run([sys.executable, "scripts/bench_gpu.py", "build", "--models", str(models)], check=True,

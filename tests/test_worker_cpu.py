@@ -1,0 +1,33 @@
+"""A GPU worker takes a share of the host's CPU threads, so that the workers started ahead do not starve it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from worker.__main__ import _share_cpu
+
+
+class _Torch:
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def set_num_threads(self, count: int) -> None:
+        self.threads.append(count)
+
+
+@pytest.mark.parametrize("device,omp,expected", [
+    ("cuda", None, [min(4, os.cpu_count() or 1)]),
+    ("cuda", "2", []),  # the user's OMP_NUM_THREADS stands
+    ("cpu", None, []),  # inference on the CPU needs every thread
+])
+def test_gpu_workers_use_at_most_four_cpu_threads(monkeypatch, device: str, omp: str | None,
+                                                  expected: list[int]) -> None:
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    torch = _Torch()
+    _share_cpu(device, torch)
+    assert torch.threads == expected
