@@ -211,7 +211,9 @@ def read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Worklo
         max_new_tokens=recipe.max_new_tokens,
         shape=shape,
         prompts=read_prompts(recipe, processor, shape),
-        lora_widths=lora_widths(adapters[-1]) if adapters else (0, 0),
+        # merged adapters run as plain weights: no LoRA temporaries (the adapter's bytes stay counted: the peak
+        # of merging holds them)
+        lora_widths=lora_widths(adapters[-1]) if adapters and not recipe.merge_adapters else (0, 0),
         notes=tuple(notes),
     )
 

@@ -62,6 +62,9 @@ class Settings(BaseModel):
     loader: Literal["staged", "transformers"] = Field(
         "staged", description="staged: threads read safetensors through pinned buffers onto the device; "
         "transformers: its own from_pretrained reads (slower on a GPU; a fallback for checkpoints staging can't read)")
+    merge_adapters: bool = Field(False, description="merge the top adapter into the weights too, as the lower ones "
+                                 "always are: decoding runs as fast as the base model's, while the results may "
+                                 "differ from the unmerged adapter's in the last bits (bf16 rounding of W + BA)")
     trust_remote_code: bool = False
     allow_pickle: bool = False
     image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"

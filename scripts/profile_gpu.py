@@ -243,6 +243,35 @@ def profile_prep(work: Path, figures: dict) -> None:
     figures["prep"] = rows
 
 
+def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
+    """r1 (LoRA on the language model) at batch 200, as the worker runs it (top adapter unmerged) and with
+    merge_adapters: prefill (generate of 1 token) and generate of 32 tokens, second call of each."""
+    import torch
+
+    from worker.data import read_dataset
+    from worker.infer import generate, prepare_batch
+    from worker.load import _apply_adapters, _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    processor = load_processor([link], {})
+    inputs = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", "cuda:0").inputs
+    base, _ = _load_root(link, {"loader": "staged"}, "cuda:0", torch.bfloat16, "flash_attention_2")
+    rows = {}
+    for merge in (False, True):
+        model = _apply_adapters(base, [adapter], merge_top=merge)
+        row = {}
+        for tokens in (1, 1, 32, 32):
+            row[tokens], _ = timed(lambda t=tokens, m=model: generate(
+                m, processor, inputs, "cuda:0", max_new_tokens=t, min_new_tokens=t), torch)
+        row["decode_step_ms"] = (row[32] - row[1]) / 31 * 1e3
+        rows["merged" if merge else "unmerged"] = row
+        log(f"r1 at batch 200, {'merged' if merge else 'unmerged'}: {row}")
+        if not merge:
+            base = model.unload()  # the plain base back, for the merged round
+    figures["lora"] = rows
+
+
 def _profiled(fn, title: str):
     """fn() under cProfile; prints the 30 costliest calls by cumulative and by own time."""
     import cProfile
@@ -264,7 +293,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--part", default="all",
-                        choices=("all", "load", "inference", "cold", "static", "prep", "prep-one"))
+                        choices=("all", "load", "inference", "cold", "static", "prep", "prep-one", "lora"))
     args = parser.parse_args()
     from scripts.bench_gpu import build_dataset
 
@@ -289,6 +318,8 @@ def main() -> int:
         profile_loads(models, figures)
     if args.part == "cold":
         profile_cold(models, dataset, figures)
+    if args.part == "lora":
+        profile_lora(models, dataset, figures)
     if args.part == "static":
         profile_static(models, dataset, figures)
     if args.part in ("all", "inference"):

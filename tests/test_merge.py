@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from orchestrator.lineage import fingerprint, resolve_chain, weight_files
+from orchestrator.memory import estimate_recipe
 from orchestrator.recipes import load_recipe_file
 from worker.load import load_chain
 
@@ -140,3 +141,21 @@ def test_merge_refuses_what_it_cannot_do_with_exit_codes(merged: dict, demo: dic
     failed = run_cli("merge", "lost", str(merged["folder"] / "lost.toml"), "--out", str(merged["folder"] / "x"))
     assert failed.returncode == 1 and "/ssd1/team/vlm_outputs/r3-stage1" in failed.stderr
     assert not (merged["folder"] / "x").exists()
+
+
+def test_merge_adapters_evaluates_the_chain_as_plain_weights(merged: dict, demo: dict) -> None:
+    """`merge_adapters = true`: the top adapter is merged too; the model is a plain one (no LoRA layers left to
+    slow each decode step) whose outputs match the unmerged chain's, and the estimate drops LoRA's temporaries."""
+    recipe_file = load_recipe_file(merged["recipes"])
+    recipe = recipe_file.recipes[0]
+    chain = resolve_chain(recipe, recipe_file.lineage)
+    unmerged, processor, _ = load_chain(chain, recipe.model_dump(), "cpu")
+    plain, _, loaded = load_chain(chain, {**recipe.model_dump(), "merge_adapters": True}, "cpu")
+    assert isinstance(unmerged, PeftModel) and not isinstance(plain, PeftModel)
+    assert not [name for name, _ in plain.named_modules() if "lora" in name.lower()]
+    assert loaded["model_class"] == type(plain).__name__
+    inputs = _inputs(processor, demo)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(**inputs).logits, unmerged(**inputs).logits, atol=1e-4, rtol=1e-4)
+    assert estimate_recipe(recipe, chain, "cuda", 4).lora_bytes > 0
+    assert estimate_recipe(recipe.model_copy(update={"merge_adapters": True}), chain, "cuda", 4).lora_bytes == 0

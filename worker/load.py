@@ -66,7 +66,7 @@ def load_chain(chain: list[ChainLink], recipe: dict, device: str, processor: Any
     phases = {"cuda_init_s": _init_cuda(device)}
     model, how = _load_root(root, recipe, device, dtype, attn)
     phases["root_s"] = time.perf_counter() - started - phases["cuda_init_s"]
-    model = _apply_adapters(model, adapters)
+    model = _apply_adapters(model, adapters, merge_top=bool(recipe.get("merge_adapters")))
     model.eval()
     check_placement(model, device)
     phases["adapters_s"] = time.perf_counter() - started - phases["cuda_init_s"] - phases["root_s"]
@@ -145,15 +145,16 @@ def _attach_generation_config(model: Any, folder: str) -> None:
         model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
-def _apply_adapters(model: Any, adapters: list[ChainLink]) -> Any:
+def _apply_adapters(model: Any, adapters: list[ChainLink], *, merge_top: bool = False) -> Any:
     """Apply adapters bottom-up. Each lower adapter is merged into the weights before the next one is applied:
     the upper adapter was trained on a model whose weights included the lower one, and merging reproduces
     exactly that, while keeping one PEFT wrapper (stacked wrappers would need named multi-adapter handling).
-    The top adapter stays unmerged, so its LoRA weights are what the recipe evaluates."""
+    The top adapter stays unmerged, so its LoRA weights are what the recipe evaluates, unless the recipe asks
+    for `merge_adapters` (unmerged LoRA adds small matmuls to every adapted layer at every decode step)."""
     for index, link in enumerate(adapters):
         # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file, not initialised first
         model = PeftModel.from_pretrained(model, link.path, is_trainable=False, low_cpu_mem_usage=True)
-        if index < len(adapters) - 1:
+        if index < len(adapters) - 1 or merge_top:
             model = model.merge_and_unload()
     return model
 
