@@ -1,14 +1,18 @@
-"""Where a worker's load and inference time goes on the GPU, piece by piece (issue 7's remaining targets).
+"""Where a worker's load and inference time goes on the GPU, piece by piece (issue 7's targets).
 
-    python3 scripts/profile_gpu.py --work /tmp/prof --out "$OUT"            # on the GPU machine, one device call
+    python3 scripts/profile_gpu.py --work /tmp/prof --out "$OUT" [--part PART]   # on the GPU machine
 
-One process (this is a measurement, not the orchestrator): builds base and r1 of scripts/bench_gpu.py's 7B family
-and a 256-sample set, then measures
-  load      the staged reader alone (worker/weights.py) over threads x chunk sizes; then the worker's _load_root
-            with loader = "staged" and loader = "transformers" (the same tensors, checked), and r1's adapter;
-  inference the worker's own batch preparation (processor) per batch, the first generate of a fresh process
-            against the next ones on the same batch, and generate time per sample at batch 64, 128 and 256.
-Figures go to OUT/profile.json and stdout.
+One process per part (a measurement, not the orchestrator); the parts that need models first build
+scripts/bench_gpu.py's random-weight 7B family, and a 256-sample set:
+  load       (in "all") the staged reader alone (worker/weights.py) over threads x chunk sizes; the worker's
+             _load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter;
+  inference  (in "all") the worker's batch preparation and generate at batch 64, 128 and 256, and batch 1;
+  cold       a fresh process's first CUDA work step by step, cProfile of the first and of a warm generate, and
+             the decode step with sdpa instead of flash_attention_2;
+  prep       batch preparation of 200 samples alone and in three processes at once, by torch thread count
+             (no models needed);
+  lora       r1 at batch 200 with its adapter unmerged (as evaluated) and merged (merge_adapters).
+Figures go to OUT/profile.json (prep: OUT/prep.json) and stdout. BENCHMARKS.md quotes them.
 """
 
 from __future__ import annotations
@@ -169,39 +173,6 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     figures["cold"] = steps
 
 
-def profile_static(models: Path, dataset: Path, figures: dict) -> None:
-    """generate with a static KV cache, which transformers compiles (CUDA graphs) on CUDA: the compile's cost in a
-    fresh process against the decode step it buys, at batch 64, for flash_attention_2 and sdpa."""
-    import torch
-
-    from worker.data import read_dataset
-    from worker.infer import prepare_batch
-    from worker.load import _load_root, load_processor
-
-    link = type("Link", (), {"path": str(models / "base")})()
-    processor = load_processor([link], {})
-    inputs = prepare_batch(processor, read_dataset(dataset)[:64], "{prompt}", "cuda:0").inputs.to("cuda:0")
-    pad = processor.tokenizer.pad_token_id
-    results: dict = {}
-    for attn in ("flash_attention_2", "sdpa"):
-        model, _ = _load_root(link, {"loader": "staged"}, "cuda:0", torch.bfloat16, attn)
-        for tokens in (1, 32, 1, 32):
-            try:
-                with torch.inference_mode():
-                    seconds, _ = timed(lambda t=tokens, m=model: m.generate(
-                        **inputs, max_new_tokens=t, min_new_tokens=t, do_sample=False, pad_token_id=pad,
-                        cache_implementation="static"), torch)
-            except Exception as exc:  # a measurement: say what failed and go on
-                results[f"{attn} error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                log(f"static {attn}: {results[f'{attn} error']}")
-                break
-            results.setdefault(attn, []).append({"tokens": tokens, "seconds": seconds})
-            log(f"static cache, {attn}, generate {tokens}: {seconds:.2f} s")
-        del model
-        torch.cuda.empty_cache()
-    figures["static"] = results
-
-
 def prep_one(work: Path, threads: int, count: int) -> None:
     """(child) prepare_batch of `count` samples with torch limited to `threads` (0: its default), on the CPU."""
     import torch
@@ -293,7 +264,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--part", default="all",
-                        choices=("all", "load", "inference", "cold", "static", "prep", "prep-one", "lora"))
+                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora"))
     args = parser.parse_args()
     from scripts.bench_gpu import build_dataset
 
@@ -320,8 +291,6 @@ def main() -> int:
         profile_cold(models, dataset, figures)
     if args.part == "lora":
         profile_lora(models, dataset, figures)
-    if args.part == "static":
-        profile_static(models, dataset, figures)
     if args.part in ("all", "inference"):
         profile_inference(models, dataset, figures)
     args.out.mkdir(parents=True, exist_ok=True)
