@@ -405,7 +405,7 @@ class Suite:
         held = self._held.pop(plan.recipe.name, None)
         if held is None:
             return None
-        if held.spec.recipe["name"] == plan.recipe.name and held.env.get("CUDA_VISIBLE_DEVICES") == worker_env(
+        if held.env.get("CUDA_VISIBLE_DEVICES") == worker_env(
                 self.options.device, decision.gpu, offline=self.options.offline)[0].get("CUDA_VISIBLE_DEVICES"):
             return held
         held.abandon()

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from orchestrator.protocol import ChainLink
 
 from .errors import WorkerError
-from .weights import load_safetensors, read_through
+from .weights import UnstageableError, load_safetensors, read_through
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -106,8 +106,8 @@ def _load_root(root: ChainLink, recipe: dict, device: str, dtype: torch.dtype, a
     if recipe.get("loader", "staged") == "staged" and files and cls is not None and not trust:
         try:
             return _load_staged(cls, files, root.path, common)
-        except KeyError as exc:  # a dtype the staged reader does not know
-            print(f"evalorch worker: staged loading not possible ({exc!r}); using transformers' reader", flush=True)
+        except UnstageableError as exc:
+            print(f"evalorch worker: staged loading not possible ({exc}); using transformers' reader", flush=True)
     cls = model_class(config)
     model = cls.from_pretrained(root.path, use_safetensors=None if recipe.get("allow_pickle") else True, **common)
     return model, {"loader": "transformers"}

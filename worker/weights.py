@@ -38,6 +38,10 @@ THREADS = min(16, os.cpu_count() or 4)
 CHUNK_BYTES = 16 << 20  # one staging read; two per thread, so a thread reads one while the other copies
 
 
+class UnstageableError(Exception):
+    """A file this reader cannot stage (a dtype it does not know); transformers' own reader takes it."""
+
+
 @dataclass(frozen=True)
 class Span:
     """One tensor in a safetensors file: where its bytes are, and what they are."""
@@ -85,7 +89,8 @@ class LoadedWeights:
 
 
 def read_spans(path: Path) -> list[Span]:
-    """The tensors of a safetensors file with absolute offsets; dtypes this module cannot stage raise KeyError."""
+    """The tensors of a safetensors file with absolute offsets; a dtype this module cannot stage raises
+    UnstageableError."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
@@ -95,6 +100,8 @@ def read_spans(path: Path) -> list[Span]:
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise UnstageableError(f"{path.name}: tensor {name} has dtype {info['dtype']}")
         spans.append(Span(name, _DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, end - begin))
     return sorted(spans, key=lambda s: s.start)
 
