@@ -1,62 +1,111 @@
-"""The command line: parse options, call the library, turn its exceptions into "Error: ..." and an exit code.
+"""The command line: parse options, call the library, turn its UserErrors into "Error: ..." and an exit code.
 
-Exit codes: 0 every recipe evaluated; 1 a recipe failed or was refused; 2 usage or config error;
-3 a quality gate failed; 130 interrupted.
+Exit codes (contract/exits.py): 0 every recipe evaluated; 1 a recipe failed or was refused; 2 usage or config
+error; 3 a quality gate failed; 130 interrupted. No user text is ever read as rich markup: the consoles have
+markup off, so a message that names `[defaults]` shows `[defaults]`.
 """
 
 from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 from rich.tree import Tree
 
+from contract.boxes import BOX_FORMATS
+from contract.exits import Exit
+from contract.layout import MERGE_LINEAGE, RunFolder
+from contract.nvml import default_device, open_nvml
+
 from . import __version__
-from .boxes import BOX_FORMATS
-from .gates import GateError, GateRequest, Outputs, ci_options, gate_request, publish, validate_for_run
-from .gpu import default_device, open_nvml
+from .errors import UserError
 from .lineage import describe_chain
-from .merge import MergeError, merge_recipe
+from .merge import merge_recipe
 from .plan import RecipePlan, make_plans
-from .preflight import PreflightError, plan_lines, preflight_for
+from .preflight import plan_lines, preflight_for
 from .progress import progress_display
-from .recipes import LineageRules, RecipeFile, RecipeFileError, load_recipe_file
-from .report import ReportError, load_run, run_summary
-from .rescore import RescoreError, rescore
+from .recipes import LineageRules, RecipeFile, load_recipe_file
+from .reporting.gates import GateRequest, gate_request, validate_for_run
+from .reporting.publish import Outputs, publish
+from .reporting.summary import load_run, run_summary
+from .rescore import rescore
 from .results import new_run_dir, write_json
 from .resume import ResumeError, differences, planned_recipe
 from .scheduler import GpuScheduler, runs_concurrently
 from .supervisor import Interrupts, Suite, SuiteOptions
 
-EXIT_OK, EXIT_RECIPE_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: one worker at a time, on the GPU"
               " with most free memory; with it (run): one worker per GPU at once, each recipe on the GPU that fits it.")
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 
 # Logs of nightly jobs are read in wide windows: don't wrap the table at 80 columns when not on a terminal.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False, markup=False, width=None if sys.stderr.isatty() else 160)
 
 
-def _load(recipes_path: Path, only: str | None, hash_weights: bool = False) -> tuple[RecipeFile, list[RecipePlan]]:
-    try:
-        recipe_file = load_recipe_file(recipes_path)
-        selected = recipe_file.select([n.strip() for n in only.split(",") if n.strip()] if only else None)
-    except RecipeFileError as exc:
-        err_console.print(f"[red]Error:[/red] {exc}", markup=True)
-        sys.exit(EXIT_CONFIG)
-    return recipe_file, make_plans(recipe_file, selected, hash_weights=hash_weights)
+def fail(message: str, code: int = Exit.USAGE) -> None:
+    """'Error: ...' on stderr (never read as markup) and exit."""
+    err_console.print(Text.assemble(("Error:", "red"), " ", message))
+    sys.exit(code)
 
 
-@click.group()
+class _Cli(click.Group):
+    """The one translator from the library's exceptions to "Error: ..." and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            fail(str(exc), exc.exit_code)
+
+
+@click.group(cls=_Cli)
 @click.version_option(__version__, prog_name="evalorch")
 def main() -> None:
     """Evaluate fine-tuned vision-language models, each in a fresh worker process."""
+
+
+def ci_options(command: Callable) -> Callable:
+    """--fail-under, --compare, --max-drop, --junit, --json: shared by run, report and rescore."""
+    options = [
+        click.option("--fail-under", "fail_under", multiple=True, metavar="[RECIPE:]METRIC=VALUE",
+                     help="Quality gate (repeatable): exit 3 when a recipe's metric is under VALUE, e.g."
+                     " mean_iou=0.80 or r4-joint:iou_gt_0.5=0.9. Metrics: mean_iou, detection_rate, iou_gt_<t>"
+                     " (rates as fractions). A failed or refused recipe still exits 1: that wins over a gate."),
+        click.option("--compare", type=click.Path(path_type=Path, file_okay=False, exists=True),
+                     metavar="PREVIOUS_RUN_DIR", help="Run folder to compare with (needs --max-drop)."),
+        click.option("--max-drop", "max_drop", multiple=True, metavar="[RECIPE:]METRIC=VALUE",
+                     help="Quality gate (repeatable): exit 3 when a recipe's metric fell by more than VALUE"
+                     " (in the metric's units: 0.02 is 2 points of a rate) against --compare, e.g. mean_iou=0.02."),
+        click.option("--junit", type=click.Path(path_type=Path, dir_okay=False),
+                     help="Write JUnit XML here: one test case per recipe (failed, refused, gated)."),
+        click.option("--json", "json_out", is_flag=True,
+                     help="Print the summary as JSON on stdout (everything else goes to stderr)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _ci(fail_under: tuple[str, ...], compare: Path | None, max_drop: tuple[str, ...], junit: Path | None,
+        json_out: bool) -> tuple[GateRequest, Outputs]:
+    """The gate and CI-output options, checked before any work starts; with --json, stdout carries the JSON
+    alone (human output: stderr)."""
+    if json_out:
+        console.file = sys.stderr
+    return gate_request(fail_under, compare, max_drop), Outputs(console, junit=junit, json_out=json_out)
+
+
+def _load(recipes_path: Path, only: str | None, hash_weights: bool = False) -> tuple[RecipeFile, list[RecipePlan]]:
+    recipe_file = load_recipe_file(recipes_path)
+    selected = recipe_file.select([n.strip() for n in only.split(",") if n.strip()] if only else None)
+    return recipe_file, make_plans(recipe_file, selected, hash_weights=hash_weights)
 
 
 @main.command()
@@ -84,13 +133,13 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
     request, outputs = _ci(**ci)  # gate options are checked before any worker starts
     recipe_file, plans = _load(recipes, only, hash_weights)
-    _check_gates(lambda: validate_for_run(request, [p.recipe.name for p in plans]))
+    validate_for_run(request, [p.recipe.name for p in plans])
     if device == "auto":
         device = default_device(open_nvml())
         console.print(f"Device: {device} (--device auto)")
     preflight = _preflight(device, gpus, required=True)
     run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
-    write_json(run_dir / "run.json", _run_record(recipe_file, plans, device, timeout))
+    write_json(RunFolder(run_dir).record, _run_record(recipe_file, plans, device, timeout))
     console.print(f"Run folder: {run_dir}")
     interrupts = Interrupts()
     interrupts.install()
@@ -103,29 +152,10 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
         else:
             rows = Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
     baseline = recipe_file.baseline.name if recipe_file.baseline else None
-    code = _check_gates(lambda: publish(run_dir, run_summary(rows, baseline), request, outputs,
-                                        interrupted=interrupts.stop_requested))
+    code = publish(run_dir, run_summary(rows, baseline), request, outputs, interrupted=interrupts.stop_requested)
     if interrupts.stop_requested:
         err_console.print(f"Interrupted: continue with --resume {run_dir}")
     sys.exit(code)
-
-
-def _ci(fail_under: tuple[str, ...], compare: Path | None, max_drop: tuple[str, ...], junit: Path | None,
-        json_out: bool) -> tuple[GateRequest, Outputs]:
-    """The gate and CI-output options; with --json, stdout carries the JSON alone (human output: stderr)."""
-    if json_out:
-        console.file = sys.stderr
-    request = _check_gates(lambda: gate_request(fail_under, compare, max_drop))
-    return request, Outputs(console, junit=junit, json_out=json_out)
-
-
-def _check_gates(action: Any) -> Any:
-    """Run `action`; a gate option it cannot apply is a usage error (exit 2)."""
-    try:
-        return action()
-    except GateError as exc:
-        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
-        sys.exit(EXIT_CONFIG)
 
 
 @main.command("report")
@@ -136,12 +166,7 @@ def report_command(run_dir: Path, **ci: Any) -> None:
     rerun. Exit code as for `run`: 1 if a recipe failed, else 3 if a gate failed."""
     request, outputs = _ci(**ci)
     outputs.write_summary = False  # a re-render leaves the recorded summary.json as it was
-    try:
-        summary = load_run(run_dir)
-    except ReportError as exc:
-        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
-        sys.exit(EXIT_CONFIG)
-    sys.exit(_check_gates(lambda: publish(run_dir, summary, request, outputs)))
+    sys.exit(publish(run_dir, load_run(run_dir), request, outputs))
 
 
 @main.command("rescore")
@@ -158,40 +183,23 @@ def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | Non
     try:
         values = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else None
     except ValueError:
-        err_console.print(f"[red]Error:[/red] --thresholds {thresholds!r}: expected numbers like 0.5,0.7,0.9",
-                          markup=True)
-        sys.exit(EXIT_CONFIG)
-    try:
-        out, summary = rescore(run_dir, box_format, values)
-    except (ReportError, RescoreError) as exc:
-        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
-        sys.exit(EXIT_CONFIG)
-    outputs.console.print(f"Rescored into {out}", markup=False)
-    sys.exit(_check_gates(lambda: publish(out, summary, request, outputs)))
+        fail(f"--thresholds {thresholds!r}: expected numbers like 0.5,0.7,0.9")
+    out, summary = rescore(run_dir, box_format, values)
+    outputs.console.print(f"Rescored into {out}")
+    sys.exit(publish(out, summary, request, outputs))
 
 
 def _preflight(device: str, gpus: str | None, *, required: bool):
     """The GPU preflight (which GPU, wait for the last worker's memory, fit or refuse), or None on cpu."""
-    try:
-        return preflight_for(device, gpus, required=required,
-                             report=lambda message: console.print(f"    {message}", markup=False))
-    except PreflightError as exc:
-        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
-        sys.exit(EXIT_CONFIG)
+    return preflight_for(device, gpus, required=required, report=lambda message: console.print(f"    {message}"))
 
 
 def _resume_dir(run_dir: Path, plans: list[RecipePlan], force: bool) -> Path:
-    try:
-        changed = differences(run_dir, plans)
-    except ResumeError as exc:
-        err_console.print(f"[red]Error:[/red] {exc}", markup=True)
-        sys.exit(EXIT_CONFIG)
+    changed = differences(run_dir, plans)
     if changed and not force:
         lines = "\n".join(f"  - {c}" for c in changed)
-        err_console.print(f"[red]Error:[/red] {run_dir} was started with other recipes or weights:\n{lines}\n"
-                          "Results would mix two setups. Start a new run, or pass --force to continue anyway.",
-                          markup=True)
-        sys.exit(EXIT_CONFIG)
+        raise ResumeError(f"{run_dir} was started with other recipes or weights:\n{lines}\n"
+                          "Results would mix two setups. Start a new run, or pass --force to continue anyway.")
     return run_dir
 
 
@@ -213,25 +221,26 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
         console.print(_lineage_tree(item, recipe_file.lineage))
         lines, fits = plan_lines(item, device, preflight)
         for line in lines:
-            console.print(f"    {line}", markup=False)
+            console.print(f"    {line}")
         if item.runnable and not fits:
             refused.append(item)
     problems = [p for p in plans if not p.runnable] + refused
     if problems:
-        err_console.print(f"[red]Error:[/red] {len(problems)} recipe(s) cannot run", markup=True)
-        sys.exit(EXIT_RECIPE_FAILED)
+        fail(f"{len(problems)} recipe(s) cannot run", Exit.RECIPE_FAILED)
 
 
 def _lineage_tree(item: RecipePlan, rules: LineageRules) -> Tree:
-    tree = Tree(f"[bold]{item.recipe.name}[/bold]")
+    tree = Tree(Text(item.recipe.name, style="bold"))
     if item.problem:
-        tree.add(f"[red]{escape(item.problem)}[/red]")  # messages name [lineage]: not markup
+        tree.add(Text(item.problem, style="red"))
         return tree
     node = tree
     # top (what the recipe names) first, down to the root
     for line, link in zip(describe_chain(item.chain or [], rules), reversed(item.chain or []), strict=True):
-        note = " [yellow](base overridden by the recipe)[/yellow]" if link.source == "recipe-base" else ""
-        node = node.add(escape(line) + note)
+        label = Text(line)
+        if link.source == "recipe-base":
+            label.append(" (base overridden by the recipe)", style="yellow")
+        node = node.add(label)
     return tree
 
 
@@ -243,16 +252,9 @@ def _lineage_tree(item: RecipePlan, rules: LineageRules) -> Tree:
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 def merge_command(recipe_name: str, recipes: Path, out: Path, hash_weights: bool) -> None:
     """Merge RECIPE_NAME's adapter chain into one standalone checkpoint in OUT that loads without peft."""
-    try:
-        record = merge_recipe(load_recipe_file(recipes), recipe_name, out, hash_weights=hash_weights)
-    except RecipeFileError as exc:
-        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
-        sys.exit(EXIT_CONFIG)
-    except MergeError as exc:
-        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True)
-        sys.exit(exc.exit_code)
+    record = merge_recipe(load_recipe_file(recipes), recipe_name, out, hash_weights=hash_weights)
     console.print(f"Merged {record['adapters_merged']} adapter(s) of '{recipe_name}' into {out} "
-                  f"({record['dtype']}, {record['fingerprint']}); its lineage is in {out / 'lineage.json'}")
+                  f"({record['dtype']}, {record['fingerprint']}); its lineage is in {out / MERGE_LINEAGE}")
 
 
 def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, timeout: float | None) -> dict:

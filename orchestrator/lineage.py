@@ -10,18 +10,26 @@ No torch here: the parent (and `plan`, on a CPU-only CI runner) runs this.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import ChainLink
-from .recipes import LineageRules, Recipe
+from contract.checkpoint import (
+    ADAPTER_CONFIG,
+    CONFIG,
+    SHARD_INDEX,
+    CheckpointError,
+    fingerprint,
+    read_json_object,
+    safetensors_header,
+    weight_files,
+)
+from contract.recipe import Recipe
+from contract.spec import ChainLink
+from contract.units import format_bytes
 
-_SAMPLE_BYTES = 4096  # per tensor, for the quick fingerprint
+from .recipes import LineageRules
 
 
 class LineageError(Exception):
@@ -36,7 +44,15 @@ class Located:
 
 
 def resolve_chain(recipe: Recipe, rules: LineageRules, *, hash_weights: bool = False) -> list[ChainLink]:
-    """The recipe's chain, root (a full checkpoint) first; raise LineageError on any problem."""
+    """The recipe's chain, root (a full checkpoint) first; raise LineageError on any problem (a damaged
+    checkpoint file included: its message names the file)."""
+    try:
+        return _resolve_chain(recipe, rules, hash_weights)
+    except CheckpointError as exc:
+        raise LineageError(f"recipe '{recipe.name}': {exc}") from None
+
+
+def _resolve_chain(recipe: Recipe, rules: LineageRules, hash_weights: bool) -> list[ChainLink]:
     links: list[ChainLink] = []
     seen: list[Path] = []
     located = _locate_model(recipe.model, rules)
@@ -177,16 +193,16 @@ def _from_hub_cache(repo_id: str, allow_network: bool) -> Path | None:
 
 def _make_link(located: Located, recipe: Recipe, hash_weights: bool) -> ChainLink:
     path = located.path
-    if (path / "adapter_config.json").is_file():
-        config_file, kind = path / "adapter_config.json", "adapter"
-    elif (path / "config.json").is_file():
-        config_file, kind = path / "config.json", "full"
+    if (path / ADAPTER_CONFIG).is_file():
+        config_file, kind = path / ADAPTER_CONFIG, "adapter"
+    elif (path / CONFIG).is_file():
+        config_file, kind = path / CONFIG, "full"
     else:
         raise LineageError(f"{path}: neither adapter_config.json nor config.json: not a model folder")
     weights = weight_files(path, kind, allow_pickle=recipe.allow_pickle)
     recorded = None
     if kind == "adapter":
-        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        recorded = _read_json(config_file).get("base_model_name_or_path")
     return ChainLink(
         path=str(path.resolve()),
         kind=kind,
@@ -195,59 +211,6 @@ def _make_link(located: Located, recipe: Recipe, hash_weights: bool) -> ChainLin
         recorded_base=recorded,
         source=located.source,
     )
-
-
-def weight_files(folder: Path, kind: str, *, allow_pickle: bool) -> list[Path]:
-    """The weight files of a link; pickle files only where the recipe allows them."""
-    stem = "adapter_model" if kind == "adapter" else "model"
-    safe = sorted(folder.glob(f"{stem}*.safetensors"))
-    if safe:
-        return safe
-    pickles = sorted(folder.glob("adapter_model.bin" if kind == "adapter" else "pytorch_model*.bin"))
-    if pickles and not allow_pickle:
-        raise LineageError(
-            f"{folder}: weights are pickle files ({pickles[0].name}), which can run code when loaded; "
-            "convert them to safetensors, or set `allow_pickle = true` in the recipe if you trust them"
-        )
-    if pickles:
-        return pickles
-    raise LineageError(f"{folder}: {kind} folder with no weights ({stem}*.safetensors)")
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (u64 little-endian length, then JSON): names, dtypes, shapes."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
-
-
-def fingerprint(config_file: Path, weights: list[Path], *, hash_weights: bool = False) -> str:
-    """A link's identity. Quick by default: the config, each weight file's name, size and safetensors header, and
-    the first few kB of every tensor's data (a fine-tune keeps its config, names and shapes: only the values tell
-    it from its base, and any trained tensor changes in its first bytes). hash_weights: every byte, for audits."""
-    digest = hashlib.sha256(config_file.read_bytes())
-    for weight in weights:
-        digest.update(weight.name.encode())
-        digest.update(str(weight.stat().st_size).encode())
-        if hash_weights:
-            with open(weight, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-        elif weight.suffix == ".safetensors":
-            header = safetensors_header(weight)
-            digest.update(json.dumps(header, sort_keys=True).encode())
-            _sample_tensors(weight, header, digest)
-    return ("sha256:" if hash_weights else "quick:") + digest.hexdigest()[:16]
-
-
-def _sample_tensors(path: Path, header: dict, digest: Any) -> None:
-    """Feed the first _SAMPLE_BYTES of each tensor's data into `digest`: a few MB of reads even for a 70B model."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        for name in sorted(k for k in header if k != "__metadata__"):
-            begin, end = header[name]["data_offsets"]
-            f.seek(8 + length + begin)
-            digest.update(f.read(min(end - begin, _SAMPLE_BYTES)))
 
 
 # ----------------------------------------------------------------------------- checks on a resolved chain
@@ -271,14 +234,14 @@ def model_identity(folder: Path, kind: str) -> dict[str, tuple[Any, str]]:
     an adapter folder may carry its base's config.json, and peft records the class it wrapped in
     adapter_config.json's `auto_mapping` (the exact class, so it wins over config.json)."""
     found: dict[str, tuple[Any, str]] = {}
-    config_file = folder / "config.json"
+    config_file = folder / CONFIG
     config = _read_json(config_file) if config_file.is_file() else {}
     if config.get("model_type"):
         found["model_type"] = (config["model_type"], str(config_file))
     if config.get("architectures"):
         found["architecture"] = (frozenset(config["architectures"]), str(config_file))
     if kind == "adapter":
-        adapter_file = folder / "adapter_config.json"
+        adapter_file = folder / ADAPTER_CONFIG
         adapter = _read_json(adapter_file)
         cls = (adapter.get("auto_mapping") or {}).get("base_model_class") or adapter.get("base_model_class")
         if cls:
@@ -353,7 +316,7 @@ def adapted_modules(folder: Path) -> set[str] | None:
         return None
     modules = set()
     for file in files:
-        for name in safetensors_header(file):
+        for name in safetensors_header(file).tensors:
             parts = name.split(".")
             cut = next((i for i, part in enumerate(parts) if part.startswith(_ADAPTER_MARKERS)), None)
             if cut:
@@ -364,31 +327,28 @@ def adapted_modules(folder: Path) -> set[str] | None:
 def checkpoint_modules(folder: Path) -> set[str] | None:
     """The module paths that own a tensor in a full checkpoint: from the shard index, else the safetensors
     headers; None when its weights are not safetensors."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / SHARD_INDEX
     if index.is_file():
         names = list(_read_json(index).get("weight_map", {}))
     else:
         files = sorted(folder.glob("model*.safetensors"))
         if not files:
             return None
-        names = [name for file in files for name in safetensors_header(file) if name != "__metadata__"]
+        names = [name for file in files for name in safetensors_header(file).tensors]
     return {name.rsplit(".", 1)[0] for name in names if "." in name}
 
 
 def _ties_embeddings(folder: Path) -> bool:
-    config = _read_json(folder / "config.json")
+    config = _read_json(folder / CONFIG)
     text = config.get("text_config") or {}
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LineageError(f"{path}: not valid JSON ({exc}); restore the file from where the model was saved") from None
-    if not isinstance(data, dict):
-        raise LineageError(f"{path}: expected a JSON object; restore the file from where the model was saved")
-    return data
+        return read_json_object(path)
+    except CheckpointError as exc:
+        raise LineageError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- explaining a chain
@@ -422,10 +382,3 @@ def describe_source(link: ChainLink, above: ChainLink | None, rules: LineageRule
     if link.source == "recipe-base":
         return f"the recipe's `base`, overriding the recorded {recorded}"
     return f"recorded {recorded}"
-
-
-def format_bytes(count: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"

@@ -20,18 +20,16 @@ before its worker starts, instead of finding out from an out-of-memory error, or
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from contract.checkpoint import CONFIG, CheckpointError, read_json_object, safetensors_header, weight_files
+from contract.dataset import Sample, image_size, iter_samples, render_prompt
+from contract.recipe import Recipe, run_attn, run_dtype
+from contract.spec import ChainLink
+from contract.units import format_bytes
 
-from .lineage import safetensors_header, weight_files
-from .protocol import ChainLink
-from .recipes import Recipe
-
-GIB = 2**30
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
 CHAT_TOKENS = 48  # Qwen2-VL's chat template around the prompt: system turn, role and vision markers
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -45,20 +43,6 @@ _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 class EstimateError(Exception):
     """The recipe's files do not say enough to estimate its memory; the message names the file."""
-
-
-def run_dtype(dtype: str, device: str) -> str:
-    """The dtype the worker loads in (mirrors worker/load.py resolve_dtype)."""
-    if dtype == "auto":
-        return "bfloat16" if device == "cuda" else "float32"
-    return dtype
-
-
-def run_attn(attn: str, device: str) -> str:
-    """The attention the worker uses (mirrors worker/load.py resolve_attn)."""
-    if attn == "auto":
-        return "flash_attention_2" if device == "cuda" else "sdpa"
-    return attn
 
 
 @dataclass(frozen=True)
@@ -140,16 +124,8 @@ class MemoryEstimate:
         parts = [("weights", self.weights_bytes), ("adapter", self.adapter_bytes), ("KV", self.kv_cache_bytes),
                  ("activations", self.activation_bytes), ("context", self.context_bytes),
                  (f"margin {self.margin:.0%}", self.margin_bytes)]
-        listed = " + ".join(f"{name} {human(value)}" for name, value in parts if value)
-        return f"{human(self.total_bytes)} = {listed} ({self.dtype}, {self.attn}, batch {self.batch_size})"
-
-
-def human(value: int) -> str:
-    """Bytes for people: 4.12 GiB, 68.0 MiB, 889.4 KiB."""
-    for unit, size in (("GiB", GIB), ("MiB", 2**20)):
-        if abs(value) >= size:
-            return f"{value / size:.{2 if unit == 'GiB' else 1}f} {unit}"
-    return f"{value / 1024:.1f} KiB"
+        listed = " + ".join(f"{name} {format_bytes(value)}" for name, value in parts if value)
+        return f"{format_bytes(self.total_bytes)} = {listed} ({self.dtype}, {self.attn}, batch {self.batch_size})"
 
 
 @dataclass(frozen=True)
@@ -192,11 +168,19 @@ def estimate_recipe(recipe: Recipe, chain: list[ChainLink], device: str,
 
 
 def read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workload:
-    """Read the chain's headers and configs and the dataset's prompts and image sizes; raise EstimateError."""
+    """Read the chain's headers and configs and the dataset's prompts and image sizes; raise EstimateError (a
+    damaged checkpoint file included: its message names the file)."""
+    try:
+        return _read_workload(recipe, chain, device)
+    except CheckpointError as exc:
+        raise EstimateError(str(exc)) from None
+
+
+def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workload:
     dtype = run_dtype(recipe.dtype, device)
     root, adapters = chain[0], chain[1:]
     notes: list[str] = []
-    config = _read_json(Path(root.path) / "config.json")
+    config = _read_json(Path(root.path) / CONFIG)
     shape = model_shape(config)
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
@@ -223,8 +207,8 @@ def lora_widths(link: ChainLink) -> tuple[int, int]:
     (from lora_A (r, in) and lora_B (out, r) shapes in the safetensors header)."""
     widths = [0, 0]
     for path in sorted(Path(link.path).glob("adapter_model*.safetensors")):
-        for name, info in safetensors_header(path).items():
-            if name == "__metadata__" or ".lora_" not in name:
+        for name, info in safetensors_header(path).tensors.items():
+            if ".lora_" not in name:
                 continue
             vision = "visual" in name or "vision" in name
             widths[vision] = max(widths[vision], *info["shape"])
@@ -265,14 +249,8 @@ def adapter_bytes(link: ChainLink, *, allow_pickle: bool) -> int:
 
 
 def _tensor_bytes(path: Path, bytes_of) -> int:
-    try:
-        header = safetensors_header(path)
-    except (OSError, ValueError) as exc:
-        raise EstimateError(f"{path}: cannot read the safetensors header ({exc}); is the file complete?") from exc
     total = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in safetensors_header(path).tensors.items():
         if info["dtype"] not in _STORED_BYTES:
             raise EstimateError(f"{path}: tensor {name} has dtype {info['dtype']}, which evalorch cannot size")
         total += math.prod(info["shape"]) * bytes_of(info["dtype"])
@@ -378,46 +356,26 @@ def image_tokens(size: tuple[int, int] | None, settings: ImageSettings) -> tuple
 def read_prompts(recipe: Recipe, settings: ImageSettings, shape: ModelShape | None) -> Prompts:
     """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates."""
     text, tokens, patches, samples = 0, 0, 0, 0
-    for record, folder in _dataset_records(recipe):
-        samples += 1
-        rendered = recipe.prompt.replace("{prompt}", str(record.get("prompt") or "")).replace(
-            "{id}", str(record.get("id", "")))
-        text = max(text, len(rendered.encode()) + CHAT_TOKENS)
-        size = _image_size(folder / record["image"]) if isinstance(record.get("image"), str) else None
-        sample_tokens, sample_patches = image_tokens(size, settings)
-        tokens, patches = max(tokens, sample_tokens), max(patches, sample_patches)
+    try:
+        for sample in iter_samples(Path(recipe.dataset or ""), limit=recipe.limit):
+            samples += 1
+            text = max(text, _prompt_bytes(recipe.prompt, sample) + CHAT_TOKENS)
+            size = image_size(sample.image_path) if sample.image_path is not None else None
+            sample_tokens, sample_patches = image_tokens(size, settings)
+            tokens, patches = max(tokens, sample_tokens), max(patches, sample_patches)
+    except OSError as exc:
+        raise EstimateError(f"dataset {recipe.dataset}: {exc}") from exc
     if shape is not None and not shape.vision_embed:
         tokens = patches = 0
     return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches, samples=samples)
 
 
-def _dataset_records(recipe: Recipe):
-    """The dataset's JSON objects, as many as the recipe evaluates; bad lines are the worker's to report."""
-    path = Path(recipe.dataset or "")
-    count = 0
+def _prompt_bytes(template: str, sample: Sample) -> int:
+    """The rendered prompt's UTF-8 bytes (the template's own, where the worker will fail to render it)."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise EstimateError(f"dataset {path}: {exc}") from exc
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        yield record, path.parent
-        count += 1
-        if recipe.limit is not None and count >= recipe.limit:
-            return
-
-
-def _image_size(path: Path) -> tuple[int, int] | None:
-    try:
-        with Image.open(path) as image:  # reads the header only
-            return image.size
-    except (OSError, ValueError):
-        return None
+        return len(render_prompt(template, sample, strict=False).encode())
+    except (KeyError, ValueError, IndexError):
+        return len(template.encode())
 
 
 def _image_processor_settings(chain: list[ChainLink]) -> ImageSettings:
@@ -443,7 +401,4 @@ def _image_settings(raw: dict) -> ImageSettings:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EstimateError(f"{path}: {exc}") from exc
+    return read_json_object(path)  # a CheckpointError becomes an EstimateError in read_workload

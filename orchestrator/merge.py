@@ -1,34 +1,36 @@
 """`merge`: turn a recipe's adapter chain into one standalone checkpoint that loads without peft.
 
 The chain is resolved here, torch-free, with the same checks as `plan` and `run`; the weights are merged by a
-fresh `python -m worker.merge` process on the CPU (see worker/merge.py), which writes lineage.json into the output
-so the merged checkpoint can be traced to the chain it came from.
+fresh `python -m worker.merge` process on the CPU (see worker/merge.py), started and stopped through the same
+launcher as an evaluation worker (process.py: process group, lifeline, result pipe, escalating stop), which
+answers with one protocol message: `merged` with what lineage.json records, or `error`.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from . import protocol
-from .plan import make_plans
-from .recipes import RecipeFile
-from .supervisor import worker_env
+from contract import messages
+from contract.exits import Exit
+from contract.layout import SPEC, WORKER_LOG
+from contract.spec import WorkerSpec
 
-EXIT_FAILED, EXIT_CONFIG = 1, 2
+from .environment import worker_env
+from .errors import UserError
+from .plan import make_plans
+from .process import WorkerProcess, describe_exit
+from .recipes import RecipeFile
+
 _TAIL_LINES = 20
 
 
-class MergeError(Exception):
+class MergeError(UserError):
     """A merge that cannot start or did not finish; `exit_code` is 2 for configuration problems, 1 otherwise."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = Exit.RECIPE_FAILED
 
 
 def merge_recipe(recipe_file: RecipeFile, name: str, out: Path, *, hash_weights: bool = False,
@@ -37,45 +39,55 @@ def merge_recipe(recipe_file: RecipeFile, name: str, out: Path, *, hash_weights:
     recipe = next((r for r in recipe_file.recipes if r.name == name), None)
     if recipe is None:
         known = ", ".join(r.name for r in recipe_file.recipes)
-        raise MergeError(f"{recipe_file.path} has no recipe named '{name}' (its recipes: {known})", EXIT_CONFIG)
+        raise MergeError(f"{recipe_file.path} has no recipe named '{name}' (its recipes: {known})", Exit.USAGE)
     plan = make_plans(recipe_file, [recipe], hash_weights=hash_weights)[0]
     if plan.problem:
         raise MergeError(f"recipe '{name}' cannot be merged: {plan.problem}")
     chain = plan.chain or []
     if all(link.kind == "full" for link in chain):
         raise MergeError(f"recipe '{name}' is a full checkpoint with no adapter to merge: use {chain[-1].path} "
-                         "as it is", EXIT_CONFIG)
+                         "as it is", Exit.USAGE)
     out = out.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"{out} exists and is not an empty folder: choose a new folder, or remove it", EXIT_CONFIG)
-    spec = protocol.WorkerSpec(recipe=recipe.model_dump(), chain=chain, dataset=str(recipe.dataset or ""),
-                               device="cpu")
+        raise MergeError(f"{out} exists and is not an empty folder: choose a new folder, or remove it", Exit.USAGE)
+    spec = WorkerSpec(recipe=recipe, chain=chain, dataset=str(recipe.dataset or ""), device="cpu")
     with tempfile.TemporaryDirectory(prefix="evalorch-merge-") as tmp:
-        spec_path = Path(tmp) / "spec.json"
+        spec_path = Path(tmp) / SPEC
         spec_path.write_bytes(spec.to_json())
-        _run_worker(spec_path, out, hash_weights, timeout, offline=not recipe_file.lineage.allow_network)
-    return json.loads((out / "lineage.json").read_text())
+        args = ["--spec", str(spec_path), "--out", str(out), *(["--hash-weights"] if hash_weights else [])]
+        env, _ = worker_env("cpu", offline=not recipe_file.lineage.allow_network)
+        return _supervise(WorkerProcess(args, env, Path(tmp) / WORKER_LOG, module="worker.merge"), timeout)
 
 
-def _run_worker(spec_path: Path, out: Path, hash_weights: bool, timeout: float | None, *, offline: bool) -> None:
-    """A fresh interpreter does the torch work (the parent never imports torch); its output is kept for errors."""
-    env, _ = worker_env("cpu", offline=offline)
-    command = [sys.executable, "-m", "worker.merge", "--spec", str(spec_path), "--out", str(out)]
-    if hash_weights:
-        command.append("--hash-weights")
+def _supervise(proc: WorkerProcess, timeout: float | None) -> dict[str, Any]:
+    """Read the merge worker's messages to its end; its `merged` record, else MergeError."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    splitter, answer = messages.LineSplitter(), None
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise MergeError(f"merging took longer than {timeout:g}s and was stopped; raise --timeout") from None
-    if done.returncode != 0:
-        raise MergeError(_failure_message(done), EXIT_CONFIG if done.returncode == EXIT_CONFIG else EXIT_FAILED)
+        while (chunk := proc.read_results(wait=0.5)) is not None:
+            for line in splitter.feed(chunk):
+                try:
+                    answer = messages.decode(line)
+                except messages.ProtocolError as exc:
+                    answer = {"type": "error", "kind": "internal", "message": f"protocol: {exc}"}
+            if deadline is not None and time.monotonic() > deadline:
+                proc.stop("merge timeout")
+                raise MergeError(f"merging took longer than {timeout:g}s and was stopped; raise --timeout")
+        returncode = proc.wait(10.0)
+        log = _tail(proc.log_path)
+    finally:
+        proc.cleanup()
+    if answer is not None and answer["type"] == "merged" and returncode == 0:
+        return answer["record"]
+    if answer is not None and answer["type"] == "error":
+        raise MergeError(answer["message"], Exit.USAGE if answer["kind"] == "config" else Exit.RECIPE_FAILED)
+    ended = describe_exit(returncode) if returncode is not None else None
+    raise MergeError(f"the merge worker {ended.description if ended else 'did not exit'} without saying why; its "
+                     f"last output:\n{log}")
 
 
-def _failure_message(done: subprocess.CompletedProcess) -> str:
-    """The worker's own "Error: ..." line where it wrote one; else the tail of what it printed."""
-    lines = (done.stdout + done.stderr).splitlines()
-    errors = [line.removeprefix("Error: ") for line in lines if line.startswith("Error: ")]
-    if errors:
-        return errors[-1]
-    tail = "\n".join(lines[-_TAIL_LINES:])
-    return f"the merge worker exited with code {done.returncode} without saying why; its last output:\n{tail}"
+def _tail(path: Path) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-_TAIL_LINES:])
+    except OSError:
+        return ""

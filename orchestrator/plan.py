@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from contract.recipe import Recipe
+from contract.spec import ChainLink
+
 from .lineage import LineageError, resolve_chain
-from .protocol import ChainLink
-from .recipes import Recipe, RecipeFile
+from .recipes import RecipeFile
 
 
 @dataclass

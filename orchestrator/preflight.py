@@ -21,8 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .gpu import FAKE_ENV, GpuProcess, GpuState, Nvml, NvmlUnavailable, open_nvml
-from .memory import EstimateError, MemoryEstimate, Workload, estimate_recipe, human, read_workload
+from contract.nvml import FAKE_ENV, GpuProcess, GpuState, Nvml, NvmlUnavailable, open_nvml
+from contract.units import format_bytes
+
+from .errors import UserError
+from .memory import EstimateError, MemoryEstimate, Workload, estimate_recipe, read_workload
 from .plan import LaunchDecision, RecipePlan
 
 RELEASE_TIMEOUT_S = 120.0
@@ -31,7 +34,7 @@ POLL_S = 0.25
 RELEASE_TOLERANCE_BYTES = 256 * 2**20
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """The preflight cannot work with what it was given (no GPU, a bad --gpus); the message says what to do."""
 
 
@@ -186,13 +189,13 @@ class GpuPreflight:
             record["still_held_by_previous"] = True
             record["message"] = (
                 f"worker pid {last.pid} of recipe '{last.recipe}' exited, but NVML still lists it on GPU "
-                f"{state.index} after {waited:.0f}s ({human(state.free_bytes)} free of "
-                f"{human(state.total_bytes)}): its memory was not released. Check `nvidia-smi`, end that process "
-                "(kill -9 the pid), then run the remaining recipes again.")
+                f"{state.index} after {waited:.0f}s ({format_bytes(state.free_bytes)} free of "
+                f"{format_bytes(state.total_bytes)}): its memory was not released. Check `nvidia-smi`, end that "
+                "process (kill -9 the pid), then run the remaining recipes again.")
             return record
         # The worker is gone but memory is not back: a process NVML cannot list holds it. Go on and let the
         # comparison with the free memory decide, with this on record.
-        record["message"] = (f"free memory on GPU {state.index} stayed {human(missing)} below its baseline "
+        record["message"] = (f"free memory on GPU {state.index} stayed {format_bytes(missing)} below its baseline "
                              f"for {waited:.0f}s after worker pid {last.pid} exited")
         self.report(f"warning: {record['message']}")
         return record
@@ -214,12 +217,12 @@ def _verdict(name: str, workload: Workload, batch_size: int, state: GpuState, gp
         return _refuse(name, "its weights fit, but not even a batch of 1", workload.estimate(1), state, record)
     if fitting == batch_size:
         record["batch_size"] = batch_size
-        message = f"GPU {state.index}: needs {requested.describe()}; {human(free)} free"
+        message = f"GPU {state.index}: needs {requested.describe()}; {format_bytes(free)} free"
         return LaunchDecision(ok=True, gpu=gpu, message=message, record=record)
     lowered = workload.estimate(fitting)
     record |= {"batch_size": fitting, "batch_lowered": True, "estimate_used": lowered.record()}
     message = (f"GPU {state.index}: batch size lowered from {batch_size} to {fitting} to fit "
-               f"{human(free)} free (batch {batch_size} needs {human(requested.total_bytes)}; "
+               f"{format_bytes(free)} free (batch {batch_size} needs {format_bytes(requested.total_bytes)}; "
                f"batch {fitting} needs {lowered.describe()})")
     return LaunchDecision(ok=True, gpu=gpu, batch_size=fitting, message=message, record=record)
 
@@ -252,10 +255,10 @@ def _refuse(name: str, why: str, estimate: MemoryEstimate, state: GpuState, reco
     holders = "; ".join(p.describe() for p in state.processes) or "no process NVML can list"
     unlisted = state.total_bytes - state.free_bytes - sum(p.used_bytes or 0 for p in state.processes)
     if state.processes and unlisted > RELEASE_TOLERANCE_BYTES * 4:
-        holders += f"; {human(unlisted)} more held by processes NVML does not list (other containers?)"
+        holders += f"; {format_bytes(unlisted)} more held by processes NVML does not list (other containers?)"
     message = (
         f"recipe '{name}' refused on GPU {state.index} ({state.name}): {why}. It needs {estimate.describe()}, "
-        f"but only {human(state.free_bytes)} of {human(state.total_bytes)} is free. "
+        f"but only {format_bytes(state.free_bytes)} of {format_bytes(state.total_bytes)} is free. "
         f"Held by: {holders}. Free that memory, pick another GPU with --gpus, or lower batch_size or "
         "memory_margin in the recipe. Nothing was started: a model is never split between GPU and CPU."
     )

@@ -4,6 +4,11 @@ The worker runs in its own session (process group), so a signal meant for the gr
 started, and the terminal's Ctrl-C reaches only the parent, which decides what the workers do.
 The worker's stdin is a pipe the parent holds open: the lifeline. When the parent dies, for any reason, the
 kernel closes it and the worker sees EOF and exits.
+
+Stopping a worker that will not stop by itself (a timeout) escalates, as jupyter_client's kernel manager does:
+first TRACEBACK_SIGNAL, on which the worker's faulthandler writes every thread's Python stack into its log (so
+a hang says where it hung), then SIGKILL to the whole group after a grace period. Each step is returned, for
+the recipe's summary.json.
 """
 
 from __future__ import annotations
@@ -14,8 +19,13 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# The worker registers faulthandler on this signal (worker/lifeline.py): it dumps the stacks and carries on.
+TRACEBACK_SIGNAL = signal.SIGUSR1
+TRACEBACK_GRACE_S = 2.0  # after the dump, how long a worker may take to exit by itself before SIGKILL
 
 _SIGNAL_HINTS = {
     signal.SIGKILL: "killed by SIGKILL: perhaps the kernel's out-of-memory killer (see dmesg)",
@@ -47,15 +57,15 @@ def describe_exit(returncode: int) -> ExitInfo:
 
 
 class WorkerProcess:
-    """A `python -m worker` child with a result pipe, a lifeline and a log file."""
+    """A `python -m worker` (or `-m worker.merge`...) child with a result pipe, a lifeline and a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, *, module: str = "worker") -> None:
         read_fd, write_fd = os.pipe()
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - the child writes here; closed in cleanup()
         try:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "worker", *args, "--result-fd", str(write_fd)],
+                [sys.executable, "-m", module, *args, "--result-fd", str(write_fd)],
                 stdin=subprocess.PIPE,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
@@ -102,6 +112,23 @@ class WorkerProcess:
     def kill(self) -> None:
         self.signal_group(signal.SIGKILL)
 
+    def stop(self, reason: str, grace: float = TRACEBACK_GRACE_S) -> list[dict]:
+        """Escalate until the worker is gone: TRACEBACK_SIGNAL to the worker (its stacks go to its log), up to
+        `grace` seconds for it to exit, then SIGKILL to its group. Returns the steps, each with when it was
+        taken (seconds from the start of the stop) and whether the worker had exited by the end of it."""
+        started = time.monotonic()
+        steps = []
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.popen.pid, TRACEBACK_SIGNAL)  # the worker alone: its children have no such handler
+            exited = self.wait(grace) is not None
+            steps.append(_step(reason, "traceback", TRACEBACK_SIGNAL, started, exited))
+        if self.popen.poll() is None:
+            self.kill()
+            exited = self.wait(5.0) is not None
+            steps.append(_step(reason, "kill", signal.SIGKILL, started, exited))
+        return steps
+
     def wait(self, timeout: float) -> int | None:
         try:
             return self.popen.wait(timeout)
@@ -120,3 +147,13 @@ class WorkerProcess:
         if self.result_fd >= 0:
             os.close(self.result_fd)
             self.result_fd = -1  # never close a number the OS may since have given to another file
+
+
+def _step(reason: str, action: str, sig: int, started: float, exited: bool) -> dict:
+    return {"reason": reason, "action": action, "signal": signal.Signals(sig).name,
+            "at_s": round(time.monotonic() - started, 3), "exited": exited}
+
+
+def kill_step(reason: str) -> dict:
+    """The record of an immediate SIGKILL (a second Ctrl-C): no traceback asked for."""
+    return {"reason": reason, "action": "kill", "signal": "SIGKILL", "at_s": 0.0, "exited": None}

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import orjson
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
@@ -35,6 +34,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from contract.dataset import iter_samples
+from contract.layout import RecipeFolder, RunFolder
+
 from .results import read_json, read_samples
 from .stats import DEFAULT_THRESHOLDS, metrics, threshold_key
 
@@ -46,28 +48,12 @@ def expected_samples(recipe_dir: Path) -> int | None:
     """How many samples this attempt will send: the dataset's samples up to the recipe's `limit`, less those
     already recorded (resume, retry), read from the spec the worker was given; None if it cannot be read."""
     try:
-        spec = read_json(recipe_dir / "spec.json")
-        lines = Path(spec["dataset"]).read_text(errors="replace").splitlines()
-    except (OSError, KeyError, ValueError):
+        spec = read_json(RecipeFolder(recipe_dir).spec)
+        limit = (spec.get("recipe") or {}).get("limit")
+        skip = set(spec.get("skip_ids") or [])
+        return sum(1 for s in iter_samples(Path(spec["dataset"]), limit=limit) if s.id not in skip)
+    except (OSError, KeyError, ValueError, TypeError, AttributeError):
         return None
-    limit = (spec.get("recipe") or {}).get("limit")
-    skip = set(spec.get("skip_ids") or [])
-    ids: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        ids.append(_line_id(line, number))  # the worker names a bad line "line<N>" too
-        if limit and len(ids) >= limit:
-            break
-    return sum(1 for sample_id in ids if sample_id not in skip)
-
-
-def _line_id(line: str, number: int) -> str:
-    try:
-        raw = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return f"line{number}"
-    return str(raw.get("id", f"line{number}")) if isinstance(raw, dict) else f"line{number}"
 
 
 @dataclass
@@ -88,7 +74,7 @@ class _Listener:
         self.recipes = {name: _Recipe(name) for name in names}
         self.names = names
         for name in names:  # a resumed run keeps finished recipes: they send no events
-            previous = run_dir / name / "summary.json"
+            previous = RunFolder(run_dir).recipe(name).summary
             if previous.is_file():
                 stored = read_json(previous)
                 if stored.get("status") == "ok":
@@ -102,7 +88,7 @@ class _Listener:
     def finish(self, outcome: Any) -> _Recipe:
         state = self.recipes.setdefault(outcome.name, _Recipe(outcome.name))
         state.status = outcome.status
-        state.metrics = metrics(read_samples(self.run_dir / outcome.name / "samples.jsonl"))
+        state.metrics = metrics(read_samples(RunFolder(self.run_dir).recipe(outcome.name).samples))
         state.seconds = outcome.seconds or None
         state.note = outcome.detail.splitlines()[0][:120] if outcome.detail else ""
         return state

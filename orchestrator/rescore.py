@@ -12,19 +12,21 @@ never the better of two readings.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .boxes import BOX_FORMATS, score_text
-from .report import ROW_KEYS, load_run, run_summary
+from contract.boxes import BOX_FORMATS, score_text
+from contract.layout import RESCORE_PREFIX, RunFolder, stamped_folder
+
+from .errors import UserError
+from .reporting.summary import ROW_KEYS, load_run, run_summary
 from .results import read_json, read_samples, write_json
 from .stats import DEFAULT_THRESHOLDS, metrics, thresholds_of
 
 
-class RescoreError(Exception):
+class RescoreError(UserError):
     """The run cannot be rescored as asked."""
 
 
@@ -35,40 +37,33 @@ def rescore(run_dir: Path, box_format: str | None = None,
     if box_format is not None and box_format not in BOX_FORMATS:
         raise RescoreError(f"unknown box format {box_format!r}; known: {', '.join(BOX_FORMATS)}")
     summary = load_run(run_dir)
-    out = _new_folder(run_dir)
-    rows = [_rescore_recipe(run_dir, out, row, box_format, thresholds) for row in summary["recipes"]]
-    record = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    out = stamped_folder(run_dir, RESCORE_PREFIX)
+    rows = [_rescore_recipe(RunFolder(run_dir), RunFolder(out), row, box_format, thresholds)
+            for row in summary["recipes"]]
+    source = RunFolder(run_dir).record
+    record = read_json(source) if source.is_file() else {}
     shown = ", ".join(f"{t:g}" for t in thresholds) if thresholds else "as recorded"
-    write_json(out / "run.json", {**record, "rescore_of": str(run_dir),
+    write_json(RunFolder(out).record, {**record, "rescore_of": str(run_dir),
                                   "rescore": f"box format {box_format or 'as recorded'}, thresholds {shown}"})
     return out, run_summary(rows, summary.get("baseline"))
 
 
-def _new_folder(run_dir: Path) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out, suffix = run_dir / f"rescore-{stamp}", 1
-    while out.exists():  # two rescores in the same second
-        suffix += 1
-        out = run_dir / f"rescore-{stamp}-{suffix}"
-    out.mkdir()
-    return out
-
-
-def _rescore_recipe(run_dir: Path, out: Path, row: dict[str, Any], box_format: str | None,
+def _rescore_recipe(run: RunFolder, out: RunFolder, row: dict[str, Any], box_format: str | None,
                     thresholds: Sequence[float] | None) -> dict[str, Any]:
     name = row["name"]
     fmt = box_format or (row.get("recipe") or {}).get("box_format")
     if fmt not in BOX_FORMATS:
         raise RescoreError(f"recipe '{name}': no known box format recorded ({fmt!r}); pass --box-format")
-    samples = [rescore_sample(s, fmt) for s in read_samples(run_dir / name / "samples.jsonl")]
-    (out / name).mkdir()
-    (out / name / "samples.jsonl").write_bytes(b"".join(orjson.dumps(s) + b"\n" for s in samples))
+    samples = [rescore_sample(s, fmt) for s in read_samples(run.recipe(name).samples)]
+    target = out.recipe(name)
+    target.path.mkdir()
+    target.samples.write_bytes(b"".join(orjson.dumps(s) + b"\n" for s in samples))
     used = list(thresholds or thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS)
     changed = sum(1 for s in samples if "iou_before" in s and s["iou_before"] != s["iou"])
     new_row = {**{key: row.get(key) for key in ROW_KEYS}, "metrics": metrics(samples, used),
                "rescore": {"box_format": fmt, "thresholds": used, "samples_changed": changed}}
-    stored = run_dir / name / "summary.json"
-    write_json(out / name / "summary.json", {**(read_json(stored) if stored.is_file() else {}), **new_row})
+    stored = run.recipe(name).summary
+    write_json(target.summary, {**(read_json(stored) if stored.is_file() else {}), **new_row})
     return new_row
 
 

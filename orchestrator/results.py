@@ -1,11 +1,4 @@
-"""The run folder: what was asked, what came back, durably.
-
-    runs/<UTC time>/run.json               recipes as resolved, environment, command line
-    runs/<UTC time>/<recipe>/spec.json     what the worker was told
-    runs/<UTC time>/<recipe>/samples.jsonl one line per sample, appended as it arrives
-    runs/<UTC time>/<recipe>/worker.log    the worker's stdout and stderr
-    runs/<UTC time>/<recipe>/summary.json  metrics, lineage, timings, status
-    runs/<UTC time>/summary.json, report.md
+"""Writing and reading the run folder's files durably (its layout, every name in it: contract/layout.py).
 
 Sample lines are flushed to the OS as they arrive and fsynced at least once a second, so a crash of the
 worker or of the parent loses nothing already received.
@@ -15,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from contract.layout import stamped_folder
 
 _FSYNC_EVERY_S = 1.0
 
@@ -36,14 +30,8 @@ def read_json(path: Path) -> Any:
 
 
 def new_run_dir(out: Path) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = out / stamp
-    suffix = 1
-    while run_dir.exists():  # two runs in the same second
-        suffix += 1
-        run_dir = out / f"{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    """runs/<UTC time>/, created."""
+    return stamped_folder(out)
 
 
 class SampleLog:

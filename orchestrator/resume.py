@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from contract.layout import RunFolder
+from contract.recipe import Recipe
+
+from .errors import UserError
 from .plan import RecipePlan
-from .recipes import Recipe
 from .results import read_json
 
 # Settings that change how fast a recipe runs, never what it produces: recorded, but a resume ignores them.
 RESULT_NEUTRAL = frozenset({"image_cache", "cache_dir"})
 
 
-class ResumeError(Exception):
+class ResumeError(UserError):
     """The run folder cannot be resumed as asked."""
 
 
@@ -25,7 +28,7 @@ def planned_recipe(plan: RecipePlan) -> dict[str, Any]:
 
 def differences(run_dir: Path, plans: list[RecipePlan]) -> list[str]:
     """How the recipes now differ from those the run started with (settings, weights), one line each."""
-    record = run_dir / "run.json"
+    record = RunFolder(run_dir).record
     if not record.exists():
         raise ResumeError(f"{run_dir} is not a run folder (no run.json)")
     before = {r["name"]: r for r in read_json(record)["recipes"]}

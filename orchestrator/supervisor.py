@@ -15,17 +15,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import protocol
+from contract import messages
+from contract.layout import RecipeFolder, RunFolder
+from contract.recipe import UNCHECKED_AUTO_BATCH, Recipe
+from contract.spec import WorkerSpec
+
+from .environment import worker_env
 from .plan import LaunchDecision, Preflight, RecipePlan
-from .process import WorkerProcess, describe_exit
-from .recipes import UNCHECKED_AUTO_BATCH, Recipe
+from .process import WorkerProcess, describe_exit, kill_step
 from .results import SampleLog, read_json, read_samples, repair_samples, write_json
 from .stats import metrics
 
-# Variables of distributed launchers that would make a library in the worker think it is part of a job.
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-_LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")
 _EXIT_GRACE_S = 10.0  # after the result pipe closes, how long a worker may take to exit
 _LOG_TAIL_BYTES = 4000
 
@@ -50,6 +50,7 @@ class RecipeOutcome:
     env_set: dict[str, Any] = field(default_factory=dict)
     ready: dict[str, Any] | None = None  # a held worker's `ready` (it had imported and warmed its weights)
     timings: dict[str, float] = field(default_factory=dict)  # parent-side: hidden start-up, teardown
+    shutdown: list[dict[str, Any]] = field(default_factory=list)  # how the parent stopped it (process.stop)
     log_tail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,30 +60,8 @@ class RecipeOutcome:
 Listener = Callable[[str, RecipeOutcome, dict[str, Any]], None]
 
 
-def worker_env(device: str, gpu: str | None = None, offline: bool = True,
-               pinned: bool = False) -> tuple[dict[str, str], dict]:
-    """The worker's environment, built on purpose; returns it and what was set or removed. `pinned` (a
-    scheduler's lane) gives the worker its GPU even with --device cpu: only the fake NVML makes lanes on a CPU
-    machine, and there the tests read where each worker was put."""
-    env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
-    removed = sorted(set(os.environ) - set(env))
-    # A CPU worker gets no GPU, unless a lane pinned one.
-    visible = (gpu or "0") if device == "cuda" else (gpu if pinned and gpu else "")
-    chosen = {
-        "CUDA_VISIBLE_DEVICES": visible,
-        "PYTHONUNBUFFERED": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if offline:
-        chosen |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    project_root = str(Path(__file__).resolve().parent.parent)  # `-m worker` works uninstalled too
-    chosen["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
-    env |= chosen
-    return env, {"set": chosen, "removed": removed}
 
 
-def _is_launcher_var(name: str) -> bool:
-    return name in _LAUNCHER_VARS or name.startswith(_LAUNCHER_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -129,7 +108,7 @@ class Interrupts:
 class RecipeRun:
     """One attempt of one recipe's worker, from launch to a classified outcome."""
 
-    def __init__(self, spec: protocol.WorkerSpec, recipe_dir: Path, env: dict[str, str], limits: Limits,
+    def __init__(self, spec: WorkerSpec, recipe_dir: Path, env: dict[str, str], limits: Limits,
                  interrupts: Interrupts, listener: Listener | None = None) -> None:
         self.spec = spec
         self.dir = recipe_dir
@@ -137,8 +116,8 @@ class RecipeRun:
         self.limits = limits
         self.interrupts = interrupts
         self.listener = listener or (lambda *_: None)
-        self.outcome = RecipeOutcome(name=spec.recipe["name"])
-        self._splitter = protocol.LineSplitter()
+        self.outcome = RecipeOutcome(name=spec.recipe.name)
+        self._splitter = messages.LineSplitter()
         self._phase = "startup"
         self._expired: str | None = None  # the phase whose time ran out
         self._done_at: float | None = None
@@ -146,17 +125,17 @@ class RecipeRun:
 
     def start(self) -> None:
         """Spawn the worker. A held one (spec.hold) prepares but waits for release() to touch the device."""
-        spec_path = self.dir / "spec.json"
+        spec_path = RecipeFolder(self.dir).spec
         spec_path.write_bytes(self.spec.to_json())
-        self.samples = SampleLog(self.dir / "samples.jsonl")
+        self.samples = SampleLog(RecipeFolder(self.dir).samples)
         self._spawned = time.monotonic()
-        self.proc = WorkerProcess(["--spec", str(spec_path)], self.env, self.dir / "worker.log")
+        self.proc = WorkerProcess(["--spec", str(spec_path)], self.env, RecipeFolder(self.dir).log)
         self.outcome.pid = self.proc.pid
 
     def release(self, batch_size: int | None = None) -> None:
         """Let a held worker load onto the device (the preflight has just said the GPU is free for it)."""
         fields = {"batch_size": batch_size} if batch_size is not None else {}
-        self.proc.send(protocol.control(protocol.CONTROL_GO, **fields))
+        self.proc.send(messages.control(messages.CONTROL_GO, **fields))
 
     def abandon(self) -> None:
         """A held worker that will not run after all (refused, interrupted): stop it and forget it."""
@@ -178,13 +157,13 @@ class RecipeRun:
             self.samples.close()
         self.outcome.seconds = time.monotonic() - started
         self._classify(returncode)
-        self.outcome.log_tail = _tail(self.dir / "worker.log")
+        self.outcome.log_tail = _tail(RecipeFolder(self.dir).log)
         self._emit("finished", {})
         return self.outcome
 
     def _pump(self, proc: WorkerProcess, started: float) -> None:
         """Read messages until the pipe closes, acting on interrupts and expired phases once a tick."""
-        stop_sent = False
+        stop_sent = killed = False
         last_message = started
         while (chunk := proc.read_results(wait=0.5)) is not None:
             now = time.monotonic()
@@ -192,15 +171,16 @@ class RecipeRun:
                 last_message = now
                 for line in self._splitter.feed(chunk):
                     self._handle(line)
-            if self.interrupts.kill_now and not self._interrupted:
-                self._interrupted = True
+            if self.interrupts.kill_now and not killed:  # a second Ctrl-C after a first: kill now
+                self._interrupted = killed = True
                 proc.kill()
+                self.outcome.shutdown.append(kill_step("interrupted twice"))
             elif self.interrupts.stop_requested and not stop_sent:
-                stop_sent = proc.send(protocol.control(protocol.CONTROL_STOP))
+                stop_sent = proc.send(messages.control(messages.CONTROL_STOP))
                 self._interrupted = True
             if self._expired is None and (phase := self._expired_phase(now, started, last_message)):
                 self._expired = phase
-                proc.kill()
+                self.outcome.shutdown += proc.stop(f"{phase} timeout")
         if self._splitter.pending.strip():
             self.outcome.protocol_errors.append(f"stream cut mid-line: {self._splitter.pending[:200]!r}")
 
@@ -215,8 +195,8 @@ class RecipeRun:
 
     def _handle(self, line: bytes) -> None:
         try:
-            message = protocol.decode(line)
-        except protocol.ProtocolError as exc:
+            message = messages.decode(line)
+        except messages.ProtocolError as exc:
             self.outcome.protocol_errors.append(str(exc))
             return
         kind = message.pop("type")
@@ -237,8 +217,8 @@ class RecipeRun:
     def _reap(self, proc: WorkerProcess) -> int:
         returncode = proc.wait(_EXIT_GRACE_S)
         if returncode is None:  # closed its pipe but will not exit: stop it
-            proc.kill()
-            returncode = proc.wait(_EXIT_GRACE_S)
+            self.outcome.shutdown += proc.stop("no exit after its result pipe closed")
+            returncode = proc.poll()
         return returncode if returncode is not None else -9
 
     def _classify(self, returncode: int) -> None:
@@ -325,7 +305,7 @@ class Suite:
             self._held.clear()
 
     def finished_before(self, plan: RecipePlan) -> bool:
-        previous = self.run_dir / plan.recipe.name / "summary.json"
+        previous = RunFolder(self.run_dir).recipe(plan.recipe.name).summary
         return self.options.resume and previous.exists() and read_json(previous).get("status") == "ok"
 
     def run_recipe(self, plan: RecipePlan) -> dict[str, Any]:
@@ -333,7 +313,7 @@ class Suite:
         recipe_dir = self.run_dir / plan.recipe.name
         recipe_dir.mkdir(parents=True, exist_ok=True)
         if self.finished_before(plan):
-            return read_json(recipe_dir / "summary.json")
+            return read_json(RecipeFolder(recipe_dir).summary)
         decision, attempts = LaunchDecision(ok=True), []
         if self.interrupts.stop_requested:
             outcome = RecipeOutcome(plan.recipe.name, "skipped", "interrupted before it started")
@@ -362,7 +342,7 @@ class Suite:
         attempts = []
         for attempt in range(plan.recipe.retries + 1):
             if attempt:
-                _note(recipe_dir / "worker.log", f"=== evalorch: attempt {attempt + 1} ===")
+                _note(RecipeFolder(recipe_dir).log, f"=== evalorch: attempt {attempt + 1} ===")
                 if not self._sleep(plan.recipe.retry_backoff * 2 ** (attempt - 1)):
                     break
             outcome = self._launch(plan, recipe_dir, decision, attempt + 1)
@@ -388,10 +368,9 @@ class Suite:
         recipe = plan.recipe
         recipe_dir = self.run_dir / recipe.name
         recipe_dir.mkdir(parents=True, exist_ok=True)
-        settings = recipe.model_dump()
-        settings["batch_size"] = _batch_size(plan, decision)
-        done_ids = sorted({s["id"] for s in repair_samples(recipe_dir / "samples.jsonl")})
-        spec = protocol.WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
+        settings = recipe.model_copy(update={"batch_size": _batch_size(plan, decision)})
+        done_ids = sorted({s["id"] for s in repair_samples(RecipeFolder(recipe_dir).samples)})
+        spec = WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
                                    device=self.options.device, skip_ids=done_ids, attempt=attempt, hold=hold)
         env, env_record = worker_env(self.options.device, decision.gpu, offline=self.options.offline,
                                      pinned=self.gpu is not None)
@@ -443,14 +422,14 @@ class Suite:
             "name": plan.recipe.name,
             "status": outcome.status,
             "detail": outcome.detail,
-            "metrics": metrics(read_samples(recipe_dir / "samples.jsonl")),
+            "metrics": metrics(read_samples(RecipeFolder(recipe_dir).samples)),
             "lineage": outcome.lineage or [asdict(link) for link in plan.chain or []],
             "base_override": plan.overridden_base,
             "recipe": plan.recipe.model_dump(),
             "preflight": decision.record,
             "attempts": attempts,
         }
-        write_json(recipe_dir / "summary.json", {**outcome.to_dict(), **row})
+        write_json(RecipeFolder(recipe_dir).summary, {**outcome.to_dict(), **row})
         return row
 
 

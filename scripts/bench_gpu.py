@@ -51,6 +51,7 @@ from scripts.gpu_check import (  # noqa: E402 - torch-free at import
     _write_lora,
     shard_groups,
 )
+from scripts.synthetic import red_rectangles  # noqa: E402
 
 NEW_TOKENS = 32
 R3_TRAINING_PREFIX = "/ssd1/team/vlm_outputs"  # what r3-stage2's adapter_config.json records; remapped in suite.toml
@@ -132,24 +133,7 @@ def _link(source: Path, target: Path) -> None:
 
 def build_dataset(folder: Path, samples: int) -> Path:
     """`samples` 448x448 images (256 image tokens each) with a red rectangle, one prompt for all: fixed work."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(0)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for index in range(samples):
-        size = 448
-        x1, y1 = rng.randint(0, size // 2), rng.randint(0, size // 2)
-        box = [x1, y1, x1 + rng.randint(28, size // 2), y1 + rng.randint(28, size // 2)]
-        image = Image.new("RGB", (size, size), (240, 240, 240))
-        ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(220, 30, 30))
-        image.save(folder / "images" / f"s{index:03d}.png")
-        lines.append(json.dumps({"id": f"s{index:03d}", "image": f"images/s{index:03d}.png", "bbox": box,
-                                 "prompt": "Find the red rectangle."}))
-    (folder / "grounding.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "grounding.jsonl"
+    return red_rectangles(folder, samples, [(448, 448)])
 
 
 # ----------------------------------------------------------------------------- (b) the notebook way (a child process)
@@ -431,7 +415,7 @@ class Bench:
             f'\n[lineage]\nremap = {{ "{R3_TRAINING_PREFIX}" = "{self.models}" }}\n{body}')
         env = {"COLUMNS": "200"}  # rich wraps at 80 columns on a pipe
         if self.small:  # the fake NVML lets the preflight size batch_size "auto" on a CPU, as on a GPU
-            from orchestrator.gpu import FAKE_ENV, write_fake_nvml
+            from contract.nvml import FAKE_ENV, write_fake_nvml
 
             fake = self.work / "nvml.json"
             write_fake_nvml(fake, [{"name": "Fake GPU (--small)", "uuid": "GPU-fake-0", "total_bytes": 80 * GIB,

@@ -31,12 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.gpu import FAKE_ENV, open_nvml, write_fake_nvml  # noqa: E402 - torch-free
+from contract.nvml import FAKE_ENV, open_nvml, write_fake_nvml  # noqa: E402 - torch-free
+from contract.units import GIB  # noqa: E402
 from orchestrator.memory import read_workload  # noqa: E402
 from orchestrator.plan import make_plans  # noqa: E402
 from orchestrator.recipes import load_recipe_file  # noqa: E402
+from scripts.synthetic import red_rectangles  # noqa: E402
 
-GIB = 2**30
 VOCAB = 151936
 VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
 SHAPES = {  # Qwen2-VL-2B and -7B (text) with their shared vision tower
@@ -183,24 +184,7 @@ def _write_lora(model, folder: Path, base: Path, targets: str, device: str, rank
 
 def build_dataset(folder: Path) -> Path:
     """Images the size of real photos after Qwen2-VL's resize (256-324 image tokens each), one box each."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(0)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for index in range(SAMPLES):
-        width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
-        x1, y1 = rng.randint(0, width // 2), rng.randint(0, height // 2)
-        box = [x1, y1, x1 + rng.randint(28, width // 2), y1 + rng.randint(28, height // 2)]
-        image = Image.new("RGB", (width, height), (240, 240, 240))
-        ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(220, 30, 30))
-        image.save(folder / "images" / f"s{index:03d}.png")
-        lines.append(json.dumps({"id": f"s{index:03d}", "image": f"images/s{index:03d}.png", "bbox": box,
-                                 "prompt": "Find the red rectangle."}))
-    (folder / "grounding.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "grounding.jsonl"
+    return red_rectangles(folder, SAMPLES, IMAGE_SIZES)
 
 
 # ----------------------------------------------------------------------------- holding memory (a child process)

@@ -30,6 +30,13 @@ sys.path.insert(0, str(ROOT))
 _T0 = time.time()
 
 
+def _recipe(**settings: object):
+    """The typed recipe the worker's loaders take; only the settings given matter to this profile."""
+    from contract.recipe import Recipe
+
+    return Recipe(name="profile", model="profile", **settings)
+
+
 def log(message: str) -> None:
     print(f"[+{time.time() - _T0:6.1f}s] {message}", flush=True)
 
@@ -70,7 +77,7 @@ def profile_loads(models: Path, figures: dict) -> None:
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
     for loader in ("staged", "transformers", "staged"):
         seconds, (model, how) = timed(lambda ld=loader: _load_root(
-            link, {"loader": ld}, "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
+            link, _recipe(loader=ld), "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
         loads.setdefault(loader, []).append({"seconds": seconds, "GBps": total / seconds / 1e9, **how})
         log(f"_load_root loader={loader}: {seconds:.2f} s = {total / seconds / 1e9:.1f} GB/s {how}")
         if loader == "transformers":
@@ -89,15 +96,15 @@ def profile_loads(models: Path, figures: dict) -> None:
 def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
-    from worker.data import read_dataset
+    from contract.dataset import read_dataset
     from worker.infer import generate, prepare_batch
     from worker.load import _load_root, load_processor
 
     link = type("Link", (), {"path": str(models / "base")})()
-    processor = load_processor([link], {})
+    processor = load_processor([link], _recipe())
     figures["image_processor"] = type(processor.image_processor).__name__
     samples = read_dataset(dataset)
-    model, _ = _load_root(link, {"loader": "staged"}, "cuda:0", torch.bfloat16, "flash_attention_2")
+    model, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
     template = "{prompt} Answer with its bounding box."
     rows = []
     for batch in (64, 64, 64, 128, 256):
@@ -131,7 +138,7 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     started = time.perf_counter()
     import torch
 
-    from worker.data import read_dataset
+    from contract.dataset import read_dataset
     from worker.infer import generate, prepare_batch
     from worker.load import _load_root, load_processor
 
@@ -144,8 +151,8 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     steps["cuda context"], _ = timed(lambda: torch.empty(1, device="cuda"), torch)
     link = type("Link", (), {"path": str(models / "base")})()
     steps["load (staged)"], (model, _) = timed(lambda: _load_root(
-        link, {"loader": "staged"}, "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
-    processor = load_processor([link], {})
+        link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
+    processor = load_processor([link], _recipe())
     samples = read_dataset(dataset)
     template = "{prompt} Answer with its bounding box."
     one = prepare_batch(processor, samples[:1], template, "cuda:0").inputs
@@ -179,12 +186,12 @@ def prep_one(work: Path, threads: int, count: int) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    from worker.data import read_dataset
+    from contract.dataset import read_dataset
     from worker.infer import prepare_batch
     from worker.load import load_processor
 
     link = type("Link", (), {"path": str(work / "processor")})()
-    processor = load_processor([link], {})
+    processor = load_processor([link], _recipe())
     samples = read_dataset(work / "data" / "grounding.jsonl")[:count]
     started = time.perf_counter()
     prepare_batch(processor, samples, "{prompt}", "cpu")
@@ -219,15 +226,15 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     merge_adapters: prefill (generate of 1 token) and generate of 32 tokens, second call of each."""
     import torch
 
-    from worker.data import read_dataset
+    from contract.dataset import read_dataset
     from worker.infer import generate, prepare_batch
     from worker.load import _apply_adapters, _load_root, load_processor
 
     link = type("Link", (), {"path": str(models / "base")})()
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
-    processor = load_processor([link], {})
+    processor = load_processor([link], _recipe())
     inputs = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", "cuda:0").inputs
-    base, _ = _load_root(link, {"loader": "staged"}, "cuda:0", torch.bfloat16, "flash_attention_2")
+    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
     rows = {}
     for merge in (False, True):
         model = _apply_adapters(base, [adapter], merge_top=merge)

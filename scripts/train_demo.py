@@ -39,7 +39,7 @@ M-RoPE position ids computed once; the batch's equal-sized images given to the v
 n-frame grid with batched attention (attention stays within each frame), instead of transformers' per-image loops.
 
 The demo's evaluation (``recipes.toml``) and this script's in-process evaluation do the same thing (chat template,
-left padding, greedy decoding, special tokens kept, ``orchestrator.boxes.score_text``).
+left padding, greedy decoding, special tokens kept, ``contract.boxes.score_text``).
 
 Usage::
 
@@ -84,7 +84,7 @@ from make_demo import (  # noqa: E402
     token_ids,
 )
 
-from orchestrator.boxes import score_text  # noqa: E402  (torch-free: the scorer the worker uses)
+from contract.boxes import score_text  # noqa: E402  (torch-free: the scorer the worker uses)
 
 # ----------------------------------------------------------------------------- the task
 

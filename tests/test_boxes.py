@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from orchestrator.boxes import iou, parse_box, score_text
+from contract.boxes import iou, parse_box, score_text
 
 
 def test_qwen2vl_box_is_normalised_to_1000() -> None:

@@ -8,10 +8,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import only_run_dir, run_cli, write_recipes
-from test_report import RECIPES, make_dataset, make_run
+from helpers import RECIPES, make_dataset, make_run, only_run_dir, run_cli, write_recipes
 
-from orchestrator.gates import GateError, parse_rules
+from orchestrator.reporting.gates import GateError, parse_rules
 
 
 def test_rules_parse_every_form() -> None:

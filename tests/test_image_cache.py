@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, only_run_dir, run_cli, write_recipes
+from helpers import ROOT, only_run_dir, run_cli, write_recipes
 from PIL import Image
 from transformers import AutoProcessor
 
+from contract.dataset import Sample
+from contract.recipe import Recipe
 from orchestrator.plan import RecipePlan
 from orchestrator.recipes import load_recipe_file
 from orchestrator.results import read_samples
 from orchestrator.resume import differences, planned_recipe
-from worker.data import Sample
 from worker.image_cache import ProcessorCache, collate, processor_fingerprint, read_entry
 from worker.infer import _processor_inputs, prefetch, prepare_batch
 
@@ -219,9 +220,11 @@ def test_prepare_batch_uses_the_cache_and_is_unchanged_without_it(processor, sam
     plain = prepare_batch(counting, samples, template, "cpu")
     assert counting.calls == 1 and all(item.features is None for item in plain.items)
     assert (plain.cache_hits, plain.cache_misses) == (0, 0)
-    assert ProcessorCache.for_recipe(processor, {"image_cache": False, "cache_dir": str(tmp_path)}) is None
-    assert ProcessorCache.for_recipe(processor, {}) is None
-    cache = ProcessorCache.for_recipe(processor, {"image_cache": True, "cache_dir": str(tmp_path / "c")})
+    recipe = Recipe(name="a", model="/m")
+    assert ProcessorCache.for_recipe(processor, recipe.model_copy(update={"cache_dir": str(tmp_path)})) is None
+    assert ProcessorCache.for_recipe(processor, recipe.model_copy(update={"image_cache": True})) is None
+    cache = ProcessorCache.for_recipe(processor, recipe.model_copy(update={"image_cache": True,
+                                                                           "cache_dir": str(tmp_path / "c")}))
     assert cache.folder.parent == tmp_path / "c" / "preprocessed"
     first = prepare_batch(processor, samples, template, "cpu", cache=cache)
     cache.processor = counting = CountingProcessor(processor)

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipes
+from helpers import write_recipes
 from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
+from contract.dataset import read_dataset
 from orchestrator.memory import CHAT_TOKENS, CUDA_CONTEXT_BYTES, estimate_recipe, read_workload, smart_resize
 from orchestrator.plan import RecipePlan, make_plans
 from orchestrator.recipes import load_recipe_file
-from worker.data import read_dataset
 from worker.errors import WorkerError
 from worker.infer import run_inference
 from worker.load import load_chain
@@ -169,7 +169,7 @@ class _GpuLimit:
 @pytest.fixture(scope="module")
 def loaded(demo: dict, tmp_path_factory: pytest.TempPathFactory):
     plan = _plan(demo, tmp_path_factory.mktemp("oom"), "base", batch_size=8, max_new_tokens=4)
-    recipe = plan.recipe.model_dump()
+    recipe = plan.recipe
     model, processor, _ = load_chain(plan.chain, recipe, "cpu")
     return model, processor, recipe
 
@@ -182,7 +182,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_it_halved(loaded, demo: dict, 
     sent: list[dict] = []
     stats = run_inference(model, processor, samples, recipe, "cpu", lambda _type, **m: sent.append(m),
                           lambda: False, lambda _n: None)
-    assert recipe["batch_size"] == 8 and len(samples) == 12
+    assert recipe.batch_size == 8 and len(samples) == 12
     assert limit.sizes == [6, 3, 3, 3, 3]  # 6 fails, 3 fits: the rest of that batch and the next one at 3
     assert stats.oom_retries == 1 and stats.batch_size == 3
     assert sorted(m["id"] for m in sent) == sorted(s.id for s in samples) and stats.scored == len(samples)

@@ -10,14 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from peft import PeftModel
 from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from orchestrator.lineage import fingerprint, resolve_chain, weight_files
+from contract.checkpoint import fingerprint, weight_files
+from orchestrator.lineage import resolve_chain
 from orchestrator.memory import estimate_recipe
 from orchestrator.recipes import load_recipe_file
 from worker.load import load_chain
@@ -96,7 +98,7 @@ def test_the_merged_checkpoint_gives_the_chain_outputs_without_peft(merged: dict
     recipe_file = load_recipe_file(merged["recipes"])
     chain = resolve_chain(recipe_file.recipes[0], recipe_file.lineage)
     reference = _stacked_with_peft(chain)
-    evaluated, _, _ = load_chain(chain, recipe_file.recipes[0].model_dump(), "cpu")  # what `run` evaluates
+    evaluated, _, _ = load_chain(chain, recipe_file.recipes[0], "cpu")  # what `run` evaluates
     with torch.inference_mode():
         with_peft = reference(**inputs).logits
         by_worker = evaluated(**inputs).logits
@@ -149,8 +151,8 @@ def test_merge_adapters_evaluates_the_chain_as_plain_weights(merged: dict, demo:
     recipe_file = load_recipe_file(merged["recipes"])
     recipe = recipe_file.recipes[0]
     chain = resolve_chain(recipe, recipe_file.lineage)
-    unmerged, processor, _ = load_chain(chain, recipe.model_dump(), "cpu")
-    plain, _, loaded = load_chain(chain, {**recipe.model_dump(), "merge_adapters": True}, "cpu")
+    unmerged, processor, _ = load_chain(chain, recipe, "cpu")
+    plain, _, loaded = load_chain(chain, recipe.model_copy(update={"merge_adapters": True}), "cpu")
     assert isinstance(unmerged, PeftModel) and not isinstance(plain, PeftModel)
     assert not [name for name, _ in plain.named_modules() if "lora" in name.lower()]
     assert loaded["model_class"] == type(plain).__name__
@@ -159,3 +161,23 @@ def test_merge_adapters_evaluates_the_chain_as_plain_weights(merged: dict, demo:
         torch.testing.assert_close(plain(**inputs).logits, unmerged(**inputs).logits, atol=1e-4, rtol=1e-4)
     assert estimate_recipe(recipe, chain, "cuda", 4).lora_bytes > 0
     assert estimate_recipe(recipe.model_copy(update={"merge_adapters": True}), chain, "cuda", 4).lora_bytes == 0
+
+
+@pytest.mark.parametrize(("fault", "expected"), [
+    ("raise", "merging failed: RuntimeError: fault injected at merge"),
+    ("segv", "the merge worker crashed with SIGSEGV"),
+])
+def test_a_failing_merge_worker_is_reported_through_the_launcher(merged: dict, fault: str, expected: str) -> None:
+    """The merge worker is started like an evaluation worker: its error comes back as a protocol message, a crash
+    as a decoded exit with the end of its log (faulthandler's stack), and nothing of it is left behind."""
+    out = merged["folder"] / f"never-{fault}"
+    result = run_cli("merge", "stacked", str(merged["recipes"]), "--out", str(out),
+                     env={"EVALORCH_FAULT": f"stacked:{fault}@merge"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Error:" in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr.split("its last output")[0]  # no traceback of ours reaches the user
+    if fault == "segv":
+        assert "Segmentation fault" in result.stderr  # the log's tail: faulthandler's report
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "worker.merge" in " ".join(p.info["cmdline"] or [])
+                and str(out) in " ".join(p.info["cmdline"] or [])]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, only_run_dir, run_cli, write_recipes
+from helpers import ROOT, only_run_dir, run_cli, write_recipes
 from rich.console import Console
 
-from orchestrator.gpu import FAKE_ENV, FakeNvml, write_fake_nvml
+from contract.nvml import FAKE_ENV, FakeNvml, write_fake_nvml
 from orchestrator.memory import read_workload
 from orchestrator.plan import RecipePlan, make_plans
 from orchestrator.preflight import GpuPreflight

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_recipes
+from helpers import write_recipes
 
 from orchestrator.plan import make_plans
 from orchestrator.recipes import load_recipe_file
@@ -19,7 +19,7 @@ def _load(demo: dict, tmp_path: Path, model: str):
     body = f'[[recipe]]\nname = "x"\nmodel = "{demo["root"] / "models" / model}"\n'
     recipe_file = load_recipe_file(write_recipes(tmp_path, body, demo))
     (plan,) = make_plans(recipe_file, recipe_file.recipes)
-    model, _processor, loaded = load_chain(plan.chain, plan.recipe.model_dump(), "cpu")
+    model, _processor, loaded = load_chain(plan.chain, plan.recipe, "cpu")
     return model, loaded
 
 

@@ -11,13 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import only_run_dir, run_cli, write_recipes
+from helpers import only_run_dir, run_cli, write_recipes
 
-from orchestrator.gpu import FAKE_ENV, FakeNvml, GpuState, write_fake_nvml
-from orchestrator.memory import human, read_workload
+from contract.nvml import FAKE_ENV, FakeNvml, GpuState, write_fake_nvml
+from contract.recipe import AUTO_BATCH_CAP
+from contract.units import format_bytes
+from orchestrator.memory import read_workload
 from orchestrator.plan import RecipePlan, make_plans
 from orchestrator.preflight import GpuPreflight, PreflightError, largest_batch, parse_gpus
-from orchestrator.recipes import AUTO_BATCH_CAP, load_recipe_file
+from orchestrator.recipes import load_recipe_file
 
 GIB = 2**30
 TOTAL = 80 * GIB
@@ -81,7 +83,7 @@ def test_weights_that_do_not_fit_are_refused_naming_who_holds_the_memory(plan: R
     assert not decision.ok
     assert "weights do not fit" in decision.message
     assert f"pid {holder.pid} (sleep)" in decision.message  # named by psutil, as the real NVML's holders are
-    assert f"only {human(free)} of 80.00 GiB is free" in decision.message
+    assert f"only {format_bytes(free)} of 80.00 GiB is free" in decision.message
     assert decision.record["holders"] == [{"pid": holder.pid, "name": "sleep", "used_bytes": TOTAL - free - GIB}]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from orchestrator.recipes import RecipeFileError, load_recipe_file
 
@@ -90,3 +91,15 @@ def test_hub_ids_are_left_for_lineage_to_resolve(folder: Path) -> None:
     path = folder / "r.toml"
     path.write_text('[defaults]\ndataset = "data.jsonl"\n[[recipe]]\nname = "a"\nmodel = "Qwen/Qwen2-VL-2B-Instruct"\n')
     assert load_recipe_file(path).recipes[0].model == "Qwen/Qwen2-VL-2B-Instruct"
+
+
+def test_messages_keep_their_brackets_on_the_command_line(folder: Path) -> None:
+    """User text is never read as rich markup: `[defaults]`, `[lineage]` and `[[recipe]]` reach the user."""
+    path = folder / "r.toml"
+    path.write_text('[default]\ndataset = "data.jsonl"\n[defaults]\nbox_format = "yolo"\n'
+                    '[[recipe]]\nname = "a"\nmodel = "model"\n')
+    result = run_cli("plan", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Error:" in result.stderr and "Traceback" not in result.stderr
+    assert "unknown table [default] (known: [defaults], [lineage], [[recipe]])" in result.stderr
+    assert "[defaults], field 'box_format'" in result.stderr

@@ -8,104 +8,18 @@ import io
 import json
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from PIL import Image, ImageDraw
+from helpers import IMAGE_SIZE, RECIPES, gt_box, make_dataset, make_run, run_cli
+from PIL import Image
 from rich.console import Console
 
-from orchestrator.boxes import score_text
 from orchestrator.progress import LiveProgress, PlainProgress, expected_samples
-from orchestrator.report import run_summary
-from orchestrator.report_html import _GT_COLOUR, _PRED_COLOUR, GALLERY_SIZE
+from orchestrator.reporting.html import _GT_COLOUR, _PRED_COLOUR, GALLERY_SIZE
 from orchestrator.results import read_samples
-from orchestrator.stats import metrics
 from orchestrator.supervisor import RecipeOutcome
-
-IMAGE_SIZE = (64, 48)
-N_SAMPLES = 20
-Shift = Callable[[int], float | None]  # sample index -> horizontal shift of the predicted box, None: no box
-RECIPES: dict[str, Shift] = {
-    "base": lambda i: 10 + i % 5,  # a mediocre baseline
-    "good": lambda i: i % 2,  # nearly exact boxes: clearly better
-    "same": lambda i: 10 + i % 5 + (1 if i % 4 == 0 else -1 if i % 4 == 2 else 0),  # the baseline, give or take
-    "blind": lambda i: None if i % 3 else 20,  # mostly no box at all
-}
-
-
-def gt_box(i: int) -> list[float]:
-    x1, y1 = 6 + i % 10, 5 + i % 8
-    return [float(x1), float(y1), float(x1 + 30), float(y1 + 22)]
-
-
-def qwen_text(box: list[float]) -> str:
-    w, h = IMAGE_SIZE
-    x1, y1, x2, y2 = (round(v * 1000 / s) for v, s in zip(box, (w, h, w, h), strict=True))
-    return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
-
-
-def make_dataset(folder: Path, n: int = N_SAMPLES) -> Path:
-    """Grey images with a blue rectangle where the ground truth is; the jsonl names them relative to itself."""
-    (folder / "images").mkdir(parents=True)
-    lines = []
-    for i in range(n):
-        image = Image.new("RGB", IMAGE_SIZE, (200, 200, 200))
-        ImageDraw.Draw(image).rectangle(gt_box(i), fill=(40, 60, 200))
-        image.save(folder / "images" / f"s{i:03d}.png")
-        lines.append(json.dumps({"id": f"s{i:03d}", "image": f"images/s{i:03d}.png", "bbox": gt_box(i),
-                                 "prompt": "Find the blue rectangle."}))
-    path = folder / "grounding.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def sample_record(i: int, text: str) -> dict:
-    gt = gt_box(i)
-    return {"id": f"s{i:03d}", "status": "ok", "gt": gt, "text": text, "image_size": list(IMAGE_SIZE),
-            "seconds": 0.05, "error": None, **score_text(text, "qwen2vl", IMAGE_SIZE, gt)}
-
-
-def recipe_samples(shift: Shift, n: int = N_SAMPLES) -> list[dict]:
-    records = []
-    for i in range(n):
-        dx = shift(i)
-        box = gt_box(i)
-        text = "I cannot find it." if dx is None else qwen_text([box[0] + dx, box[1], box[2] + dx, box[3]])
-        records.append(sample_record(i, text))
-    return records
-
-
-def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str = "20260101T000000Z",
-             dataset: Path | None = None, failed: dict[str, str] | None = None,
-             texts: dict[tuple[str, int], str] | None = None) -> Path:
-    """A run folder as `run` leaves it: run.json, <recipe>/samples.jsonl + summary.json, summary.json."""
-    recipes = recipes or RECIPES
-    dataset = dataset or make_dataset(root / "data")
-    run_dir = root / "runs" / name
-    run_dir.mkdir(parents=True)
-    rows = []
-    for recipe, shift in recipes.items():
-        samples = recipe_samples(shift)
-        for (which, index), text in (texts or {}).items():
-            if which == recipe:
-                samples[index] = sample_record(index, text)
-        (run_dir / recipe).mkdir()
-        (run_dir / recipe / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-        status, detail = ("error", (failed or {})[recipe]) if recipe in (failed or {}) else ("ok", "")
-        row = {"name": recipe, "status": status, "detail": detail, "metrics": metrics(samples),
-               "lineage": [{"kind": "full", "path": f"/models/{recipe}", "fingerprint": f"quick:{recipe}"}],
-               "base_override": False, "preflight": None, "attempts": [],
-               "recipe": {"name": recipe, "dataset": str(dataset), "box_format": "qwen2vl", "limit": None,
-                          "baseline": recipe == "base"}}
-        (run_dir / recipe / "summary.json").write_text(json.dumps({**row, "seconds": 2.5, "pid": 4242}))
-        rows.append(row)
-    (run_dir / "run.json").write_text(json.dumps({"device": "cpu", "host": "test",
-                                                  "recipes": [r["recipe"] for r in rows]}))
-    (run_dir / "summary.json").write_text(json.dumps(run_summary(rows, "base")))
-    return run_dir
 
 
 @pytest.fixture
@@ -346,7 +260,8 @@ def test_live_progress_shows_recipe_phase_bar_and_finished_rows(stored_run: Path
 def test_a_base_override_is_compared_with_the_same_adapter_on_its_recorded_base() -> None:
     """The seed's bug, measured: the overridden row is paired with the row that loads the same adapter on the
     base it records, and the report says how much the wrong base costs."""
-    from orchestrator.report import add_statistics, override_notes
+    from orchestrator.reporting.cells import override_notes
+    from orchestrator.reporting.summary import add_statistics
 
     def rows(name: str, override: bool) -> dict:
         return {"name": name, "status": "ok", "base_override": override, "metrics": {"mean_iou": 0.5},

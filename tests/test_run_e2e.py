@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import only_run_dir, run_cli, write_recipes
+from helpers import only_run_dir, run_cli, write_recipes
 
 from orchestrator.results import read_samples
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, only_run_dir, run_cli, write_recipes
+from helpers import ROOT, only_run_dir, run_cli, write_recipes
 
 from orchestrator.results import read_samples
 
@@ -64,6 +64,13 @@ def test_each_fault_gets_its_status_and_keeps_what_was_received(demo: dict, tmp_
         assert detail in summary["detail"], (name, summary["detail"])
         assert summary["exit"] and "log_tail" in summary
     assert not _workers_of(run_dir)
+    # the timeout escalated: first a traceback of every thread into worker.log, then SIGKILL, each step recorded
+    hang = _summary(run_dir, "hang")
+    assert [(s["action"], s["signal"]) for s in hang["shutdown"]] == [("traceback", "SIGUSR1"), ("kill", "SIGKILL")]
+    assert hang["shutdown"][0]["reason"] == "load timeout" and hang["shutdown"][1]["exited"] is True
+    log = (run_dir / "hang" / "worker.log").read_text()
+    assert "most recent call first" in log and "faults.py" in log and " in hit" in log, log[-2000:]
+    assert _summary(run_dir, "fine")["shutdown"] == []
 
 
 def test_retries_continue_with_the_missing_samples(demo: dict, tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from contract.recipe import Recipe
+from worker.errors import WorkerError
 from worker.load import _load_root, model_class
 from worker.weights import load_safetensors, plan_chunks, read_spans, read_through
 
@@ -76,14 +78,14 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
     save_file({"w": torch.ones(1000, dtype=torch.bfloat16)}, str(path))
     data = path.read_bytes()
     path.write_bytes(data[:-100])
-    with pytest.raises(OSError, match="shorter than its header"):
+    with pytest.raises(WorkerError, match="tensor 'w' lies at bytes 0-2000 of the data, but the file holds 1900"):
         load_safetensors([path], "cpu", torch.bfloat16)
 
 
 def _same_model(folder: Path, dtype: torch.dtype) -> None:
     link = type("Link", (), {"path": str(folder)})()
-    ref, how_ref = _load_root(link, {"loader": "transformers"}, "cpu", dtype, "sdpa")
-    got, how = _load_root(link, {"loader": "staged"}, "cpu", dtype, "sdpa")
+    ref, how_ref = _load_root(link, Recipe(name="t", model="m", loader="transformers"), "cpu", dtype, "sdpa")
+    got, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), "cpu", dtype, "sdpa")
     assert how_ref == {"loader": "transformers"} and how["loader"] == "staged"
     expected, actual = ref.state_dict(), got.state_dict()
     assert expected.keys() == actual.keys()
@@ -126,7 +128,7 @@ def test_staged_model_sharded_and_tied(demo: dict, tmp_path: Path) -> None:
     assert len(list((tmp_path / "tied").glob("model-*.safetensors"))) >= 2
     _same_model(tmp_path / "tied", torch.bfloat16)
     link = type("Link", (), {"path": str(tmp_path / "tied")})()
-    got, _ = _load_root(link, {"loader": "staged"}, "cpu", torch.bfloat16, "sdpa")
+    got, _ = _load_root(link, Recipe(name="t", model="m", loader="staged"), "cpu", torch.bfloat16, "sdpa")
     assert got.get_output_embeddings().weight.data_ptr() == got.get_input_embeddings().weight.data_ptr()
 
 

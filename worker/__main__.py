@@ -9,35 +9,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-import orjson
+from contract import messages
+from contract.exits import WorkerExit
+from contract.spec import SpecError, WorkerSpec
 
-from orchestrator import protocol
-
+from . import lifeline
 from .errors import WorkerError
 from .faults import Faults
-
-_LIFELINE_EXIT_CODE = 3
-
-
-class Control:
-    """What the parent said on stdin: `stop` (finish the batch and end) and `go` (a held worker may load)."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.go = threading.Event()
-        self.go_fields: dict = {}
-
-    def wait_for_go(self) -> dict:
-        while not self.go.wait(0.5):
-            if self.stop.is_set():
-                return {}
-        return self.go_fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,37 +28,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--result-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    out = protocol.MessageWriter(args.result_fd)
-    control = Control()
-    threading.Thread(target=_watch_lifeline, args=(control,), daemon=True, name="lifeline").start()
+    out = messages.MessageWriter(args.result_fd)
+    control = lifeline.start()
     try:
-        spec = protocol.WorkerSpec.from_json(args.spec.read_bytes())
-        _evaluate(spec, out, control, Faults.from_env(spec.recipe["name"], spec.attempt))
+        spec = _read_spec(args.spec)
+        _evaluate(spec, out, control, Faults.from_env(spec.recipe.name, spec.attempt))
     except WorkerError as exc:
         out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
-        return 1
+        return WorkerExit.FAILED
     except Exception as exc:
         kind = "cuda_oom" if type(exc).__name__ == "OutOfMemoryError" else "internal"
         out.send("error", kind=kind, message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        return 1
-    return 0
+        return WorkerExit.FAILED
+    return WorkerExit.OK
 
 
-def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, control: Control, faults: Faults) -> None:
+def _read_spec(path: Path) -> WorkerSpec:
+    """The spec the parent wrote, validated before anything heavy is imported."""
+    try:
+        return WorkerSpec.from_json(path.read_bytes())
+    except (OSError, SpecError) as exc:
+        raise WorkerError("config", f"{path}: {exc}") from None
+
+
+def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.Control, faults: Faults) -> None:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
-    from .data import read_dataset
+    from contract.dataset import read_dataset
+
     from .infer import run_inference, start_batches
     from .load import load_chain, load_processor, warm_page_cache
 
     _share_cpu(spec.device, torch)
     timings["imports"] = time.perf_counter() - started
-    out.send("hello", version=protocol.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
+    out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
-    recipe = dict(spec.recipe)
-    samples = read_dataset(Path(spec.dataset), limit=recipe.get("limit"), skip_ids=set(spec.skip_ids))
+    recipe = spec.recipe
+    samples = read_dataset(Path(spec.dataset), limit=recipe.limit, skip_ids=set(spec.skip_ids))
     device = "cuda:0" if spec.device == "cuda" else "cpu"
     processor = batches = None
     if spec.hold:
@@ -83,12 +74,12 @@ def _evaluate(spec: protocol.WorkerSpec, out: protocol.MessageWriter, control: C
         timings["page_cache"] = warm_page_cache(spec.chain)
         go = control.go.is_set if spec.device == "cuda" else lambda: True  # pinning memory would touch CUDA
         processor = load_processor(spec.chain, recipe)
-        if isinstance(recipe["batch_size"], int):  # the first batches get ready while the previous recipe runs
+        if isinstance(recipe.batch_size, int):  # the first batches get ready while the previous recipe runs
             batches = start_batches(processor, samples, recipe, device, may_pin=go)
         out.send("ready", seconds=time.perf_counter() - started)
         given = control.wait_for_go()
-        if given.get("batch_size") not in (None, recipe["batch_size"]):  # the preflight resized the batch
-            recipe["batch_size"] = given["batch_size"]
+        if given.get("batch_size") not in (None, recipe.batch_size):  # the preflight resized the batch
+            recipe = recipe.model_copy(update={"batch_size": int(given["batch_size"])})
             if batches is not None:
                 batches.close()
                 batches = None
@@ -139,7 +130,7 @@ def _measured_memory(device: str) -> dict[str, int | None]:
 
 def _nvml_used_bytes() -> int | None:
     """This process's GPU memory in NVML's process list; None where NVML lists pids of another namespace."""
-    from orchestrator.gpu import open_nvml  # torch-free, shared with the parent
+    from contract.nvml import open_nvml  # torch-free, shared with the parent
 
     try:
         nvml = open_nvml()
@@ -149,24 +140,6 @@ def _nvml_used_bytes() -> int | None:
         return None
     pid = os.getpid()
     return next((p.used_bytes for state in states for p in state.processes if p.pid == pid), None)
-
-
-def _watch_lifeline(control: Control) -> None:
-    """Read control lines from stdin; EOF means the parent died, so leave now (no orphan holding a GPU).
-    Raw os.read, not sys.stdin: a daemon thread parked inside a buffered reader aborts interpreter shutdown."""
-    splitter = protocol.LineSplitter()
-    while chunk := os.read(0, 4096):
-        for line in splitter.feed(chunk):
-            try:
-                message = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if message.get("type") == protocol.CONTROL_STOP:
-                control.stop.set()
-            elif message.get("type") == protocol.CONTROL_GO:
-                control.go_fields = message
-                control.go.set()
-    os._exit(_LIFELINE_EXIT_CODE)
 
 
 def _versions() -> dict[str, str | None]:

@@ -5,10 +5,10 @@
 
     EVALORCH_FAULT="r1:segv@sample:3#1"                (only on the recipe's first attempt)
 
-Points: `load` (before weights load), `sample:N` (before the N-th sample of this attempt, counting from 1, is
-sent), `each` (before every sample). Actions: raise, segv, abort, hang, exit (exit 0 without `done`), bad-line
-(a malformed result line), delay (sleep 0.5 s), garbage-stdout (junk on stdout at every point, which must not
-disturb the result stream).
+Points: `load` (before weights load), `merge` (before `python -m worker.merge` loads the chain), `sample:N`
+(before the N-th sample of this attempt, counting from 1, is sent), `each` (before every sample). Actions:
+raise, segv, abort, hang, exit (exit 0 without `done`), bad-line (a malformed result line), delay (sleep 0.5 s),
+garbage-stdout (junk on stdout at every point, which must not disturb the result stream).
 """
 
 from __future__ import annotations

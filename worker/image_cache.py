@@ -28,6 +28,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from transformers import BatchFeature
 
+from contract.recipe import Recipe
+
 ENTRY_FORMAT = 1  # part of the fingerprint: bump it when what an entry holds changes, and old entries are never read
 # Not per-token whatever their shape: a [1, 3] image_grid_thw must not be padded when a text has 3 tokens.
 _NOT_PER_TOKEN = frozenset({"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"})
@@ -47,11 +49,11 @@ class ProcessorCache:
         self._warned = False
 
     @classmethod
-    def for_recipe(cls, processor: Any, recipe: dict) -> ProcessorCache | None:
+    def for_recipe(cls, processor: Any, recipe: Recipe) -> ProcessorCache | None:
         """The cache the recipe asks for, or None (off). The parent resolves `cache_dir` (recipes.py)."""
-        if not recipe.get("image_cache") or not recipe.get("cache_dir"):
+        if not recipe.image_cache or not recipe.cache_dir:
             return None
-        return cls(Path(recipe["cache_dir"]) / "preprocessed", processor)
+        return cls(Path(recipe.cache_dir) / "preprocessed", processor)
 
     def features(self, text: str, image: Any, image_path: Path) -> BatchFeature:
         """The processor's output for one sample: read from disk, or computed and stored."""

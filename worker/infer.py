@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from orchestrator.boxes import score_text
+from contract.boxes import score_text
+from contract.dataset import Sample, load_image, render_prompt
+from contract.recipe import Recipe
 
-from .data import Sample, load_image, render_prompt
 from .errors import WorkerError
 from .image_cache import ProcessorCache, collate
 
@@ -56,21 +57,21 @@ class PreparedBatch:
     cache_misses: int = 0
 
 
-def start_batches(processor: Any, samples: list[Sample], recipe: dict, device: str,
+def start_batches(processor: Any, samples: list[Sample], recipe: Recipe, device: str,
                   may_pin: Callable[[], bool] = lambda: True) -> Prefetched:
     """Start preparing the recipe's batches in the background (see prefetch). `may_pin` says whether CUDA may be
     touched yet: pinning host memory creates a CUDA context, which a held worker must not have. With the recipe's
     image_cache on, each sample's processor output comes from the cache in its cache_dir (see image_cache.py)."""
-    batches = list(_batches(by_prompt_length(samples), recipe["batch_size"]))
+    batches = list(_batches(by_prompt_length(samples), recipe.batch_size))
     cache = ProcessorCache.for_recipe(processor, recipe)
-    return prefetch(batches, lambda b: prepare_batch(processor, b, recipe["prompt"], device, may_pin, cache))
+    return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache))
 
 
-def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched, recipe: dict,
+def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched, recipe: Recipe,
                   device: str, send: Send, should_stop: Callable[[], bool],
                   before_sample: Callable[[int], None]) -> InferenceStats:
     """Generate for every sample (or every batch already being prepared by start_batches), streaming records."""
-    stats = InferenceStats(batch_size=recipe["batch_size"])
+    stats = InferenceStats(batch_size=recipe.batch_size)
     started = time.perf_counter()
     sent = 0
     prepared_batches = start_batches(processor, samples, recipe, device) if isinstance(samples, list) else samples
@@ -92,7 +93,7 @@ def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched
             for item, text in zip(prepared.items, texts, strict=True):
                 sent += 1
                 before_sample(sent)
-                send("sample", **_scored_record(item, text, recipe["box_format"], seconds))
+                send("sample", **_scored_record(item, text, recipe.box_format, seconds))
                 stats.scored += 1
                 if stats.first_sample_s is None:
                     stats.first_sample_s = time.perf_counter() - started
@@ -239,7 +240,7 @@ def _prepare(processor: Any, sample: Sample, template: str) -> tuple[Prepared | 
     return Prepared(sample, image, text), None
 
 
-def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: dict, device: str,
+def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: str,
                       stats: InferenceStats) -> tuple[list[str], int]:
     """Generate the batch, in chunks of stats.batch_size; when CUDA runs out of memory, halve it (for the rest of
     the run too) and retry the chunk, down to one sample, which then fails the recipe as `cuda_oom`."""
@@ -251,8 +252,8 @@ def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recip
         whole = start == 0 and len(chunk) == len(batch)  # the prefetched tensors serve the whole batch only
         try:
             inputs = prepared.inputs if whole else _processor_inputs(processor, chunk, device)
-            result = generate(model, processor, inputs, device, max_new_tokens=recipe["max_new_tokens"],
-                              min_new_tokens=recipe.get("min_new_tokens"))
+            result = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
+                              min_new_tokens=recipe.min_new_tokens)
         except torch.cuda.OutOfMemoryError as exc:
             if len(chunk) == 1:
                 raise WorkerError("cuda_oom", f"out of GPU memory with a batch of 1: {exc}") from exc

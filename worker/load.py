@@ -17,7 +17,8 @@ import transformers
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from orchestrator.protocol import ChainLink
+from contract.recipe import Recipe, run_attn, run_dtype
+from contract.spec import ChainLink
 
 from .errors import WorkerError
 from .weights import UnstageableError, load_safetensors, read_through
@@ -27,14 +28,12 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeni
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return _DTYPES[name]
+    return _DTYPES[run_dtype(name, device)]
 
 
 def resolve_attn(name: str, device: str) -> str:
     """flash_attention_2 on CUDA by default, sdpa on the CPU; a missing flash-attn is a clear error."""
-    attn = name if name != "auto" else ("flash_attention_2" if device.startswith("cuda") else "sdpa")
+    attn = run_attn(name, device)
     if attn == "flash_attention_2":
         if not device.startswith("cuda"):
             raise WorkerError("config", "attn = 'flash_attention_2' needs a CUDA device; use 'sdpa' with --device cpu")
@@ -56,17 +55,17 @@ def model_class(config: Any) -> type:
     return AutoModelForImageTextToText
 
 
-def load_chain(chain: list[ChainLink], recipe: dict, device: str, processor: Any = None) -> tuple[Any, Any, dict]:
+def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: Any = None) -> tuple[Any, Any, dict]:
     """The chain's model (root, then each adapter in order), its processor (loaded here unless given: a held
     worker loads it early to prepare batches), and what the `loaded` message says."""
     started = time.perf_counter()
-    dtype = resolve_dtype(recipe["dtype"], device)
-    attn = resolve_attn(recipe["attn"], device)
+    dtype = resolve_dtype(recipe.dtype, device)
+    attn = resolve_attn(recipe.attn, device)
     root, adapters = chain[0], chain[1:]
     phases = {"cuda_init_s": _init_cuda(device)}
     model, how = _load_root(root, recipe, device, dtype, attn)
     phases["root_s"] = time.perf_counter() - started - phases["cuda_init_s"]
-    model = _apply_adapters(model, adapters, merge_top=bool(recipe.get("merge_adapters")))
+    model = _apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
     model.eval()
     check_placement(model, device)
     phases["adapters_s"] = time.perf_counter() - started - phases["cuda_init_s"] - phases["root_s"]
@@ -93,9 +92,9 @@ def _init_cuda(device: str) -> float:
     return time.perf_counter() - started
 
 
-def _load_root(root: ChainLink, recipe: dict, device: str, dtype: torch.dtype, attn: str) -> tuple[Any, dict]:
+def _load_root(root: ChainLink, recipe: Recipe, device: str, dtype: torch.dtype, attn: str) -> tuple[Any, dict]:
     """The root checkpoint on `device`, and how it was read (for the `loaded` message)."""
-    trust = bool(recipe.get("trust_remote_code"))
+    trust = recipe.trust_remote_code
     config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust)
     common = {"config": config, "dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust,
               "device_map": {"": device}}  # one device, all of it: never "auto"
@@ -103,13 +102,13 @@ def _load_root(root: ChainLink, recipe: dict, device: str, dtype: torch.dtype, a
     cls = concrete_class(model_class(config), config)
     # pickles (allowed by the recipe), remote code (it may not build from a state dict) and unknown auto-class
     # entries are read by transformers itself
-    if recipe.get("loader", "staged") == "staged" and files and cls is not None and not trust:
+    if recipe.loader == "staged" and files and cls is not None and not trust:
         try:
             return _load_staged(cls, files, root.path, common)
         except UnstageableError as exc:
             print(f"evalorch worker: staged loading not possible ({exc}); using transformers' reader", flush=True)
     cls = model_class(config)
-    model = cls.from_pretrained(root.path, use_safetensors=None if recipe.get("allow_pickle") else True, **common)
+    model = cls.from_pretrained(root.path, use_safetensors=None if recipe.allow_pickle else True, **common)
     return model, {"loader": "transformers"}
 
 
@@ -181,10 +180,10 @@ def check_placement(model: Any, device: str) -> None:
         )
 
 
-def load_processor(chain: list[ChainLink], recipe: dict) -> Any:
+def load_processor(chain: list[ChainLink], recipe: Recipe) -> Any:
     """The processor from the nearest link (top first) that has one: an adapter may ship its own tokenizer."""
     source = next((link.path for link in reversed(chain) if _has_processor(Path(link.path))), chain[0].path)
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=bool(recipe.get("trust_remote_code")))
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
     return processor

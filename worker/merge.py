@@ -5,7 +5,9 @@ order, every lower adapter merged before the next is applied), then the top adap
 (`merge_and_unload`). What is saved is a plain transformers checkpoint (safetensors) with the processor, and
 `lineage.json` naming the chain it came from, so it loads without peft and can still be traced to its weights.
 
-Errors: "Error: ..." as the last line on stderr; exit 2 for a configuration problem, 1 for any other failure.
+It is started like an evaluation worker (orchestrator/process.py: its own process group, the stdin lifeline, a
+result pipe) and answers on the result pipe with one message: `merged` (the record) or `error` (kind config
+for a problem with what was asked, else internal). Its stdout and stderr are the log.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import protocol
-from orchestrator.lineage import fingerprint, weight_files
+from contract import messages
+from contract.checkpoint import CONFIG, fingerprint, read_json_object, weight_files
+from contract.exits import WorkerExit
+from contract.layout import MERGE_LINEAGE
+from contract.spec import ChainLink, SpecError, WorkerSpec
 
+from . import lifeline
 from .errors import WorkerError
-
-EXIT_FAILED, EXIT_CONFIG = 1, 2
-LINEAGE_FILE = "lineage.json"
+from .faults import Faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,22 +40,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, required=True, help="spec.json: the recipe and its resolved chain")
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged checkpoint (new or empty)")
     parser.add_argument("--hash-weights", action="store_true", help="fingerprint the output with a full hash")
+    parser.add_argument("--result-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    out = messages.MessageWriter(args.result_fd)
+    lifeline.start()
     try:
-        spec = protocol.WorkerSpec.from_json(args.spec.read_bytes())
+        try:
+            spec = WorkerSpec.from_json(args.spec.read_bytes())
+        except (OSError, SpecError) as exc:
+            raise WorkerError("config", f"{args.spec}: {exc}") from None
+        Faults.from_env(spec.recipe.name, spec.attempt).hit("merge", out.write_raw)
         record = merge(spec, args.out, hash_weights=args.hash_weights)
     except WorkerError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if exc.kind == "config" else EXIT_FAILED
+        out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
+        return WorkerExit.FAILED
     except Exception as exc:
         traceback.print_exc()
-        print(f"Error: merging failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        out.send("error", kind="internal", message=f"merging failed: {type(exc).__name__}: {exc}",
+                 traceback=traceback.format_exc())
+        return WorkerExit.FAILED
     print(f"merged {record['adapters_merged']} adapter(s) into {args.out} ({record['fingerprint']})")
-    return 0
+    out.send("merged", record=record)
+    return WorkerExit.OK
 
 
-def merge(spec: protocol.WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[str, Any]:
+def merge(spec: WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[str, Any]:
     """Merge the spec's chain into `out`; return what lineage.json records. The output appears only when
     complete: it is written next to `out` and renamed, so a failed merge never leaves a half checkpoint."""
     _check_out(out)
@@ -61,12 +74,13 @@ def merge(spec: protocol.WorkerSpec, out: Path, *, hash_weights: bool = False) -
     # Merge in float32 whatever the checkpoint's dtype (adding a low-rank product to bfloat16 weights rounds
     # twice), then store in the dtype the recipe asks for, or the root's. Attention is never run: eager loads
     # every architecture.
-    model, processor, _ = load_chain(spec.chain, {**spec.recipe, "dtype": "float32", "attn": "eager"}, "cpu")
+    float32_eager = spec.recipe.model_copy(update={"dtype": "float32", "attn": "eager"})
+    model, processor, _ = load_chain(spec.chain, float32_eager, "cpu")
     adapters = sum(link.kind == "adapter" for link in spec.chain)
     if hasattr(model, "merge_and_unload"):  # the top adapter: load_chain leaves it as a PeftModel
         model = model.merge_and_unload()
     _check_no_adapter_left(model)
-    dtype_name = spec.recipe.get("dtype", "auto")
+    dtype_name = spec.recipe.dtype
     dtype = resolve_dtype(dtype_name if dtype_name != "auto" else _root_dtype(spec.chain[0]), "cpu")
     model = model.to(dtype)
     partial = out.with_name(out.name + ".partial")
@@ -74,19 +88,19 @@ def merge(spec: protocol.WorkerSpec, out: Path, *, hash_weights: bool = False) -
     model.save_pretrained(partial)  # transformers 5 writes safetensors only: no pickle in the output
     processor.save_pretrained(partial)
     record = {
-        "merged_from": spec.recipe["name"],
+        "merged_from": spec.recipe.name,
         "chain": [asdict(link) for link in spec.chain],
         "order": "root first; each adapter merged (merge_and_unload) into the weights beneath it, in this order",
         "adapters_merged": adapters,
         "dtype": str(dtype).removeprefix("torch."),
-        "fingerprint": fingerprint(partial / "config.json", weight_files(partial, "full", allow_pickle=False),
+        "fingerprint": fingerprint(partial / CONFIG, weight_files(partial, "full", allow_pickle=False),
                                    hash_weights=hash_weights),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 3),
-        "recipe": spec.recipe,
+        "recipe": spec.recipe.model_dump(),
         "versions": {name: _version(name) for name in ("torch", "transformers", "peft")},
     }
-    (partial / LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (partial / MERGE_LINEAGE).write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         out.rmdir()  # empty, checked above
     partial.rename(out)
@@ -105,9 +119,9 @@ def _check_no_adapter_left(model: Any) -> None:
         raise WorkerError("internal", f"adapter layers remain after merging: {', '.join(left[:5])}")
 
 
-def _root_dtype(root: protocol.ChainLink) -> str:
+def _root_dtype(root: ChainLink) -> str:
     """The dtype the root checkpoint was saved in (config.json), float32 when it does not say."""
-    config = json.loads((Path(root.path) / "config.json").read_text())
+    config = read_json_object(Path(root.path) / CONFIG)
     name = config.get("dtype") or config.get("torch_dtype")
     return name if name in ("bfloat16", "float16", "float32") else "float32"
 

@@ -13,9 +13,7 @@ On the CPU the same plan reads straight into the destination tensors (no staging
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +23,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from contract.checkpoint import CheckpointError, safetensors_header
+
+from .errors import WorkerError
 
 # safetensors' dtype names; anything else is left to transformers as a lazy slice
 _DTYPES = {
@@ -91,14 +93,13 @@ class LoadedWeights:
 def read_spans(path: Path) -> list[Span]:
     """The tensors of a safetensors file with absolute offsets; a dtype this module cannot stage raises
     UnstageableError."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    base = 8 + length
+    try:
+        header = safetensors_header(path)
+    except CheckpointError as exc:
+        raise WorkerError("lineage", str(exc)) from None
+    base = header.data_start
     spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in header.tensors.items():
         begin, end = info["data_offsets"]
         if info["dtype"] not in _DTYPES:
             raise UnstageableError(f"{path.name}: tensor {name} has dtype {info['dtype']}")

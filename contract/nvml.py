@@ -21,6 +21,8 @@ from typing import Protocol
 
 import psutil
 
+from .units import format_bytes
+
 FAKE_ENV = "EVALORCH_FAKE_NVML"
 
 
@@ -31,7 +33,7 @@ class GpuProcess:
     name: str | None = None  # from psutil; None when the pid is not visible here (another container)
 
     def describe(self) -> str:
-        used = f"{self.used_bytes / 2**30:.1f} GiB" if self.used_bytes is not None else "unknown amount"
+        used = format_bytes(self.used_bytes) if self.used_bytes is not None else "unknown amount"
         return f"pid {self.pid} ({self.name or 'name unknown: not visible from here'}) {used}"
 
 

@@ -17,7 +17,11 @@ from typing import Any
 
 import orjson
 
-from .report import (
+from contract.dataset import iter_samples
+from contract.layout import RunFolder
+
+from ..results import read_json
+from .cells import (
     best_line,
     change_cell,
     interval_text,
@@ -27,7 +31,6 @@ from .report import (
     problems,
     status_text,
 )
-from .results import read_json
 
 GALLERY_SIZE = 6  # worst samples shown per recipe
 _THUMB_MIN, _THUMB_MAX = 224, 320  # longer side of a gallery picture, in pixels
@@ -54,7 +57,7 @@ def render_html(summary: dict[str, Any], run_dir: Path, samples: dict[str, list[
 
 def _run_record(run_dir: Path) -> dict[str, Any]:
     try:
-        return read_json(run_dir / "run.json")
+        return read_json(RunFolder(run_dir).record)
     except (OSError, orjson.JSONDecodeError):
         return {}
 
@@ -272,15 +275,10 @@ def dataset_images(dataset: str, run_dir: str) -> dict[str, Path]:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         return {}
-    found = {}
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        try:
-            raw = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(raw, dict) and isinstance(raw.get("image"), str):
-            found[str(raw.get("id", f"line{number}"))] = path.parent / raw["image"]
-    return found
+    try:
+        return {s.id: s.image_path for s in iter_samples(path) if s.image_path is not None}
+    except OSError:
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------- pictures

@@ -1,16 +1,13 @@
-"""The one definition of what crosses the process boundary, imported by both sides.
+"""The messages that cross the process boundary, defined once for both sides.
 
 Worker -> parent: JSON lines on a dedicated pipe (never stdout: libraries print there).
 Parent -> worker: JSON lines on the worker's stdin, which doubles as the lifeline (EOF = the parent is gone).
-Parent -> worker at start: a spec file (the resolved recipe, the lineage chain, the device).
-
-This module must never import torch, transformers or peft: the parent imports it.
+Parent -> worker at start: the spec file (contract/spec.py).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
@@ -21,11 +18,12 @@ PROTOCOL_VERSION = 1
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": ("version", "pid", "versions", "device"),
     "lineage": ("links",),
-    "ready": ("seconds",),  # a held worker has done everything short of touching the GPU (see WorkerSpec.hold)
+    "ready": ("seconds",),  # a held worker has done everything short of touching the GPU (spec.hold)
     "loaded": ("seconds", "attn", "dtype", "device", "placement_ok"),
     "sample": ("id", "status", "pred", "gt", "iou", "detected", "text", "seconds"),
     "done": ("counts", "timings"),
     "error": ("kind", "message"),
+    "merged": ("record",),  # worker.merge: the checkpoint is written; what its lineage.json records
 }
 ERROR_KINDS = ("config", "lineage", "memory", "offload", "cuda_oom", "data", "internal")
 
@@ -101,40 +99,3 @@ class MessageWriter:
 
     def close(self) -> None:
         os.close(self._fd)
-
-
-@dataclass
-class ChainLink:
-    """One set of weights in a recipe's lineage; the chain is ordered root (a full checkpoint) first."""
-
-    path: str
-    kind: str  # "full" or "adapter"
-    fingerprint: str
-    bytes: int
-    recorded_base: str | None = None  # what an adapter's adapter_config.json names as its base
-    source: str = "local"  # "local", "remap", "relative", "hub-cache", "recipe-base"
-
-
-@dataclass
-class WorkerSpec:
-    """Everything a worker needs, written by the parent as spec.json next to the recipe's results."""
-
-    recipe: dict[str, Any]  # the validated recipe settings (name, prompt, box_format, ...)
-    chain: list[ChainLink]
-    dataset: str
-    device: str  # "cpu" or "cuda"
-    skip_ids: list[str] = field(default_factory=list)  # samples already recorded (resume, retry)
-    attempt: int = 1
-    # Hidden start-up: a held worker imports, reads its data and warms the page cache with its weights while
-    # the previous recipe still runs, sends `ready`, and touches the device only after the parent's `go`.
-    hold: bool = False
-    protocol: int = PROTOCOL_VERSION
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> WorkerSpec:
-        raw = orjson.loads(data)
-        raw["chain"] = [ChainLink(**link) for link in raw["chain"]]
-        return cls(**raw)

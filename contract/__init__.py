@@ -1,0 +1,16 @@
+"""What the parent (orchestrator/) and the worker (worker/) agree on, in one torch-free package both import.
+
+    messages    the JSON lines between them, and the control lines back
+    spec        the worker spec: the typed recipe, its resolved chain, the device (validated by the worker)
+    recipe      the recipe settings schema and what its "auto" values mean
+    boxes       box formats (a model's text -> a box in pixels) and IoU
+    dataset     the grounding set's schema and its one reader
+    checkpoint  checkpoint files: configs, safetensors headers, weight files, fingerprints
+    layout      the run folder: every file name, once
+    nvml        what the NVIDIA driver says about GPU memory (the parent decides with it, the worker measures)
+    exits       exit codes
+    units       bytes for people
+
+Rules (tests/test_architecture.py): this package imports neither orchestrator nor worker, nor torch,
+transformers or peft; the worker imports nothing from orchestrator.
+"""

@@ -1,0 +1,98 @@
+"""The run folder, every file name once:
+
+    runs/<UTC time>/run.json                recipes as resolved, environment, command line
+    runs/<UTC time>/summary.json            all recipes side by side (metrics, intervals, gates)
+    runs/<UTC time>/report.md, report.html
+    runs/<UTC time>/<recipe>/spec.json      what the worker was told
+    runs/<UTC time>/<recipe>/samples.jsonl  one line per sample, appended as it arrives
+    runs/<UTC time>/<recipe>/worker.log     the worker's stdout and stderr
+    runs/<UTC time>/<recipe>/summary.json   metrics, lineage, timings, status
+    runs/<UTC time>/rescore-<UTC time>/     a rescore, laid out like a run folder
+
+A merged checkpoint carries lineage.json (MERGE_LINEAGE). Run folders written by earlier versions use the same
+names: nothing here may be renamed without reading the old name too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+RUN_RECORD = "run.json"
+SUMMARY = "summary.json"  # the run's, and each recipe's in its own folder
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+SPEC = "spec.json"
+SAMPLES = "samples.jsonl"
+WORKER_LOG = "worker.log"
+RESCORE_PREFIX = "rescore-"
+MERGE_LINEAGE = "lineage.json"
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+@dataclass(frozen=True)
+class RecipeFolder:
+    """One recipe's folder inside a run folder."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def spec(self) -> Path:
+        return self.path / SPEC
+
+    @property
+    def samples(self) -> Path:
+        return self.path / SAMPLES
+
+    @property
+    def log(self) -> Path:
+        return self.path / WORKER_LOG
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder (or a rescore folder, laid out the same way)."""
+
+    path: Path
+
+    @property
+    def record(self) -> Path:
+        return self.path / RUN_RECORD
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / REPORT_MD
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / REPORT_HTML
+
+    def recipe(self, name: str) -> RecipeFolder:
+        return RecipeFolder(self.path / name)
+
+    def is_run(self) -> bool:
+        return self.record.is_file() or self.summary.is_file()
+
+
+def stamped_folder(parent: Path, prefix: str = "") -> Path:
+    """A new folder `parent/<prefix><UTC time>` (with -2, -3... for two in the same second), created."""
+    stamp = prefix + datetime.now(UTC).strftime(_STAMP)
+    folder, suffix = parent / stamp, 1
+    while folder.exists():
+        suffix += 1
+        folder = parent / f"{stamp}-{suffix}"
+    folder.mkdir(parents=True)
+    return folder

@@ -1,0 +1,118 @@
+"""The recipe settings: one closed schema (pydantic) that the parent validates from recipes.toml and the
+worker validates again from its spec, and what each "auto" value means on a device.
+
+Reading the recipe file itself ([defaults] merged in, paths made absolute, every problem collected) is the
+parent's: orchestrator/recipes.py.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .boxes import BOX_FORMATS
+
+# A decode step of a 7B model costs about the same at batch 1 and 256 on an H100 (30-36 ms: generate's per-step host
+# work and syncs, not the GPU, set it), so per-sample time keeps falling with the batch: 29 ms at 64, 22 ms at 128,
+# 18 ms at 256 (BENCHMARKS.md). The preflight lowers it to what fits, and to the dataset's size.
+AUTO_BATCH_CAP = 256
+UNCHECKED_AUTO_BATCH = 8  # "auto" without a GPU preflight to size it (CPU runs, no estimate)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Settings(BaseModel):
+    """What [defaults] may set, and every recipe may override."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str | None = None
+    prompt: str = "{prompt}"
+    box_format: str = "qwen2vl"
+    max_new_tokens: int = Field(64, gt=0, le=8192)
+    batch_size: int | Literal["auto"] = Field("auto", description="samples per generate; auto: the largest the "
+                                            "GPU's free memory allows (at most 256), or 8 without a GPU preflight")
+    min_new_tokens: int | None = Field(None, ge=0, description="force at least this many new tokens (benchmarks)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    limit: int | None = Field(None, gt=0, description="evaluate only the first N samples")
+    timeout: float | None = Field(None, gt=0, description="seconds for the whole recipe")
+    startup_timeout: float = Field(300.0, gt=0, description="seconds from spawn to the worker's hello")
+    load_timeout: float = Field(1800.0, gt=0, description="seconds from hello to weights loaded")
+    stall_timeout: float = Field(900.0, gt=0, description="seconds without a message once samples run")
+    retries: int = Field(0, ge=0, le=10, description="re-runs after a crash, a kill or a timeout")
+    retry_backoff: float = Field(5.0, ge=0, description="seconds before the first retry; doubles each time")
+    memory_margin: float = Field(0.10, ge=0, le=1, description="safety margin on the memory estimate (0.1 = 10%)")
+    loader: Literal["staged", "transformers"] = Field(
+        "staged", description="staged: threads read safetensors through pinned buffers onto the device; "
+        "transformers: its own from_pretrained reads (slower on a GPU; a fallback for checkpoints staging can't read)")
+    merge_adapters: bool = Field(False, description="merge the top adapter into the weights too, as the lower ones "
+                                 "always are: decoding runs as fast as the base model's, while the results may "
+                                 "differ from the unmerged adapter's in the last bits (bf16 rounding of W + BA)")
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"
+                              "preprocessed), shared by every recipe whose processor has the same settings; off by "
+                              "default: entries are large (float32 pixels), never evicted, and batch preparation "
+                              "already runs ahead of the GPU")
+    cache_dir: str | None = Field(None, description="evalorch's cache folder; default $EVALORCH_CACHE, else "
+                                  "$XDG_CACHE_HOME/evalorch, else ~/.cache/evalorch")
+
+    @field_validator("box_format")
+    @classmethod
+    def _known_box_format(cls, value: str) -> str:
+        if value not in BOX_FORMATS:
+            raise ValueError(f"unknown box format {value!r}; known: {', '.join(BOX_FORMATS)}")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 < value <= 4096:
+            raise ValueError("must be between 1 and 4096, or \"auto\"")
+        return value
+
+    @property
+    def requested_batch(self) -> int:
+        """The batch size to aim for: the recipe's, or for "auto" the cap the preflight may lower to fit."""
+        return AUTO_BATCH_CAP if self.batch_size == "auto" else self.batch_size
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields(cls, value: str) -> str:
+        unknown = set(re.findall(r"{(\w*)}", value)) - {"prompt", "id"}
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {{prompt}}, {{id}}")
+        return value
+
+
+class Recipe(Settings):
+    """One model to evaluate."""
+
+    name: str
+    model: str
+    base: str | None = None
+    base_override: bool = False
+    baseline: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' (it names a folder)")
+        return value
+
+
+def run_dtype(dtype: str, device: str) -> str:
+    """The dtype a recipe runs in: "auto" is bfloat16 on CUDA, float32 on the CPU."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return dtype
+
+
+def run_attn(attn: str, device: str) -> str:
+    """The attention a recipe runs with: "auto" is flash_attention_2 on CUDA, sdpa on the CPU."""
+    if attn == "auto":
+        return "flash_attention_2" if device.startswith("cuda") else "sdpa"
+    return attn

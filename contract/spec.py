@@ -1,0 +1,61 @@
+"""The worker spec: everything a worker is told, written by the parent as spec.json in the recipe's folder and
+validated by the worker before it imports torch. The recipe crosses the boundary typed (contract/recipe.py),
+so both sides read the same fields with the same defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .messages import PROTOCOL_VERSION
+from .recipe import Recipe
+
+
+@dataclass
+class ChainLink:
+    """One set of weights in a recipe's lineage; the chain is ordered root (a full checkpoint) first."""
+
+    path: str
+    kind: str  # "full" or "adapter"
+    fingerprint: str
+    bytes: int
+    recorded_base: str | None = None  # what an adapter's adapter_config.json names as its base
+    source: str = "local"  # "local", "remap", "relative", "hub-cache", "recipe-base"
+
+
+class SpecError(Exception):
+    """A spec file the worker cannot act on (another protocol version, missing or mistyped fields)."""
+
+
+class WorkerSpec(BaseModel):
+    """What one worker evaluates, on which device, and how (see the fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    recipe: Recipe  # the validated recipe; batch_size is the number the parent chose
+    chain: list[ChainLink] = Field(min_length=1)
+    dataset: str
+    device: Literal["cpu", "cuda"]
+    skip_ids: list[str] = Field(default_factory=list)  # samples already recorded (resume, retry)
+    attempt: int = Field(1, ge=1)
+    # Hidden start-up: a held worker imports, reads its data and warms the page cache with its weights while
+    # the previous recipe still runs, sends `ready`, and touches the device only after the parent's `go`.
+    hold: bool = False
+    protocol: int = PROTOCOL_VERSION
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> WorkerSpec:
+        """Parse and validate; raise SpecError naming each bad field."""
+        try:
+            spec = cls.model_validate_json(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(spec)'}: {e['msg']}" for e in exc.errors())
+            raise SpecError(f"invalid worker spec: {problems}") from None
+        if spec.protocol != PROTOCOL_VERSION:
+            raise SpecError(f"the spec is for protocol {spec.protocol}, this worker speaks {PROTOCOL_VERSION}")
+        return spec

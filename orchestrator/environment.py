@@ -1,0 +1,39 @@
+"""The environment a worker process starts with, built on purpose rather than inherited whole: one GPU (or
+none), the hub offline unless the recipe file allows the network, and the variables of distributed launchers
+removed so that no library in the worker thinks it is part of a job. What was set and removed is recorded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Variables of distributed launchers that would make a library in the worker think it is part of a job.
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+_LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")
+
+
+def worker_env(device: str, gpu: str | None = None, offline: bool = True,
+               pinned: bool = False) -> tuple[dict[str, str], dict]:
+    """The worker's environment, built on purpose; returns it and what was set or removed. `pinned` (a
+    scheduler's lane) gives the worker its GPU even with --device cpu: only the fake NVML makes lanes on a CPU
+    machine, and there the tests read where each worker was put."""
+    env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
+    removed = sorted(set(os.environ) - set(env))
+    # A CPU worker gets no GPU, unless a lane pinned one.
+    visible = (gpu or "0") if device == "cuda" else (gpu if pinned and gpu else "")
+    chosen = {
+        "CUDA_VISIBLE_DEVICES": visible,
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if offline:
+        chosen |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    project_root = str(Path(__file__).resolve().parent.parent)  # `-m worker` works uninstalled too
+    chosen["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
+    env |= chosen
+    return env, {"set": chosen, "removed": removed}
+
+
+def _is_launcher_var(name: str) -> bool:
+    return name in _LAUNCHER_VARS or name.startswith(_LAUNCHER_PREFIXES)

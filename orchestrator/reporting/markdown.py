@@ -1,0 +1,71 @@
+"""report.md, and the table CI's step summary shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .cells import (
+    best_line,
+    change_cell,
+    label,
+    link_text,
+    metric_cell,
+    metric_columns,
+    override_notes,
+    paired_cell,
+    problems,
+    status_text,
+)
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The table with 95% intervals and the best line: what report.md opens with and what CI's step summary
+    shows."""
+    columns = metric_columns(summary)
+    head = ["Model", *[title for _, title, _ in columns], "vs baseline", "Paired Δ IoU vs baseline (95% CI)",
+            "Status"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for row in summary["recipes"]:
+        cells = [metric_cell(row, key, fmt, interval=True) for key, _, fmt in columns]
+        lines.append("| " + " | ".join([label(row, summary), *cells, change_cell(row), paired_cell(row),
+                                         status_text(row)]).replace("\n", " ") + " |")
+    return "\n".join([*lines, "", f"**{best_line(summary)}**", ""])
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    lines = ["# Evaluation results", "", markdown_table(summary), _INTERVALS_NOTE, ""]
+    gates = summary.get("gates")
+    if gates and gates.get("failures"):
+        lines += ["## Quality gates failed", "", gates_markdown(gates), ""]
+    notes = override_notes(summary)
+    if notes:
+        lines += ["## Base overrides", "", *[f"- {n}" for n in notes], ""]
+    found = problems(summary)
+    if found:
+        lines += ["## Problems", "", *[f"- {p}" for p in found], ""]
+    lines += ["## Lineage", ""]
+    for row in summary["recipes"]:
+        lines.append(f"- **{row['name']}**: " + (" → ".join(link_text(link) for link in
+                                                             reversed(row.get("lineage") or [])) or "-"))
+    return "\n".join(lines) + "\n"
+
+
+_INTERVALS_NOTE = ("Brackets: 95% bootstrap intervals (2000 resamples). Paired Δ: the mean per-sample IoU difference"
+                   " from the baseline on the samples both scored; \"better\"/\"worse\" only when its interval"
+                   " excludes 0.")
+
+
+def gates_markdown(gates: dict[str, Any]) -> str:
+    """The failed gates as a markdown table: recipe, metric, value, previous value (with --compare), limit."""
+    compared = any(f.get("previous") is not None for f in gates["failures"])
+    lines = ["| Recipe | Metric | Value | " + ("Previous | " if compared else "") + "Limit | Rule |",
+             "|---|---|---:|" + ("---:|" if compared else "") + "---:|---|"]
+    for f in gates["failures"]:
+        previous = f"{_num(f.get('previous'))} | " if compared else ""
+        lines.append(f"| {f['recipe']} | {f['metric']} | {_num(f['value'])} | {previous}{_num(f['limit'])} "
+                     f"| {f['rule']} |")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

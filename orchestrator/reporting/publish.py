@@ -1,0 +1,82 @@
+"""The end of a run (or of a re-render, or a rescore): statistics and gates added to the summary, then every
+place the results go: summary.json, report.md, report.html, the terminal, $GITHUB_STEP_SUMMARY, JUnit XML and
+JSON on stdout. Returns the exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+
+from contract.layout import RunFolder
+
+from ..results import write_json
+from .cells import problems
+from .gates import GateRequest, check, exit_code
+from .junit import junit_xml
+from .markdown import gates_markdown, markdown_table, render_markdown
+from .summary import Samples, add_statistics, load_samples
+from .terminal import show_results
+
+
+@dataclass
+class Outputs:
+    """Where the results of a run (or a re-rendered one) go besides report.md and report.html."""
+
+    console: Console
+    junit: Path | None = None
+    json_out: bool = False
+    write_summary: bool = True  # `run` and `rescore` write summary.json; `report` only re-renders
+
+
+def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, outputs: Outputs,
+            interrupted: bool = False) -> int:
+    """Statistics, gates, summary.json, report.md/.html, the terminal table, CI outputs; returns the exit code.
+    Raises GateError for a gate that names a metric or recipe the run does not have."""
+    samples = load_samples(run_dir, summary)
+    add_statistics(summary, samples)
+    gates = check(summary, request)
+    summary["gates"] = gates
+    if outputs.write_summary:
+        write_json(RunFolder(run_dir).summary, summary)
+    html_path = write_reports(run_dir, summary, samples)
+    code = exit_code(summary, gates, interrupted)
+    show_results(summary, gates, outputs.console, html_path)
+    _step_summary(summary, gates, run_dir)
+    if outputs.junit is not None:
+        outputs.junit.parent.mkdir(parents=True, exist_ok=True)
+        outputs.junit.write_text(junit_xml(summary, gates, run_dir), encoding="utf-8")
+    if outputs.json_out:
+        document = {**summary, "run_dir": str(run_dir), "report": str(html_path), "exit_code": code}
+        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.flush()
+    return code
+
+
+def write_reports(run_dir: Path, summary: dict[str, Any], samples: Samples, out_dir: Path | None = None) -> Path:
+    """report.md and report.html into `out_dir` (the run folder by default); returns the HTML's path."""
+    from .html import render_html  # matplotlib and Pillow load only when a report is written
+
+    out = RunFolder(out_dir or run_dir)
+    out.report_md.write_text(render_markdown(summary))
+    html_path = out.report_html
+    html_path.write_text(render_html(summary, run_dir, samples), encoding="utf-8")
+    return html_path
+
+
+def _step_summary(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir: Path) -> None:
+    """GitHub Actions shows what a job appends to $GITHUB_STEP_SUMMARY on the run's page."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return
+    parts = [f"## evalorch: {run_dir.name}", "", markdown_table(summary)]
+    if gates and gates["failures"]:
+        parts += ["### Quality gates failed", "", gates_markdown(gates), ""]
+    parts += [f"- {p}" for p in problems(summary)]
+    with open(target, "a", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n\n")

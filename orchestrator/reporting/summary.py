@@ -1,0 +1,106 @@
+"""A run's summary, read from its run folder: each recipe's row (status, metrics, lineage), the best recipe, the
+change over the baseline, and the statistics (intervals, paired comparisons) added from the sample records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from contract.layout import RunFolder
+
+from ..errors import UserError
+from ..results import read_json, read_samples
+from ..stats import DEFAULT_THRESHOLDS, metric_intervals, metrics, paired_comparison, relative_change, thresholds_of
+
+# The recipe-row keys a run summary keeps (a recipe's own summary.json adds the worker's messages).
+ROW_KEYS = ("name", "status", "detail", "metrics", "lineage", "base_override", "recipe", "preflight", "attempts")
+
+
+Samples = dict[str, list[dict[str, Any]]]
+
+
+class ReportError(UserError):
+    """The folder cannot be reported on (not a run folder)."""
+
+
+def run_summary(rows: list[dict[str, Any]], baseline: str | None) -> dict[str, Any]:
+    """Side-by-side summary of a run: each row has name, status, metrics; adds the change over the baseline."""
+    base_row = next((r for r in rows if r["name"] == baseline and r["status"] == "ok"), None)
+    base_iou = base_row["metrics"]["mean_iou"] if base_row else None
+    for row in rows:
+        mean = (row.get("metrics") or {}).get("mean_iou")
+        row["change_vs_baseline"] = None if row["name"] == baseline else relative_change(mean, base_iou)
+    finished = [r for r in rows if r["status"] == "ok" and r["metrics"]["mean_iou"] is not None]
+    candidates = [r for r in finished if r["name"] != baseline] or finished
+    best = max(candidates, key=lambda r: r["metrics"]["mean_iou"], default=None)
+    return {
+        "recipes": rows,
+        "baseline": baseline,
+        "best": best["name"] if best else None,
+        "best_change_vs_baseline": best["change_vs_baseline"] if best else None,
+    }
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """The run's summary: summary.json when the run got that far, else rebuilt from each recipe's folder
+    (an interrupted parent leaves samples but no summary)."""
+    folder = RunFolder(run_dir)
+    if folder.summary.is_file():
+        return read_json(folder.summary)
+    record = folder.record
+    if not record.is_file():
+        raise ReportError(f"{run_dir} is not a run folder (no summary.json, no run.json)")
+    planned = read_json(record).get("recipes", [])
+    rows = [_rebuilt_row(run_dir, recipe) for recipe in planned]
+    baseline = next((r["name"] for r in planned if r.get("baseline")), None)
+    return run_summary(rows, baseline)
+
+
+def _rebuilt_row(run_dir: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    folder = RunFolder(run_dir).recipe(recipe["name"])
+    if folder.summary.is_file():
+        stored = read_json(folder.summary)
+        return {key: stored.get(key) for key in ROW_KEYS}
+    return {"name": recipe["name"], "status": "incomplete", "detail": "no summary recorded (the run was stopped)",
+            "metrics": metrics(read_samples(folder.samples)), "lineage": recipe.get("chain") or [],
+            "base_override": False, "recipe": recipe, "preflight": None, "attempts": []}
+
+
+def load_samples(run_dir: Path, summary: dict[str, Any]) -> Samples:
+    folder = RunFolder(run_dir)
+    return {row["name"]: read_samples(folder.recipe(row["name"]).samples) for row in summary["recipes"]}
+
+
+def add_statistics(summary: dict[str, Any], samples: Samples) -> dict[str, Any]:
+    """Adds to each row a 95% interval for each metric and, against the baseline, the paired IoU difference."""
+    baseline = summary.get("baseline")
+    base_ok = any(r["name"] == baseline and r["status"] == "ok" for r in summary["recipes"])
+    for row in summary["recipes"]:
+        own = samples.get(row["name"], [])
+        row["intervals"] = metric_intervals(own, thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS)
+        paired = base_ok and row["name"] != baseline
+        row["vs_baseline_paired"] = paired_comparison(own, samples.get(baseline, [])) if paired else None
+        row["vs_recorded_base_paired"] = _versus_recorded_base(row, summary, samples)
+    return summary
+
+
+def _versus_recorded_base(row: dict[str, Any], summary: dict[str, Any], samples: Samples) -> dict | None:
+    """A recipe that loads its adapter on another base than the recorded one, paired with the recipe that loads
+    the same adapter on its recorded base: how much the wrong base costs (the seed's bug, measured)."""
+    if not row.get("base_override") or row["status"] != "ok":
+        return None
+    model = (row.get("recipe") or {}).get("model")
+    sibling = next((r["name"] for r in summary["recipes"] if r["status"] == "ok" and not r.get("base_override")
+                    and (r.get("recipe") or {}).get("model") == model), None)
+    if sibling is None:
+        return None
+    return {**paired_comparison(samples.get(row["name"], []), samples.get(sibling, [])), "against": sibling}
+
+
+def recipe_seconds(run_dir: Path, name: str) -> float | None:
+    """The recipe's wall time, from its own summary.json (the run summary does not carry it)."""
+    path = RunFolder(run_dir).recipe(name).summary
+    try:
+        return float(read_json(path).get("seconds")) if path.is_file() else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,79 @@
+"""The results in the terminal (rich): the table, the best line, notes, problems and failed gates. User text
+(recipe names, messages, model output) is always passed as Text or with markup off: it is never read as rich
+markup, so `[defaults]` in a message stays `[defaults]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from contract.layout import RunFolder
+
+from .cells import (
+    best_line,
+    change_cell,
+    label,
+    metric_cell,
+    metric_columns,
+    override_notes,
+    paired_cell,
+    problems,
+    status_text,
+)
+
+
+def render_terminal(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title="Evaluation results")
+    table.add_column("Model", style="bold")
+    columns = metric_columns(summary)
+    for _, title, _ in columns:
+        table.add_column(title, justify="right")
+    table.add_column("vs baseline", justify="right")
+    table.add_column("Paired Δ IoU vs baseline (95% CI)", justify="right")
+    table.add_column("Status")
+    for row in summary["recipes"]:
+        style = None if row["status"] == "ok" else "red"
+        cells = [metric_cell(row, key, fmt, interval=key == "mean_iou") for key, _, fmt in columns]
+        texts = [label(row, summary), *cells, change_cell(row), paired_cell(row), status_text(row)]
+        table.add_row(*[Text(t) for t in texts], style=style)  # Text: a recipe name is never rich markup
+    console.print(table)
+    console.print(best_line(summary), markup=False)
+    for note in override_notes(summary):
+        console.print(note, markup=False, highlight=False, style="yellow")
+    for problem in problems(summary):
+        console.print(problem, markup=False, highlight=False, style="red")
+
+
+def failures_table(gates: dict[str, Any]) -> Table:
+    compared = any(f["previous"] is not None for f in gates["failures"])
+    titles = ["Recipe", "Metric", "Value", *(["Previous"] if compared else []), "Limit", "Rule"]
+    table = Table(title="Quality gates failed", title_style="bold red")
+    for title in titles:
+        table.add_column(title, justify="right" if title in ("Value", "Previous", "Limit") else "left")
+    for f in gates["failures"]:
+        previous = [_num(f["previous"])] if compared else []
+        cells = [f["recipe"], f["metric"], _num(f["value"]), *previous, _num(f["limit"]), f["rule"]]
+        table.add_row(*[Text(c) for c in cells])
+    return table
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def show_results(summary: dict[str, Any], gates: dict[str, Any] | None, console: Console, html_path: Path) -> None:
+    """The table, then the gates' verdict and notes, then where the reports are."""
+    render_terminal(summary, console)
+    if gates and gates["failures"]:
+        console.print(failures_table(gates))
+        for failure in gates["failures"]:
+            console.print(f"Gate failed: {failure['message']}", markup=False, style="red")
+    elif gates:
+        console.print(f"Quality gates: all {gates['checked']} check(s) passed", markup=False)
+    for note in (gates or {}).get("notes", []):
+        console.print(f"Gate note: {note}", markup=False)
+    console.print(f"Report: {RunFolder(html_path.parent).report_md} and {html_path}", markup=False)
