@@ -4,7 +4,9 @@
     spec        the worker spec: the typed recipe, its resolved chain, the device (validated by the worker)
     recipe      the recipe settings schema and what its "auto" values mean
     boxes       box formats (a model's text -> a box in pixels) and IoU
-    dataset     the grounding set's schema and its one reader
+    dataset     the grounding set's one reader: picks the format, subsets, checks ground truth against the image
+    readers     JSON lines and COCO JSON          columnar  parquet and save_to_disk arrow files (pyarrow)
+    samples     one sample, its box in xyxy       images    where an image is, read upright (EXIF), its size
     checkpoint  checkpoint files: configs, safetensors headers, weight files, fingerprints
     layout      the run folder: every file name, once
     nvml        what the NVIDIA driver says about GPU memory (the parent decides with it, the worker measures)

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .boxes import BOX_FORMATS
+from .samples import template_fields
 
 # A decode step of a 7B model costs about the same at batch 1 and 256 on an H100 (30-36 ms: generate's per-step host
 # work and syncs, not the GPU, set it), so per-sample time keeps falling with the batch: 29 ms at 64, 22 ms at 128,
@@ -36,7 +37,22 @@ class Settings(BaseModel):
     min_new_tokens: int | None = Field(None, ge=0, description="force at least this many new tokens (benchmarks)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    limit: int | None = Field(None, gt=0, description="evaluate only the first N samples")
+    limit: int | None = Field(None, gt=0, description="evaluate only the first N samples (after ids and sample)")
+    dataset_format: Literal["auto", "jsonl", "coco", "parquet", "arrow"] = Field(
+        "auto", description="the reader; auto: from what `dataset` names (contract/dataset.py)")
+    bbox_format: Literal["xyxy", "xywh"] | None = Field(
+        None, description="how the dataset stores boxes; default: the format's own (xywh for COCO and RefCOCO, "
+        "xyxy otherwise). Sample records always carry xyxy pixels")
+    exif: Literal["apply", "ignore"] = Field(
+        "apply", description="apply: read images upright by their EXIF orientation, as people, annotation tools "
+        "and transformers' load_image see them; ignore: as the pixels are stored")
+    image_root: str | None = Field(None, description="the folder image paths are relative to; default: the "
+                                   "dataset file's folder")
+    ids: list[str | int] | str | None = Field(None, description="evaluate only these ids: a list, or a file of "
+                                              "ids, one a line")
+    sample: int | None = Field(None, gt=0, description="evaluate N samples drawn at random, the same on every run "
+                               "for a given seed")
+    seed: int = Field(0, description="the seed of `sample`")
     timeout: float | None = Field(None, gt=0, description="seconds for the whole recipe")
     startup_timeout: float = Field(300.0, gt=0, description="seconds from spawn to the worker's hello")
     load_timeout: float = Field(1800.0, gt=0, description="seconds from hello to weights loaded")
@@ -81,9 +97,16 @@ class Settings(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_fields(cls, value: str) -> str:
-        unknown = set(re.findall(r"{(\w*)}", value)) - {"prompt", "id"}
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {{prompt}}, {{id}}")
+        template_fields(value)  # ValueError: not a template, or more than plain names; the fields are the dataset's
+        return value
+
+    @field_validator("ids")
+    @classmethod
+    def _ids_as_text(cls, value: list[str | int] | str | None) -> list[str] | str | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list selects nothing")
+            return [str(v) for v in value]
         return value
 
 

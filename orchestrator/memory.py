@@ -22,11 +22,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from contract.checkpoint import CONFIG, CheckpointError, read_json_object, safetensors_header, weight_files
-from contract.dataset import Sample, image_size, iter_samples, render_prompt
-from contract.recipe import Recipe, run_attn, run_dtype
+from contract.dataset import (
+    DATASET_SETTINGS,
+    DatasetError,
+    Sample,
+    dataset_stamp,
+    image_size,
+    open_dataset,
+    render_prompt,
+)
+from contract.recipe import Recipe, Settings, run_attn, run_dtype
 from contract.spec import ChainLink
 from contract.units import format_bytes
 
@@ -354,19 +363,26 @@ def image_tokens(size: tuple[int, int] | None, settings: ImageSettings) -> tuple
 
 
 def read_prompts(recipe: Recipe, settings: ImageSettings, shape: ModelShape | None) -> Prompts:
-    """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates."""
+    """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates.
+    Read once for every recipe (and every preflight call) that reads the same samples the same way."""
+    found = _read_prompts(recipe.model_dump_json(include=set(DATASET_SETTINGS)), dataset_stamp(recipe), settings)
+    if shape is not None and not shape.vision_embed:
+        return Prompts(text_tokens=found.text_tokens, image_tokens=0, patches=0, samples=found.samples)
+    return found
+
+
+@lru_cache(maxsize=16)
+def _read_prompts(recipe_json: str, _stamp: tuple, settings: ImageSettings) -> Prompts:
+    recipe = Settings.model_validate_json(recipe_json)
     text, tokens, patches, samples = 0, 0, 0, 0
     try:
-        for sample in iter_samples(Path(recipe.dataset or ""), limit=recipe.limit):
+        for sample in open_dataset(recipe.dataset or "", recipe).samples(images=True):  # streamed
             samples += 1
             text = max(text, _prompt_bytes(recipe.prompt, sample) + CHAT_TOKENS)
-            size = image_size(sample.image_path) if sample.image_path is not None else None
-            sample_tokens, sample_patches = image_tokens(size, settings)
+            sample_tokens, sample_patches = image_tokens(image_size(sample.image, recipe.exif), settings)
             tokens, patches = max(tokens, sample_tokens), max(patches, sample_patches)
-    except OSError as exc:
+    except DatasetError as exc:
         raise EstimateError(f"dataset {recipe.dataset}: {exc}") from exc
-    if shape is not None and not shape.vision_embed:
-        tokens = patches = 0
     return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches, samples=samples)
 
 

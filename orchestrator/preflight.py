@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from contract.dataset import DatasetError, open_dataset
 from contract.nvml import FAKE_ENV, GpuProcess, GpuState, Nvml, NvmlUnavailable, open_nvml
 from contract.units import format_bytes
 
@@ -298,10 +299,14 @@ def plan_lines(plan: RecipePlan, device: str, preflight: GpuPreflight | None) ->
     if not plan.runnable:
         return [], False
     try:
+        reading = [f"dataset: {open_dataset(plan.recipe.dataset or '', plan.recipe).describe()}"]
+    except DatasetError as exc:
+        reading = [f"dataset: {exc}"]
+    try:
         estimate = estimate_recipe(plan.recipe, plan.chain or [], device)
     except EstimateError as exc:
-        return [f"memory: cannot estimate ({exc})"], True
-    lines = [f"memory: {estimate.describe()}"]
+        return [*reading, f"memory: cannot estimate ({exc})"], True
+    lines = [*reading, f"memory: {estimate.describe()}"]
     if preflight is None:
         return lines, True
     decision = preflight.assess(plan)

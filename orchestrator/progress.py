@@ -34,8 +34,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from contract.dataset import iter_samples
+from contract.dataset import DatasetError, open_dataset
 from contract.layout import RecipeFolder, RunFolder
+from contract.recipe import Settings
 
 from .results import read_json, read_samples
 from .stats import DEFAULT_THRESHOLDS, metrics, threshold_key
@@ -49,10 +50,10 @@ def expected_samples(recipe_dir: Path) -> int | None:
     already recorded (resume, retry), read from the spec the worker was given; None if it cannot be read."""
     try:
         spec = read_json(RecipeFolder(recipe_dir).spec)
-        limit = (spec.get("recipe") or {}).get("limit")
-        skip = set(spec.get("skip_ids") or [])
-        return sum(1 for s in iter_samples(Path(spec["dataset"]), limit=limit) if s.id not in skip)
-    except (OSError, KeyError, ValueError, TypeError, AttributeError):
+        recipe = spec.get("recipe") or {}
+        settings = Settings.model_validate({k: v for k, v in recipe.items() if k in Settings.model_fields})
+        return open_dataset(spec["dataset"], settings, skip_ids=spec.get("skip_ids") or []).count()  # no images
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, DatasetError):
         return None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contract.dataset import dataset_exists, dataset_problems, is_glob
 from contract.recipe import Recipe, Settings
 
 from .errors import UserError
@@ -145,13 +146,24 @@ def _validate_recipe(
 def _resolve_paths(recipe: Recipe, folder: Path, where: str, problems: list[str]) -> Recipe:
     """Make local paths absolute and check they exist; hub ids stay as they are for lineage to find."""
     updates: dict[str, str] = {}
+    known_problems = len(problems)
     if recipe.dataset is None:
         problems.append(f"{where}, field 'dataset': no dataset (set it in the recipe or in [defaults])")
     else:
-        dataset = folder / recipe.dataset
-        if not dataset.is_file():
-            problems.append(f"{where}, field 'dataset': file not found: {dataset}")
+        dataset = folder / Path(recipe.dataset).expanduser()  # a file, a folder or a glob of parquet files
+        if not dataset_exists(dataset):
+            missing = "no files match" if is_glob(str(dataset)) else "file not found"
+            problems.append(f"{where}, field 'dataset': {missing}: {dataset}")
         updates["dataset"] = str(dataset)
+    if recipe.image_root is not None:
+        updates["image_root"] = str(folder / Path(recipe.image_root).expanduser())
+        if not Path(updates["image_root"]).is_dir():
+            problems.append(f"{where}, field 'image_root': no such directory: {updates['image_root']}")
+    if isinstance(recipe.ids, str):  # a file of ids
+        updates["ids"] = str(folder / Path(recipe.ids).expanduser())
+        if not Path(updates["ids"]).is_file():
+            problems.append(f"{where}, field 'ids': file not found: {updates['ids']}")
+    dataset_found = len(problems) == known_problems
     for field in ("model", "base"):
         value = getattr(recipe, field)
         if value is None:
@@ -162,7 +174,10 @@ def _resolve_paths(recipe: Recipe, folder: Path, where: str, problems: list[str]
         elif not _HUB_ID.match(value) or value.startswith((".", "/")):
             problems.append(f"{where}, field '{field}': no such directory: {local}")
     updates["cache_dir"] = str(cache_root(recipe.cache_dir, folder))
-    return recipe.model_copy(update=updates)
+    resolved = recipe.model_copy(update=updates)
+    if dataset_found:  # then what would fail every sample: the reader's own checks
+        problems += [f"{where}, field '{field}': {problem}" for field, problem in dataset_problems(resolved)]
+    return resolved
 
 
 def cache_root(value: str | None, folder: Path) -> Path:

@@ -77,13 +77,18 @@ def test_unknown_tables_bad_toml_and_empty_files(folder: Path) -> None:
 
 def test_prompt_placeholders_names_and_baselines(folder: Path) -> None:
     path = folder / "r.toml"
+    (folder / "data.jsonl").write_text('{"id": "a", "image": "a.png", "bbox": [0, 0, 1, 1], "prompt": "x", '
+                                       '"colour": "red"}\n')
     path.write_text('[defaults]\ndataset = "data.jsonl"\n'
-                    '[[recipe]]\nname = "a b"\nmodel = "model"\nprompt = "Find {label}"\nbaseline = true\n'
-                    '[[recipe]]\nname = "c"\nmodel = "model"\nbaseline = true\n'
+                    '[[recipe]]\nname = "a b"\nmodel = "model"\nprompt = "Find {label.__class__}"\nbaseline = true\n'
+                    '[[recipe]]\nname = "c"\nmodel = "model"\nbaseline = true\nprompt = "Find {label}"\n'
+                    '[[recipe]]\nname = "d"\nmodel = "model"\nprompt = "Find the {colour} one: {prompt}"\n'
                     '[[recipe]]\nname = "e"\nmodel = "model"\nbase_override = true\n')
     text = "\n".join(_problems(path))
     assert "field 'name': Value error, use letters" in text
-    assert "field 'prompt': Value error, unknown placeholder(s) ['label']" in text
+    assert "recipe 'a b' (#1), field 'prompt': Value error, {label.__class__} is not a field name" in text
+    assert "recipe 'c' (#2), field 'prompt': uses {label}, which no sample of" in text  # a field of no sample
+    assert "recipe 'd'" not in text  # the dataset's own field
     assert "field 'base_override': needs 'base'" in text
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from contract import messages
 from contract.exits import WorkerExit
+from contract.samples import DatasetError
 from contract.spec import SpecError, WorkerSpec
 
 from . import lifeline
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         _evaluate(spec, out, control, Faults.from_env(spec.recipe.name, spec.attempt))
     except WorkerError as exc:
         out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
+        return WorkerExit.FAILED
+    except DatasetError as exc:  # opened, then damaged part-way (a truncated parquet file...)
+        out.send("error", kind="data", message=str(exc), traceback=traceback.format_exc())
         return WorkerExit.FAILED
     except Exception as exc:
         kind = "cuda_oom" if type(exc).__name__ == "OutOfMemoryError" else "internal"
@@ -56,7 +60,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
-    from contract.dataset import read_dataset
+    from contract.dataset import open_dataset
 
     from .infer import run_inference, start_batches
     from .load import load_chain, load_processor, warm_page_cache
@@ -66,7 +70,10 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
     recipe = spec.recipe
-    samples = read_dataset(Path(spec.dataset), limit=recipe.limit, skip_ids=set(spec.skip_ids))
+    try:  # read as the batches are made (streamed); the recipe's subset, less what earlier attempts recorded
+        samples = open_dataset(spec.dataset, recipe, skip_ids=spec.skip_ids)
+    except DatasetError as exc:
+        raise WorkerError("config", f"dataset: {exc}") from None
     device = "cuda:0" if spec.device == "cuda" else "cpu"
     processor = batches = None
     if spec.hold:

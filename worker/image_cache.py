@@ -3,8 +3,9 @@
     <cache_dir>/preprocessed/<fingerprint[:16]>/<key[:2]>/<key>.safetensors
 
 `fingerprint` hashes the processor's settings (processor_fingerprint); `key` hashes the fingerprint, the rendered
-chat text and the image file's bytes (its content, not its path or mtime). An entry is what the processor returns
-for ONE text and ONE image, unpadded; collate() turns a batch of entries into exactly what the batched call returns.
+chat text and the image file's bytes (its content, not its path or mtime), with the EXIF orientation applied when
+one was. An entry is what the processor returns for ONE text and ONE image, unpadded; collate() turns a batch of
+entries into exactly what the batched call returns.
 Entries are safetensors (never pickle), written to a temporary file in their folder and renamed into place, so
 several workers (one per GPU) can fill one cache at once. An entry that cannot be read is a miss, computed and
 written again: the cache never fails a recipe. Nothing is ever evicted: delete the folder to reclaim the space.
@@ -55,12 +56,14 @@ class ProcessorCache:
             return None
         return cls(Path(recipe.cache_dir) / "preprocessed", processor)
 
-    def features(self, text: str, image: Any, image_path: Path) -> BatchFeature:
-        """The processor's output for one sample: read from disk, or computed and stored."""
+    def features(self, text: str, image: Any, source: Any, orientation: int = 1) -> BatchFeature:
+        """The processor's output for one sample: read from disk, or computed and stored. `source` is the image's
+        file or ImageSource (its bytes are hashed); `orientation` the EXIF orientation applied in decoding it."""
         try:
-            key = self.key(text, Path(image_path).read_bytes())
+            data = source.read_bytes() if hasattr(source, "read_bytes") else Path(source).read_bytes()
+            key = self.key(text, data, orientation)
         except OSError as exc:  # the file went away after it was decoded: compute, store nothing
-            self._warn(f"cannot read {image_path} to hash it ({exc})")
+            self._warn(f"cannot read {source} to hash it ({exc})")
             key = None
         path = self.folder / key[:2] / f"{key}.safetensors" if key else None
         cached = read_entry(path, key) if path else None
@@ -73,9 +76,13 @@ class ProcessorCache:
             self._store(path, key, computed)
         return computed
 
-    def key(self, text: str, image_bytes: bytes) -> str:
+    def key(self, text: str, image_bytes: bytes, orientation: int = 1) -> str:
+        """The entry's key. The same file turned upright by its EXIF orientation gives other pixels: the
+        orientation applied is part of the key (left out when none was, so the keys of upright files stay)."""
         digest = hashlib.sha256()
-        for part in (self.fingerprint.encode(), text.encode(), hashlib.sha256(image_bytes).digest()):
+        parts = [self.fingerprint.encode(), text.encode(), hashlib.sha256(image_bytes).digest()]
+        parts += [f"exif-orientation-{orientation}".encode()] if orientation != 1 else []
+        for part in parts:
             digest.update(len(part).to_bytes(8, "little") + part)  # length-prefixed: no two inputs run together
         return digest.hexdigest()
 

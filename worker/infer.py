@@ -5,21 +5,22 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from contract.boxes import score_text
-from contract.dataset import Sample, load_image, render_prompt
+from contract.dataset import ImageInfo, Sample, check_gt, image_record, image_size, read_sample_image, render_prompt
 from contract.recipe import Recipe
 
 from .errors import WorkerError
 from .image_cache import ProcessorCache, collate
 
 Send = Callable[..., None]
+SORT_WINDOW = 4  # batches' worth of samples sorted together: padding stays low, memory bounded
+MIN_WINDOW = 256
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Prepared:
     image: Any
     text: str
     features: Any = None  # this sample's processor output from the image cache; None with the cache off
+    info: ImageInfo | None = None  # the image as read: its size (upright by default) and EXIF orientation
 
 
 @dataclass
@@ -51,37 +53,52 @@ class PreparedBatch:
     """A batch made ready on the CPU while the device works on the one before."""
 
     items: list[Prepared]
-    errors: list[tuple[Sample, str]]
+    errors: list[tuple[Sample, str, ImageInfo | None]]
     inputs: Any = None  # the processor's tensors for all items (pinned on CUDA), or None when no item is usable
     cache_hits: int = 0
     cache_misses: int = 0
 
 
-def start_batches(processor: Any, samples: list[Sample], recipe: Recipe, device: str,
+def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, device: str,
                   may_pin: Callable[[], bool] = lambda: True) -> Prefetched:
     """Start preparing the recipe's batches in the background (see prefetch). `may_pin` says whether CUDA may be
     touched yet: pinning host memory creates a CUDA context, which a held worker must not have. With the recipe's
-    image_cache on, each sample's processor output comes from the cache in its cache_dir (see image_cache.py)."""
-    batches = list(_batches(by_prompt_length(samples), recipe.batch_size))
+    image_cache on, each sample's processor output comes from the cache in its cache_dir (see image_cache.py).
+    The samples are read as the batches are made (a set with embedded images is never held whole)."""
+    batches = _sorted_batches(samples, recipe.batch_size, recipe.exif)
     cache = ProcessorCache.for_recipe(processor, recipe)
-    return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache))
+    return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache,
+                                                     exif=recipe.exif))
 
 
-def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched, recipe: Recipe,
+def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator[list[Sample]]:
+    """The samples read a window at a time (SORT_WINDOW batches, at least MIN_WINDOW samples: a small set in one),
+    each window sorted by prompt length and cut into even batches."""
+    window: list[Sample] = []
+    for sample in samples:
+        window.append(sample)
+        if len(window) >= max(MIN_WINDOW, size * SORT_WINDOW):
+            yield from _batches(by_prompt_length(window, exif), size)
+            window = []
+    yield from _batches(by_prompt_length(window, exif), size)
+
+
+def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefetched, recipe: Recipe,
                   device: str, send: Send, should_stop: Callable[[], bool],
                   before_sample: Callable[[int], None]) -> InferenceStats:
     """Generate for every sample (or every batch already being prepared by start_batches), streaming records."""
     stats = InferenceStats(batch_size=recipe.batch_size)
     started = time.perf_counter()
     sent = 0
-    prepared_batches = start_batches(processor, samples, recipe, device) if isinstance(samples, list) else samples
+    prepared_batches = samples if isinstance(samples, Prefetched) else start_batches(processor, samples, recipe,
+                                                                                     device)
     for prepared in _timed(prepared_batches, stats):
         stats.cache_hits += prepared.cache_hits
         stats.cache_misses += prepared.cache_misses
-        for sample, error in prepared.errors:
+        for sample, error, info in prepared.errors:
             sent += 1
             before_sample(sent)
-            send("sample", **_error_record(sample, error))
+            send("sample", **_error_record(sample, error, info))
             stats.errors += 1
         if prepared.items:
             batch_started = time.perf_counter()
@@ -116,21 +133,17 @@ def _timed(batches: Iterator[PreparedBatch] | Prefetched, stats: InferenceStats)
         yield batch
 
 
-def by_prompt_length(samples: list[Sample]) -> list[Sample]:
-    """Samples ordered by their prompt's length (image area first: it sets the image-token count), so that a
-    batch pads little. Image sizes come from the file headers; unreadable ones sort last and fail later."""
-    def key(sample: Sample) -> tuple[int, int]:
-        try:
-            with Image.open(sample.image_path) as image:
-                area = image.size[0] * image.size[1]
-        except (OSError, ValueError, TypeError, AttributeError):
-            area = 1 << 62
-        return area, len(sample.prompt or "")
+def by_prompt_length(samples: list[Sample], exif: str = "apply") -> list[Sample]:
+    """Samples ordered by their prompt's length (image size first: it sets the image-token count), so that a
+    batch pads little. Sizes as read (upright by default) from the headers; unreadable ones sort last, fail later."""
+    def key(sample: Sample) -> tuple[int, int, int]:
+        size = image_size(sample.image, exif)
+        return (size[0] * size[1], size[0], len(sample.prompt or "")) if size else (1 << 62, 0, 0)
 
     return sorted(samples, key=key)
 
 
-def prefetch(batches: list[list[Sample]], prepare: Callable[[list[Sample]], PreparedBatch],
+def prefetch(batches: Iterable[list[Sample]], prepare: Callable[[list[Sample]], PreparedBatch],
              depth: int = 2) -> Prefetched:
     """Prepare batches (decode images, run the processor) in a background thread, `depth` ahead of the device:
     the GPU should not wait on the CPU between batches. The thread starts at once (a held worker prepares its
@@ -179,12 +192,13 @@ class Prefetched:
 
 
 def prepare_batch(processor: Any, batch: list[Sample], template: str, device: str,
-                  may_pin: Callable[[], bool] = lambda: True, cache: ProcessorCache | None = None) -> PreparedBatch:
+                  may_pin: Callable[[], bool] = lambda: True, cache: ProcessorCache | None = None,
+                  exif: str = "apply") -> PreparedBatch:
     items, errors = [], []
     for sample in batch:
-        prepared, error = _prepare(processor, sample, template)
+        prepared, error, info = _prepare(processor, sample, template, exif)
         if error is not None:
-            errors.append((sample, error))
+            errors.append((sample, error, info))
         else:
             items.append(prepared)
     hits, misses = _cached_features(cache, items)
@@ -198,7 +212,8 @@ def _cached_features(cache: ProcessorCache | None, items: list[Prepared]) -> tup
         return 0, 0
     hits, misses = cache.hits, cache.misses
     for item in items:
-        item.features = cache.features(item.text, item.image, item.sample.image_path)
+        item.features = cache.features(item.text, item.image, item.sample.image, item.info.orientation
+                                       if item.info is not None and item.info.applied else 1)
     return cache.hits - hits, cache.misses - misses
 
 
@@ -223,21 +238,26 @@ def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
         yield samples[index * len(samples) // count : (index + 1) * len(samples) // count]
 
 
-def _prepare(processor: Any, sample: Sample, template: str) -> tuple[Prepared | None, str | None]:
-    """The sample's image and chat text, or the reason it cannot be evaluated."""
+def _prepare(processor: Any, sample: Sample, template: str,
+             exif: str = "apply") -> tuple[Prepared | None, str | None, ImageInfo | None]:
+    """The sample's image (as read: upright by default) and chat text, or the reason it cannot be evaluated: a bad
+    row, an unreadable image, ground truth that does not fit the image, a prompt field the sample lacks."""
     if sample.error:
-        return None, sample.error
+        return None, sample.error, None
     try:
-        image = load_image(sample)
+        image, info = read_sample_image(sample, exif)
     except (OSError, ValueError) as exc:
-        return None, f"image {sample.image_path}: {exc}"
+        return None, f"image {sample.image}: {exc}", None
+    problem = check_gt(sample, info)
+    if problem is not None:
+        return None, problem, info
     try:
         prompt = render_prompt(template, sample)
     except (KeyError, IndexError, ValueError) as exc:
-        return None, f"prompt: {exc}"
+        return None, f"prompt: {exc.args[0] if exc.args else exc}", info
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return Prepared(sample, image, text), None
+    return Prepared(sample, image, text, info=info), None, None
 
 
 def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: str,
@@ -306,15 +326,15 @@ def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -
         "status": "ok",
         "gt": item.sample.bbox,
         "text": text,
-        "image_size": list(size),
+        **image_record(item.info),  # the size as read and the EXIF orientation applied
         "seconds": seconds,
         "error": None,
         **score_text(text, box_format, size, item.sample.bbox),
     }
 
 
-def _error_record(sample: Sample, error: str) -> dict:
+def _error_record(sample: Sample, error: str, info: ImageInfo | None = None) -> dict:
     return {
-        "id": sample.id, "status": "error", "gt": sample.bbox, "text": None, "image_size": None,
+        "id": sample.id, "status": "error", "gt": sample.bbox, "text": None, **image_record(info),
         "seconds": 0.0, "error": error, "pred": None, "iou": 0.0, "detected": False,
     }

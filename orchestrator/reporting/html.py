@@ -17,8 +17,9 @@ from typing import Any
 
 import orjson
 
-from contract.dataset import iter_samples
+from contract.dataset import DatasetError, ImageSource, dataset_exists, open_dataset, read_image
 from contract.layout import RunFolder
+from contract.recipe import Settings
 
 from ..results import read_json
 from .cells import (
@@ -236,11 +237,13 @@ def _sample_errors(samples: list[dict[str, Any]]) -> str:
 
 def _gallery(row: dict[str, Any], scored: list[dict[str, Any]], run_dir: Path) -> str:
     worst = sorted(scored, key=lambda s: (float(s["iou"]), str(s["id"])))[:GALLERY_SIZE]
-    images = dataset_images(str((row.get("recipe") or {}).get("dataset") or ""), str(run_dir))
+    recipe = row.get("recipe") or {}
+    images = dataset_images(str(recipe.get("dataset") or ""), str(run_dir), _reading(recipe))
+    exif = "ignore" if recipe.get("exif") == "ignore" else "apply"  # the image as the worker read it
     cards = []
     for sample in worst:
-        path = images.get(str(sample["id"]))
-        picture = _sample_png(path, sample.get("gt"), sample.get("pred")) if path else None
+        source = images.get(str(sample["id"]))
+        picture = _sample_png(source, exif, sample.get("gt"), sample.get("pred")) if source else None
         shown = _png(picture, f"sample {sample['id']}", "sample") if picture else \
             '<div class="noimage">image not available</div>'
         found = "no parsable box" if not sample.get("detected") else f"predicted {_box_text(sample.get('pred'))}"
@@ -262,9 +265,15 @@ def _visible(text: str) -> str:
     return _CONTROL.sub(lambda m: chr(0x2400 + ord(m.group())) if ord(m.group()) < 32 else "␡", text)
 
 
+def _reading(recipe: dict[str, Any]) -> str:
+    """How the recipe's dataset is read (format, image folder), as a cache key."""
+    return orjson.dumps({k: recipe.get(k) for k in ("dataset_format", "image_root", "bbox_format")}).decode()
+
+
 @lru_cache(maxsize=16)
-def dataset_images(dataset: str, run_dir: str) -> dict[str, Path]:
-    """id -> image path, read from the dataset jsonl (images are relative to it); {} when it is gone.
+def dataset_images(dataset: str, run_dir: str, reading: str = "{}") -> dict[str, ImageSource]:
+    """id -> where its image is, from the dataset as the recipe read it; {} when it is gone. Embedded images
+    are not read here: each source reads its own row when the gallery draws it (only the worst samples).
 
     A relative dataset path was relative to where the run started: the current folder, or the folder that
     holds runs/ (the usual --out)."""
@@ -272,24 +281,25 @@ def dataset_images(dataset: str, run_dir: str) -> dict[str, Path]:
         return {}
     candidates = [Path(dataset)] if Path(dataset).is_absolute() else \
         [Path.cwd() / dataset, Path(run_dir).resolve().parent.parent / dataset]
-    path = next((p for p in candidates if p.is_file()), None)
+    path = next((p for p in candidates if dataset_exists(p)), None)
     if path is None:
         return {}
     try:
-        return {s.id: s.image_path for s in iter_samples(path) if s.image_path is not None}
-    except OSError:
+        settings = Settings.model_validate({k: v for k, v in orjson.loads(reading).items() if v is not None})
+        return {s.id: s.image for s in open_dataset(path, settings).samples(images=False) if s.image is not None}
+    except (OSError, ValueError, DatasetError):
         return {}
 
 
 # ---------------------------------------------------------------------------------------------- pictures
 
-def _sample_png(path: Path, gt: Any, pred: Any) -> bytes | None:
-    """The image scaled to a gallery size, ground truth (green) and prediction (red) drawn on it."""
+def _sample_png(source: ImageSource, exif: str, gt: Any, pred: Any) -> bytes | None:
+    """The image as the worker read it (upright unless exif was "ignore": the boxes are in its pixels) scaled to a
+    gallery size, ground truth (green) and prediction (red) drawn on it."""
     from PIL import Image, ImageDraw
 
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
+        image = read_image(source, exif)[0]
     except (OSError, ValueError):
         return None
     longer = max(image.size)
