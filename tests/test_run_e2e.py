@@ -66,6 +66,8 @@ def test_the_run_folder_holds_every_record(demo_run: dict, demo: dict) -> None:
         assert len(samples) == n_samples
         assert {s["status"] for s in samples} == {"ok"}
         assert all(isinstance(s["text"], str) and 0.0 <= s["iou"] <= 1.0 for s in samples)
+        # the demo's images are multiples of 28 within the processor's bounds: the model saw them unresized
+        assert all(s["input_size"] == s["image_size"] for s in samples)
         recipe_summary = json.loads((run_dir / name / "summary.json").read_text())
         assert recipe_summary["status"] == "ok"
         assert recipe_summary["metrics"]["n"] == n_samples

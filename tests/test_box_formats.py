@@ -1,0 +1,71 @@
+"""Box formats on real run folders: records keep the size the model saw (`input_size`), `rescore` converts with it
+and without a model, and an old folder without it is refused for the one format that needs it, never guessed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import IMAGE_SIZE, gt_box, make_run, run_cli
+
+from orchestrator.results import read_samples
+
+INPUT_SIZE = (56, 28)  # what a Qwen2.5-VL processor would make of the 64x48 images (multiples of 28)
+
+
+def _qwen25_text(box: list[float]) -> str:
+    """The ground truth as Qwen2.5-VL answers it: pixels of the resized input."""
+    sx, sy = INPUT_SIZE[0] / IMAGE_SIZE[0], INPUT_SIZE[1] / IMAGE_SIZE[1]
+    x1, y1, x2, y2 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+    return f'```json\n[{{"bbox_2d": [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}], "label": "rectangle"}}]\n```'
+
+
+def _declare(run_dir: Path, recipe: str, box_format: str) -> None:
+    """Record `box_format` as the recipe's, where `run` records it (the run summary's row)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    for row in summary["recipes"]:
+        if row["name"] == recipe:
+            row["recipe"]["box_format"] = box_format
+    path.write_text(json.dumps(summary))
+
+
+def _only_rescore(run_dir: Path) -> Path:
+    (out,) = [p for p in run_dir.iterdir() if p.name.startswith("rescore-")]
+    return out
+
+
+def test_rescore_converts_input_pixels_with_the_recorded_input_size(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, {"base": lambda i: 0, "qwen25": lambda i: 0})
+    path = run_dir / "qwen25" / "samples.jsonl"
+    samples = [{**s, "text": _qwen25_text(gt_box(i)), "input_size": list(INPUT_SIZE), "iou": 0.0, "pred": None,
+                "detected": False} for i, s in enumerate(read_samples(path))]
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    _declare(run_dir, "qwen25", "qwen25vl")
+    result = run_cli("rescore", str(run_dir), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = next(r for r in json.loads(result.stdout)["recipes"] if r["name"] == "qwen25")
+    assert row["rescore"]["box_format"] == "qwen25vl"
+    assert row["metrics"]["mean_iou"] > 0.99 and row["metrics"]["detection_rate"] == 1.0
+    # read as pixels of the original image (the json_pixels mistake), the same answers are far off
+    wrong = run_cli("rescore", str(run_dir), "--box-format", "json_pixels", "--json")
+    assert wrong.returncode == 0, wrong.stderr
+    rows = {r["name"]: r for r in json.loads(wrong.stdout)["recipes"]}
+    assert rows["qwen25"]["metrics"]["mean_iou"] < 0.6
+
+
+def test_an_old_folder_without_input_size_is_refused_for_input_pixels_only(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, {"base": lambda i: 0})
+    result = run_cli("rescore", str(run_dir), "--box-format", "qwen25vl")
+    assert result.returncode == 2
+    assert "recipe 'base'" in result.stderr and "input_size" in result.stderr and "Traceback" not in result.stderr
+    assert not any(p.name.startswith("rescore-") for p in run_dir.iterdir())  # no half rescore left behind
+    # every other format still rescores such a folder
+    assert run_cli("rescore", str(run_dir), "--box-format", "qwen3vl").returncode == 0
+
+
+@pytest.mark.parametrize("box_format", ["qwen2vl", "json_norm1000"])
+def test_relative_formats_need_no_input_size(tmp_path: Path, box_format: str) -> None:
+    run_dir = make_run(tmp_path, {"base": lambda i: 0})
+    assert run_cli("rescore", str(run_dir), "--box-format", box_format).returncode == 0
