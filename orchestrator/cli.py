@@ -220,6 +220,8 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
     for item in plans:
         console.print(_lineage_tree(item, recipe_file.lineage))
         lines, fits = plan_lines(item, device, preflight)
+        if item.runnable:
+            lines.insert(0, f"box format: {item.recipe.box_format} ({item.box_format_from})")
         for line in lines:
             console.print(f"    {line}")
         if item.runnable and not fits:

@@ -429,7 +429,8 @@ class Suite:
             "preflight": decision.record,
             "attempts": attempts,
         }
-        write_json(RecipeFolder(recipe_dir).summary, {**outcome.to_dict(), **row})
+        write_json(RecipeFolder(recipe_dir).summary,
+                   {**outcome.to_dict(), **row, "box_format_from": plan.box_format_from})
         return row
 
 

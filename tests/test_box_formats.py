@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import IMAGE_SIZE, gt_box, make_run, run_cli
+from helpers import IMAGE_SIZE, gt_box, make_run, run_cli, write_recipes
 
 from orchestrator.results import read_samples
 
@@ -69,3 +69,41 @@ def test_an_old_folder_without_input_size_is_refused_for_input_pixels_only(tmp_p
 def test_relative_formats_need_no_input_size(tmp_path: Path, box_format: str) -> None:
     run_dir = make_run(tmp_path, {"base": lambda i: 0})
     assert run_cli("rescore", str(run_dir), "--box-format", box_format).returncode == 0
+
+
+# ------------------------------------------------------------------------------ box_format = "auto"
+
+def _family_copy(demo: dict, folder: Path, model_type: str) -> Path:
+    """The demo's base checkpoint with another family's model_type in its config.json (weights linked)."""
+    base = demo["root"] / "models" / "base"
+    folder.mkdir()
+    for item in base.iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((base / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    return folder
+
+
+def test_auto_resolves_the_family_format_before_launch(demo: dict, tmp_path: Path) -> None:
+    body = f'[[recipe]]\nname = "base"\nmodel = "{demo["root"] / "models" / "base"}"\n'
+    result = run_cli("plan", str(write_recipes(tmp_path, body, demo)), "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "box format: qwen2vl (auto: model_type 'qwen2_vl'" in result.stdout
+
+
+def test_auto_for_a_family_without_a_native_format_is_a_config_error(demo: dict, tmp_path: Path) -> None:
+    llava = _family_copy(demo, tmp_path / "llava", "llava")
+    body = (f'[[recipe]]\nname = "ok"\nmodel = "{demo["root"] / "models" / "base"}"\n'
+            f'[[recipe]]\nname = "mine"\nmodel = "{llava}"\n'
+            f'[[recipe]]\nname = "told"\nmodel = "{llava}"\nbox_format = "json_norm1000"\n')
+    recipes = write_recipes(tmp_path, body, demo)
+    for command in (["plan", str(recipes), "--device", "cpu"],
+                    ["run", str(recipes), "--device", "cpu", "--out", str(tmp_path / "runs")]):
+        result = run_cli(*command)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "recipe 'mine'" in result.stderr and "'llava'" in result.stderr
+        assert "recipe 'told'" not in result.stderr and "recipe 'ok'" not in result.stderr
+        assert "qwen25vl" in result.stderr and "paligemma" in result.stderr  # the formats, listed
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran

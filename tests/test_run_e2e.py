@@ -70,6 +70,8 @@ def test_the_run_folder_holds_every_record(demo_run: dict, demo: dict) -> None:
         assert all(s["input_size"] == s["image_size"] for s in samples)
         recipe_summary = json.loads((run_dir / name / "summary.json").read_text())
         assert recipe_summary["status"] == "ok"
+        assert recipe_summary["recipe"]["box_format"] == "qwen2vl"  # "auto", resolved from the demo's family
+        assert recipe_summary["box_format_from"].startswith("auto: model_type 'qwen2_vl'")
         assert recipe_summary["metrics"]["n"] == n_samples
         assert recipe_summary["done"]["counts"]["scored"] == n_samples
         assert (run_dir / name / "worker.log").exists()

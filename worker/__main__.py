@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from contract import messages
+from contract.boxes import AUTO
 from contract.exits import WorkerExit
 from contract.spec import SpecError, WorkerSpec
 
@@ -66,6 +67,8 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
     recipe = spec.recipe
+    if recipe.box_format == AUTO:  # the parent resolves it from the family before launch; never the worker
+        raise WorkerError("config", "box_format \"auto\" reached the worker unresolved (the parent resolves it)")
     samples = read_dataset(Path(spec.dataset), limit=recipe.limit, skip_ids=set(spec.skip_ids))
     device = "cuda:0" if spec.device == "cuda" else "cpu"
     processor = batches = None
