@@ -107,3 +107,44 @@ def test_auto_for_a_family_without_a_native_format_is_a_config_error(demo: dict,
         assert "qwen25vl" in result.stderr and "paligemma" in result.stderr  # the formats, listed
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+# ------------------------------------------------------------------------------ thresholds: IoU >= t
+
+HALF = "<|box_start|>(0,0),(250,500)<|box_end|>"  # (0, 0)-(16, 24) on 64x48 against (0, 0)-(32, 24): IoU 0.5 exactly
+
+
+def _with_half_iou(run_dir: Path, recipe: str, count: int) -> None:
+    """The first `count` samples of `recipe` answer with a box of IoU exactly 0.5 against a (0, 0, 32, 24) truth."""
+    path = run_dir / recipe / "samples.jsonl"
+    samples = read_samples(path)
+    for sample in samples[:count]:
+        sample.update(gt=[0.0, 0.0, 32.0, 24.0], text=HALF, pred=[0.0, 0.0, 16.0, 24.0], iou=0.5, detected=True)
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+def test_a_new_run_counts_iou_at_least_t_and_titles_the_column_so(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, {"base": lambda i: 30})  # 30 px off: IoU 0 everywhere ...
+    _with_half_iou(run_dir, "base", 5)  # ... but for 5 of 20 at exactly 0.5
+    result = run_cli("rescore", str(run_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    (row,) = document["recipes"]
+    assert row["iou_rule"] == ">=" and document["iou_rule"] == ">="
+    assert row["metrics"]["iou_ge_0.5"] == pytest.approx(5 / 20) and "iou_gt_0.5" not in row["metrics"]
+    out = _only_rescore(run_dir)
+    assert "IoU≥0.5" in (out / "report.md").read_text() and "IoU>0.5" not in (out / "report.md").read_text()
+
+
+def test_rescore_reproduces_an_old_folder_with_its_own_rule(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, {"base": lambda i: 30}, legacy=True)
+    _with_half_iou(run_dir, "base", 5)
+    result = run_cli("rescore", str(run_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["recipes"]
+    assert row["iou_rule"] == ">" and row["metrics"]["iou_gt_0.5"] == 0.0  # IoU 0.5 is not > 0.5
+    assert "IoU>0.5" in (_only_rescore(run_dir) / "report.md").read_text()
+    # asked for the new rule, the same folder counts them
+    result = run_cli("rescore", str(run_dir), "--iou-rule", ">=", "--json")
+    (row,) = json.loads(result.stdout)["recipes"]
+    assert row["iou_rule"] == ">=" and row["metrics"]["iou_ge_0.5"] == pytest.approx(5 / 20)

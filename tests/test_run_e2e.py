@@ -45,7 +45,7 @@ def test_the_demo_suite_prints_the_table_and_exits_0(demo_run: dict) -> None:
     result = demo_run["result"]
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for header in ("Model", "Mean IoU", "Det Rate", "IoU>0.5", "IoU>0.7", "vs baseline"):
+    for header in ("Model", "Mean IoU", "Det Rate", "IoU≥0.5", "IoU≥0.7", "vs baseline"):
         assert header in out
     for name in NAMES:
         assert name in out
