@@ -1,46 +1,183 @@
 """Reading a box out of a model's text, and scoring it: torch-free, shared by the worker and `rescore`.
 
-The coordinate space is always the recipe's declared box format. It is never guessed from the numbers,
-and a text is never read two ways to keep the better score.
+A box format is a reader (which four numbers of the text are the box, in which order) plus a coordinate space
+(which image's size the numbers refer to, and at what scale). The space is always the recipe's declared format
+(or the model family's native one, under "auto"): it is never guessed from the numbers, and a text is never read
+two ways to keep the better score. With several boxes in a text, the first one is the answer.
+
+Coordinates come back in pixels of the original image, which is where the dataset's ground truth lives. A
+format whose numbers are pixels of the processor-resized input (Qwen2.5-VL) needs that input's size; every
+other space is relative (0-1000, 0-1, bins) or the original's pixels, for which the original's size is enough.
+Relative coordinates are the same on the original and on the resized input because every processor here scales
+each axis (none crops or pads).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the original image
+Size = tuple[int, int]  # width, height
+AUTO = "auto"
 
-_NUM = r"(-?\d+(?:\.\d+)?)"
-_PAIR = rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)"
-# Qwen2-VL grounding: <|box_start|>(x1,y1),(x2,y2)<|box_end|>, coordinates normalised to 0-1000.
-# The markers are special tokens: decoders that skip special tokens drop them, so they are optional.
-_QWEN2VL = re.compile(rf"(?:<\|box_start\|>)?\s*{_PAIR}\s*,\s*{_PAIR}\s*(?:<\|box_end\|>)?")
-# Qwen2.5-VL style JSON: {"bbox_2d": [x1, y1, x2, y2], ...} in pixels.
-_JSON_BBOX = re.compile(rf'"bbox_2d"\s*:\s*\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]')
+# A number as models write it: 12, -3, 0.5, .5, 5., 1e2, 2.5E-1 (never nan or inf)
+NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_N = rf"({NUMBER})"
+_SEP = r"\s*,\s*"
+_FOUR = rf"\[\s*{_N}{_SEP}{_N}{_SEP}{_N}{_SEP}{_N}\s*\]"
 
-BOX_FORMATS = {
-    "qwen2vl": "Qwen2-VL grounding <|box_start|>(x1,y1),(x2,y2)<|box_end|>, normalised 0-1000",
-    "json_pixels": 'JSON {"bbox_2d": [x1, y1, x2, y2]} in pixels of the original image',
+
+class InputSizeMissing(ValueError):
+    """The format's numbers are pixels of the processor's input, and the record does not say its size."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """Which image's size a format's numbers refer to, and at what scale: pixel = (value + offset) / scale x size."""
+
+    name: str
+    refers_to: str  # "original" or "input" (the processor-resized image the model saw)
+    scale: float | None  # None: the numbers are pixels; else the number that spans the whole width or height
+    offset: float = 0.0  # bins decoded at their centre (Florence-2: (bin + 0.5) / 1000)
+    text: str = ""
+
+    def to_pixels(self, value: float, extent: int, input_extent: int | None) -> float:
+        """One coordinate in pixels of the original image, whose width (or height) is `extent`."""
+        if self.scale is not None:
+            return (value + self.offset) / self.scale * extent
+        if self.refers_to == "input":
+            return value * extent / input_extent
+        return value
+
+
+ORIGINAL = Space("original", "original", None, text="pixels of the original image")
+INPUT = Space("input", "input", None, text="pixels of the processor-resized input (e.g. after smart_resize)")
+REL1000 = Space("rel1000", "original", 1000.0, text="0-1000 relative to the image")
+REL1 = Space("rel1", "original", 1.0, text="0-1 relative to the image")
+BINS1024 = Space("bins1024", "original", 1024.0, text="1024 bins, value / 1024 x size")
+BINS1000 = Space("bins1000", "original", 1000.0, 0.5, text="1000 bins, decoded at the bin centre (v + 0.5) / 1000")
+
+
+Reader = Callable[[str], tuple[float, float, float, float] | None]  # the first box, as x1, y1, x2, y2
+
+
+def _first(pattern: re.Pattern[str], order: tuple[int, int, int, int] = (0, 1, 2, 3)) -> Reader:
+    """A reader taking the first match of `pattern` (four groups), reordered to x1, y1, x2, y2."""
+    def read(text: str) -> tuple[float, float, float, float] | None:
+        match = pattern.search(text)
+        if match is None:
+            return None
+        values = [float(v) for v in match.groups()[-4:]]
+        return tuple(values[i] for i in order)  # type: ignore[return-value]
+
+    return read
+
+
+_PAIR = rf"\(\s*{_N}{_SEP}{_N}\s*\)"
+# Qwen2-VL grounding: <|box_start|>(x1,y1),(x2,y2)<|box_end|>. The markers are special tokens: decoders that skip
+# special tokens drop them, so they are optional.
+_QWEN2VL = re.compile(rf"(?:<\|box_start\|>)?\s*{_PAIR}{_SEP}{_PAIR}\s*(?:<\|box_end\|>)?")
+# JSON as Qwen2.5-VL / Qwen3-VL answer it, e.g. ```json\n[{"bbox_2d": [x1, y1, x2, y2], "label": "cat"}]\n```: the
+# first "bbox_2d" (or "bbox") key followed by four numbers, wherever it is (a code fence, a list of objects),
+# with double or single quotes around the key.
+_JSON_BBOX = re.compile(rf"""(["'])(?:bbox_2d|bbox)\1\s*:\s*{_FOUR}""")
+# InternVL: <ref>cat</ref><box>[[x1, y1, x2, y2]]</box> (several boxes: [[...], [...]]); markers optional, as in
+# InternVL's own evaluation (internvl_chat/eval/refcoco/evaluate_grounding.py reads the [[...]] alone).
+_INTERNVL = re.compile(rf"(?:<box>)?\s*\[\s*{_FOUR}")
+# PaliGemma: <loc0123><loc0456><loc0789><loc1000> label, y before x
+_PALIGEMMA = re.compile(r"<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>")
+# Florence-2: <loc_12><loc_34><loc_560><loc_780>, x before y
+_FLORENCE2 = re.compile(r"<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>")
+
+
+@dataclass(frozen=True)
+class BoxFormat:
+    """A reader of a model's text plus the coordinate space of its numbers; `source` says where the convention
+    comes from."""
+
+    name: str
+    read: Reader
+    space: Space
+    text: str
+    source: str
+
+    @property
+    def needs_input_size(self) -> bool:
+        return self.space.refers_to == "input"
+
+
+_QWEN25_SOURCE = ("QwenLM/Qwen2.5-VL cookbooks/spatial_understanding.ipynb: boxes are absolute pixels of the "
+                  "model input; plot_bounding_boxes scales bbox_2d by width / input_width with input_width = "
+                  "image_grid_thw[0][2] x 14")
+_FORMATS = [
+    BoxFormat("qwen2vl", _first(_QWEN2VL), REL1000, "<|box_start|>(x1,y1),(x2,y2)<|box_end|>",
+              "Qwen2-VL technical report and model card: box coordinates normalised to [0, 1000)"),
+    BoxFormat("qwen25vl", _first(_JSON_BBOX), INPUT, '{"bbox_2d": [x1, y1, x2, y2]}', _QWEN25_SOURCE),
+    BoxFormat("qwen3vl", _first(_JSON_BBOX), REL1000, '{"bbox_2d": [x1, y1, x2, y2]}',
+              "QwenLM/Qwen3-VL cookbooks/2d_grounding.ipynb: relative coordinates 0-1000"),
+    BoxFormat("json_pixels", _first(_JSON_BBOX), ORIGINAL, '{"bbox_2d": [x1, y1, x2, y2]}',
+              "evalorch (pixels of the image file, as a dataset's boxes are)"),
+    BoxFormat("json_norm1000", _first(_JSON_BBOX), REL1000, '{"bbox_2d": [x1, y1, x2, y2]}',
+              "evalorch (lmms-eval's refcoco_grounding reads 0-1000 as one of two readings: here the only one)"),
+    BoxFormat("json_norm1", _first(_JSON_BBOX), REL1, '{"bbox_2d": [x1, y1, x2, y2]}',
+              "evalorch (0-1 floats, as LLaVA-1.5 style grounding data writes them)"),
+    BoxFormat("internvl", _first(_INTERNVL), REL1000, "<ref>obj</ref><box>[[x1, y1, x2, y2]]</box>",
+              "OpenGVLab/InternVL internvl_chat/eval/refcoco/evaluate_grounding.py: box / 1000 x (w, h) of the "
+              "original image"),
+    BoxFormat("paligemma", _first(_PALIGEMMA, (1, 0, 3, 2)), BINS1024, "<locY1><locX1><locY2><locX2> label",
+              "google-research/big_vision PaliGemma and Google's PaliGemma docs: y before x, 4-digit tokens, "
+              "value / 1024 x size"),
+    BoxFormat("florence2", _first(_FLORENCE2), BINS1000, "<loc_x1><loc_y1><loc_x2><loc_y2>",
+              "transformers models/florence2/processing_florence2.py Florence2PostProcessor: quantize_bins (1000, "
+              "1000), dequantize (bin + 0.5) x size / 1000"),
+]
+BOX_FORMATS: dict[str, BoxFormat] = {f.name: f for f in _FORMATS}
+
+# The families with one native box convention, by config.json's model_type; box_format = "auto" resolves here
+# and nowhere else. A family not listed has no single convention (LLaVA, Idefics3, Gemma 3 answer however they
+# were fine-tuned): its recipes must name the format.
+NATIVE_FORMATS = {
+    "qwen2_vl": "qwen2vl",
+    "qwen2_5_vl": "qwen25vl",
+    "qwen3_vl": "qwen3vl",
+    "qwen3_vl_moe": "qwen3vl",
+    "internvl": "internvl",
+    "paligemma": "paligemma",
+    "florence2": "florence2",
 }
 
 
-def parse_box(text: str, box_format: str, image_size: tuple[int, int]) -> Box | None:
-    """The first box in `text`, in pixels of an image of `image_size` (width, height); None if none."""
+def box_format(name: str) -> BoxFormat:
+    """The registered format `name`; ValueError listing the known ones otherwise."""
+    try:
+        return BOX_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown box format {name!r}; known: {', '.join(BOX_FORMATS)}") from None
+
+
+def native_format(model_type: str | None) -> str | None:
+    """The box format a family answers in natively, by config.json's model_type; None: no single one."""
+    return NATIVE_FORMATS.get(model_type or "")
+
+
+def parse_box(text: str, box_format_name: str, image_size: Size, input_size: Size | None = None) -> Box | None:
+    """The first box in `text`, in pixels of the original image of `image_size` (width, height); None if none.
+    `input_size` is the processor-resized input's (width, height), which formats in input pixels need."""
+    fmt = box_format(box_format_name)
+    if fmt.needs_input_size and not input_size:
+        raise InputSizeMissing(f"box format {fmt.name!r} gives pixels of the processor-resized input, and the "
+                               "record has no input_size (written before evalorch recorded it)")
+    raw = fmt.read(text)
+    if raw is None:
+        return None
     width, height = image_size
-    if box_format == "qwen2vl":
-        match = _QWEN2VL.search(text)
-        if match is None:
-            return None
-        x1, y1, x2, y2 = (float(v) for v in match.groups())
-        box = (x1 * width / 1000, y1 * height / 1000, x2 * width / 1000, y2 * height / 1000)
-    elif box_format == "json_pixels":
-        match = _JSON_BBOX.search(text)
-        if match is None:
-            return None
-        box = tuple(float(v) for v in match.groups())
-    else:
-        raise ValueError(f"unknown box format {box_format!r}; known: {', '.join(BOX_FORMATS)}")
+    in_w, in_h = input_size or (None, None)
+    x1, y1, x2, y2 = raw
+    space = fmt.space
+    box = (space.to_pixels(x1, width, in_w), space.to_pixels(y1, height, in_h),
+           space.to_pixels(x2, width, in_w), space.to_pixels(y2, height, in_h))
     return _normalise(box, width, height)
 
 
@@ -66,9 +203,10 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def score_text(text: str, box_format: str, image_size: tuple[int, int], gt: Sequence[float]) -> dict:
+def score_text(text: str, box_format_name: str, image_size: Size, gt: Sequence[float],
+               input_size: Size | None = None) -> dict:
     """What a sample record carries about its prediction: the box (or None), IoU, detected."""
-    pred = parse_box(text, box_format, image_size)
+    pred = parse_box(text, box_format_name, image_size, input_size)
     return {
         "pred": list(pred) if pred is not None else None,
         "iou": iou(pred, gt) if pred is not None else 0.0,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .boxes import BOX_FORMATS
+from .boxes import AUTO, BOX_FORMATS
 from .samples import template_fields
 
 # A decode step of a 7B model costs about the same at batch 1 and 256 on an H100 (30-36 ms: generate's per-step host
@@ -30,7 +30,8 @@ class Settings(BaseModel):
 
     dataset: str | None = None
     prompt: str = "{prompt}"
-    box_format: str = "qwen2vl"
+    box_format: str = Field(AUTO, description="how the model writes a box (contract/boxes.py); auto: the native "
+                            "format of the root checkpoint's family (config.json model_type), resolved by the parent")
     max_new_tokens: int = Field(64, gt=0, le=8192)
     batch_size: int | Literal["auto"] = Field("auto", description="samples per generate; auto: the largest the "
                                             "GPU's free memory allows (at most 256), or 8 without a GPU preflight")
@@ -78,8 +79,8 @@ class Settings(BaseModel):
     @field_validator("box_format")
     @classmethod
     def _known_box_format(cls, value: str) -> str:
-        if value not in BOX_FORMATS:
-            raise ValueError(f"unknown box format {value!r}; known: {', '.join(BOX_FORMATS)}")
+        if value != AUTO and value not in BOX_FORMATS:
+            raise ValueError(f"unknown box format {value!r}; known: auto, {', '.join(BOX_FORMATS)}")
         return value
 
     @field_validator("batch_size")

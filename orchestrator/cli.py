@@ -38,6 +38,7 @@ from .rescore import rescore
 from .results import new_run_dir, write_json
 from .resume import ResumeError, differences, planned_recipe
 from .scheduler import GpuScheduler, runs_concurrently
+from .stats import IOU_RULE, IOU_RULES
 from .supervisor import Interrupts, Suite, SuiteOptions
 
 _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: one worker at a time, on the GPU"
@@ -76,8 +77,9 @@ def ci_options(command: Callable) -> Callable:
     options = [
         click.option("--fail-under", "fail_under", multiple=True, metavar="[RECIPE:]METRIC=VALUE",
                      help="Quality gate (repeatable): exit 3 when a recipe's metric is under VALUE, e.g."
-                     " mean_iou=0.80 or r4-joint:iou_gt_0.5=0.9. Metrics: mean_iou, detection_rate, iou_gt_<t>"
-                     " (rates as fractions). A failed or refused recipe still exits 1: that wins over a gate."),
+                     " mean_iou=0.80 or r4-joint:iou_ge_0.5=0.9. Metrics: mean_iou, detection_rate, iou_ge_<t>"
+                     " (the rate of IoU >= t; iou_gt_<t>, its name before, is accepted; rates as fractions). A"
+                     " failed or refused recipe still exits 1: that wins over a gate."),
         click.option("--compare", type=click.Path(path_type=Path, file_okay=False, exists=True),
                      metavar="PREVIOUS_RUN_DIR", help="Run folder to compare with (needs --max-drop)."),
         click.option("--max-drop", "max_drop", multiple=True, metavar="[RECIPE:]METRIC=VALUE",
@@ -173,10 +175,14 @@ def report_command(run_dir: Path, **ci: Any) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--box-format", type=click.Choice(sorted(BOX_FORMATS)),
               help="Read every recipe's texts in this box format (default: each recipe's declared one).")
-@click.option("--thresholds", metavar="T[,T...]", help="IoU thresholds for the IoU>t rates, e.g. 0.5,0.7,0.9"
+@click.option("--thresholds", metavar="T[,T...]", help="IoU thresholds for the IoU≥t rates, e.g. 0.5,0.7,0.9"
               " (default: those of the run).")
+@click.option("--iou-rule", type=click.Choice(list(IOU_RULES)),
+              help="How a rate at t counts: >= (IoU >= t, every new run's) or > (run folders from before the rule "
+              "was recorded). Default: each recipe's own rule, so an old folder is reproduced as it was.")
 @ci_options
-def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | None, **ci: Any) -> None:
+def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | None, iou_rule: str | None,
+                    **ci: Any) -> None:
     """Recompute every metric of RUN_DIR from the raw texts in samples.jsonl, without a model, into a new folder
     RUN_DIR/rescore-<UTC time>/ (summary.json, report.md, report.html); the original is never overwritten."""
     request, outputs = _ci(**ci)
@@ -184,7 +190,7 @@ def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | Non
         values = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else None
     except ValueError:
         fail(f"--thresholds {thresholds!r}: expected numbers like 0.5,0.7,0.9")
-    out, summary = rescore(run_dir, box_format, values)
+    out, summary = rescore(run_dir, box_format, values, iou_rule)
     outputs.console.print(f"Rescored into {out}")
     sys.exit(publish(out, summary, request, outputs))
 
@@ -220,6 +226,8 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
     for item in plans:
         console.print(_lineage_tree(item, recipe_file.lineage))
         lines, fits = plan_lines(item, device, preflight)
+        if item.runnable:
+            lines.insert(0, f"box format: {item.recipe.box_format} ({item.box_format_from})")
         for line in lines:
             console.print(f"    {line}")
         if item.runnable and not fits:
@@ -264,6 +272,7 @@ def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, t
         "recipe_file": str(recipe_file.path),
         "device": device,
         "timeout": timeout,
+        "iou_rule": IOU_RULE,
         "python": platform.python_version(),
         "host": platform.node(),
         "recipes": [planned_recipe(p) for p in plans],

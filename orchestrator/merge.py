@@ -40,7 +40,7 @@ def merge_recipe(recipe_file: RecipeFile, name: str, out: Path, *, hash_weights:
     if recipe is None:
         known = ", ".join(r.name for r in recipe_file.recipes)
         raise MergeError(f"{recipe_file.path} has no recipe named '{name}' (its recipes: {known})", Exit.USAGE)
-    plan = make_plans(recipe_file, [recipe], hash_weights=hash_weights)[0]
+    plan = make_plans(recipe_file, [recipe], hash_weights=hash_weights, box_formats=False)[0]  # no scoring here
     if plan.problem:
         raise MergeError(f"recipe '{name}' cannot be merged: {plan.problem}")
     chain = plan.chain or []

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+from contract.boxes import AUTO, BOX_FORMATS, native_format
+from contract.checkpoint import CONFIG, CheckpointError, read_json_object
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 
+from .errors import UserError
 from .lineage import LineageError, resolve_chain
 from .recipes import RecipeFile
+
+
+class BoxFormatError(UserError):
+    """box_format = "auto" for a model family with no single native convention: a config error (exit code 2)."""
 
 
 @dataclass
@@ -17,6 +25,7 @@ class RecipePlan:
     recipe: Recipe
     chain: list[ChainLink] | None = None
     problem: str | None = None  # set when the recipe must not run
+    box_format_from: str = "recipe"  # how recipe.box_format was chosen: "recipe", or auto's reading of config.json
 
     @property
     def runnable(self) -> bool:
@@ -28,17 +37,45 @@ class RecipePlan:
         return self.chain is not None and any(link.source == "recipe-base" for link in self.chain)
 
 
-def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: bool = False) -> list[RecipePlan]:
-    """Resolve every recipe's lineage up front, so every problem is known before the first worker starts."""
-    plans = []
+def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: bool = False,
+               box_formats: bool = True) -> list[RecipePlan]:
+    """Resolve every recipe's lineage up front, so every problem is known before the first worker starts, and
+    (with `box_formats`) each "auto" box format from the root checkpoint's model family. A family without one
+    native convention under "auto" raises BoxFormatError naming every such recipe."""
+    plans, unresolved = [], []
     for recipe in recipes:
         try:
             chain = resolve_chain(recipe, recipe_file.lineage, hash_weights=hash_weights)
         except LineageError as exc:
             plans.append(RecipePlan(recipe, problem=f"lineage: {exc}"))
-        else:
-            plans.append(RecipePlan(recipe, chain=chain))
+            continue
+        plan = RecipePlan(recipe, chain=chain)
+        if box_formats and recipe.box_format == AUTO:
+            try:
+                plan = _with_native_format(plan)
+            except BoxFormatError as exc:
+                unresolved.append(str(exc))
+        plans.append(plan)
+    if unresolved:
+        raise BoxFormatError("\n".join(unresolved) + f"\nSet box_format to one of: {', '.join(BOX_FORMATS)} (README: "
+                             "Box formats); evalorch never guesses it from the numbers.")
     return plans
+
+
+def _with_native_format(plan: RecipePlan) -> RecipePlan:
+    """The plan with box_format = the native format of its root checkpoint's family (config.json model_type)."""
+    config_file = Path((plan.chain or [])[0].path) / CONFIG
+    try:
+        model_type = read_json_object(config_file).get("model_type")
+    except CheckpointError as exc:
+        raise BoxFormatError(f"recipe '{plan.recipe.name}': box_format = \"auto\" cannot read the family: {exc}"
+                             ) from None
+    found = native_format(model_type)
+    if found is None:
+        raise BoxFormatError(f"recipe '{plan.recipe.name}': box_format = \"auto\", but model_type {model_type!r} "
+                             f"({config_file}) has no single native box convention")
+    recipe = plan.recipe.model_copy(update={"box_format": found})
+    return RecipePlan(recipe, plan.chain, plan.problem, f"auto: model_type {model_type!r} in {config_file}")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from contract.layout import RecipeFolder, RunFolder
 from contract.recipe import Settings
 
 from .results import read_json, read_samples
-from .stats import DEFAULT_THRESHOLDS, metrics, threshold_key
+from .stats import DEFAULT_THRESHOLDS, metrics, threshold_key, threshold_title
 
 _PHASES = {"started": "starting", "hello": "loading", "lineage": "loading", "loaded": "inferring",
            "done": "finishing", "error": "error"}
@@ -226,7 +226,7 @@ class LiveProgress(_Listener):
         table = Table(title="Evaluation progress", title_justify="left")
         table.add_column("Recipe", style="bold")
         table.add_column("Status")
-        for title in ("Mean IoU", "Det Rate", *[f"IoU>{t:g}" for t in DEFAULT_THRESHOLDS], "Samples", "Time"):
+        for title in ("Mean IoU", "Det Rate", *[threshold_title(t) for t in DEFAULT_THRESHOLDS], "Samples", "Time"):
             table.add_column(title, justify="right")
         for name in self.names:
             table.add_row(*self._cells(self.recipes[name]), style=_row_style(self.recipes[name].status))

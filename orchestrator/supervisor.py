@@ -24,7 +24,7 @@ from .environment import worker_env
 from .plan import LaunchDecision, Preflight, RecipePlan
 from .process import WorkerProcess, describe_exit, kill_step
 from .results import SampleLog, read_json, read_samples, repair_samples, write_json
-from .stats import metrics
+from .stats import IOU_RULE, metrics
 
 _EXIT_GRACE_S = 10.0  # after the result pipe closes, how long a worker may take to exit
 _LOG_TAIL_BYTES = 4000
@@ -423,13 +423,15 @@ class Suite:
             "status": outcome.status,
             "detail": outcome.detail,
             "metrics": metrics(read_samples(RecipeFolder(recipe_dir).samples)),
+            "iou_rule": IOU_RULE,
             "lineage": outcome.lineage or [asdict(link) for link in plan.chain or []],
             "base_override": plan.overridden_base,
             "recipe": plan.recipe.model_dump(),
             "preflight": decision.record,
             "attempts": attempts,
         }
-        write_json(RecipeFolder(recipe_dir).summary, {**outcome.to_dict(), **row})
+        write_json(RecipeFolder(recipe_dir).summary,
+                   {**outcome.to_dict(), **row, "box_format_from": plan.box_format_from})
         return row
 
 

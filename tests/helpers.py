@@ -115,8 +115,9 @@ def recipe_samples(shift: Shift, n: int = N_SAMPLES) -> list[dict]:
 
 def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str = "20260101T000000Z",
              dataset: Path | None = None, failed: dict[str, str] | None = None,
-             texts: dict[tuple[str, int], str] | None = None) -> Path:
-    """A run folder as `run` leaves it: run.json, <recipe>/samples.jsonl + summary.json, summary.json."""
+             texts: dict[tuple[str, int], str] | None = None, legacy: bool = False) -> Path:
+    """A run folder as `run` leaves it: run.json, <recipe>/samples.jsonl + summary.json, summary.json. `legacy`:
+    as a run from before the IoU rule was recorded (rates counting IoU > t under iou_gt_ keys, no iou_rule)."""
     recipes = recipes or RECIPES
     dataset = dataset or make_dataset(root / "data")
     run_dir = root / "runs" / name
@@ -130,7 +131,9 @@ def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str =
         (run_dir / recipe).mkdir()
         (run_dir / recipe / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         status, detail = ("error", (failed or {})[recipe]) if recipe in (failed or {}) else ("ok", "")
-        row = {"name": recipe, "status": status, "detail": detail, "metrics": metrics(samples),
+        rule = {} if legacy else {"iou_rule": ">="}
+        row = {"name": recipe, "status": status, "detail": detail, **rule,
+               "metrics": metrics(samples, rule=">" if legacy else ">="),
                "lineage": [{"kind": "full", "path": f"/models/{recipe}", "fingerprint": f"quick:{recipe}"}],
                "base_override": False, "preflight": None, "attempts": [],
                "recipe": {"name": recipe, "dataset": str(dataset), "box_format": "qwen2vl", "limit": None,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from contract.boxes import iou, parse_box, score_text
+from contract.boxes import BOX_FORMATS, InputSizeMissing, iou, native_format, parse_box, score_text
 
 
 def test_qwen2vl_box_is_normalised_to_1000() -> None:
@@ -37,6 +37,64 @@ def test_unparsable_or_empty_boxes_are_not_detections(text: str) -> None:
 
 def test_swapped_corners_are_ordered_and_boxes_clipped_to_the_image() -> None:
     assert parse_box("(900,800),(100,-50)", "qwen2vl", (10, 10)) == (1.0, 0.0, 9.0, 8.0)
+
+
+@pytest.mark.parametrize("text", [
+    '{"bbox_2d": [.5, 1e1, 2.5E1, 40.]}',
+    "{'bbox_2d': [0.5, 10, 25, 40]}",
+    '```json\n[{"bbox_2d": [0.5, 10, 25, 40], "label": "a"}, {"bbox_2d": [50, 50, 60, 60], "label": "b"}]\n```',
+    '[{"label": "a", "bbox": [0.5, 10, 25, 40]}]',
+    'The box is {"bbox_2d": [+0.5, 10, 25, 40]} and another {"bbox_2d": [1, 2, 3, 4]}',
+])
+def test_json_answers_models_write_are_read_first_box_first(text: str) -> None:
+    """Decimals without a leading digit, exponents, single-quoted keys, a list of objects in a code fence, the
+    "bbox" key: all read; with several boxes, the first is the answer."""
+    assert parse_box(text, "json_pixels", (100, 100)) == pytest.approx((0.5, 10.0, 25.0, 40.0))
+
+
+def test_json_without_a_box_key_is_no_detection() -> None:
+    """A bare list of four numbers is not read as a box: that would be a second reading of the text."""
+    assert parse_box("[10, 20, 30, 40]", "json_pixels", (100, 100)) is None
+    assert parse_box('{"bbox_3d": [10, 20, 30, 40, 1, 2]}', "json_pixels", (100, 100)) is None
+
+
+def test_each_space_converts_to_original_pixels() -> None:
+    """One box, (20, 10)-(60, 30) on a 200x100 image, written in every format's own coordinates."""
+    size, want = (200, 100), (20.0, 10.0, 60.0, 30.0)
+    answers = {
+        "qwen2vl": "<|box_start|>(100,100),(300,300)<|box_end|>",
+        "qwen3vl": '{"bbox_2d": [100, 100, 300, 300]}',
+        "json_norm1000": '{"bbox_2d": [100, 100, 300, 300]}',
+        "json_norm1": '{"bbox_2d": [0.1, 0.1, 0.3, 0.3]}',
+        "json_pixels": '{"bbox_2d": [20, 10, 60, 30]}',
+        "internvl": "<ref>cat</ref><box>[[100, 100, 300, 300], [0, 0, 10, 10]]</box>",
+        "paligemma": "<loc0102><loc0102><loc0307><loc0307> cat",  # 1024ths (y first: test_paligemma_reads_y_...)
+        "florence2": "cat<loc_99><loc_99><loc_299><loc_299>",  # bins, decoded at their centres
+    }
+    for name, text in answers.items():
+        assert parse_box(text, name, size) == pytest.approx(want, abs=0.2), name
+    # Qwen2.5-VL: pixels of the processor's input (here 224 x 112 after the resize)
+    assert parse_box('{"bbox_2d": [22.4, 11.2, 67.2, 33.6]}', "qwen25vl", size, (224, 112)) == pytest.approx(want)
+
+
+def test_paligemma_reads_y_before_x() -> None:
+    box = parse_box("<loc0000><loc0512><loc0256><loc1024>", "paligemma", (1024, 1024))
+    assert box == (512.0, 0.0, 1024.0, 256.0)
+
+
+def test_input_pixels_without_an_input_size_is_a_clear_error() -> None:
+    with pytest.raises(InputSizeMissing, match="input_size"):
+        parse_box('{"bbox_2d": [1, 2, 3, 4]}', "qwen25vl", (100, 100))
+
+
+def test_every_format_names_its_space_and_source() -> None:
+    for fmt in BOX_FORMATS.values():
+        assert fmt.space.refers_to in ("original", "input") and fmt.source and fmt.text
+
+
+def test_native_formats_by_model_type() -> None:
+    assert native_format("qwen2_5_vl") == "qwen25vl" and native_format("qwen3_vl") == "qwen3vl"
+    assert native_format("llava") is None and native_format(None) is None
 
 
 def test_unknown_box_format_is_an_error() -> None:

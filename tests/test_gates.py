@@ -14,14 +14,32 @@ from orchestrator.reporting.gates import GateError, parse_rules
 
 
 def test_rules_parse_every_form() -> None:
-    rules = parse_rules(["mean_iou=0.80", "r4-joint:iou_gt_0.5=0.9", "det_rate=0.5", "iou>0.7=0.25"], "fail-under")
+    rules = parse_rules(["mean_iou=0.80", "r4-joint:iou_gt_0.5=0.9", "det_rate=0.5", "iou>0.7=0.25",
+                         "iou_ge_0.9=0.1", "iou≥0.3=0.2"], "fail-under")
     assert [(r.recipe, r.metric, r.value) for r in rules] == [
-        (None, "mean_iou", 0.80), ("r4-joint", "iou_gt_0.5", 0.9), (None, "detection_rate", 0.5),
-        (None, "iou_gt_0.7", 0.25)]
-    assert rules[1].option == "--fail-under r4-joint:iou_gt_0.5=0.9"
+        (None, "mean_iou", 0.80), ("r4-joint", "iou_ge_0.5", 0.9), (None, "detection_rate", 0.5),
+        (None, "iou_ge_0.7", 0.25), (None, "iou_ge_0.9", 0.1), (None, "iou_ge_0.3", 0.2)]
+    assert rules[1].option == "--fail-under r4-joint:iou_gt_0.5=0.9"  # as typed, in messages
     for bad in ("mean_iou", "mean_iou=high", "a:b:c=1"):
         with pytest.raises(GateError):
             parse_rules([bad], "fail-under")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_the_rate_at_t_gates_under_either_name_as_the_row_counted_it(tmp_path: Path, legacy: bool) -> None:
+    """iou_gt_0.5 (the name before the rule became >=) and iou_ge_0.5 both gate the rate at 0.5, on a new run
+    (iou_ge_ keys) and on a folder from before (iou_gt_ keys, IoU > t)."""
+    run_dir = make_run(tmp_path, legacy=legacy)
+    rows = {r["name"]: r["metrics"] for r in json.loads((run_dir / "summary.json").read_text())["recipes"]}
+    rate = rows["same"]["iou_gt_0.5" if legacy else "iou_ge_0.5"]
+    assert 0 < rate < 1
+    names = ("iou_gt_0.5", "iou_ge_0.5", "iou>0.5", "iou≥0.5")
+    passing = run_cli("report", str(run_dir), *[a for n in names for a in ("--fail-under", f"same:{n}={rate}")])
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    assert "all 4 check(s) passed" in passing.stdout
+    failing = run_cli("report", str(run_dir), *[a for n in names for a in ("--fail-under", f"same:{n}={rate + 0.01}")])
+    assert failing.returncode == 3, failing.stdout + failing.stderr
+    assert len(_gate_lines(failing)) == 4
 
 
 def _gate_lines(result) -> list[str]:

@@ -136,7 +136,7 @@ def test_json_goes_alone_to_stdout(stored_run: Path) -> None:
     assert [r["name"] for r in document["recipes"]] == list(RECIPES)
     good = next(r for r in document["recipes"] if r["name"] == "good")
     assert good["vs_baseline_paired"]["verdict"] == "better"
-    assert set(good["intervals"]) == {"mean_iou", "detection_rate", "iou_gt_0.5", "iou_gt_0.7"}
+    assert set(good["intervals"]) == {"mean_iou", "detection_rate", "iou_ge_0.5", "iou_ge_0.7"}
     assert document["exit_code"] == 0 and document["best"] == "good"
     assert "Evaluation results" in result.stderr
 
@@ -163,11 +163,11 @@ def test_rescore_with_a_new_threshold_writes_a_new_folder(stored_run: Path) -> N
     summary = json.loads((out / "summary.json").read_text())
     for row in summary["recipes"]:
         samples = read_samples(stored_run / row["name"] / "samples.jsonl")
-        expected = sum(1 for s in samples if s["iou"] > 0.9) / len(samples)
-        assert row["metrics"]["iou_gt_0.9"] == pytest.approx(expected)
+        expected = sum(1 for s in samples if s["iou"] >= 0.9) / len(samples)
+        assert row["metrics"]["iou_ge_0.9"] == pytest.approx(expected)
         assert row["metrics"]["mean_iou"] == pytest.approx(sum(s["iou"] for s in samples) / len(samples))
-    assert "IoU&gt;0.9" in (out / "report.html").read_text()
-    assert "IoU>0.9" in (out / "report.md").read_text()
+    assert "IoU≥0.9" in (out / "report.html").read_text()
+    assert "IoU≥0.9" in (out / "report.md").read_text()
 
 
 def test_rescore_recomputes_from_the_raw_text(stored_run: Path) -> None:

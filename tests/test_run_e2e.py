@@ -45,7 +45,7 @@ def test_the_demo_suite_prints_the_table_and_exits_0(demo_run: dict) -> None:
     result = demo_run["result"]
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for header in ("Model", "Mean IoU", "Det Rate", "IoU>0.5", "IoU>0.7", "vs baseline"):
+    for header in ("Model", "Mean IoU", "Det Rate", "IoU≥0.5", "IoU≥0.7", "vs baseline"):
         assert header in out
     for name in NAMES:
         assert name in out
@@ -66,8 +66,12 @@ def test_the_run_folder_holds_every_record(demo_run: dict, demo: dict) -> None:
         assert len(samples) == n_samples
         assert {s["status"] for s in samples} == {"ok"}
         assert all(isinstance(s["text"], str) and 0.0 <= s["iou"] <= 1.0 for s in samples)
+        # the demo's images are multiples of 28 within the processor's bounds: the model saw them unresized
+        assert all(s["input_size"] == s["image_size"] for s in samples)
         recipe_summary = json.loads((run_dir / name / "summary.json").read_text())
         assert recipe_summary["status"] == "ok"
+        assert recipe_summary["recipe"]["box_format"] == "qwen2vl"  # "auto", resolved from the demo's family
+        assert recipe_summary["box_format_from"].startswith("auto: model_type 'qwen2_vl'")
         assert recipe_summary["metrics"]["n"] == n_samples
         assert recipe_summary["done"]["counts"]["scored"] == n_samples
         assert (run_dir / name / "worker.log").exists()

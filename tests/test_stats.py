@@ -10,8 +10,10 @@ import pytest
 from orchestrator.stats import (
     bootstrap_interval,
     metric_intervals,
+    metric_value,
     metrics,
     paired_comparison,
+    rule_of,
     thresholds_of,
     verdict,
 )
@@ -93,12 +95,12 @@ def test_metric_intervals_cover_every_metric_and_only_scored_samples() -> None:
     error = {"id": "bad", "status": "error", "iou": 0.0, "detected": False}
     samples = [*_records([0.9, 0.8, 0.6, 0.0, 0.75, 0.95]), error]
     found = metric_intervals(samples, (0.5, 0.9))
-    assert set(found) == {"mean_iou", "detection_rate", "iou_gt_0.5", "iou_gt_0.9"}
+    assert set(found) == {"mean_iou", "detection_rate", "iou_ge_0.5", "iou_ge_0.9"}
     m = metrics(samples, (0.5, 0.9))
     for key, (low, high) in found.items():
         assert low <= m[key] <= high, key
-    assert found["iou_gt_0.9"][1] <= 1.0 and found["detection_rate"][0] >= 0.5
-    assert metric_intervals([], (0.5,)) == {"mean_iou": None, "detection_rate": None, "iou_gt_0.5": None}
+    assert found["iou_ge_0.9"][1] <= 1.0 and found["detection_rate"][0] >= 0.5
+    assert metric_intervals([], (0.5,)) == {"mean_iou": None, "detection_rate": None, "iou_ge_0.5": None}
 
 
 def test_the_paired_comparison_uses_only_samples_both_scored() -> None:
@@ -121,3 +123,20 @@ def test_verdict_needs_the_whole_interval_on_one_side() -> None:
 
 def test_thresholds_are_read_back_from_metric_keys() -> None:
     assert thresholds_of(metrics(_records([0.5]), (0.9, 0.5, 0.75))) == [0.5, 0.75, 0.9]
+
+
+def test_the_rate_at_t_counts_iou_equal_to_t_as_every_peer_does() -> None:
+    ious = [0.5, 0.5, 0.7, 0.4999, 0.0]
+    assert metrics(_records(ious)) == {"n": 5, "errors": 0, "mean_iou": pytest.approx(sum(ious) / 5),
+                                       "detection_rate": 0.8, "iou_ge_0.5": 0.6, "iou_ge_0.7": 0.2}
+    old = metrics(_records(ious), rule=">")  # folders from before the rule was recorded
+    assert old["iou_gt_0.5"] == 0.2 and old["iou_gt_0.7"] == 0.0 and "iou_ge_0.5" not in old
+    assert metric_intervals(_records(ious), (0.5,))["iou_ge_0.5"][1] >= 0.6
+
+
+def test_the_rule_of_a_row_is_the_recorded_one_else_read_from_its_keys() -> None:
+    assert rule_of({"iou_rule": ">=", "metrics": {}}) == ">="
+    assert rule_of({"metrics": {"iou_gt_0.5": 0.1}}) == ">"  # a summary written before the rule was recorded
+    assert rule_of({"metrics": {"iou_ge_0.5": 0.1}}) == ">="
+    assert metric_value({"iou_gt_0.5": 0.25}, "iou_ge_0.5") == 0.25  # either name finds the rate at 0.5
+    assert metric_value({"iou_ge_0.5": 0.5}, "iou_gt_0.5") == 0.5 and metric_value({}, "iou_ge_0.5") is None

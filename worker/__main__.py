@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from contract import messages
+from contract.boxes import AUTO
 from contract.exits import WorkerExit
 from contract.samples import DatasetError
 from contract.spec import SpecError, WorkerSpec
@@ -70,6 +71,8 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
     recipe = spec.recipe
+    if recipe.box_format == AUTO:  # the parent resolves it from the family before launch; never the worker
+        raise WorkerError("config", "box_format \"auto\" reached the worker unresolved (the parent resolves it)")
     try:  # read as the batches are made (streamed); the recipe's subset, less what earlier attempts recorded
         samples = open_dataset(spec.dataset, recipe, skip_ids=spec.skip_ids)
     except DatasetError as exc:

@@ -31,6 +31,8 @@ from transformers import BatchFeature
 
 from contract.recipe import Recipe
 
+from .families import encode
+
 ENTRY_FORMAT = 1  # part of the fingerprint: bump it when what an entry holds changes, and old entries are never read
 # Not per-token whatever their shape: a [1, 3] image_grid_thw must not be padded when a text has 3 tokens.
 _NOT_PER_TOKEN = frozenset({"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"})
@@ -71,7 +73,7 @@ class ProcessorCache:
             self.hits += 1
             return cached
         self.misses += 1
-        computed = self.processor(text=[text], images=[image], return_tensors="pt")
+        computed = encode(self.processor, [text], [image])
         if path is not None:
             self._store(path, key, computed)
         return computed

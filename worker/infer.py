@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
-from contract.boxes import score_text
+from contract.boxes import InputSizeMissing, score_text
 from contract.dataset import ImageInfo, Sample, check_gt, image_record, image_size, read_sample_image, render_prompt
 from contract.recipe import Recipe
 
 from .errors import WorkerError
+from .families import encode, input_sizes, prompt_text
 from .image_cache import ProcessorCache, collate
 
 Send = Callable[..., None]
@@ -30,6 +31,7 @@ class Prepared:
     text: str
     features: Any = None  # this sample's processor output from the image cache; None with the cache off
     info: ImageInfo | None = None  # the image as read: its size (upright by default) and EXIF orientation
+    input_size: list[int] | None = None  # (width, height) of the image as the model saw it, after the resize
 
 
 @dataclass
@@ -203,6 +205,9 @@ def prepare_batch(processor: Any, batch: list[Sample], template: str, device: st
             items.append(prepared)
     hits, misses = _cached_features(cache, items)
     inputs = _processor_inputs(processor, items, device, may_pin()) if items else None
+    if items:
+        for item, size in zip(items, input_sizes(processor, inputs, [p.image for p in items]), strict=True):
+            item.input_size = size
     return PreparedBatch(items, errors, inputs, hits, misses)
 
 
@@ -223,8 +228,7 @@ def _processor_inputs(processor: Any, items: list[Prepared], device: str, pin: b
     if all(p.features is not None for p in items):
         inputs = collate([p.features for p in items], getattr(processor, "tokenizer", processor).pad_token_id)
     else:
-        inputs = processor(text=[p.text for p in items], images=[p.image for p in items], padding=True,
-                           return_tensors="pt")
+        inputs = encode(processor, [p.text for p in items], [p.image for p in items])
     if pin and device.startswith("cuda"):  # pinned pages copy to the device at full speed, and asynchronously
         inputs = inputs.__class__({k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in inputs.items()})
     return inputs
@@ -255,9 +259,7 @@ def _prepare(processor: Any, sample: Sample, template: str,
         prompt = render_prompt(template, sample)
     except (KeyError, IndexError, ValueError) as exc:
         return None, f"prompt: {exc.args[0] if exc.args else exc}", info
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return Prepared(sample, image, text, info=info), None, None
+    return Prepared(sample, image, prompt_text(processor, prompt), info=info), None, None
 
 
 def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: str,
@@ -320,21 +322,29 @@ def _decode(tokenizer: Any, ids: list[int], model: Any) -> str:
 
 
 def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -> dict:
+    """`image_size` is the original's (as read), `input_size` the image the model saw (after the processor's
+    resize): with both, `rescore` converts any box format without the model."""
     size = item.image.size
+    try:
+        scored = score_text(text, box_format, size, item.sample.bbox, item.input_size)
+    except InputSizeMissing as exc:
+        raise WorkerError("config", f"{exc}: this processor's output does not say the size of the image the model "
+                                    "saw; choose a box format in relative coordinates") from None
     return {
         "id": item.sample.id,
         "status": "ok",
         "gt": item.sample.bbox,
         "text": text,
         **image_record(item.info),  # the size as read and the EXIF orientation applied
+        "input_size": item.input_size,
         "seconds": seconds,
         "error": None,
-        **score_text(text, box_format, size, item.sample.bbox),
+        **scored,
     }
 
 
 def _error_record(sample: Sample, error: str, info: ImageInfo | None = None) -> dict:
     return {
-        "id": sample.id, "status": "error", "gt": sample.bbox, "text": None, **image_record(info),
+        "id": sample.id, "status": "error", "gt": sample.bbox, "text": None, **image_record(info), "input_size": None,
         "seconds": 0.0, "error": error, "pred": None, "iou": 0.0, "detected": False,
     }

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..stats import DEFAULT_THRESHOLDS, threshold_key, thresholds_of
+from ..stats import DEFAULT_THRESHOLDS, IOU_RULE, parse_threshold_key, threshold_key, threshold_title
 
 
 def metric_columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(key, title, format) of each metric column: mean IoU, detection rate, then every IoU threshold any
-    recipe was scored with (a rescore may add 0.9)."""
-    found = {t for row in summary["recipes"] for t in thresholds_of(row.get("metrics") or {})}
-    thresholds = sorted(found) or list(DEFAULT_THRESHOLDS)
+    """(key, title, format) of each metric column: mean IoU, detection rate, then the rate at every IoU threshold
+    any recipe was scored with (a rescore may add 0.9), titled by its rule: IoU≥0.5 (a folder from before the rule
+    was recorded: IoU>0.5)."""
+    found = {parsed for row in summary["recipes"] for key in (row.get("metrics") or {})
+             if (parsed := parse_threshold_key(key)) is not None}
+    rates = sorted(found) or [(t, IOU_RULE) for t in DEFAULT_THRESHOLDS]
     return [("mean_iou", "Mean IoU", "{:.4f}"), ("detection_rate", "Det Rate", "{:.2%}"),
-            *[(threshold_key(t), f"IoU>{t:g}", "{:.2%}") for t in thresholds]]
+            *[(threshold_key(t, rule), threshold_title(t, rule), "{:.2%}") for t, rule in rates]]
 
 
 def metric_cell(row: dict[str, Any], key: str, fmt: str, *, interval: bool = False) -> str:

@@ -2,7 +2,9 @@
 reporting/terminal.py shows the failures.
 
     --fail-under mean_iou=0.80            every recipe's mean IoU must be at least 0.80
-    --fail-under r4-joint:iou_gt_0.5=0.9  one recipe, one metric (repeatable)
+    --fail-under r4-joint:iou_ge_0.5=0.9  one recipe, one metric (repeatable); the rate at 0.5 may also be named
+                                          iou_gt_0.5 (its name before the rule became IoU >= t), iou≥0.5
+                                          or iou>0.5: each names the rate at 0.5 as the recipe's row counted it
     --compare runs/<previous> --max-drop mean_iou=0.02
                                           no recipe may lose more than 0.02 mean IoU against the previous run
 
@@ -21,7 +23,7 @@ from typing import Any
 from contract.exits import Exit
 
 from ..errors import UserError
-from ..stats import metrics, threshold_key
+from ..stats import metric_value, metrics, parse_threshold_key, threshold_key
 from .summary import ReportError, load_run
 
 _TOLERANCE = 1e-9  # 0.8 typed on the command line must pass a stored 0.8 computed as a sum / n
@@ -63,7 +65,8 @@ class GateRequest:
 
 
 def parse_rules(specs: tuple[str, ...] | list[str], kind: str) -> list[Rule]:
-    """`[recipe:]metric=value` each; metrics are mean_iou, detection_rate, iou_gt_<t> (or iou><t>)."""
+    """`[recipe:]metric=value` each; metrics are mean_iou, detection_rate, iou_ge_<t> (or iou_gt_<t>, iou≥<t>,
+    iou><t>: all the rate at t)."""
     rules = []
     for spec in specs:
         match = _RULE.match(spec.strip())
@@ -79,12 +82,18 @@ def parse_rules(specs: tuple[str, ...] | list[str], kind: str) -> list[Rule]:
 
 
 def _metric_name(text: str) -> str:
+    """The metric's canonical name: the rate at t is iou_ge_<t> however it is written (a row of a folder from
+    before the rule was recorded holds it as iou_gt_<t>: metric_value finds it there)."""
     name = text.strip().lower()
-    if name.startswith("iou>"):  # iou>0.5, as the table's column is titled
-        try:
-            return threshold_key(float(name[4:]))
-        except ValueError:
-            return name
+    for prefix in ("iou≥", "iou>"):  # as the table's columns are titled, now and before
+        if name.startswith(prefix):
+            try:
+                return threshold_key(float(name[len(prefix):]))
+            except ValueError:
+                return name
+    parsed = parse_threshold_key(name)
+    if parsed is not None:
+        return threshold_key(parsed[0])
     return _ALIASES.get(name, name)
 
 
@@ -148,13 +157,13 @@ def _check_names(rules: list[Rule], names: list[str], metric_keys: list[str]) ->
     for rule in rules:
         if rule.recipe is not None and rule.recipe not in names:
             raise GateError(f"{rule.option}: no recipe '{rule.recipe}' in this run (recipes: {', '.join(names)})")
-        if rule.metric not in known:
+        if metric_value(dict.fromkeys(known, 0), rule.metric) is None:
             raise GateError(f"{rule.option}: unknown metric '{rule.metric}' (metrics: {', '.join(known)})")
 
 
 def _fail_under(rule: Rule, row: dict[str, Any]) -> dict[str, Any] | None:
     """The failure record, or None when the recipe passes."""
-    value = row["metrics"].get(rule.metric)
+    value = metric_value(row["metrics"], rule.metric)
     if value is not None and value >= rule.value - _TOLERANCE:
         return None
     shown = "none" if value is None else f"{value:.4f}"
@@ -166,12 +175,12 @@ def _fail_under(rule: Rule, row: dict[str, Any]) -> dict[str, Any] | None:
 def _previous_value(before: dict[str, Any] | None, metric: str) -> float | None:
     if not before or before.get("status") != "ok":
         return None
-    return (before.get("metrics") or {}).get(metric)
+    return metric_value(before.get("metrics") or {}, metric)
 
 
 def _max_drop(rule: Rule, row: dict[str, Any], old: float) -> dict[str, Any] | None:
     """The failure record, or None when the recipe lost no more than allowed."""
-    value = row["metrics"].get(rule.metric)
+    value = metric_value(row["metrics"], rule.metric)
     if value is not None and old - value <= rule.value + _TOLERANCE:
         return None
     drop = f"dropped {old - value:.4f}" if value is not None else "has no value"

@@ -10,10 +10,20 @@ from contract.layout import RunFolder
 
 from ..errors import UserError
 from ..results import read_json, read_samples
-from ..stats import DEFAULT_THRESHOLDS, metric_intervals, metrics, paired_comparison, relative_change, thresholds_of
+from ..stats import (
+    DEFAULT_THRESHOLDS,
+    OLD_IOU_RULE,
+    metric_intervals,
+    metrics,
+    paired_comparison,
+    relative_change,
+    rule_of,
+    thresholds_of,
+)
 
 # The recipe-row keys a run summary keeps (a recipe's own summary.json adds the worker's messages).
-ROW_KEYS = ("name", "status", "detail", "metrics", "lineage", "base_override", "recipe", "preflight", "attempts")
+ROW_KEYS = ("name", "status", "detail", "metrics", "iou_rule", "lineage", "base_override", "recipe", "preflight",
+            "attempts")
 
 
 Samples = dict[str, list[dict[str, Any]]]
@@ -33,8 +43,10 @@ def run_summary(rows: list[dict[str, Any]], baseline: str | None) -> dict[str, A
     finished = [r for r in rows if r["status"] == "ok" and r["metrics"]["mean_iou"] is not None]
     candidates = [r for r in finished if r["name"] != baseline] or finished
     best = max(candidates, key=lambda r: r["metrics"]["mean_iou"], default=None)
+    rules = sorted({rule_of(r) for r in rows})
     return {
         "recipes": rows,
+        "iou_rule": rules[0] if len(rules) == 1 else "mixed: " + ", ".join(rules),  # how the rates at t count
         "baseline": baseline,
         "best": best["name"] if best else None,
         "best_change_vs_baseline": best["change_vs_baseline"] if best else None,
@@ -50,19 +62,22 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     record = folder.record
     if not record.is_file():
         raise ReportError(f"{run_dir} is not a run folder (no summary.json, no run.json)")
-    planned = read_json(record).get("recipes", [])
-    rows = [_rebuilt_row(run_dir, recipe) for recipe in planned]
+    run_record = read_json(record)
+    planned = run_record.get("recipes", [])
+    rule = run_record.get("iou_rule", OLD_IOU_RULE)  # a run.json from before the rule was recorded counted ">"
+    rows = [_rebuilt_row(run_dir, recipe, rule) for recipe in planned]
     baseline = next((r["name"] for r in planned if r.get("baseline")), None)
     return run_summary(rows, baseline)
 
 
-def _rebuilt_row(run_dir: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+def _rebuilt_row(run_dir: Path, recipe: dict[str, Any], rule: str) -> dict[str, Any]:
     folder = RunFolder(run_dir).recipe(recipe["name"])
     if folder.summary.is_file():
         stored = read_json(folder.summary)
         return {key: stored.get(key) for key in ROW_KEYS}
     return {"name": recipe["name"], "status": "incomplete", "detail": "no summary recorded (the run was stopped)",
-            "metrics": metrics(read_samples(folder.samples)), "lineage": recipe.get("chain") or [],
+            "metrics": metrics(read_samples(folder.samples), rule=rule), "iou_rule": rule,
+            "lineage": recipe.get("chain") or [],
             "base_override": False, "recipe": recipe, "preflight": None, "attempts": []}
 
 
@@ -77,7 +92,8 @@ def add_statistics(summary: dict[str, Any], samples: Samples) -> dict[str, Any]:
     base_ok = any(r["name"] == baseline and r["status"] == "ok" for r in summary["recipes"])
     for row in summary["recipes"]:
         own = samples.get(row["name"], [])
-        row["intervals"] = metric_intervals(own, thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS)
+        row["intervals"] = metric_intervals(own, thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS,
+                                            rule=rule_of(row))
         paired = base_ok and row["name"] != baseline
         row["vs_baseline_paired"] = paired_comparison(own, samples.get(baseline, [])) if paired else None
         row["vs_recorded_base_paired"] = _versus_recorded_base(row, summary, samples)
