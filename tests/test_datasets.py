@@ -211,6 +211,26 @@ def test_a_perfect_answer_scores_1_only_when_the_image_is_read_upright(demo: dic
                 assert record["iou"] < 0.3, (exif, n, record)
 
 
+def test_the_image_cache_keeps_upright_and_stored_pixels_apart(demo: dict, tmp_path: Path) -> None:
+    """One file read two ways gives two processor outputs: the cache must never hand one for the other."""
+    from transformers import AutoProcessor
+
+    from worker.image_cache import ProcessorCache
+    from worker.infer import prepare_batch
+
+    photo = write_phone_photos(tmp_path)[6]
+    (tmp_path / "set.jsonl").write_text(json.dumps({"id": "o6", "image": photo.name, "bbox": BOX, "prompt": "p"}))
+    processor = AutoProcessor.from_pretrained(demo["models"]["base"])
+    cache = ProcessorCache(tmp_path / "cache", processor)
+    prepared = {}
+    for exif in ("apply", "ignore", "apply"):
+        samples = list(open_dataset(tmp_path / "set.jsonl", Settings(exif=exif)))
+        prepared[exif] = prepare_batch(processor, samples, "{prompt}", "cpu", cache=cache, exif=exif)
+    assert (cache.misses, cache.hits) == (2, 1)  # the second upright read is the only hit
+    grids = {exif: batch.inputs["image_grid_thw"].tolist() for exif, batch in prepared.items()}
+    assert grids["apply"] != grids["ignore"]  # 96x64 against 64x96
+
+
 # ------------------------------------------------------------------------------------------------- COCO
 
 
