@@ -10,6 +10,7 @@ same samples. A bad line or a missing image is a per-sample error record, never 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +60,21 @@ def _parse_line(line: str, number: int, folder: Path) -> Sample:
     problems = []
     if not isinstance(raw.get("image"), str):
         problems.append("no 'image' path")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite(v) for v in bbox)):
         problems.append("'bbox' is not [x1, y1, x2, y2]")
     prompt = raw.get("prompt")
     prompt = None if prompt is None else str(prompt)
     if problems:
         return Sample(sample_id, None, None, prompt, f"line {number}: " + "; ".join(problems))
     return Sample(sample_id, folder / raw["image"], [float(v) for v in bbox], prompt)
+
+
+def _finite(value: object) -> bool:
+    """A coordinate: a number that is not NaN, infinite, a boolean, or too large for a float."""
+    try:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def load_image(sample: Sample) -> Image.Image:
@@ -79,7 +88,7 @@ def image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as image:
             return image.size
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):  # a header claiming billions of pixels
         return None
 
 

@@ -18,11 +18,11 @@ from typing import Any
 import orjson
 
 from contract.boxes import BOX_FORMATS, score_text
-from contract.layout import RESCORE_PREFIX, RunFolder, stamped_folder
+from contract.layout import RESCORE_PREFIX, RunFolder
 
 from .errors import UserError
 from .reporting.summary import ROW_KEYS, load_run, run_summary
-from .results import read_json, read_samples, write_json
+from .results import make_folder, new_folder, read_json, read_samples, write_bytes, write_json
 from .stats import DEFAULT_THRESHOLDS, metrics, thresholds_of
 
 
@@ -37,7 +37,7 @@ def rescore(run_dir: Path, box_format: str | None = None,
     if box_format is not None and box_format not in BOX_FORMATS:
         raise RescoreError(f"unknown box format {box_format!r}; known: {', '.join(BOX_FORMATS)}")
     summary = load_run(run_dir)
-    out = stamped_folder(run_dir, RESCORE_PREFIX)
+    out = new_folder(run_dir, RESCORE_PREFIX)
     rows = [_rescore_recipe(RunFolder(run_dir), RunFolder(out), row, box_format, thresholds)
             for row in summary["recipes"]]
     source = RunFolder(run_dir).record
@@ -56,8 +56,8 @@ def _rescore_recipe(run: RunFolder, out: RunFolder, row: dict[str, Any], box_for
         raise RescoreError(f"recipe '{name}': no known box format recorded ({fmt!r}); pass --box-format")
     samples = [rescore_sample(s, fmt) for s in read_samples(run.recipe(name).samples)]
     target = out.recipe(name)
-    target.path.mkdir()
-    target.samples.write_bytes(b"".join(orjson.dumps(s) + b"\n" for s in samples))
+    make_folder(target.path)
+    write_bytes(target.samples, b"".join(orjson.dumps(s) + b"\n" for s in samples))
     used = list(thresholds or thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS)
     changed = sum(1 for s in samples if "iou_before" in s and s["iou_before"] != s["iou"])
     new_row = {**{key: row.get(key) for key in ROW_KEYS}, "metrics": metrics(samples, used),

@@ -59,14 +59,18 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     from contract.dataset import read_dataset
 
     from .infer import run_inference, start_batches
-    from .load import load_chain, load_processor, warm_page_cache
+    from .load import check_chain_files, load_chain, load_processor, warm_page_cache
 
     _share_cpu(spec.device, torch)
     timings["imports"] = time.perf_counter() - started
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
     recipe = spec.recipe
-    samples = read_dataset(Path(spec.dataset), limit=recipe.limit, skip_ids=set(spec.skip_ids))
+    check_chain_files(spec.chain, recipe)
+    try:
+        samples = read_dataset(Path(spec.dataset), limit=recipe.limit, skip_ids=set(spec.skip_ids))
+    except OSError as exc:
+        raise WorkerError("data", f"dataset {spec.dataset}: cannot be read ({exc.strerror or exc})") from None
     device = "cuda:0" if spec.device == "cuda" else "cpu"
     processor = batches = None
     if spec.hold:

@@ -13,7 +13,8 @@ from ..results import read_json, read_samples
 from ..stats import DEFAULT_THRESHOLDS, metric_intervals, metrics, paired_comparison, relative_change, thresholds_of
 
 # The recipe-row keys a run summary keeps (a recipe's own summary.json adds the worker's messages).
-ROW_KEYS = ("name", "status", "detail", "metrics", "lineage", "base_override", "recipe", "preflight", "attempts")
+ROW_KEYS = ("name", "status", "detail", "metrics", "lineage", "base_override", "recipe", "preflight", "attempts",
+            "sample_errors")
 
 
 Samples = dict[str, list[dict[str, Any]]]
