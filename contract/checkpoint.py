@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,14 @@ _HEADER_LENGTH = struct.Struct("<Q")
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 SHARD_INDEX = "model.safetensors.index.json"
+# The JSON files of a checkpoint folder that loading it reads (transformers' config, generation config,
+# processor and tokenizer; peft's adapter config): each is checked before the worker hands the folder over.
+LOADED_JSON = (CONFIG, ADAPTER_CONFIG, SHARD_INDEX, "generation_config.json", "preprocessor_config.json",
+               "processor_config.json", "video_preprocessor_config.json", "tokenizer_config.json", "tokenizer.json",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.json", "vocab.json")
+# Bytes per element of safetensors' dtypes (the sub-byte float formats are left out: their sizes are not checked)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 class CheckpointError(Exception):
@@ -41,6 +50,12 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}; restore the file "
                               "from where the model was saved")
     return value
+
+
+def as_written(value: Any) -> str:
+    """A value of a checkpoint's JSON as the file has it, cut short: for messages naming a wrong value."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
@@ -111,8 +126,7 @@ def _check_tensors(path: Path, header: SafetensorsHeader, data_bytes: int) -> No
     for name, info in header.tensors.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
-                  and isinstance(begin, int) and isinstance(end, int))
+            ok = isinstance(dtype, str) and isinstance(shape, list) and all(_natural(d) for d in [*shape, begin, end])
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -120,6 +134,14 @@ def _check_tensors(path: Path, header: SafetensorsHeader, data_bytes: int) -> No
         if not 0 <= begin <= end <= data_bytes:
             raise CheckpointError(f"{path}: tensor {name!r} lies at bytes {begin}-{end} of the data, but the file "
                                   f"holds {data_bytes}: cut off while copying?")
+        if dtype in DTYPE_BYTES and (size := math.prod(shape) * DTYPE_BYTES[dtype]) != end - begin:
+            raise CheckpointError(f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {size} bytes, but its "
+                                  f"header gives it {end - begin}: a damaged header")
+
+
+def _natural(value: Any) -> bool:
+    """0, 1, 2...: a size or an offset (JSON's true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def weight_files(folder: Path, kind: str, *, allow_pickle: bool) -> list[Path]:
@@ -152,6 +174,30 @@ def _indexed_shards(index: Path) -> list[Path]:
         raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not there: {', '.join(missing[:5])}"
                               " (an incomplete download or copy?)")
     return [index.parent / s for s in shards]
+
+
+def check_folder(folder: Path, kind: str, *, allow_pickle: bool) -> None:
+    """Every file of a checkpoint folder that loading it reads, read bounded and checked, before a library that
+    would fail on it less clearly (or take the run down) is handed the folder: the JSON files (LOADED_JSON) that
+    are there, the weight files, and each safetensors header. Raise CheckpointError naming the file."""
+    for name in LOADED_JSON:
+        if present(folder / name):
+            read_json_object(folder / name)
+    for weight in weight_files(folder, kind, allow_pickle=allow_pickle):
+        if weight.suffix == ".safetensors":
+            safetensors_header(weight)
+            continue
+        try:  # a pickle (allowed by the recipe) is read by torch alone: here only that it opens
+            with open(weight, "rb"):
+                pass
+        except OSError as exc:
+            raise CheckpointError(f"{weight}: cannot be read ({_os_reason(exc)})") from None
+
+
+def present(path: Path) -> bool:
+    """There is an entry of that name: a file, or a symlink even when dangling or looping (that is damage to
+    report, not a file that is absent)."""
+    return path.is_symlink() or path.exists()
 
 
 def fingerprint(config_file: Path, weights: list[Path], *, hash_weights: bool = False) -> str:

@@ -67,6 +67,9 @@ class Settings(BaseModel):
     merge_adapters: bool = Field(False, description="merge the top adapter into the weights too, as the lower ones "
                                  "always are: decoding runs as fast as the base model's, while the results may "
                                  "differ from the unmerged adapter's in the last bits (bf16 rounding of W + BA)")
+    max_sample_errors: int | float = Field(0, description="the most samples that may error (an unreadable image, a "
+                                           "bad dataset line) with the recipe still passing: a count, or a fraction "
+                                           "of its samples such as 0.02; above it the recipe fails (exit 1)")
     trust_remote_code: bool = False
     allow_pickle: bool = False
     image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"
@@ -88,6 +91,16 @@ class Settings(BaseModel):
     def _positive_batch(cls, value: int | str) -> int | str:
         if isinstance(value, int) and not 0 < value <= 4096:
             raise ValueError("must be between 1 and 4096, or \"auto\"")
+        return value
+
+    @field_validator("max_sample_errors")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float) -> int | float:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            raise ValueError("must be a count of samples (0 or more) or a fraction between 0 and 1")
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError("a fraction must lie between 0 and 1 (0.02: 2% of the samples); for a count, give "
+                             "a whole number")
         return value
 
     @property

@@ -56,7 +56,10 @@ def read_box(value: Any, bbox_format: str) -> tuple[list[float] | None, list[flo
     if not (isinstance(value, list | tuple) and len(value) == 4
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
         return None, None, f"'bbox' is not four numbers {BBOX_FORMATS[bbox_format].split(':')[0]} (got {value!r})"
-    given = [float(v) for v in value]
+    try:
+        given = [float(v) for v in value]
+    except OverflowError:  # an integer too large for a float
+        return None, None, f"'bbox' {value!r} has a value too large to be a coordinate"
     if not all(math.isfinite(v) for v in given):
         return None, given, f"'bbox' {_numbers(given)} has a value that is not a finite number"
     x, y, c, d = given

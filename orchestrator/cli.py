@@ -35,7 +35,7 @@ from .reporting.gates import GateRequest, gate_request, validate_for_run
 from .reporting.publish import Outputs, publish
 from .reporting.summary import load_run, run_summary
 from .rescore import rescore
-from .results import new_run_dir, write_json
+from .results import ResultsWriteError, new_run_dir, write_json
 from .resume import ResumeError, differences, planned_recipe
 from .scheduler import GpuScheduler, runs_concurrently
 from .stats import IOU_RULE, IOU_RULES
@@ -141,23 +141,31 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
         console.print(f"Device: {device} (--device auto)")
     preflight = _preflight(device, gpus, required=True)
     run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
-    write_json(RunFolder(run_dir).record, _run_record(recipe_file, plans, device, timeout))
-    console.print(f"Run folder: {run_dir}")
     interrupts = Interrupts()
-    interrupts.install()
     options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
                            resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth)
-    with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
-        if runs_concurrently(preflight, gpus):
-            rows = GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts,
-                                preflight=preflight).run()
-        else:
-            rows = Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
-    baseline = recipe_file.baseline.name if recipe_file.baseline else None
-    code = publish(run_dir, run_summary(rows, baseline), request, outputs, interrupted=interrupts.stop_requested)
+    try:
+        write_json(RunFolder(run_dir).record, _run_record(recipe_file, plans, device, timeout))
+        console.print(f"Run folder: {run_dir}")
+        interrupts.install()
+        rows = _run_suite(plans, run_dir, options, interrupts, preflight, gpus)
+        baseline = recipe_file.baseline.name if recipe_file.baseline else None
+        code = publish(run_dir, run_summary(rows, baseline), request, outputs, interrupted=interrupts.stop_requested)
+    except ResultsWriteError as exc:  # a full disk, a folder made read-only: the run stops, and can continue
+        raise ResultsWriteError(exc.path, exc.reason, resume=run_dir) from None
     if interrupts.stop_requested:
         err_console.print(f"Interrupted: continue with --resume {run_dir}")
     sys.exit(code)
+
+
+def _run_suite(plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, interrupts: Interrupts, preflight,
+               gpus: str | None) -> list[dict]:
+    """Every recipe, one worker at a time or one per GPU at once, under the live display; their rows."""
+    with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
+        if runs_concurrently(preflight, gpus):
+            return GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts,
+                                preflight=preflight).run()
+        return Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
 
 
 @main.command("report")

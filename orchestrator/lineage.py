@@ -20,7 +20,10 @@ from contract.checkpoint import (
     CONFIG,
     SHARD_INDEX,
     CheckpointError,
+    as_written,
+    check_folder,
     fingerprint,
+    present,
     read_json_object,
     safetensors_header,
     weight_files,
@@ -193,16 +196,20 @@ def _from_hub_cache(repo_id: str, allow_network: bool) -> Path | None:
 
 def _make_link(located: Located, recipe: Recipe, hash_weights: bool) -> ChainLink:
     path = located.path
-    if (path / ADAPTER_CONFIG).is_file():
+    if present(path / ADAPTER_CONFIG):
         config_file, kind = path / ADAPTER_CONFIG, "adapter"
-    elif (path / CONFIG).is_file():
+    elif present(path / CONFIG):
         config_file, kind = path / CONFIG, "full"
     else:
         raise LineageError(f"{path}: neither adapter_config.json nor config.json: not a model folder")
+    check_folder(path, kind, allow_pickle=recipe.allow_pickle)  # what the worker will read, checked now
     weights = weight_files(path, kind, allow_pickle=recipe.allow_pickle)
     recorded = None
     if kind == "adapter":
         recorded = _read_json(config_file).get("base_model_name_or_path")
+        if recorded is not None and not isinstance(recorded, str):
+            raise LineageError(f"{config_file}: base_model_name_or_path is {as_written(recorded)}, not a path or a "
+                               "hub id")
     return ChainLink(
         path=str(path.resolve()),
         kind=kind,
@@ -235,18 +242,33 @@ def model_identity(folder: Path, kind: str) -> dict[str, tuple[Any, str]]:
     adapter_config.json's `auto_mapping` (the exact class, so it wins over config.json)."""
     found: dict[str, tuple[Any, str]] = {}
     config_file = folder / CONFIG
-    config = _read_json(config_file) if config_file.is_file() else {}
-    if config.get("model_type"):
-        found["model_type"] = (config["model_type"], str(config_file))
-    if config.get("architectures"):
-        found["architecture"] = (frozenset(config["architectures"]), str(config_file))
+    config = _read_json(config_file) if present(config_file) else {}
+    if model_type := _named(config, "model_type", config_file):
+        found["model_type"] = (model_type, str(config_file))
+    architectures = config.get("architectures")
+    if architectures:
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise LineageError(f"{config_file}: architectures is {as_written(architectures)}, expected a list of "
+                               "class names")
+        found["architecture"] = (frozenset(architectures), str(config_file))
     if kind == "adapter":
         adapter_file = folder / ADAPTER_CONFIG
         adapter = _read_json(adapter_file)
-        cls = (adapter.get("auto_mapping") or {}).get("base_model_class") or adapter.get("base_model_class")
+        mapping = adapter.get("auto_mapping") or {}
+        if not isinstance(mapping, dict):
+            raise LineageError(f"{adapter_file}: auto_mapping is {as_written(mapping)}, expected a JSON object")
+        cls = _named(mapping, "base_model_class", adapter_file) or _named(adapter, "base_model_class", adapter_file)
         if cls:
             found["architecture"] = (frozenset([cls]), str(adapter_file))
     return found
+
+
+def _named(config: dict, key: str, source: Path) -> str | None:
+    """A name a config records (model_type, a class): a string, or None when it records none."""
+    value = config.get(key)
+    if value is not None and not isinstance(value, str):
+        raise LineageError(f"{source}: {key} is {as_written(value)}, expected a name (a string)")
+    return value or None
 
 
 def _check_model_identity(chain: list[ChainLink]) -> None:
@@ -341,6 +363,8 @@ def checkpoint_modules(folder: Path) -> set[str] | None:
 def _ties_embeddings(folder: Path) -> bool:
     config = _read_json(folder / CONFIG)
     text = config.get("text_config") or {}
+    if not isinstance(text, dict):
+        raise LineageError(f"{folder / CONFIG}: text_config is {as_written(text)}, expected a JSON object")
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 

@@ -25,7 +25,15 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from contract.checkpoint import CONFIG, CheckpointError, read_json_object, safetensors_header, weight_files
+from contract.checkpoint import (
+    CONFIG,
+    DTYPE_BYTES,
+    CheckpointError,
+    as_written,
+    read_json_object,
+    safetensors_header,
+    weight_files,
+)
 from contract.dataset import (
     DATASET_SETTINGS,
     DatasetError,
@@ -42,8 +50,6 @@ from contract.units import format_bytes
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
 CHAT_TOKENS = 48  # Qwen2-VL's chat template around the prompt: system turn, role and vision markers
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                 "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _RUN_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Qwen2VLImageProcessor's defaults, for a checkpoint whose processor files do not say.
 _DEFAULT_MIN_PIXELS, _DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
@@ -190,7 +196,7 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     root, adapters = chain[0], chain[1:]
     notes: list[str] = []
     config = _read_json(Path(root.path) / CONFIG)
-    shape = model_shape(config)
+    shape = model_shape(config, str(Path(root.path) / CONFIG))
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
     processor = _image_processor_settings(chain)
@@ -220,7 +226,7 @@ def lora_widths(link: ChainLink) -> tuple[int, int]:
             if ".lora_" not in name:
                 continue
             vision = "visual" in name or "vision" in name
-            widths[vision] = max(widths[vision], *info["shape"])
+            widths[vision] = max([widths[vision], *info["shape"]])
     return widths[0], widths[1]
 
 
@@ -242,7 +248,7 @@ def weights_bytes(link: ChainLink, run_bytes: int, *, allow_pickle: bool, notes:
             if notes is not None:
                 notes.append(f"{path.name}: pickle weights counted at their file size")
             continue
-        total += _tensor_bytes(path, lambda dtype: run_bytes if dtype in _FLOAT_DTYPES else _STORED_BYTES[dtype])
+        total += _tensor_bytes(path, lambda dtype: run_bytes if dtype in _FLOAT_DTYPES else DTYPE_BYTES[dtype])
     return total
 
 
@@ -253,44 +259,73 @@ def adapter_bytes(link: ChainLink, *, allow_pickle: bool) -> int:
         if path.suffix != ".safetensors":
             total += path.stat().st_size
             continue
-        total += _tensor_bytes(path, lambda dtype: 4 if dtype in _FLOAT_DTYPES else _STORED_BYTES[dtype])
+        total += _tensor_bytes(path, lambda dtype: 4 if dtype in _FLOAT_DTYPES else DTYPE_BYTES[dtype])
     return total
 
 
 def _tensor_bytes(path: Path, bytes_of) -> int:
     total = 0
     for name, info in safetensors_header(path).tensors.items():
-        if info["dtype"] not in _STORED_BYTES:
+        if info["dtype"] not in DTYPE_BYTES:
             raise EstimateError(f"{path}: tensor {name} has dtype {info['dtype']}, which evalorch cannot size")
         total += math.prod(info["shape"]) * bytes_of(info["dtype"])
     return total
 
 
-def model_shape(config: dict) -> ModelShape | None:
-    """The sizes of a Qwen2-VL-style config (text fields nested in text_config, or flat as on the hub)."""
-    text = config.get("text_config") or config
+def model_shape(config: dict, source: str = CONFIG) -> ModelShape | None:
+    """The sizes of a Qwen2-VL-style config (text fields nested in text_config, or flat as on the hub); None when
+    it lacks them. A size that is there but not a positive integer raises EstimateError naming `source`."""
+    text = _section(config, "text_config", source) or config
     try:
-        heads = text["num_attention_heads"]
-        hidden = text["hidden_size"]
-        shape = ModelShape(
-            layers=text["num_hidden_layers"], heads=heads, kv_heads=text.get("num_key_value_heads") or heads,
-            head_dim=text.get("head_dim") or hidden // heads, hidden=hidden,
-            intermediate=text.get("intermediate_size") or 4 * hidden, vocab=text.get("vocab_size") or 0,
-        )
-    except (KeyError, TypeError):
+        heads = _size(text, "num_attention_heads", source)
+        hidden = _size(text, "hidden_size", source)
+        layers = _size(text, "num_hidden_layers", source)
+    except KeyError:
         return None
-    vision = config.get("vision_config")
+    shape = ModelShape(
+        layers=layers, heads=heads, kv_heads=_size(text, "num_key_value_heads", source, heads),
+        head_dim=_size(text, "head_dim", source, max(1, hidden // heads)), hidden=hidden,
+        intermediate=_size(text, "intermediate_size", source, 4 * hidden),
+        vocab=_size(text, "vocab_size", source, 0),
+    )
+    vision = _section(config, "vision_config", source)
     if not vision:
         return shape
-    embed = vision.get("embed_dim") or vision.get("hidden_size") or 0  # Qwen2.5-VL calls it hidden_size
-    patch, temporal = vision.get("patch_size", 14), vision.get("temporal_patch_size", 2)
+    # Qwen2.5-VL calls the embedding width hidden_size
+    embed = _size(vision, "embed_dim", source, 0) or _size(vision, "hidden_size", source, 0)
+    patch, temporal = _size(vision, "patch_size", source, 14), _size(vision, "temporal_patch_size", source, 2)
+    ratio = vision.get("mlp_ratio", 4)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1e6:
+        raise EstimateError(f"{source}: vision_config.mlp_ratio is {as_written(ratio)}, expected a positive number")
     return ModelShape(
         **{**asdict(shape), "vision_embed": embed,
-           "vision_mlp": vision.get("intermediate_size") or int(embed * vision.get("mlp_ratio", 4)),
-           "vision_heads": vision.get("num_heads", 1), "patch_size": patch,
-           "merge_size": vision.get("spatial_merge_size", 2),
-           "patch_values": vision.get("in_channels", 3) * temporal * patch * patch},
+           "vision_mlp": _size(vision, "intermediate_size", source, int(embed * ratio)),
+           "vision_heads": _size(vision, "num_heads", source, 1), "patch_size": patch,
+           "merge_size": _size(vision, "spatial_merge_size", source, 2),
+           "patch_values": _size(vision, "in_channels", source, 3) * temporal * patch * patch},
     )
+
+
+def _section(config: dict, key: str, source: str) -> dict:
+    """A nested part of a config (text_config, vision_config); {} when absent."""
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EstimateError(f"{source}: {key} is {as_written(value)}, expected a JSON object")
+    return value
+
+
+def _size(section: dict, key: str, source: str, default: int | None = None) -> int:
+    """A size from a config: a positive integer. Absent (or null): `default`, or KeyError when there is none."""
+    value = section.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise EstimateError(f"{source}: {key} is {as_written(value)}, expected a positive integer")
+    return value
 
 
 def kv_cache_bytes(shape: ModelShape, prompts: Prompts, max_new_tokens: int, batch: int, dtype_bytes: int) -> int:
@@ -402,17 +437,21 @@ def _image_processor_settings(chain: list[ChainLink]) -> ImageSettings:
             path = Path(link.path) / name
             if path.is_file():
                 raw = _read_json(path)
-                return _image_settings(raw.get("image_processor", raw))
-    return _image_settings({})
+                nested = raw.get("image_processor", raw)
+                return _image_settings(nested if isinstance(nested, dict) else {}, str(path))
+    return _image_settings({}, "Qwen2-VL's defaults")
 
 
-def _image_settings(raw: dict) -> ImageSettings:
-    size = raw.get("size") or {}
+def _image_settings(raw: dict, source: str) -> ImageSettings:
+    size = raw.get("size")
+    size = size if isinstance(size, dict) else {}  # another processor's "size" (an int, height/width): not these
     return ImageSettings(
-        min_pixels=raw.get("min_pixels") or size.get("min_pixels") or size.get("shortest_edge") or _DEFAULT_MIN_PIXELS,
-        max_pixels=raw.get("max_pixels") or size.get("max_pixels") or size.get("longest_edge") or _DEFAULT_MAX_PIXELS,
-        patch_size=raw.get("patch_size", 14),
-        merge_size=raw.get("merge_size", 2),
+        min_pixels=_size(raw, "min_pixels", source, 0) or _size(size, "min_pixels", source, 0)
+        or _size(size, "shortest_edge", source, _DEFAULT_MIN_PIXELS),
+        max_pixels=_size(raw, "max_pixels", source, 0) or _size(size, "max_pixels", source, 0)
+        or _size(size, "longest_edge", source, _DEFAULT_MAX_PIXELS),
+        patch_size=_size(raw, "patch_size", source, 14),
+        merge_size=_size(raw, "merge_size", source, 2),
     )
 
 

@@ -10,11 +10,14 @@ Relative paths are relative to the recipe file's folder.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -72,20 +75,27 @@ def load_recipe_file(path: Path) -> RecipeFile:
     """Read, merge defaults into each recipe, validate everything; raise RecipeFileError with every problem."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise RecipeFileError(path, ["file not found"]) from None
+    except OSError as exc:
+        raise RecipeFileError(path, [f"cannot be read ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeFileError(path, [f"not UTF-8 text (byte {exc.start}): a TOML file is UTF-8"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeFileError(path, [f"not valid TOML: {exc}"]) from None
     problems: list[str] = []
     unknown = sorted(set(raw) - {"defaults", "lineage", "recipe"})
     problems += [f"unknown table [{name}] (known: [defaults], [lineage], [[recipe]])" for name in unknown]
-    defaults = _table(raw, "defaults", problems)
+    defaults = _valid_defaults(_table(raw, "defaults", problems), problems)
     lineage = _validate_lineage(_table(raw, "lineage", problems), problems)
     folder = path.parent.resolve()
     lineage = lineage.model_copy(update={"remap": {k: str(folder / v) for k, v in lineage.remap.items()}})
     entries = raw.get("recipe", [])
-    if not isinstance(entries, list) or not entries:
+    if isinstance(entries, dict):
+        problems.append("[recipe] is one table: write each recipe as [[recipe]] (an array of tables)")
+        entries = []
+    elif not isinstance(entries, list) or not entries:
         problems.append("no [[recipe]] entries")
         entries = []
     recipes = [_validate_recipe(i, entry, defaults, path, problems) for i, entry in enumerate(entries, 1)]
@@ -104,80 +114,152 @@ def _table(raw: dict, name: str, problems: list[str]) -> dict:
     return value
 
 
-def _describe(exc: ValidationError, where: str) -> list[str]:
-    out = []
+def _describe(exc: ValidationError, where: str, model: type[BaseModel]) -> list[str]:
+    """One line per mistaken field, written for a person: pydantic reports a value that fits no member of a union
+    (`int | "auto"`) once per member; those are one mistake, said as what was expected and what was given."""
+    by_field: dict[tuple, list[dict]] = {}
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(entry)"
-        given = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        out.append(f"{where}, field '{field}': {message}{given}")
+        loc = tuple(err["loc"])
+        key = loc[:1] if loc and _is_union(model, loc[0]) else loc  # the rest of a union's loc names its members
+        by_field.setdefault(key, []).append(err)
+    out = []
+    for loc, errors in by_field.items():
+        field = ".".join(str(p) for p in loc) or "(entry)"
+        out.append(f"{where}, field '{field}': {_mistake(errors, model, loc)}")
     return out
+
+
+def _is_union(model: type[BaseModel], name: object) -> bool:
+    info = model.model_fields.get(name) if isinstance(name, str) else None
+    return info is not None and get_origin(info.annotation) in (Union, UnionType)
+
+
+def _mistake(errors: list[dict], model: type[BaseModel], loc: tuple) -> str:
+    """What is wrong with one field's value. A value of the right type that breaks a rule (a range, a name)
+    says the rule; a value of no allowed type says which types are allowed."""
+    kind = errors[0]["type"]
+    if kind == "extra_forbidden":
+        close = get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+        return "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if kind == "missing":
+        return "required, but not set"
+    given = _shown(errors[0].get("input"))
+    ruled = [e for e in errors if not _is_type_error(e["type"])]
+    if ruled or len(loc) != 1 or loc[0] not in model.model_fields:
+        rule = (ruled or errors)[0]["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        return rule if given in rule else f"{rule}, got {given}"
+    return f"expected {_expected(model.model_fields[loc[0]].annotation)}, got {given}"
+
+
+def _is_type_error(kind: str) -> bool:
+    return kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "int_from_float", "enum")
+
+
+def _expected(annotation: Any) -> str:
+    """An annotation in words: `int | Literal["auto"]` -> 'an integer or "auto"'."""
+    if get_origin(annotation) in (Union, UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]  # TOML has no null: leave the field out
+        if float in members:
+            members = [a for a in members if a is not int]  # a number includes the integers
+        return " or ".join(_expected(a) for a in members)
+    if get_origin(annotation) is Literal:
+        options = [json.dumps(v) for v in get_args(annotation)]
+        return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table",
+             list: "a list"}
+    return words.get(get_origin(annotation) or annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _validate_lineage(table: dict, problems: list[str]) -> LineageRules:
     try:
         return LineageRules(**table)
     except ValidationError as exc:
-        problems += _describe(exc, "[lineage]")
+        problems += _describe(exc, "[lineage]", LineageRules)
         return LineageRules()
 
 
-def _validate_recipe(
-    index: int, entry: Any, defaults: dict, path: Path, problems: list[str]
-) -> Recipe | None:
-    if not isinstance(entry, dict):
-        problems.append(f"recipe #{index}: must be a table")
-        return None
-    where = f"recipe '{entry.get('name', '?')}' (#{index})"
+def _valid_defaults(defaults: dict, problems: list[str]) -> dict:
+    """[defaults] without its mistaken fields (reported here, once), so that each recipe is still checked whole
+    and its own mistakes are not hidden behind those of [defaults]."""
     try:
         Settings(**defaults)
     except ValidationError as exc:
-        if index == 1:  # report [defaults] problems once, not once per recipe
-            problems += _describe(exc, "[defaults]")
+        problems += _describe(exc, "[defaults]", Settings)
+        bad = {err["loc"][0] for err in exc.errors() if err["loc"]}
+        return {key: value for key, value in defaults.items() if key not in bad}
+    return defaults
+
+
+def _validate_recipe(index: int, entry: Any, defaults: dict, path: Path, problems: list[str]) -> Recipe | None:
+    """The recipe with its paths made absolute, or None; every problem of its fields and of its paths is added
+    to `problems`, the paths' too when a field is wrong."""
+    if not isinstance(entry, dict):
+        problems.append(f"recipe #{index}: must be a table")
         return None
+    name = entry.get("name")
+    where = f"recipe '{name if isinstance(name, str) else '?'}' (#{index})"
+    merged = {**defaults, **entry}
+    path_problems: list[str] = []
+    updates, dataset_found = _resolve_paths(merged, path.parent.resolve(), where, path_problems)
     try:
-        recipe = Recipe(**{**defaults, **entry})
+        recipe = Recipe(**merged)
     except ValidationError as exc:
-        problems += _describe(exc, where)
+        problems += _describe(exc, where, Recipe)
+        recipe = None
+    problems += path_problems
+    if recipe is None:
         return None
-    return _resolve_paths(recipe, path.parent.resolve(), where, problems)
+    resolved = recipe.model_copy(update=updates)
+    if dataset_found:  # then what would fail every sample: the reader's own checks
+        problems += [f"{where}, field '{field}': {problem}" for field, problem in dataset_problems(resolved)]
+    return resolved
 
 
-def _resolve_paths(recipe: Recipe, folder: Path, where: str, problems: list[str]) -> Recipe:
-    """Make local paths absolute and check they exist; hub ids stay as they are for lineage to find."""
+def _resolve_paths(fields: dict[str, Any], folder: Path, where: str,
+                   problems: list[str]) -> tuple[dict[str, str], bool]:
+    """Local paths made absolute, each checked to exist (from the raw fields: a recipe with another mistake has
+    its paths checked too); hub ids stay as they are for lineage to find. Fields that are not strings are the
+    schema's to report. Also says whether the dataset was found (then the reader's own checks can run)."""
     updates: dict[str, str] = {}
     known_problems = len(problems)
-    if recipe.dataset is None:
+    dataset = fields.get("dataset")
+    if dataset is None:
         problems.append(f"{where}, field 'dataset': no dataset (set it in the recipe or in [defaults])")
-    else:
-        dataset = folder / Path(recipe.dataset).expanduser()  # a file, a folder or a glob of parquet files
-        if not dataset_exists(dataset):
-            missing = "no files match" if is_glob(str(dataset)) else "file not found"
-            problems.append(f"{where}, field 'dataset': {missing}: {dataset}")
-        updates["dataset"] = str(dataset)
-    if recipe.image_root is not None:
-        updates["image_root"] = str(folder / Path(recipe.image_root).expanduser())
+    elif isinstance(dataset, str):
+        found = folder / Path(dataset).expanduser()  # a file, a folder or a glob of parquet files
+        updates["dataset"] = str(found)
+        if not dataset_exists(found):
+            missing = "no files match" if is_glob(str(found)) else "file not found"
+            problems.append(f"{where}, field 'dataset': {missing}: {found}")
+    image_root = fields.get("image_root")
+    if isinstance(image_root, str):
+        updates["image_root"] = str(folder / Path(image_root).expanduser())
         if not Path(updates["image_root"]).is_dir():
             problems.append(f"{where}, field 'image_root': no such directory: {updates['image_root']}")
-    if isinstance(recipe.ids, str):  # a file of ids
-        updates["ids"] = str(folder / Path(recipe.ids).expanduser())
+    ids = fields.get("ids")
+    if isinstance(ids, str):  # a file of ids
+        updates["ids"] = str(folder / Path(ids).expanduser())
         if not Path(updates["ids"]).is_file():
             problems.append(f"{where}, field 'ids': file not found: {updates['ids']}")
-    dataset_found = len(problems) == known_problems
+    dataset_found = len(problems) == known_problems and isinstance(dataset, str)
     for field in ("model", "base"):
-        value = getattr(recipe, field)
-        if value is None:
+        value = fields.get(field)
+        if not isinstance(value, str):
             continue
         local = folder / value
         if local.is_dir():
             updates[field] = str(local)
         elif not _HUB_ID.match(value) or value.startswith((".", "/")):
             problems.append(f"{where}, field '{field}': no such directory: {local}")
-    updates["cache_dir"] = str(cache_root(recipe.cache_dir, folder))
-    resolved = recipe.model_copy(update=updates)
-    if dataset_found:  # then what would fail every sample: the reader's own checks
-        problems += [f"{where}, field '{field}': {problem}" for field, problem in dataset_problems(resolved)]
-    return resolved
+    cache_dir = fields.get("cache_dir")
+    if cache_dir is None or isinstance(cache_dir, str):
+        updates["cache_dir"] = str(cache_root(cache_dir, folder))
+    return updates, dataset_found
 
 
 def cache_root(value: str | None, folder: Path) -> Path:
@@ -197,7 +279,9 @@ def _duplicate_names(entries: list) -> list[str]:
     problems, seen = [], set()
     for index, entry in enumerate(entries, 1):
         name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name in seen:
+        if not isinstance(name, str):
+            continue
+        if name in seen:
             problems.append(f"recipe '{name}' (#{index}), field 'name': duplicate name")
         seen.add(name)
     return problems

@@ -23,11 +23,11 @@ from typing import Any
 import orjson
 
 from contract.boxes import BOX_FORMATS, InputSizeMissing, score_text
-from contract.layout import RESCORE_PREFIX, RunFolder, stamped_folder
+from contract.layout import RESCORE_PREFIX, RunFolder
 
 from .errors import UserError
 from .reporting.summary import ROW_KEYS, load_run, run_summary
-from .results import read_json, read_samples, write_json
+from .results import make_folder, new_folder, read_json, read_samples, write_bytes, write_json
 from .stats import DEFAULT_THRESHOLDS, IOU_RULES, metrics, rule_of, thresholds_of
 
 
@@ -44,7 +44,7 @@ def rescore(run_dir: Path, box_format: str | None = None, thresholds: Sequence[f
     if iou_rule is not None and iou_rule not in IOU_RULES:
         raise RescoreError(f"unknown IoU rule {iou_rule!r}; known: {', '.join(IOU_RULES)}")
     summary = load_run(run_dir)
-    out = stamped_folder(run_dir, RESCORE_PREFIX)
+    out = new_folder(run_dir, RESCORE_PREFIX)
     try:
         rows = [_rescore_recipe(RunFolder(run_dir), RunFolder(out), row, box_format, thresholds, iou_rule)
                 for row in summary["recipes"]]
@@ -72,8 +72,8 @@ def _rescore_recipe(run: RunFolder, out: RunFolder, row: dict[str, Any], box_for
         raise RescoreError(f"recipe '{name}': {exc}. Rerun the recipe to rescore it in {fmt!r}: the size of the "
                            "image the model saw is not recomputed from today's processor files") from None
     target = out.recipe(name)
-    target.path.mkdir()
-    target.samples.write_bytes(b"".join(orjson.dumps(s) + b"\n" for s in samples))
+    make_folder(target.path)
+    write_bytes(target.samples, b"".join(orjson.dumps(s) + b"\n" for s in samples))
     used = list(thresholds or thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS)
     changed = sum(1 for s in samples if "iou_before" in s and s["iou_before"] != s["iou"])
     rule = iou_rule or rule_of(row)

@@ -15,6 +15,7 @@ same hard samples are hard for both recipes, so pairing removes most of the nois
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ RESAMPLES = 2000
 SEED = 0
 CONFIDENCE = 0.95
 _CELLS_PER_CHUNK = 4_000_000  # resampled values held at once (32 MB of floats), whatever the sample count
+FIRST_ERRORS = 3  # errored samples quoted in a failing recipe's detail
 VERDICT_BETTER, VERDICT_WORSE, VERDICT_UNCLEAR = "better", "worse", "no clear difference"
 
 
@@ -73,6 +75,25 @@ def parse_threshold_key(key: str) -> tuple[float, str] | None:
             except ValueError:
                 return None
     return None
+
+
+def sample_error_verdict(samples: Sequence[dict[str, Any]], max_errors: int | float) -> dict[str, Any]:
+    """Whether a recipe's errored samples (an unreadable image, a bad dataset line) let it pass: at most
+    `max_errors` of them (a count, or a fraction of its samples: the recipe's max_sample_errors), and at least one
+    sample scored, whatever the limit. `problem` says why it fails (None: it passes); `first` holds the first
+    errors' ids and messages, for the table and the report. Computed once, when the recipe ends, and recorded in
+    its row (`sample_errors`), so the table, the reports, JUnit and the exit code read the same verdict."""
+    errored = [s for s in samples if s.get("status") != "ok"]
+    total, count = len(samples), len(errored)
+    allowed = math.floor(max_errors * total + 1e-9) if isinstance(max_errors, float) else int(max_errors)
+    problem = None
+    if total == count:
+        problem = f"no sample was scored ({count} errored)" if count else "no sample was scored (none was read)"
+    elif count > allowed:
+        problem = f"{count} of {total} samples errored; max_sample_errors = {max_errors} allows {allowed}"
+    first = [{"id": s.get("id"), "error": str(s.get("error"))[:300]} for s in errored[:FIRST_ERRORS]]
+    return {"errors": count, "samples": total, "allowed": allowed, "max_sample_errors": max_errors,
+            "passed": problem is None, "problem": problem, "first": first}
 
 
 def thresholds_of(metric_values: dict[str, Any]) -> list[float]:

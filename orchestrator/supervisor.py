@@ -6,6 +6,7 @@ runs: nothing here raises past a single recipe.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -23,8 +24,8 @@ from contract.spec import WorkerSpec
 from .environment import worker_env
 from .plan import LaunchDecision, Preflight, RecipePlan
 from .process import WorkerProcess, describe_exit, kill_step
-from .results import SampleLog, read_json, read_samples, repair_samples, write_json
-from .stats import IOU_RULE, metrics
+from .results import SampleLog, make_folder, read_json, read_samples, repair_samples, write_bytes, write_json
+from .stats import IOU_RULE, metrics, sample_error_verdict
 
 _EXIT_GRACE_S = 10.0  # after the result pipe closes, how long a worker may take to exit
 _LOG_TAIL_BYTES = 4000
@@ -35,7 +36,9 @@ class RecipeOutcome:
     """Everything the parent learned about one recipe's run."""
 
     name: str
-    status: str = "pending"  # ok, error, crashed, killed, timeout, protocol, interrupted, refused, skipped
+    # ok, sample_errors (finished, but too many samples errored), error, crashed, killed, timeout, protocol,
+    # interrupted, refused, skipped
+    status: str = "pending"
     detail: str = ""
     pid: int | None = None
     exit: str | None = None
@@ -52,6 +55,7 @@ class RecipeOutcome:
     timings: dict[str, float] = field(default_factory=dict)  # parent-side: hidden start-up, teardown
     shutdown: list[dict[str, Any]] = field(default_factory=list)  # how the parent stopped it (process.stop)
     log_tail: str = ""
+    sample_errors: dict[str, Any] | None = None  # the verdict on its errored samples (stats.sample_error_verdict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +130,7 @@ class RecipeRun:
     def start(self) -> None:
         """Spawn the worker. A held one (spec.hold) prepares but waits for release() to touch the device."""
         spec_path = RecipeFolder(self.dir).spec
-        spec_path.write_bytes(self.spec.to_json())
+        write_bytes(spec_path, self.spec.to_json())
         self.samples = SampleLog(RecipeFolder(self.dir).samples)
         self._spawned = time.monotonic()
         self.proc = WorkerProcess(["--spec", str(spec_path)], self.env, RecipeFolder(self.dir).log)
@@ -238,9 +242,21 @@ class RecipeRun:
             out.detail = info.description
         elif out.done is not None and returncode == 0 and not out.protocol_errors:
             out.status = "ok"
+            self._judge_samples()
         else:
             problems = out.protocol_errors or [f"stream ended without `done` ({info.description})"]
             out.status, out.detail = "protocol", "; ".join(problems)[:2000]
+
+    def _judge_samples(self) -> None:
+        """A worker that finished may still have errored on too many samples (a broken data mount: every image
+        missing), or scored none: then the recipe fails, its metrics kept."""
+        verdict = sample_error_verdict(read_samples(RecipeFolder(self.dir).samples),
+                                       self.spec.recipe.max_sample_errors)
+        self.outcome.sample_errors = verdict
+        if not verdict["passed"]:
+            quoted = "; ".join(f"{e['id']}: {e['error']}" for e in verdict["first"])
+            self.outcome.status = "sample_errors"
+            self.outcome.detail = verdict["problem"] + (f". First: {quoted}" if quoted else "")
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         try:
@@ -310,8 +326,7 @@ class Suite:
 
     def run_recipe(self, plan: RecipePlan) -> dict[str, Any]:
         """One recipe to its recorded end (kept, skipped, error, refused, or its attempts); returns its row."""
-        recipe_dir = self.run_dir / plan.recipe.name
-        recipe_dir.mkdir(parents=True, exist_ok=True)
+        recipe_dir = make_folder(self.run_dir / plan.recipe.name)
         if self.finished_before(plan):
             return read_json(RecipeFolder(recipe_dir).summary)
         decision, attempts = LaunchDecision(ok=True), []
@@ -366,8 +381,7 @@ class Suite:
 
     def _new_run(self, plan: RecipePlan, decision: LaunchDecision, attempt: int, *, hold: bool) -> RecipeRun:
         recipe = plan.recipe
-        recipe_dir = self.run_dir / recipe.name
-        recipe_dir.mkdir(parents=True, exist_ok=True)
+        recipe_dir = make_folder(self.run_dir / recipe.name)
         settings = recipe.model_copy(update={"batch_size": _batch_size(plan, decision)})
         done_ids = sorted({s["id"] for s in repair_samples(RecipeFolder(recipe_dir).samples)})
         spec = WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
@@ -429,6 +443,7 @@ class Suite:
             "recipe": plan.recipe.model_dump(),
             "preflight": decision.record,
             "attempts": attempts,
+            "sample_errors": outcome.sample_errors,
         }
         write_json(RecipeFolder(recipe_dir).summary,
                    {**outcome.to_dict(), **row, "box_format_from": plan.box_format_from})
@@ -436,5 +451,7 @@ class Suite:
 
 
 def _note(log: Path, text: str) -> None:
-    with open(log, "a") as f:
+    """A line for the worker's log; a log that cannot take it (a full disk) loses only the line: the attempt's
+    results are written, and checked, apart."""
+    with contextlib.suppress(OSError), open(log, "a") as f:
         f.write(f"\n{text}\n")

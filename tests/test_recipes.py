@@ -47,12 +47,12 @@ def test_all_problems_are_reported_together_with_recipe_and_field(folder: Path) 
                     '[[recipe]]\nmodel = "model"\n')
     problems = _problems(path)
     text = "\n".join(problems)
-    assert "recipe 'a' (#1), field 'max_new_tokens'" in text
+    assert "recipe 'a' (#1), field 'max_new_tokens': expected an integer, got 'many'" in text
     assert "recipe 'b' (#2), field 'temperature': unknown field" in text
     assert "recipe 'c' (#3), field 'model': no such directory" in text
     assert "recipe 'a' (#4), field 'name': duplicate name" in text
     assert "recipe 'd' (#5), field 'box_format'" in text
-    assert "recipe '?' (#6), field 'name': Field required" in text
+    assert "recipe '?' (#6), field 'name': required, but not set" in text
     assert len(problems) == 6
 
 
@@ -85,8 +85,8 @@ def test_prompt_placeholders_names_and_baselines(folder: Path) -> None:
                     '[[recipe]]\nname = "d"\nmodel = "model"\nprompt = "Find the {colour} one: {prompt}"\n'
                     '[[recipe]]\nname = "e"\nmodel = "model"\nbase_override = true\n')
     text = "\n".join(_problems(path))
-    assert "field 'name': Value error, use letters" in text
-    assert "recipe 'a b' (#1), field 'prompt': Value error, {label.__class__} is not a field name" in text
+    assert "recipe 'a b' (#1), field 'name': use letters" in text
+    assert "recipe 'a b' (#1), field 'prompt': {label.__class__} is not a field name" in text
     assert "recipe 'c' (#2), field 'prompt': uses {label}, which no sample of" in text  # a field of no sample
     assert "recipe 'd'" not in text  # the dataset's own field
     assert "field 'base_override': needs 'base'" in text

@@ -112,7 +112,7 @@ def test_faults_are_recorded_and_the_next_recipe_still_runs(demo: dict, tmp_path
     models = demo["root"] / "models"
     body = (f'[[recipe]]\nname = "boom"\nmodel = "{models}/r1-llm-only"\n'
             f'[[recipe]]\nname = "lost-base"\nmodel = "{models}/r3-stage2"\n'
-            f'[[recipe]]\nname = "after"\nmodel = "{models}/base"\n')
+            f'[[recipe]]\nname = "after"\nmodel = "{models}/base"\nmax_sample_errors = 2\n')
     recipes = write_recipes(tmp_path, body, None, dataset=str(data / "grounding.jsonl"),
                             prompt="{prompt}", batch_size=2)  # no remap rule: lost-base cannot resolve
     result = run_cli("run", str(recipes), "--out", str(tmp_path / "runs"), "--device", "cpu",

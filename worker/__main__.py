@@ -64,7 +64,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     from contract.dataset import open_dataset
 
     from .infer import run_inference, start_batches
-    from .load import load_chain, load_processor, warm_page_cache
+    from .load import check_chain_files, load_chain, load_processor, warm_page_cache
 
     _share_cpu(spec.device, torch)
     timings["imports"] = time.perf_counter() - started
@@ -73,10 +73,13 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     recipe = spec.recipe
     if recipe.box_format == AUTO:  # the parent resolves it from the family before launch; never the worker
         raise WorkerError("config", "box_format \"auto\" reached the worker unresolved (the parent resolves it)")
+    check_chain_files(spec.chain, recipe)
     try:  # read as the batches are made (streamed); the recipe's subset, less what earlier attempts recorded
         samples = open_dataset(spec.dataset, recipe, skip_ids=spec.skip_ids)
     except DatasetError as exc:
         raise WorkerError("config", f"dataset: {exc}") from None
+    except OSError as exc:
+        raise WorkerError("data", f"dataset {spec.dataset}: cannot be read ({exc.strerror or exc})") from None
     device = "cuda:0" if spec.device == "cuda" else "cpu"
     processor = batches = None
     if spec.hold:

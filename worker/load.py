@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import transformers
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
+from contract.checkpoint import CheckpointError, check_folder, weight_files
+from contract.layout import WORKER_LOG
 from contract.recipe import Recipe, run_attn, run_dtype
 from contract.spec import ChainLink
 
@@ -25,6 +29,35 @@ from .weights import UnstageableError, load_safetensors, read_through
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def check_chain_files(chain: list[ChainLink], recipe: Recipe) -> None:
+    """Every file of the chain that loading reads, checked (bounded) before transformers or peft read it: the
+    parent checked them when it planned, but a copy may still have been under way. A damaged file is this
+    recipe's lineage error, naming the file."""
+    for link in chain:
+        try:
+            check_folder(Path(link.path), link.kind, allow_pickle=recipe.allow_pickle)
+        except CheckpointError as exc:
+            raise WorkerError("lineage", str(exc)) from None
+
+
+@contextmanager
+def reading(folder: str | Path, what: str) -> Iterator[None]:
+    """A failure while a library reads a checkpoint is that checkpoint's: a lineage error naming the folder and
+    what was being read (the file checks above catch most damage first, with the file's name; this catches what
+    only the library sees: a tokenizer.json that is JSON but no tokenizer, tensors that do not fit the config).
+    CUDA out of memory stays what it is."""
+    try:
+        yield
+    except (WorkerError, UnstageableError):  # the latter: transformers' reader takes over
+        raise
+    except Exception as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        raise WorkerError("lineage", f"{folder}: {what} could not be loaded ({type(exc).__name__}: "
+                                     f"{str(exc)[:1000]}); the checkpoint may be damaged or incomplete (the "
+                                     f"library's own report, if any, is in {WORKER_LOG})") from exc
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -95,7 +128,8 @@ def _init_cuda(device: str) -> float:
 def _load_root(root: ChainLink, recipe: Recipe, device: str, dtype: torch.dtype, attn: str) -> tuple[Any, dict]:
     """The root checkpoint on `device`, and how it was read (for the `loaded` message)."""
     trust = recipe.trust_remote_code
-    config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust)
+    with reading(root.path, "its config"):
+        config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust)
     common = {"config": config, "dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust,
               "device_map": {"": device}}  # one device, all of it: never "auto"
     files = sorted(Path(root.path).glob("model*.safetensors"))
@@ -108,20 +142,24 @@ def _load_root(root: ChainLink, recipe: Recipe, device: str, dtype: torch.dtype,
         except UnstageableError as exc:
             print(f"evalorch worker: staged loading not possible ({exc}); using transformers' reader", flush=True)
     cls = model_class(config)
-    model = cls.from_pretrained(root.path, use_safetensors=None if recipe.allow_pickle else True, **common)
+    with reading(root.path, "its weights"):
+        model = cls.from_pretrained(root.path, use_safetensors=None if recipe.allow_pickle else True, **common)
     return model, {"loader": "transformers"}
 
 
 def _load_staged(cls: type, files: list[Path], folder: str, common: dict) -> tuple[Any, dict]:
     """Weights through worker/weights.py's pinned staging, the model built from them by transformers."""
     started = time.perf_counter()
-    weights = load_safetensors(files, common["device_map"][""], common["dtype"])
+    with reading(folder, "its weights"):
+        weights = load_safetensors(files, common["device_map"][""], common["dtype"])
     read_s = time.perf_counter() - started
     try:
-        model = cls.from_pretrained(None, state_dict=weights.state_dict, **common)
+        with reading(folder, "its weights"):
+            model = cls.from_pretrained(None, state_dict=weights.state_dict, **common)
     finally:
         weights.close()
-    _attach_generation_config(model, folder)
+    with reading(folder, "generation_config.json"):
+        _attach_generation_config(model, folder)
     return model, {"loader": "staged", "staged_bytes": weights.fast_bytes, "staged_s": read_s,
                    "converted_tensors": len(weights.lazy_names)}
 
@@ -152,7 +190,8 @@ def _apply_adapters(model: Any, adapters: list[ChainLink], *, merge_top: bool = 
     for `merge_adapters` (unmerged LoRA adds small matmuls to every adapted layer at every decode step)."""
     for index, link in enumerate(adapters):
         # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file, not initialised first
-        model = PeftModel.from_pretrained(model, link.path, is_trainable=False, low_cpu_mem_usage=True)
+        with reading(link.path, "the adapter"):
+            model = PeftModel.from_pretrained(model, link.path, is_trainable=False, low_cpu_mem_usage=True)
         if index < len(adapters) - 1 or merge_top:
             model = model.merge_and_unload()
     return model
@@ -183,7 +222,8 @@ def check_placement(model: Any, device: str) -> None:
 def load_processor(chain: list[ChainLink], recipe: Recipe) -> Any:
     """The processor from the nearest link (top first) that has one: an adapter may ship its own tokenizer."""
     source = next((link.path for link in reversed(chain) if _has_processor(Path(link.path))), chain[0].path)
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+    with reading(source, "its processor (tokenizer, image processor)"):
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
     return processor
@@ -197,5 +237,7 @@ def warm_page_cache(chain: list[ChainLink]) -> float:
     """Read every weight file of the chain once, so that the load which follows reads from memory, not disk.
     A held worker does this while the previous recipe still owns the GPU (hidden start-up). Returns seconds."""
     started = time.perf_counter()
-    read_through([path for link in chain for path in sorted(Path(link.path).glob("*.safetensors"))])
+    for link in chain:
+        with reading(link.path, "its weight files"):
+            read_through(weight_files(Path(link.path), link.kind, allow_pickle=True))  # what check_chain_files let by
     return time.perf_counter() - started

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from contract import messages
-from contract.checkpoint import CONFIG, fingerprint, read_json_object, weight_files
+from contract.checkpoint import CONFIG, CheckpointError, fingerprint, read_json_object, weight_files
 from contract.exits import WorkerExit
 from contract.layout import MERGE_LINEAGE
 from contract.spec import ChainLink, SpecError, WorkerSpec
@@ -69,7 +69,9 @@ def merge(spec: WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[st
     complete: it is written next to `out` and renamed, so a failed merge never leaves a half checkpoint."""
     _check_out(out)
     started = time.perf_counter()
-    from .load import load_chain, resolve_dtype  # torch: after the cheap checks
+    from .load import check_chain_files, load_chain, resolve_dtype  # torch: after the cheap checks
+
+    check_chain_files(spec.chain, spec.recipe)
 
     # Merge in float32 whatever the checkpoint's dtype (adding a low-rank product to bfloat16 weights rounds
     # twice), then store in the dtype the recipe asks for, or the root's. Attention is never run: eager loads
@@ -121,7 +123,10 @@ def _check_no_adapter_left(model: Any) -> None:
 
 def _root_dtype(root: ChainLink) -> str:
     """The dtype the root checkpoint was saved in (config.json), float32 when it does not say."""
-    config = read_json_object(Path(root.path) / CONFIG)
+    try:
+        config = read_json_object(Path(root.path) / CONFIG)
+    except CheckpointError as exc:
+        raise WorkerError("lineage", str(exc)) from None
     name = config.get("dtype") or config.get("torch_dtype")
     return name if name in ("bfloat16", "float16", "float32") else "float32"
 

@@ -60,6 +60,13 @@ def label(row: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 def status_text(row: dict[str, Any]) -> str:
+    """'ok', 'ok, 2 sample error(s)', or where its sample errors fail the recipe (the verdict recorded in its row)
+    'failed: 12 of 200 samples errored (0 allowed)'."""
+    verdict = row.get("sample_errors") or {}
+    if row["status"] == "sample_errors" and verdict:
+        if verdict["errors"] == verdict["samples"]:
+            return f"failed: no sample scored ({verdict['errors']} errored)"
+        return f"failed: {verdict['errors']} of {verdict['samples']} samples errored ({verdict['allowed']} allowed)"
     errors = (row.get("metrics") or {}).get("errors")
     return f"{row['status']}, {errors} sample error(s)" if errors else row["status"]
 

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from contract.layout import RunFolder
 
-from ..results import write_json
+from ..results import write_bytes, write_json
 from .cells import problems
 from .gates import GateRequest, check, exit_code
 from .junit import junit_xml
@@ -63,9 +63,9 @@ def write_reports(run_dir: Path, summary: dict[str, Any], samples: Samples, out_
     from .html import render_html  # matplotlib and Pillow load only when a report is written
 
     out = RunFolder(out_dir or run_dir)
-    out.report_md.write_text(render_markdown(summary))
+    write_bytes(out.report_md, render_markdown(summary).encode())
     html_path = out.report_html
-    html_path.write_text(render_html(summary, run_dir, samples), encoding="utf-8")
+    write_bytes(html_path, render_html(summary, run_dir, samples).encode())
     return html_path
 
 
