@@ -51,6 +51,9 @@ class Settings(BaseModel):
     merge_adapters: bool = Field(False, description="merge the top adapter into the weights too, as the lower ones "
                                  "always are: decoding runs as fast as the base model's, while the results may "
                                  "differ from the unmerged adapter's in the last bits (bf16 rounding of W + BA)")
+    parity_check: int = Field(8, ge=0, le=4096, description="generate this many samples of the first batch again "
+                              "one at a time and compare with their batched answers (0: off); a disagreement is a "
+                              "warning naming the samples")
     trust_remote_code: bool = False
     allow_pickle: bool = False
     image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"

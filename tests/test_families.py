@@ -141,6 +141,8 @@ def test_every_family_runs_in_its_own_box_format(families_run: dict) -> None:
         assert len(samples) == SAMPLES and {s["status"] for s in samples} == {"ok"}
         assert all(s["input_size"] and s["input_size"] != s["image_size"] for s in samples), name
         assert summary["done"]["counts"]["cache_misses"] == (SAMPLES if name in CACHED else 0)
+        parity = summary["parity"]  # batched (left-padded) and one at a time: the same answers, in every family
+        assert parity["checked"] == parity["agreed"] == SAMPLES, (name, parity["disagreements"])
 
 
 def test_every_family_merges(families: dict, families_run: dict, tmp_path: Path) -> None:

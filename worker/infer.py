@@ -21,6 +21,7 @@ from .families import encode, input_sizes, prompt_text
 from .image_cache import ProcessorCache, collate
 
 Send = Callable[..., None]
+Alter = Callable[[int, str], str]  # (n-th parity sample, its text alone) -> the text to compare; faults only
 
 
 @dataclass
@@ -46,6 +47,7 @@ class InferenceStats:
     wait_s: float = 0.0  # time the device loop waited for the prefetch thread's next batch
     generate_s: float = 0.0  # time inside generate (and its out-of-memory retries)
     cache_misses: int = 0  # samples the processor ran on with the cache on (their output is stored for next time)
+    parity: dict | None = None  # the first batch's samples generated again one at a time (check_parity)
 
 
 @dataclass
@@ -71,8 +73,9 @@ def start_batches(processor: Any, samples: list[Sample], recipe: Recipe, device:
 
 def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched, recipe: Recipe,
                   device: str, send: Send, should_stop: Callable[[], bool],
-                  before_sample: Callable[[int], None]) -> InferenceStats:
-    """Generate for every sample (or every batch already being prepared by start_batches), streaming records."""
+                  before_sample: Callable[[int], None], alter: Alter | None = None) -> InferenceStats:
+    """Generate for every sample (or every batch already being prepared by start_batches), streaming records;
+    after the first batch, check its first samples one at a time (check_parity)."""
     stats = InferenceStats(batch_size=recipe.batch_size)
     started = time.perf_counter()
     sent = 0
@@ -92,6 +95,9 @@ def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched
             seconds = (time.perf_counter() - batch_started) / len(prepared.items)
             stats.generated_tokens += new_tokens
             stats.batches += 1
+            if stats.parity is None:
+                stats.parity = check_parity(model, processor, prepared.items, texts, recipe, device,
+                                            min(len(prepared.items), stats.batch_size), alter)
             for item, text in zip(prepared.items, texts, strict=True):
                 sent += 1
                 before_sample(sent)
@@ -103,6 +109,31 @@ def run_inference(model: Any, processor: Any, samples: list[Sample] | Prefetched
             break
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def check_parity(model: Any, processor: Any, items: list[Prepared], texts: list[str], recipe: Recipe, device: str,
+                 batch_size: int, alter: Alter | None = None) -> dict:
+    """Generate the first `recipe.parity_check` samples of the first batch again, one at a time, in this worker,
+    and compare with their batched answers: batched, left-padded generation must give what the model gives a
+    sample alone (position ids under left padding and stale rope deltas break this in the transformers and Qwen
+    trackers). `alter` is the test-only fault switch's hook (worker/faults.py: alter@parity:N)."""
+    if recipe.parity_check == 0:
+        return {"enabled": False}
+    count = min(recipe.parity_check, len(items))
+    if batch_size <= 1:
+        return {"enabled": True, "checked": 0, "batch_size": batch_size,
+                "note": "the first batch had one sample: nothing to compare"}
+    started = time.perf_counter()
+    disagreements = []
+    for number, (item, batched) in enumerate(zip(items[:count], texts[:count], strict=True), 1):
+        inputs = _processor_inputs(processor, [item], device)
+        (alone,), _ = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
+                               min_new_tokens=recipe.min_new_tokens)
+        alone = alter(number, alone) if alter else alone
+        if alone != batched:
+            disagreements.append({"id": item.sample.id, "batched": batched, "alone": alone})
+    return {"enabled": True, "checked": count, "agreed": count - len(disagreements), "batch_size": batch_size,
+            "disagreements": disagreements, "seconds": time.perf_counter() - started}
 
 
 def _timed(batches: Iterator[PreparedBatch] | Prefetched, stats: InferenceStats) -> Iterator[PreparedBatch]:
