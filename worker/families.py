@@ -52,8 +52,10 @@ def input_sizes(processor: Any, inputs: Any, images: list[Any]) -> list[list[int
 def _tiled_size(image_processor: Any, image: Any) -> list[int] | None:
     """InternVL / GOT-OCR2: the image is resized to columns x rows tiles of `size`, chosen by the processor's own
     rule (get_optimal_tiled_canvas), then cut into those tiles (plus a thumbnail of the whole)."""
-    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
-
+    try:
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:  # a transformers that keeps the rule elsewhere: the size is then unknown, never guessed
+        return None
     size = image_processor.size
     tile_h, tile_w = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
     if image_processor.max_patches <= 1:
