@@ -266,13 +266,14 @@ def model_shape(config: dict) -> ModelShape | None:
     hub), the vision tower's in vision_config under either family's names (embed_dim or hidden_size, num_heads or
     num_attention_heads, a patch size given as 14 or [14, 14])."""
     text = config.get("text_config") or config
-    try:
-        heads = text["num_attention_heads"]
-        hidden = text["hidden_size"]
+    try:  # a decoder-only language model's names, else an encoder-decoder's (BART: Florence-2), its decoder's
+        heads = text.get("num_attention_heads") or text["decoder_attention_heads"]
+        hidden = text.get("hidden_size") or text["d_model"]
         shape = ModelShape(
-            layers=text["num_hidden_layers"], heads=heads, kv_heads=text.get("num_key_value_heads") or heads,
-            head_dim=text.get("head_dim") or hidden // heads, hidden=hidden,
-            intermediate=text.get("intermediate_size") or 4 * hidden, vocab=text.get("vocab_size") or 0,
+            layers=text.get("num_hidden_layers") or text["decoder_layers"], heads=heads,
+            kv_heads=text.get("num_key_value_heads") or heads, head_dim=text.get("head_dim") or hidden // heads,
+            hidden=hidden, intermediate=text.get("intermediate_size") or text.get("decoder_ffn_dim") or 4 * hidden,
+            vocab=text.get("vocab_size") or 0,
         )
     except (KeyError, TypeError):
         return None
@@ -280,6 +281,7 @@ def model_shape(config: dict) -> ModelShape | None:
     if not vision:
         return shape
     embed = vision.get("embed_dim") or vision.get("hidden_size") or 0  # Qwen2.5-VL and the others: hidden_size
+    embed = max(embed) if isinstance(embed, list | tuple) else embed  # DaViT (Florence-2): one width per stage
     patch = vision.get("patch_size", 14)
     patch = patch[0] if isinstance(patch, list | tuple) else patch
     # Qwen's towers stack 2 frames per patch (their configs say so); the others see one
@@ -288,9 +290,13 @@ def model_shape(config: dict) -> ModelShape | None:
     return ModelShape(
         **{**asdict(shape), "vision_embed": embed,
            "vision_mlp": vision.get("intermediate_size") or int(embed * vision.get("mlp_ratio", 4)),
-           "vision_heads": vision.get("num_heads") or vision.get("num_attention_heads") or 1,
+           "vision_heads": _largest(vision.get("num_heads") or vision.get("num_attention_heads") or 1),
            "patch_values": channels * temporal * patch * patch},
     )
+
+
+def _largest(value: int | list[int]) -> int:
+    return max(value) if isinstance(value, list | tuple) else value
 
 
 def kv_cache_bytes(shape: ModelShape, prompts: Prompts, max_new_tokens: int, batch: int, dtype_bytes: int) -> int:

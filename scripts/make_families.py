@@ -5,13 +5,15 @@ set whose images every family's processor resizes.
 
 Families (config.json model_type): qwen2_vl, qwen2_5_vl, qwen3_vl (Qwen's chat template and smart_resize, patch 14
 or 16), internvl (tiles of a fixed size: columns x rows chosen by aspect ratio, plus a thumbnail), paligemma (no
-chat template: `<image>` + prompt, one fixed-size picture) and gemma3 (chat template, one fixed-size picture, pooled
-image tokens). Each is built as scripts/make_demo.py builds the demo: a config, a processor and a tokenizer made on
-the spot (a byte-level BPE for the Qwen-tokenizer families, a byte-fallback Gemma tokenizer for the Gemma ones),
-random weights, and a LoRA adapter (init_lora_weights=False: non-zero B) on the language model's q/v projections.
+chat template: the processor places the image, one fixed-size picture), gemma3 (chat template, one fixed-size
+picture, pooled image tokens) and florence2 (an encoder-decoder; no chat template, task tokens, <loc_N> bins).
+Each is built as scripts/make_demo.py builds the demo: a config, a processor and a tokenizer made on the spot (the
+demo's byte-level BPE for the Qwen-tokenizer families and BART, a byte-fallback Gemma tokenizer for the Gemma
+ones), random weights, and a LoRA adapter (init_lora_weights=False: non-zero B) on the language model's q/v
+projections.
 
 `family_parts(name, shape)` gives a family's config, processor and generation config at any shape: the tests use
-the tiny one here, scripts/gpu_families.py the 2B-7B ones (with random weights written without building the model).
+the tiny one here, scripts/gpu_families.py the 2B-7B ones.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "paligemma", "gemma3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "paligemma", "gemma3", "florence2")
 # Sizes (width, height) no processor here keeps as they are: not multiples of 28 (Qwen2/2.5), 32 (Qwen3) or the
 # fixed tiles/pictures of InternVL, PaliGemma and Gemma 3; wide, tall and near-square, for InternVL's grids.
 IMAGE_SIZES = [(100, 75), (130, 90), (75, 110), (150, 61)]
-LORA_TARGET = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+LORA_TARGET = r".*language_model\.(?:(?:encoder|decoder)\.)?layers\.\d+\.self_attn\.(q_proj|v_proj)"
 VOCAB_MULTIPLE = 64
 
 
@@ -118,11 +120,11 @@ def _text(shape: Shape, tokenizer: Any, eos: str, **extra: Any) -> dict[str, Any
             "pad_token_id": tokenizer.pad_token_id, **extra}
 
 
-def _generation(tokenizer: Any, eos: list[str]) -> Any:
+def _generation(tokenizer: Any, eos: list[str], **extra: Any) -> Any:
     from transformers import GenerationConfig
 
     ids = [tokenizer.convert_tokens_to_ids(token) for token in eos]
-    return GenerationConfig(eos_token_id=ids, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    return GenerationConfig(eos_token_id=ids, pad_token_id=tokenizer.pad_token_id, do_sample=False, **extra)
 
 
 def _mrope(head_dim: int) -> list[int]:
@@ -324,9 +326,50 @@ def _gemma3(shape: Shape) -> Parts:
                  Gemma3ForConditionalGeneration)
 
 
+def _florence2(shape: Shape) -> Parts:
+    """Florence-2: a DaViT vision tower and a BART encoder-decoder; no chat template (its processor expands task
+    tokens such as <OD> and places the image tokens itself), 1000 <loc_N> bins added to the tokenizer."""
+    from transformers import (
+        BartTokenizer,
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+
+    from scripts.make_demo import trained_bpe
+
+    vocab, merges = trained_bpe()
+    words = {token: index for index, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<image>"])}
+    for token in vocab:
+        words.setdefault(token, len(words))
+    tokenizer = BartTokenizer(vocab=words, merges=merges, extra_special_tokens={"image_token": "<image>"},
+                              model_max_length=4096)
+    tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)])
+    size = shape.image.get("size", 64)
+    image_processor = CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+                                         crop_size={"height": size, "width": size})
+    image_processor.image_seq_length = (size // 8) ** 2 + 1  # stride 4 then 2: one feature per 8x8, plus a pooled
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    text = {"model_type": "bart", "vocab_size": _vocab(shape, tokenizer), "d_model": shape.hidden,
+            "encoder_layers": shape.layers, "decoder_layers": shape.layers, "encoder_attention_heads": shape.heads,
+            "decoder_attention_heads": shape.heads, "encoder_ffn_dim": shape.intermediate,
+            "decoder_ffn_dim": shape.intermediate, "max_position_embeddings": 1024,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "decoder_start_token_id": tokenizer.eos_token_id}
+    hidden = shape.vision["hidden"]
+    vision = {"depths": [1, 1], "patch_size": [7, 3], "patch_stride": [4, 2], "patch_padding": [3, 1],
+              "patch_prenorm": [False, True], "embed_dim": [hidden // 2, hidden], "num_heads": [2, 4],
+              "num_groups": [2, 4], "window_size": 4, "projection_dim": shape.hidden, "max_position_embeddings": 50}
+    config = Florence2Config(text_config=text, vision_config=vision, image_token_id=tokenizer.image_token_id)
+    generation = _generation(tokenizer, ["</s>"], bos_token_id=tokenizer.bos_token_id,
+                             decoder_start_token_id=tokenizer.eos_token_id)  # as Florence-2's own: </s> starts
+    return Parts(config, processor, generation, Florence2ForConditionalGeneration)
+
+
 BUILDERS: dict[str, Callable[[Shape], Parts]] = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "internvl": _internvl,
-    "paligemma": _paligemma, "gemma3": _gemma3,
+    "paligemma": _paligemma, "gemma3": _gemma3, "florence2": _florence2,
 }
 
 

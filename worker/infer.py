@@ -313,7 +313,10 @@ def generate(model: Any, processor: Any, inputs: Any, device: str, *, max_new_to
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             pad_token_id=tokenizer.pad_token_id, **extra,
         )
-    new = output[:, inputs["input_ids"].shape[1] :]
+    # a decoder-only model returns the prompt and the answer; an encoder-decoder (Florence-2) the decoder's start
+    # token and the answer
+    start = 1 if getattr(model.config, "is_encoder_decoder", False) else inputs["input_ids"].shape[1]
+    new = output[:, start:]
     texts = [_decode(tokenizer, row.tolist(), model) for row in new]
     return texts, int(new.numel())
 
