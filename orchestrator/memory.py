@@ -9,8 +9,9 @@ before its worker starts, instead of finding out from an out-of-memory error, or
 - adapter: the top adapter's floating tensors at float32: peft upcasts half-precision adapters when it loads them.
   Lower adapters of a chain are merged into the weights before the next loads, so they add nothing.
 - KV cache: layers x 2 x kv heads x head dim x (prompt tokens incl. image tokens + max_new_tokens) x batch x bytes.
-- image tokens: each dataset image resized the way Qwen2-VL's processor does (multiples of patch x merge, within
-  min/max pixels), one token per merge x merge patches; an unreadable image counts at max_pixels.
+- image tokens: each dataset image counted by its family's rule (orchestrator/image_tokens.py: Qwen's smart_resize,
+  InternVL's tiles, a fixed count for PaliGemma, Gemma 3 and other fixed-size processors); an unreadable image
+  counts as the largest the processor makes.
 - prompt tokens: the rendered prompt's UTF-8 bytes (a byte-level BPE never makes more tokens than bytes) plus
   the chat template's tokens.
 - activations: the larger of the vision encoder's (all patches of the batch at once) and the language model's
@@ -47,12 +48,12 @@ from contract.recipe import Recipe, Settings, run_attn, run_dtype
 from contract.spec import ChainLink
 from contract.units import format_bytes
 
+from .image_tokens import QWEN_FAMILIES, ImageRule, image_rule
+
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
-CHAT_TOKENS = 48  # Qwen2-VL's chat template around the prompt: system turn, role and vision markers
+CHAT_TOKENS = 48  # a chat template around the prompt (Qwen2-VL's: system turn, role and vision markers)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _RUN_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# Qwen2VLImageProcessor's defaults, for a checkpoint whose processor files do not say.
-_DEFAULT_MIN_PIXELS, _DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
@@ -74,8 +75,6 @@ class ModelShape:
     vision_embed: int = 0  # 0: no vision tower
     vision_mlp: int = 0
     vision_heads: int = 1
-    patch_size: int = 14
-    merge_size: int = 2
     patch_values: int = 3 * 2 * 14 * 14  # pixel values per patch: channels x temporal patch x patch x patch
 
 
@@ -85,8 +84,9 @@ class Prompts:
 
     text_tokens: int
     image_tokens: int
-    patches: int  # vision-encoder sequence length of that image (image tokens x merge^2)
+    patches: int  # vision-encoder patches of that image, all its tiles together
     samples: int = 0  # how many samples the recipe evaluates (0: unknown); no batch needs to be larger
+    vision_sequence: int = 0  # the longest sequence the vision tower attends over at once (one tile or picture)
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,9 @@ class MemoryEstimate:
                  ("activations", self.activation_bytes), ("context", self.context_bytes),
                  (f"margin {self.margin:.0%}", self.margin_bytes)]
         listed = " + ".join(f"{name} {format_bytes(value)}" for name, value in parts if value)
-        return f"{format_bytes(self.total_bytes)} = {listed} ({self.dtype}, {self.attn}, batch {self.batch_size})"
+        images = f", {self.image_tokens} image tokens per image at most" if self.image_tokens else ""
+        return (f"{format_bytes(self.total_bytes)} = {listed} ({self.dtype}, {self.attn}, batch {self.batch_size}"
+                f"{images})")
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,9 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     shape = model_shape(config, str(Path(root.path) / CONFIG))
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
-    processor = _image_processor_settings(chain)
+    rule = image_rule(config, _processor_settings(chain))
+    if rule is None and shape is not None and shape.vision_embed:
+        notes.append(f"no image-token rule for model_type {config.get('model_type')!r}: image tokens not counted")
     return Workload(
         dtype=dtype,
         attn=run_attn(recipe.attn, device),
@@ -209,7 +213,7 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
         margin=recipe.memory_margin,
         max_new_tokens=recipe.max_new_tokens,
         shape=shape,
-        prompts=read_prompts(recipe, processor, shape),
+        prompts=read_prompts(recipe, rule, shape),
         # merged adapters run as plain weights: no LoRA temporaries (the adapter's bytes stay counted: the peak
         # of merging holds them)
         lora_widths=lora_widths(adapters[-1]) if adapters and not recipe.merge_adapters else (0, 0),
@@ -273,37 +277,52 @@ def _tensor_bytes(path: Path, bytes_of) -> int:
 
 
 def model_shape(config: dict, source: str = CONFIG) -> ModelShape | None:
-    """The sizes of a Qwen2-VL-style config (text fields nested in text_config, or flat as on the hub); None when
-    it lacks them. A size that is there but not a positive integer raises EstimateError naming `source`."""
+    """The sizes of a vision-language config: text fields nested in text_config (or flat, as Qwen2-VL's on the
+    hub), the vision tower's in vision_config under either family's names (embed_dim or hidden_size, num_heads or
+    num_attention_heads, a patch size given as 14 or [14, 14]); None when it lacks the text sizes. A size that is
+    there but not a positive integer raises EstimateError naming `source`."""
     text = _section(config, "text_config", source) or config
-    try:
-        heads = _size(text, "num_attention_heads", source)
-        hidden = _size(text, "hidden_size", source)
-        layers = _size(text, "num_hidden_layers", source)
+    try:  # a decoder-only language model's names, else an encoder-decoder's (BART: Florence-2), its decoder's
+        heads = _first_size(text, ("num_attention_heads", "decoder_attention_heads"), source)
+        hidden = _first_size(text, ("hidden_size", "d_model"), source)
+        layers = _first_size(text, ("num_hidden_layers", "decoder_layers"), source)
     except KeyError:
         return None
     shape = ModelShape(
         layers=layers, heads=heads, kv_heads=_size(text, "num_key_value_heads", source, heads),
         head_dim=_size(text, "head_dim", source, max(1, hidden // heads)), hidden=hidden,
-        intermediate=_size(text, "intermediate_size", source, 4 * hidden),
+        intermediate=_first_size(text, ("intermediate_size", "decoder_ffn_dim"), source, 4 * hidden),
         vocab=_size(text, "vocab_size", source, 0),
     )
     vision = _section(config, "vision_config", source)
     if not vision:
         return shape
-    # Qwen2.5-VL calls the embedding width hidden_size
-    embed = _size(vision, "embed_dim", source, 0) or _size(vision, "hidden_size", source, 0)
-    patch, temporal = _size(vision, "patch_size", source, 14), _size(vision, "temporal_patch_size", source, 2)
+    # Qwen2.5-VL and the others call the embedding width hidden_size; DaViT (Florence-2) has one per stage
+    embed = _largest(_first_size(vision, ("embed_dim", "hidden_size"), source, 0, lists=True))
+    patch = _first_size(vision, ("patch_size",), source, 14, lists=True)
+    patch = patch[0] if isinstance(patch, list | tuple) else patch
+    # Qwen's towers stack 2 frames per patch (their configs say so); the others see one
+    temporal = _first_size(vision, ("temporal_patch_size",), source,
+                           2 if config.get("model_type") in QWEN_FAMILIES else 1)
+    channels = _first_size(vision, ("in_channels", "in_chans", "num_channels"), source, 3)
     ratio = vision.get("mlp_ratio", 4)
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1e6:
         raise EstimateError(f"{source}: vision_config.mlp_ratio is {as_written(ratio)}, expected a positive number")
     return ModelShape(
         **{**asdict(shape), "vision_embed": embed,
-           "vision_mlp": _size(vision, "intermediate_size", source, int(embed * ratio)),
-           "vision_heads": _size(vision, "num_heads", source, 1), "patch_size": patch,
-           "merge_size": _size(vision, "spatial_merge_size", source, 2),
-           "patch_values": _size(vision, "in_channels", source, 3) * temporal * patch * patch},
+           "vision_mlp": _first_size(vision, ("intermediate_size",), source, int(embed * ratio)),
+           "vision_heads": _largest(_first_size(vision, ("num_heads", "num_attention_heads"), source, 1, lists=True)),
+           "patch_values": channels * temporal * patch * patch},
     )
+
+
+def _size(section: dict, key: str, source: str, default: int | None = None) -> int:
+    """One size from a config: a positive integer (see _first_size)."""
+    return _first_size(section, (key,), source, default)
+
+
+def _largest(value: int | list[int]) -> int:
+    return max(value) if isinstance(value, list | tuple) else value
 
 
 def _section(config: dict, key: str, source: str) -> dict:
@@ -316,16 +335,21 @@ def _section(config: dict, key: str, source: str) -> dict:
     return value
 
 
-def _size(section: dict, key: str, source: str, default: int | None = None) -> int:
-    """A size from a config: a positive integer. Absent (or null): `default`, or KeyError when there is none."""
-    value = section.get(key)
-    if value is None:
-        if default is None:
-            raise KeyError(key)
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise EstimateError(f"{source}: {key} is {as_written(value)}, expected a positive integer")
-    return value
+def _first_size(section: dict, keys: tuple[str, ...], source: str, default: int | None = None, *,
+                lists: bool = False) -> int | list[int]:
+    """The first of `keys` the config has, as a positive integer (or, with `lists`, a non-empty list of them:
+    per-stage widths, a [14, 14] patch). Absent (or null): `default`, or KeyError when there is none."""
+    for key in keys:
+        value = section.get(key)
+        if value is None:
+            continue
+        values = value if lists and isinstance(value, list | tuple) and value else [value]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+            raise EstimateError(f"{source}: {key} is {as_written(value)}, expected a positive integer")
+        return value
+    if default is None:
+        raise KeyError(keys[0])
+    return default
 
 
 def kv_cache_bytes(shape: ModelShape, prompts: Prompts, max_new_tokens: int, batch: int, dtype_bytes: int) -> int:
@@ -342,8 +366,8 @@ def vision_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: i
     pixels = patches * shape.patch_values * (4 + dtype_bytes)
     per_patch = (3 * shape.vision_embed + 3 * shape.vision_embed + 2 * shape.vision_mlp) * dtype_bytes
     scores = 0
-    if attn != "flash_attention_2":  # without flash attention, one image's attention matrix is materialised
-        scores = shape.vision_heads * prompts.patches**2 * 4
+    if attn != "flash_attention_2":  # without flash attention, one image's (or tile's) attention matrix is held
+        scores = shape.vision_heads * (prompts.vision_sequence or prompts.patches) ** 2 * 4
     return pixels + patches * per_patch + scores
 
 
@@ -363,62 +387,33 @@ def prefill_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: 
 # ----------------------------------------------------------------------------- prompts and images
 
 
-@dataclass(frozen=True)
-class ImageSettings:
-    min_pixels: int
-    max_pixels: int
-    patch_size: int
-    merge_size: int
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's resize: each side a multiple of `factor` (patch x merge), the area within [min, max] pixels."""
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def image_tokens(size: tuple[int, int] | None, settings: ImageSettings) -> tuple[int, int]:
-    """(image tokens, vision patches) for an image of (width, height); None: the largest the processor allows."""
-    factor = settings.patch_size * settings.merge_size
-    if size is None:
-        patches = settings.max_pixels // settings.patch_size**2
-    else:
-        height, width = smart_resize(size[1], size[0], factor, settings.min_pixels, settings.max_pixels)
-        patches = (height // settings.patch_size) * (width // settings.patch_size)
-    return patches // settings.merge_size**2, patches
-
-
-def read_prompts(recipe: Recipe, settings: ImageSettings, shape: ModelShape | None) -> Prompts:
-    """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates.
-    Read once for every recipe (and every preflight call) that reads the same samples the same way."""
-    found = _read_prompts(recipe.model_dump_json(include=set(DATASET_SETTINGS)), dataset_stamp(recipe), settings)
+def read_prompts(recipe: Recipe, rule: ImageRule | None, shape: ModelShape | None) -> Prompts:
+    """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates,
+    the image counted by its family's `rule` (None: not counted). Read once for every recipe (and every preflight
+    call) that reads the same samples the same way."""
+    found = _read_prompts(recipe.model_dump_json(include=set(DATASET_SETTINGS)), dataset_stamp(recipe), rule)
     if shape is not None and not shape.vision_embed:
         return Prompts(text_tokens=found.text_tokens, image_tokens=0, patches=0, samples=found.samples)
     return found
 
 
 @lru_cache(maxsize=16)
-def _read_prompts(recipe_json: str, _stamp: tuple, settings: ImageSettings) -> Prompts:
+def _read_prompts(recipe_json: str, _stamp: tuple, rule: ImageRule | None) -> Prompts:
     recipe = Settings.model_validate_json(recipe_json)
-    text, tokens, patches, samples = 0, 0, 0, 0
+    text, tokens, patches, sequence, samples = 0, 0, 0, 0, 0
     try:
         for sample in open_dataset(recipe.dataset or "", recipe).samples(images=True):  # streamed
             samples += 1
             text = max(text, _prompt_bytes(recipe.prompt, sample) + CHAT_TOKENS)
-            sample_tokens, sample_patches = image_tokens(image_size(sample.image, recipe.exif), settings)
-            tokens, patches = max(tokens, sample_tokens), max(patches, sample_patches)
+            if rule is None:
+                continue
+            count = rule.count(image_size(sample.image, recipe.exif))
+            tokens, patches = max(tokens, count.tokens), max(patches, count.patches)
+            sequence = max(sequence, count.sequence)
     except DatasetError as exc:
         raise EstimateError(f"dataset {recipe.dataset}: {exc}") from exc
-    return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches, samples=samples)
+    return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches, samples=samples,
+                   vision_sequence=sequence)
 
 
 def _prompt_bytes(template: str, sample: Sample) -> int:
@@ -429,30 +424,21 @@ def _prompt_bytes(template: str, sample: Sample) -> int:
         return len(template.encode())
 
 
-def _image_processor_settings(chain: list[ChainLink]) -> ImageSettings:
-    """The image processor's pixel bounds, from the nearest link (top first) that has processor files, as the
-    worker picks its processor."""
+def _processor_settings(chain: list[ChainLink]) -> dict:
+    """The processor's settings from the nearest link (top first) that has processor files, as the worker picks
+    its processor: processor_config.json's keys (image_seq_length), then preprocessor_config.json's or the image
+    processor nested in processor_config.json (transformers 5 saves it there), flattened into one dict."""
     for link in reversed(chain):
-        for name in _PROCESSOR_FILES:
-            path = Path(link.path) / name
-            if path.is_file():
+        found = [Path(link.path) / name for name in reversed(_PROCESSOR_FILES) if (Path(link.path) / name).is_file()]
+        if found:
+            settings: dict = {}
+            for path in found:  # processor_config.json first: the image processor's own file has the last word
                 raw = _read_json(path)
-                nested = raw.get("image_processor", raw)
-                return _image_settings(nested if isinstance(nested, dict) else {}, str(path))
-    return _image_settings({}, "Qwen2-VL's defaults")
-
-
-def _image_settings(raw: dict, source: str) -> ImageSettings:
-    size = raw.get("size")
-    size = size if isinstance(size, dict) else {}  # another processor's "size" (an int, height/width): not these
-    return ImageSettings(
-        min_pixels=_size(raw, "min_pixels", source, 0) or _size(size, "min_pixels", source, 0)
-        or _size(size, "shortest_edge", source, _DEFAULT_MIN_PIXELS),
-        max_pixels=_size(raw, "max_pixels", source, 0) or _size(size, "max_pixels", source, 0)
-        or _size(size, "longest_edge", source, _DEFAULT_MAX_PIXELS),
-        patch_size=_size(raw, "patch_size", source, 14),
-        merge_size=_size(raw, "merge_size", source, 2),
-    )
+                nested = raw.get("image_processor")
+                settings |= {k: v for k, v in raw.items() if k not in ("image_processor", "video_processor")}
+                settings |= nested if isinstance(nested, dict) else {}
+            return settings
+    return {}
 
 
 def _read_json(path: Path) -> dict:

@@ -13,7 +13,7 @@ from .plan import RecipePlan
 from .results import read_json
 
 # Settings that change how fast a recipe runs, never what it produces: recorded, but a resume ignores them.
-RESULT_NEUTRAL = frozenset({"image_cache", "cache_dir"})
+RESULT_NEUTRAL = frozenset({"image_cache", "cache_dir", "parity_check"})
 
 
 class ResumeError(UserError):

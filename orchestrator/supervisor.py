@@ -438,6 +438,7 @@ class Suite:
             "detail": outcome.detail,
             "metrics": metrics(read_samples(RecipeFolder(recipe_dir).samples)),
             "iou_rule": IOU_RULE,
+            "parity": (outcome.done or {}).get("parity"),  # batched vs one at a time (worker/infer.check_parity)
             "lineage": outcome.lineage or [asdict(link) for link in plan.chain or []],
             "base_override": plan.overridden_base,
             "recipe": plan.recipe.model_dump(),

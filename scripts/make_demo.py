@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import random
 import shutil
@@ -145,6 +146,18 @@ def _corpus() -> list[str]:
     return lines * 20
 
 
+def trained_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE's vocab and merges, trained once per process (seconds on a busy CPU): every tokenizer of the demo
+    and of scripts/make_families.py's Qwen-tokenizer families shares them. A fresh copy each call."""
+    vocab, merges = _cached_bpe()
+    return dict(vocab), list(merges)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    return _train_bpe()
+
+
 def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train a byte-level BPE with Qwen2's pre-tokenization; return its vocab and merges."""
     tok = Tokenizer(models.BPE())
@@ -172,7 +185,7 @@ def build_tokenizer() -> Qwen2Tokenizer:
     The special tokens get the ids right after the BPE vocabulary, in Qwen2's order
     (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ...).
     """
-    vocab, merges = _train_bpe()
+    vocab, merges = trained_bpe()
     vocab.update({tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)})
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,

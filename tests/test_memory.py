@@ -14,7 +14,8 @@ from transformers import AutoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from contract.dataset import read_dataset
-from orchestrator.memory import CHAT_TOKENS, CUDA_CONTEXT_BYTES, estimate_recipe, read_workload, smart_resize
+from orchestrator.image_tokens import smart_resize
+from orchestrator.memory import CHAT_TOKENS, CUDA_CONTEXT_BYTES, estimate_recipe, read_workload
 from orchestrator.plan import RecipePlan, make_plans
 from orchestrator.recipes import load_recipe_file
 from worker.errors import WorkerError

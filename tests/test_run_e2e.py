@@ -74,6 +74,8 @@ def test_the_run_folder_holds_every_record(demo_run: dict, demo: dict) -> None:
         assert recipe_summary["box_format_from"].startswith("auto: model_type 'qwen2_vl'")
         assert recipe_summary["metrics"]["n"] == n_samples
         assert recipe_summary["done"]["counts"]["scored"] == n_samples
+        parity = recipe_summary["parity"]  # the first batch of 4, generated again one at a time: the same answers
+        assert parity["checked"] == parity["agreed"] == 4 and parity["disagreements"] == []
         assert (run_dir / name / "worker.log").exists()
 
 

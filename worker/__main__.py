@@ -108,7 +108,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     out.send("loaded", **loaded)
     stats = run_inference(
         model, processor, batches or samples, recipe, device, out.send, control.stop.is_set,
-        before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw),
+        before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw), alter=faults.alter_parity,
     )
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
                 "batch_wait": stats.wait_s, "generate": stats.generate_s,
@@ -118,7 +118,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
               "oom_retries": stats.oom_retries, "batch_size": stats.batch_size,
               "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
               "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
-    out.send("done", counts=counts, timings=timings, **_measured_memory(device))
+    out.send("done", counts=counts, timings=timings, parity=stats.parity, **_measured_memory(device))
 
 
 def _share_cpu(device: str, torch) -> None:

@@ -11,16 +11,16 @@ from .errors import WorkerError
 
 def prompt_text(processor: Any, prompt: str) -> str:
     """The processor's text for one image and `prompt`: its chat template's user turn and generation prompt
-    (Qwen, InternVL, Gemma 3, ...), or, for a processor without a chat template (PaliGemma), its image token
-    followed by the prompt: the processor then adds its image tokens, BOS and the trailing newline itself."""
+    (Qwen, InternVL, Gemma 3, ...), or, for a processor without a chat template, the prompt alone: such processors
+    place the image themselves (PaliGemma's puts its image tokens, BOS and the trailing newline around it;
+    Florence-2's its image tokens, BOS and EOS, after expanding a task token such as <OD>)."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    token = getattr(processor, "image_token", None)
-    if not token:
+    if not getattr(processor, "image_token", None):
         raise WorkerError("config", f"{type(processor).__name__} has no chat template and no image token: evalorch "
                                     "cannot tell where the image goes in the prompt; save a chat template with it")
-    return f"{token}{prompt}"
+    return prompt
 
 
 def encode(processor: Any, texts: list[str], images: list[Any]) -> Any:
@@ -52,8 +52,10 @@ def input_sizes(processor: Any, inputs: Any, images: list[Any]) -> list[list[int
 def _tiled_size(image_processor: Any, image: Any) -> list[int] | None:
     """InternVL / GOT-OCR2: the image is resized to columns x rows tiles of `size`, chosen by the processor's own
     rule (get_optimal_tiled_canvas), then cut into those tiles (plus a thumbnail of the whole)."""
-    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
-
+    try:
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:  # a transformers that keeps the rule elsewhere: the size is then unknown, never guessed
+        return None
     size = image_processor.size
     tile_h, tile_w = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
     if image_processor.max_patches <= 1:

@@ -6,9 +6,11 @@
     EVALORCH_FAULT="r1:segv@sample:3#1"                (only on the recipe's first attempt)
 
 Points: `load` (before weights load), `merge` (before `python -m worker.merge` loads the chain), `sample:N`
-(before the N-th sample of this attempt, counting from 1, is sent), `each` (before every sample). Actions:
-raise, segv, abort, hang, exit (exit 0 without `done`), bad-line (a malformed result line), delay (sleep 0.5 s),
-garbage-stdout (junk on stdout at every point, which must not disturb the result stream).
+(before the N-th sample of this attempt, counting from 1, is sent), `each` (before every sample), `parity:N`
+(the N-th sample the batch-parity check generates alone). Actions: raise, segv, abort, hang, exit (exit 0 without
+`done`), bad-line (a malformed result line), delay (sleep 0.5 s), alter (at parity:N: change the text generated
+alone, so that it disagrees with the batched one), garbage-stdout (junk on stdout at every point, which must not
+disturb the result stream).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class Faults:
     @classmethod
     def from_env(cls, recipe: str, attempt: int) -> Faults:
         return cls(os.environ.get(ENV_VAR, ""), recipe, attempt)
+
+    def alter_parity(self, number: int, text: str) -> str:
+        """The parity check's text for its `number`-th sample, changed where `alter@parity:N` says."""
+        return text + " (altered by EVALORCH_FAULT)" if self.rules.get(f"parity:{number}") == "alter" else text
 
     def hit(self, point: str, write_raw: Callable[[bytes], None]) -> None:
         if self.garbage:

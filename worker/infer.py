@@ -22,6 +22,7 @@ from .image_cache import ProcessorCache, collate
 Send = Callable[..., None]
 SORT_WINDOW = 4  # batches' worth of samples sorted together: padding stays low, memory bounded
 MIN_WINDOW = 256
+Alter = Callable[[int, str], str]  # (n-th parity sample, its text alone) -> the text to compare; faults only
 
 
 @dataclass
@@ -48,6 +49,7 @@ class InferenceStats:
     wait_s: float = 0.0  # time the device loop waited for the prefetch thread's next batch
     generate_s: float = 0.0  # time inside generate (and its out-of-memory retries)
     cache_misses: int = 0  # samples the processor ran on with the cache on (their output is stored for next time)
+    parity: dict | None = None  # the first batch's samples generated again one at a time (check_parity)
 
 
 @dataclass
@@ -87,8 +89,9 @@ def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator
 
 def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefetched, recipe: Recipe,
                   device: str, send: Send, should_stop: Callable[[], bool],
-                  before_sample: Callable[[int], None]) -> InferenceStats:
-    """Generate for every sample (or every batch already being prepared by start_batches), streaming records."""
+                  before_sample: Callable[[int], None], alter: Alter | None = None) -> InferenceStats:
+    """Generate for every sample (or every batch already being prepared by start_batches), streaming records;
+    after the first batch, check its first samples one at a time (check_parity)."""
     stats = InferenceStats(batch_size=recipe.batch_size)
     started = time.perf_counter()
     sent = 0
@@ -109,6 +112,9 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             seconds = (time.perf_counter() - batch_started) / len(prepared.items)
             stats.generated_tokens += new_tokens
             stats.batches += 1
+            if stats.parity is None:
+                stats.parity = check_parity(model, processor, prepared.items, texts, recipe, device,
+                                            min(len(prepared.items), stats.batch_size), alter)
             for item, text in zip(prepared.items, texts, strict=True):
                 sent += 1
                 before_sample(sent)
@@ -120,6 +126,31 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             break
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def check_parity(model: Any, processor: Any, items: list[Prepared], texts: list[str], recipe: Recipe, device: str,
+                 batch_size: int, alter: Alter | None = None) -> dict:
+    """Generate the first `recipe.parity_check` samples of the first batch again, one at a time, in this worker,
+    and compare with their batched answers: batched, left-padded generation must give what the model gives a
+    sample alone (position ids under left padding and stale rope deltas break this in the transformers and Qwen
+    trackers). `alter` is the test-only fault switch's hook (worker/faults.py: alter@parity:N)."""
+    if recipe.parity_check == 0:
+        return {"enabled": False}
+    count = min(recipe.parity_check, len(items))
+    if batch_size <= 1:
+        return {"enabled": True, "checked": 0, "batch_size": batch_size,
+                "note": "the first batch had one sample: nothing to compare"}
+    started = time.perf_counter()
+    disagreements = []
+    for number, (item, batched) in enumerate(zip(items[:count], texts[:count], strict=True), 1):
+        inputs = _processor_inputs(processor, [item], device)
+        (alone,), _ = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
+                               min_new_tokens=recipe.min_new_tokens)
+        alone = alter(number, alone) if alter else alone
+        if alone != batched:
+            disagreements.append({"id": item.sample.id, "batched": batched, "alone": alone})
+    return {"enabled": True, "checked": count, "agreed": count - len(disagreements), "batch_size": batch_size,
+            "disagreements": disagreements, "seconds": time.perf_counter() - started}
 
 
 def _timed(batches: Iterator[PreparedBatch] | Prefetched, stats: InferenceStats) -> Iterator[PreparedBatch]:
@@ -302,7 +333,10 @@ def generate(model: Any, processor: Any, inputs: Any, device: str, *, max_new_to
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             pad_token_id=tokenizer.pad_token_id, **extra,
         )
-    new = output[:, inputs["input_ids"].shape[1] :]
+    # a decoder-only model returns the prompt and the answer; an encoder-decoder (Florence-2) the decoder's start
+    # token and the answer
+    start = 1 if getattr(model.config, "is_encoder_decoder", False) else inputs["input_ids"].shape[1]
+    new = output[:, start:]
     texts = [_decode(tokenizer, row.tolist(), model) for row in new]
     return texts, int(new.numel())
 

@@ -104,5 +104,27 @@ def override_notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
+def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
+    """(agreed, line) per recipe whose worker checked batch parity: its first batch's samples generated again one
+    at a time. A disagreement names the samples: the batched numbers may not be what the model gives alone."""
+    notes = []
+    for row in summary["recipes"]:
+        parity = row.get("parity") or {}
+        if not parity.get("enabled") or not parity.get("checked"):
+            continue
+        checked, batch = parity["checked"], parity.get("batch_size")
+        wrong = parity.get("disagreements") or []
+        if not wrong:
+            notes.append((True, f"{row['name']}: batch parity: {checked} of {checked} sample(s) of the first batch "
+                                f"(batch {batch}) give the same answer generated alone"))
+            continue
+        ids = ", ".join(d["id"] for d in wrong[:10]) + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+        notes.append((False, f"{row['name']}: batch parity FAILED: {len(wrong)} of {checked} sample(s) of the first "
+                             f"batch (batch {batch}) answer differently when generated alone: {ids}. Batched "
+                             "numbers may not be the model's (left padding, position ids): compare with "
+                             "batch_size = 1"))
+    return notes
+
+
 def link_text(link: dict[str, Any]) -> str:
     return f"{link['kind']} `{link['path']}` ({link['fingerprint']})"

@@ -29,6 +29,7 @@ from .cells import (
     label,
     metric_columns,
     override_notes,
+    parity_notes,
     problems,
     status_text,
 )
@@ -189,6 +190,10 @@ def _problems(summary: dict[str, Any]) -> str:
     if notes:
         items = "".join(f"<li>{_e(n)}</li>" for n in notes)
         html += f'<section><h2>Base overrides</h2><ul class="problems">{items}</ul></section>'
+    parity = parity_notes(summary)
+    if parity:
+        items = "".join(f"<li>{_e(n)}</li>" if ok else f'<li class="bad"><b>⚠ {_e(n)}</b></li>' for ok, n in parity)
+        html += f'<section><h2>Batch parity</h2><ul class="problems">{items}</ul></section>'
     found = problems(summary)
     if not found:
         return html

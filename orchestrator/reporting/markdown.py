@@ -13,6 +13,7 @@ from .cells import (
     metric_columns,
     override_notes,
     paired_cell,
+    parity_notes,
     problems,
     status_text,
 )
@@ -40,6 +41,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     notes = override_notes(summary)
     if notes:
         lines += ["## Base overrides", "", *[f"- {n}" for n in notes], ""]
+    parity = parity_notes(summary)
+    if parity:
+        lines += ["## Batch parity", "", *[f"- {n}" if ok else f"- **⚠ {n}**" for ok, n in parity], ""]
     found = problems(summary)
     if found:
         lines += ["## Problems", "", *[f"- {p}" for p in found], ""]

@@ -21,6 +21,7 @@ from .cells import (
     metric_columns,
     override_notes,
     paired_cell,
+    parity_notes,
     problems,
     status_text,
 )
@@ -44,6 +45,13 @@ def render_terminal(summary: dict[str, Any], console: Console) -> None:
     console.print(best_line(summary), markup=False)
     for note in override_notes(summary):
         console.print(note, markup=False, highlight=False, style="yellow")
+    parity = parity_notes(summary)
+    for agreed, note in parity:
+        if not agreed:
+            console.print(f"Warning: {note}", markup=False, highlight=False, style="bold yellow")
+    if parity and all(agreed for agreed, _ in parity):
+        console.print(f"Batch parity: every checked recipe ({len(parity)}) answers the same batched and alone",
+                      markup=False, highlight=False)
     for problem in problems(summary):
         console.print(problem, markup=False, highlight=False, style="red")
 
