@@ -201,7 +201,14 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     shape = model_shape(config, str(Path(root.path) / CONFIG))
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
-    rule = image_rule(config, _processor_settings(chain))
+    processor = _processor_settings(chain)
+    try:  # the rules read many processor and vision settings: a mistyped one is the checkpoint's damage
+        rule = image_rule(config, processor)
+        if rule is not None:
+            rule.count(None)
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:
+        raise EstimateError(f"{root.path}: a processor or vision setting has a value of the wrong kind ({exc!r}); "
+                            "restore config.json and the processor files from where the model was saved") from None
     if rule is None and shape is not None and shape.vision_embed:
         notes.append(f"no image-token rule for model_type {config.get('model_type')!r}: image tokens not counted")
     return Workload(
@@ -391,10 +398,22 @@ def read_prompts(recipe: Recipe, rule: ImageRule | None, shape: ModelShape | Non
     """The longest prompt (tokens) and the largest image (tokens, patches) of the samples the recipe evaluates,
     the image counted by its family's `rule` (None: not counted). Read once for every recipe (and every preflight
     call) that reads the same samples the same way."""
-    found = _read_prompts(recipe.model_dump_json(include=set(DATASET_SETTINGS)), dataset_stamp(recipe), rule)
+    read = _read_prompts if _hashable(rule) else _read_prompts.__wrapped__  # a rule holding a list: not cached
+    try:
+        found = read(recipe.model_dump_json(include=set(DATASET_SETTINGS)), dataset_stamp(recipe), rule)
+    except (TypeError, ValueError) as exc:  # a rule from mistyped processor settings, met on a real image size
+        raise EstimateError(f"the image-token rule {rule!r} cannot count this dataset's images ({exc})") from None
     if shape is not None and not shape.vision_embed:
         return Prompts(text_tokens=found.text_tokens, image_tokens=0, patches=0, samples=found.samples)
     return found
+
+
+def _hashable(value: object) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=16)

@@ -63,19 +63,24 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
 
 
 def _with_native_format(plan: RecipePlan) -> RecipePlan:
-    """The plan with box_format = the native format of its root checkpoint's family (config.json model_type)."""
+    """The plan with box_format = the native format of its root checkpoint's family (config.json model_type). A
+    config that cannot say its family (damaged: unreadable, no model_type) fails its own recipe; a family with no
+    single native convention raises BoxFormatError (the recipe file must name a format)."""
     config_file = Path((plan.chain or [])[0].path) / CONFIG
     try:
         model_type = read_json_object(config_file).get("model_type")
     except CheckpointError as exc:
-        raise BoxFormatError(f"recipe '{plan.recipe.name}': box_format = \"auto\" cannot read the family: {exc}"
-                             ) from None
+        return RecipePlan(plan.recipe, plan.chain, f"config: box_format = \"auto\" cannot read the family: {exc}")
+    if not isinstance(model_type, str) or not model_type:
+        return RecipePlan(plan.recipe, plan.chain, f"config: {config_file}: model_type is {model_type!r}, so "
+                          "box_format = \"auto\" cannot tell the family; restore the file, or set box_format")
     found = native_format(model_type)
     if found is None:
         raise BoxFormatError(f"recipe '{plan.recipe.name}': box_format = \"auto\", but model_type {model_type!r} "
                              f"({config_file}) has no single native box convention")
     recipe = plan.recipe.model_copy(update={"box_format": found})
     return RecipePlan(recipe, plan.chain, plan.problem, f"auto: model_type {model_type!r} in {config_file}")
+
 
 
 @dataclass
