@@ -169,7 +169,7 @@ class _GpuLimit:
 
 @pytest.fixture(scope="module")
 def loaded(demo: dict, tmp_path_factory: pytest.TempPathFactory):
-    # parity_check 0: its one-at-a-time generations would be counted among the batch sizes below
+    # parity_check off: these tests count the generate calls of the batches alone
     plan = _plan(demo, tmp_path_factory.mktemp("oom"), "base", batch_size=8, max_new_tokens=4, parity_check=0)
     recipe = plan.recipe
     model, processor, _ = load_chain(plan.chain, recipe, "cpu")
