@@ -13,8 +13,14 @@ def metric_columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     recipe was scored with (a rescore may add 0.9)."""
     found = {t for row in summary["recipes"] for t in thresholds_of(row.get("metrics") or {})}
     thresholds = sorted(found) or list(DEFAULT_THRESHOLDS)
-    return [("mean_iou", "Mean IoU", "{:.4f}"), ("detection_rate", "Det Rate", "{:.2%}"),
-            *[(threshold_key(t), f"IoU>{t:g}", "{:.2%}") for t in thresholds]]
+    keys = [("mean_iou", "Mean IoU"), ("detection_rate", "Det Rate"),
+            *[(threshold_key(t), f"IoU>{t:g}") for t in thresholds]]
+    return [(key, title, metric_format(key)) for key, title in keys]
+
+
+def metric_format(key: str) -> str:
+    """Mean IoU with four decimals; every other metric is a rate, shown as a percentage."""
+    return "{:.4f}" if key == "mean_iou" else "{:.2%}"
 
 
 def metric_cell(row: dict[str, Any], key: str, fmt: str, *, interval: bool = False) -> str:

@@ -73,12 +73,13 @@ def parse_rules(specs: tuple[str, ...] | list[str], kind: str) -> list[Rule]:
             value = float(match["value"])
         except ValueError:
             raise GateError(f"--{kind} {spec!r}: {match['value']!r} is not a number") from None
-        rules.append(Rule(kind, (match["recipe"] or "").strip() or None, _metric_name(match["metric"]), value,
+        rules.append(Rule(kind, (match["recipe"] or "").strip() or None, metric_name(match["metric"]), value,
                           spec.strip()))
     return rules
 
 
-def _metric_name(text: str) -> str:
+def metric_name(text: str) -> str:
+    """A metric as a user types it (mean_iou, miou, iou>0.5, iou_gt_0.5...) -> its key in a summary's metrics."""
     name = text.strip().lower()
     if name.startswith("iou>"):  # iou>0.5, as the table's column is titled
         try:
