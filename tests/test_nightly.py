@@ -17,6 +17,7 @@ import pytest
 from helpers import ROOT, run_cli
 
 from orchestrator.reporting.history import FINISHED, NEW_SETUP, NOT_A_RUN, UNFINISHED, read_history
+from orchestrator.reporting.tracking import experiment_name
 from orchestrator.results import read_samples
 
 FAMILY = ROOT / "examples" / "demo-family"
@@ -56,8 +57,9 @@ def _new_run(runs: Path, known: set[Path]) -> Path:
 def _killed(recipes: Path, runs: Path, known: set[Path]) -> Path:
     """A run whose parent was killed (an out-of-memory kill, a lost machine) after its first samples were written:
     its folder holds run.json and samples, and no summary.json."""
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(recipes), "--out", str(runs),
-                             "--device", "cpu"], cwd=ROOT, env={**os.environ, "EVALORCH_FAULT": "delay@each"},
+    command = [sys.executable, "-m", "orchestrator", "run", str(recipes), "--out", str(runs), "--device", "cpu",
+               "--no-prestart"]  # one worker at a time: the first is killed with the parent
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "EVALORCH_FAULT": "delay@each"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -176,22 +178,28 @@ def test_each_recipe_is_an_mlflow_run_searchable_by_its_metrics(nightly: dict, m
 
 def test_report_logs_a_stored_run_again_without_torch_and_without_duplicates(nightly: dict,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """`report --mlflow` in one interpreter: the first run again (the same MLflow runs, updated), the second into
-    the experiment named after its recipe file; then torch must not be in that interpreter."""
-    store, (first, second) = nightly["store"], nightly["folders"]
+    """`report --mlflow` of the first run again, into its experiment: the same MLflow runs, updated; and the
+    interpreter that logged has not imported torch."""
+    store, first = nightly["store"], nightly["folders"][0]
+    args = ["report", str(first), "--mlflow", f"file:{store}", "--mlflow-experiment", "nightly"]
     code = ("import json, sys\nfrom orchestrator.cli import main\n"
-            f"for args in ({['report', str(first), '--mlflow', f'file:{store}', '--mlflow-experiment', 'nightly']!r},"
-            f" {['report', str(second), '--mlflow', f'file:{store}']!r}):\n"
-            "    try:\n        main(args)\n    except SystemExit as exc:\n        assert exc.code == 0, exc.code\n"
+            f"try:\n    main({args!r})\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
             "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "MLflow: 2 recipe(s) logged" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
     client = _client(store, monkeypatch)
-    nightly_runs = client.search_runs([client.get_experiment_by_name("nightly").experiment_id])
-    assert sorted(r.info.run_name for r in nightly_runs) == ["base", "tuned"]
-    named = client.search_runs([client.get_experiment_by_name("recipes").experiment_id])
-    assert {r.data.tags["evalorch.run_key"] for r in named} == {f"{second.name}/base", f"{second.name}/tuned"}
+    runs = client.search_runs([client.get_experiment_by_name("nightly").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["base", "tuned"]
+    assert {r.data.tags["evalorch.run_key"] for r in runs} == {f"{first.name}/base", f"{first.name}/tuned"}
+
+
+def test_the_experiment_is_named_after_the_recipe_file(nightly: dict) -> None:
+    run_dir = nightly["folders"][1]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert experiment_name(run_dir, record) == "recipes"  # recipes.toml
+    assert experiment_name(run_dir, {}) == "runs"  # an older run.json without it: the folder that holds the runs
 
 
 def test_mlflow_options_are_checked_before_any_work(nightly: dict) -> None:
