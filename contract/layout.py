@@ -8,6 +8,7 @@
     runs/<UTC time>/<recipe>/worker.log     the worker's stdout and stderr
     runs/<UTC time>/<recipe>/summary.json   metrics, lineage, timings, status
     runs/<UTC time>/rescore-<UTC time>/     a rescore, laid out like a run folder
+    runs/history.md, history.html           `history runs/`: every run, oldest first (or in its --out)
 
 A merged checkpoint carries lineage.json (MERGE_LINEAGE). Run folders written by earlier versions use the same
 names: nothing here may be renamed without reading the old name too.
@@ -28,7 +29,10 @@ SAMPLES = "samples.jsonl"
 WORKER_LOG = "worker.log"
 RESCORE_PREFIX = "rescore-"
 MERGE_LINEAGE = "lineage.json"
+HISTORY_MD = "history.md"
+HISTORY_HTML = "history.html"
 _STAMP = "%Y%m%dT%H%M%SZ"
+_STAMP_LENGTH = len("20260101T000000Z")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,29 @@ class RunFolder:
 
     def is_run(self) -> bool:
         return self.record.is_file() or self.summary.is_file()
+
+
+@dataclass(frozen=True)
+class RunsFolder:
+    """The folder that holds run folders (what `run --out` fills), and where `history` writes by default."""
+
+    path: Path
+
+    @property
+    def history_md(self) -> Path:
+        return self.path / HISTORY_MD
+
+    @property
+    def history_html(self) -> Path:
+        return self.path / HISTORY_HTML
+
+
+def stamp_time(name: str) -> datetime | None:
+    """When a folder named by `stamped_folder` was made (UTC), read back from its name; None for another name."""
+    try:
+        return datetime.strptime(name[:_STAMP_LENGTH], _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def stamped_folder(parent: Path, prefix: str = "") -> Path:

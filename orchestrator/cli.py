@@ -30,10 +30,14 @@ from .merge import merge_recipe
 from .plan import RecipePlan, make_plans
 from .preflight import plan_lines, preflight_for
 from .progress import progress_display
+from .provenance import git_commit
 from .recipes import LineageRules, RecipeFile, load_recipe_file
 from .reporting.gates import GateRequest, gate_request, validate_for_run
-from .reporting.publish import Outputs, publish
+from .reporting.history import read_history
+from .reporting.history_text import show_history
+from .reporting.publish import Outputs, publish, write_history
 from .reporting.summary import load_run, run_summary
+from .reporting.tracking import mlflow_target
 from .rescore import rescore
 from .results import ResultsWriteError, new_run_dir, write_json
 from .resume import ResumeError, differences, planned_recipe
@@ -104,6 +108,16 @@ def _ci(fail_under: tuple[str, ...], compare: Path | None, max_drop: tuple[str, 
     return gate_request(fail_under, compare, max_drop), Outputs(console, junit=junit, json_out=json_out)
 
 
+def mlflow_options(command: Callable) -> Callable:
+    """--mlflow, --mlflow-experiment: shared by run and report."""
+    command = click.option("--mlflow-experiment", "mlflow_experiment", metavar="NAME",
+                           help="MLflow experiment for --mlflow (default: the recipe file's name).")(command)
+    return click.option("--mlflow", "mlflow_uri", metavar="URI",
+                        help="Also log each recipe as an MLflow run to this tracking URI (http://host:5000,"
+                        " file:/path/mlruns, sqlite:///mlflow.db; needs the [mlflow] extra). A server that cannot"
+                        " be reached is a warning: the run's results and exit code stay as they are.")(command)
+
+
 def _load(recipes_path: Path, only: str | None, hash_weights: bool = False) -> tuple[RecipeFile, list[RecipePlan]]:
     recipe_file = load_recipe_file(recipes_path)
     selected = recipe_file.select([n.strip() for n in only.split(",") if n.strip()] if only else None)
@@ -129,11 +143,13 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False) -> t
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
 @ci_options
+@mlflow_options
 def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None,
         resume_dir: Path | None, force: bool, prestart: bool, prestart_depth: int, hash_weights: bool,
-        gpus: str | None, **ci: Any) -> None:
+        gpus: str | None, mlflow_uri: str | None, mlflow_experiment: str | None, **ci: Any) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
     request, outputs = _ci(**ci)  # gate options are checked before any worker starts
+    outputs.mlflow = mlflow_target(mlflow_uri, mlflow_experiment)
     recipe_file, plans = _load(recipes, only, hash_weights)
     validate_for_run(request, [p.recipe.name for p in plans])
     if device == "auto":
@@ -171,10 +187,12 @@ def _run_suite(plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, in
 @main.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @ci_options
-def report_command(run_dir: Path, **ci: Any) -> None:
+@mlflow_options
+def report_command(run_dir: Path, mlflow_uri: str | None, mlflow_experiment: str | None, **ci: Any) -> None:
     """Re-render report.md and report.html of RUN_DIR from the run folder alone, and apply gates to it without a
     rerun. Exit code as for `run`: 1 if a recipe failed, else 3 if a gate failed."""
     request, outputs = _ci(**ci)
+    outputs.mlflow = mlflow_target(mlflow_uri, mlflow_experiment)
     outputs.write_summary = False  # a re-render leaves the recorded summary.json as it was
     sys.exit(publish(run_dir, load_run(run_dir), request, outputs))
 
@@ -201,6 +219,25 @@ def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | Non
     out, summary = rescore(run_dir, box_format, values, iou_rule)
     outputs.console.print(f"Rescored into {out}")
     sys.exit(publish(out, summary, request, outputs))
+
+
+@main.command("history")
+@click.argument("runs_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--last", type=click.IntRange(min=1), metavar="N", help="Only the last N finished runs.")
+@click.option("--recipes", "only", metavar="NAME[,NAME...]", help="Only these recipes.")
+@click.option("--metric", default="mean_iou", show_default=True,
+              help="mean_iou, detection_rate or iou_gt_<t> (iou>0.5 works too).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for history.md and history.html (default: RUNS_DIR).")
+def history_command(runs_dir: Path, last: int | None, only: str | None, metric: str, out: Path | None) -> None:
+    """Every run folder under RUNS_DIR, oldest first, and each recipe's METRIC in each finished run; marks each
+    change from one run to the next whose paired 95% interval excludes 0, and each change of weights, settings or
+    software. Reads the run folders only (no model, no GPU); writes history.md and history.html."""
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    found = read_history(runs_dir, metric=metric, recipes=names, last=last)
+    show_history(found, console)
+    md_path, html_path = write_history(found, out or runs_dir)
+    console.print(f"History: {md_path} and {html_path}", markup=False)
 
 
 def _preflight(device: str, gpus: str | None, *, required: bool):
@@ -283,5 +320,6 @@ def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, t
         "iou_rule": IOU_RULE,
         "python": platform.python_version(),
         "host": platform.node(),
+        "commit": git_commit(recipe_file.path.resolve().parent, Path.cwd()),
         "recipes": [planned_recipe(p) for p in plans],
     }

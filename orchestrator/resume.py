@@ -39,21 +39,27 @@ def differences(run_dir: Path, plans: list[RecipePlan]) -> list[str]:
             found.append(f"recipe '{plan.recipe.name}' is new")
             continue
         now = planned_recipe(plan)
-        for key in sorted((set(now) | set(old)) - RESULT_NEUTRAL):
-            if key == "chain":
-                if _fingerprints(now["chain"]) != _fingerprints(old.get("chain", [])):
-                    found.append(f"recipe '{plan.recipe.name}': weights changed (lineage fingerprints differ)")
-            elif now.get(key) != _recorded(old, key):
-                found.append(f"recipe '{plan.recipe.name}', field '{key}': {_recorded(old, key)!r} -> "
-                             f"{now.get(key)!r}")
+        if _fingerprints(now["chain"]) != _fingerprints(old.get("chain", [])):
+            found.append(f"recipe '{plan.recipe.name}': weights changed (lineage fingerprints differ)")
+        found += [f"recipe '{plan.recipe.name}', field '{key}': {before!r} -> {after!r}"
+                  for key, before, after in setting_changes(old, now, ignore={"chain"})]
     return found
 
 
-def _recorded(old: dict[str, Any], key: str) -> Any:
-    """The run's value of a setting; one added since the run was recorded had its default then (a new setting's
-    default keeps the behaviour from before it existed), so an older run.json still resumes."""
-    if key in old or key not in Recipe.model_fields:
-        return old.get(key)
+def setting_changes(old: dict[str, Any], now: dict[str, Any],
+                    ignore: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) of each recorded recipe setting that differs, by field name, less those that
+    never change what a recipe produces (RESULT_NEUTRAL) and `ignore`."""
+    keys = sorted((set(now) | set(old)) - RESULT_NEUTRAL - set(ignore))
+    return [(key, _recorded(old, key), _recorded(now, key)) for key in keys
+            if _recorded(old, key) != _recorded(now, key)]
+
+
+def _recorded(settings: dict[str, Any], key: str) -> Any:
+    """A recorded value of a setting; one added since the run was recorded had its default then (a new setting's
+    default keeps the behaviour from before it existed), so an older run.json still compares."""
+    if key in settings or key not in Recipe.model_fields:
+        return settings.get(key)
     return Recipe.model_fields[key].default
 
 

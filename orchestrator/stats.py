@@ -16,6 +16,7 @@ same hard samples are hard for both recipes, so pairing removes most of the nois
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,9 +180,32 @@ def paired_comparison(samples: Sequence[dict[str, Any]], baseline: Sequence[dict
                       *, seed: int = SEED) -> dict[str, Any] | None:
     """Mean per-sample IoU difference (recipe - baseline) on the samples both scored, matched by id, with a
     paired bootstrap interval and a verdict; None when they share no scored sample."""
-    base_iou = {s["id"]: float(s["iou"]) for s in baseline if s.get("status") == "ok"}
-    diffs = [float(s["iou"]) - base_iou[s["id"]] for s in samples
-             if s.get("status") == "ok" and s["id"] in base_iou]
+    return paired_difference(sample_values(samples), sample_values(baseline), seed=seed)
+
+
+def sample_values(samples: Sequence[dict[str, Any]], metric: str = "mean_iou", rule: str = ">") -> dict[str, float]:
+    """Each scored sample's part of `metric` (the metric is their mean), by id: its IoU for mean_iou, 1/0 for
+    detection_rate and for the rate at t, iou_ge_<t> or iou_gt_<t> (IoU `rule` t, as the run scored it).
+    ValueError for another name."""
+    scored = [s for s in samples if s.get("status") == "ok"]
+    if metric == "mean_iou":
+        return {s["id"]: float(s["iou"]) for s in scored}
+    if metric == "detection_rate":
+        return {s["id"]: 1.0 if s["detected"] else 0.0 for s in scored}
+    parsed = parse_threshold_key(metric)  # the rate at t, under either key name: counted by `rule`
+    if parsed is not None and rule in _RULES:
+        above = _RULES[rule]
+        return {s["id"]: 1.0 if above(float(s["iou"]), parsed[0]) else 0.0 for s in scored}
+    raise ValueError(f"unknown metric {metric!r} (or threshold rule {rule!r})")
+
+
+_RULES = {">": operator.gt, ">=": operator.ge}
+
+
+def paired_difference(values: dict[str, float], before: dict[str, float], *, seed: int = SEED) -> dict[str, Any] | None:
+    """Mean of (value - before) over the ids both have, with a paired bootstrap interval and a verdict; None when
+    they share no id."""
+    diffs = [value - before[key] for key, value in values.items() if key in before]
     interval = bootstrap_interval(diffs, seed=seed)
     if interval is None:
         return None

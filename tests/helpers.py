@@ -115,11 +115,16 @@ def recipe_samples(shift: Shift, n: int = N_SAMPLES) -> list[dict]:
 
 def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str = "20260101T000000Z",
              dataset: Path | None = None, failed: dict[str, str] | None = None,
-             texts: dict[tuple[str, int], str] | None = None, legacy: bool = False) -> Path:
+             texts: dict[tuple[str, int], str] | None = None, legacy: bool = False,
+             fingerprints: dict[str, str] | None = None, settings: dict[str, dict] | None = None,
+             extra: dict | None = None) -> Path:
     """A run folder as `run` leaves it: run.json, <recipe>/samples.jsonl + summary.json, summary.json. `legacy`:
-    as a run from before the IoU rule was recorded (rates counting IoU > t under iou_gt_ keys, no iou_rule)."""
+    as a run from before the IoU rule was recorded (rates counting IoU > t under iou_gt_ keys, no iou_rule).
+    `fingerprints` and `settings` (per recipe) replace a recipe's weights' fingerprint and add to its recorded
+    settings; `extra` adds to the run's summary.json. The dataset is made once under `root` and reused."""
     recipes = recipes or RECIPES
-    dataset = dataset or make_dataset(root / "data")
+    if dataset is None:
+        dataset = root / "data" / "grounding.jsonl" if (root / "data").exists() else make_dataset(root / "data")
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
     rows = []
@@ -134,13 +139,14 @@ def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str =
         rule = {} if legacy else {"iou_rule": ">="}
         row = {"name": recipe, "status": status, "detail": detail, **rule,
                "metrics": metrics(samples, rule=">" if legacy else ">="),
-               "lineage": [{"kind": "full", "path": f"/models/{recipe}", "fingerprint": f"quick:{recipe}"}],
+               "lineage": [{"kind": "full", "path": f"/models/{recipe}",
+                            "fingerprint": (fingerprints or {}).get(recipe, f"quick:{recipe}")}],
                "base_override": False, "preflight": None, "attempts": [],
                "recipe": {"name": recipe, "dataset": str(dataset), "box_format": "qwen2vl", "limit": None,
-                          "baseline": recipe == "base"}}
+                          "baseline": recipe == "base", **(settings or {}).get(recipe, {})}}
         (run_dir / recipe / "summary.json").write_text(json.dumps({**row, "seconds": 2.5, "pid": 4242}))
         rows.append(row)
     (run_dir / "run.json").write_text(json.dumps({"device": "cpu", "host": "test",
                                                   "recipes": [r["recipe"] for r in rows]}))
-    (run_dir / "summary.json").write_text(json.dumps(run_summary(rows, "base")))
+    (run_dir / "summary.json").write_text(json.dumps({**run_summary(rows, "base"), **(extra or {})}))
     return run_dir

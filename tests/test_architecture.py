@@ -137,7 +137,7 @@ def test_importing_the_cli_and_the_core_loads_no_model_stack() -> None:
 
 
 _RUN_FOLDER_NAMES = {"run.json", "summary.json", "report.md", "report.html", "spec.json", "samples.jsonl",
-                     "worker.log", "lineage.json"}
+                     "worker.log", "lineage.json", "history.md", "history.html"}
 
 
 def test_every_run_folder_file_name_is_spelled_once() -> None:

@@ -15,8 +15,14 @@ def metric_columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     found = {parsed for row in summary["recipes"] for key in (row.get("metrics") or {})
              if (parsed := parse_threshold_key(key)) is not None}
     rates = sorted(found) or [(t, IOU_RULE) for t in DEFAULT_THRESHOLDS]
-    return [("mean_iou", "Mean IoU", "{:.4f}"), ("detection_rate", "Det Rate", "{:.2%}"),
-            *[(threshold_key(t, rule), threshold_title(t, rule), "{:.2%}") for t, rule in rates]]
+    keys = [("mean_iou", "Mean IoU"), ("detection_rate", "Det Rate"),
+            *[(threshold_key(t, rule), threshold_title(t, rule)) for t, rule in rates]]
+    return [(key, title, metric_format(key)) for key, title in keys]
+
+
+def metric_format(key: str) -> str:
+    """Mean IoU with four decimals; every other metric is a rate, shown as a percentage."""
+    return "{:.4f}" if key == "mean_iou" else "{:.2%}"
 
 
 def metric_cell(row: dict[str, Any], key: str, fmt: str, *, interval: bool = False) -> str:

@@ -76,12 +76,12 @@ def parse_rules(specs: tuple[str, ...] | list[str], kind: str) -> list[Rule]:
             value = float(match["value"])
         except ValueError:
             raise GateError(f"--{kind} {spec!r}: {match['value']!r} is not a number") from None
-        rules.append(Rule(kind, (match["recipe"] or "").strip() or None, _metric_name(match["metric"]), value,
+        rules.append(Rule(kind, (match["recipe"] or "").strip() or None, metric_name(match["metric"]), value,
                           spec.strip()))
     return rules
 
 
-def _metric_name(text: str) -> str:
+def metric_name(text: str) -> str:
     """The metric's canonical name: the rate at t is iou_ge_<t> however it is written (a row of a folder from
     before the rule was recorded holds it as iou_gt_<t>: metric_value finds it there)."""
     name = text.strip().lower()

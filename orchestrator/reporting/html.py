@@ -7,8 +7,6 @@ red, and the model's raw text). matplotlib (Agg, no pyplot state) and Pillow are
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import re
 from functools import lru_cache
@@ -33,6 +31,12 @@ from .cells import (
     problems,
     status_text,
 )
+from .page import anchor as _anchor
+from .page import escape as _e
+from .page import figure as _figure
+from .page import page
+from .page import png_bytes as _save
+from .page import png_img as _png
 
 GALLERY_SIZE = 6  # worst samples shown per recipe
 _THUMB_MIN, _THUMB_MAX = 224, 320  # longer side of a gallery picture, in pixels
@@ -51,10 +55,7 @@ def render_html(summary: dict[str, Any], run_dir: Path, samples: dict[str, list[
         _problems(summary),
         *[_recipe_section(row, summary, samples.get(row["name"], []), run_dir) for row in summary["recipes"]],
     ]
-    body = "\n".join(p for p in parts if p)
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>evalorch: {_e(run_dir.name)}</title><style>{_CSS}</style></head>\n"
-            f"<body>\n{body}\n</body></html>\n")
+    return page(f"evalorch: {run_dir.name}", _CSS, "\n".join(p for p in parts if p))
 
 
 def _run_record(run_dir: Path) -> dict[str, Any]:
@@ -62,19 +63,6 @@ def _run_record(run_dir: Path) -> dict[str, Any]:
         return read_json(RunFolder(run_dir).record)
     except (OSError, orjson.JSONDecodeError):
         return {}
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _anchor(name: str) -> str:
-    return "recipe-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
-
-
-def _png(data: bytes, alt: str, css: str = "") -> str:
-    encoded = base64.b64encode(data).decode("ascii")
-    return f'<img class="{css}" alt="{_e(alt)}" src="data:image/png;base64,{encoded}">'
 
 
 # ------------------------------------------------------------------------------------------- top of the page
@@ -325,18 +313,6 @@ def _sample_png(source: ImageSource, exif: str, gt: Any, pred: Any) -> bytes | N
     return buffer.getvalue()
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _save(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")  # a bare Figure renders through Agg
-    return buffer.getvalue()
-
-
 def _histogram_png(ious: list[float]) -> bytes:
     fig = _figure(4.6, 2.4)
     ax = fig.add_subplot()
@@ -373,24 +349,6 @@ def _forest_png(summary: dict[str, Any], rows: list[dict[str, Any]]) -> bytes:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1320px;
- padding:0 16px;color:#111827;background:#fff;line-height:1.4}
-h1{margin:0 0 4px}h2{margin:28px 0 10px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}h3{margin:14px 0 6px}
-.meta{color:#6b7280;margin:0;font-size:13px}code{font-size:12px;background:#f3f4f6;padding:1px 4px;border-radius:3px}
-.headline{margin:16px 0;padding:12px 16px;border-left:4px solid #16a34a;background:#f0fdf4}
-.headline .best{font-size:17px;font-weight:600;margin:0 0 6px}.headline p{margin:4px 0}
-.headline.bad{border-color:#dc2626;background:#fef2f2}.headline.unsure{border-color:#d97706;background:#fffbeb}.note{color:#6b7280;font-size:12px}
-table.results{border-collapse:collapse;font-size:14px;width:100%}
-.results th,.results td{border-bottom:1px solid #e5e7eb;padding:6px 10px;text-align:left;vertical-align:top}
-.results thead th{background:#f9fafb;font-weight:600}.results td.num{text-align:right;white-space:nowrap}
-.results tr.best{background:#f0fdf4}.results tr.failed{background:#fef2f2}
-.results a{color:inherit}
-.ci{display:block;color:#6b7280;font-size:11px}
-.verdict{display:block;font-size:11px;font-weight:600}
-.good{color:#15803d}.bad{color:#b91c1c}.warn{color:#b45309}.unclear{color:#6b7280}
-.badge{padding:1px 8px;border-radius:10px;font-size:12px}.badge.ok{background:#dcfce7;color:#166534}
-.badge.bad{background:#fee2e2;color:#991b1b}
-img.chart{max-width:100%;height:auto}
 .recipe{margin-top:8px}.lineage ol{margin:4px 0;padding-left:22px;font-size:13px}
 .kind{display:inline-block;min-width:56px;font-weight:600}
 .overview{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}.overview>div:first-child{flex:1;min-width:420px}

@@ -1,27 +1,30 @@
 """The end of a run (or of a re-render, or a rescore): statistics and gates added to the summary, then every
-place the results go: summary.json, report.md, report.html, the terminal, $GITHUB_STEP_SUMMARY, JUnit XML and
-JSON on stdout. Returns the exit code."""
+place the results go: summary.json, report.md, report.html, the terminal, $GITHUB_STEP_SUMMARY, JUnit XML,
+MLflow and JSON on stdout. Returns the exit code. Also where `history` writes history.md and history.html."""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 from rich.console import Console
 
-from contract.layout import RunFolder
+from contract.layout import RunFolder, RunsFolder
 
 from ..results import write_bytes, write_json
 from .cells import problems
 from .gates import GateRequest, check, exit_code
+from .history import History
+from .history_text import render_history_markdown
 from .junit import junit_xml
 from .markdown import gates_markdown, markdown_table, render_markdown
 from .summary import Samples, add_statistics, load_samples
 from .terminal import show_results
+from .tracking import Logged, MlflowTarget, log_run
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Outputs:
     junit: Path | None = None
     json_out: bool = False
     write_summary: bool = True  # `run` and `rescore` write summary.json; `report` only re-renders
+    mlflow: MlflowTarget | None = None
 
 
 def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, outputs: Outputs,
@@ -51,8 +55,11 @@ def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, output
     if outputs.junit is not None:
         outputs.junit.parent.mkdir(parents=True, exist_ok=True)
         outputs.junit.write_text(junit_xml(summary, gates, run_dir), encoding="utf-8")
+    logged = _track(run_dir, summary, outputs) if outputs.mlflow is not None else None
     if outputs.json_out:
         document = {**summary, "run_dir": str(run_dir), "report": str(html_path), "exit_code": code}
+        if logged is not None:
+            document["mlflow"] = asdict(logged)
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
         sys.stdout.flush()
     return code
@@ -69,6 +76,17 @@ def write_reports(run_dir: Path, summary: dict[str, Any], samples: Samples, out_
     return html_path
 
 
+def write_history(history: History, out: Path) -> tuple[Path, Path]:
+    """history.md and history.html into `out`; returns their paths."""
+    from .history_html import render_history_html  # matplotlib loads only when a page is drawn
+
+    out.mkdir(parents=True, exist_ok=True)
+    folder = RunsFolder(out)
+    folder.history_md.write_text(render_history_markdown(history), encoding="utf-8")
+    folder.history_html.write_text(render_history_html(history), encoding="utf-8")
+    return folder.history_md, folder.history_html
+
+
 def _step_summary(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir: Path) -> None:
     """GitHub Actions shows what a job appends to $GITHUB_STEP_SUMMARY on the run's page."""
     target = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -80,3 +98,15 @@ def _step_summary(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir
     parts += [f"- {p}" for p in problems(summary)]
     with open(target, "a", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n\n")
+
+
+def _track(run_dir: Path, summary: dict[str, Any], outputs: Outputs) -> Logged:
+    """Last, after every file is written: a tracking server that fails changes nothing of the run's results."""
+    logged = log_run(run_dir, summary, outputs.mlflow)
+    if logged.warning:
+        outputs.console.print(f"Warning: {logged.warning}", markup=False, highlight=False, style="yellow",
+                              soft_wrap=True)
+    else:
+        outputs.console.print(f"MLflow: {len(logged.runs)} recipe(s) logged to {logged.uri}, experiment "
+                              f"'{logged.experiment}'", markup=False, highlight=False)
+    return logged
