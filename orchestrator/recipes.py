@@ -67,8 +67,10 @@ class RecipeFile(BaseModel):
         return next((r for r in self.recipes if r.baseline), None)
 
 
-def load_recipe_file(path: Path) -> RecipeFile:
-    """Read, merge defaults into each recipe, validate everything; raise RecipeFileError with every problem."""
+def load_recipe_file(path: Path, *, paths_on_nodes: bool = False) -> RecipeFile:
+    """Read, merge defaults into each recipe, validate everything; raise RecipeFileError with every problem.
+    `paths_on_nodes` (--backend ray): a model or dataset path missing here is kept, made absolute, for the
+    nodes that run the workers to resolve (ray_node.py); they refuse what they cannot find."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -87,7 +89,8 @@ def load_recipe_file(path: Path) -> RecipeFile:
     if not isinstance(entries, list) or not entries:
         problems.append("no [[recipe]] entries")
         entries = []
-    recipes = [_validate_recipe(i, entry, defaults, path, problems) for i, entry in enumerate(entries, 1)]
+    recipes = [_validate_recipe(i, entry, defaults, path, problems, paths_on_nodes)
+               for i, entry in enumerate(entries, 1)]
     recipes = [r for r in recipes if r is not None]
     problems += _duplicate_names(entries) + _cross_recipe_problems(recipes)
     if problems:
@@ -122,7 +125,7 @@ def _validate_lineage(table: dict, problems: list[str]) -> LineageRules:
 
 
 def _validate_recipe(
-    index: int, entry: Any, defaults: dict, path: Path, problems: list[str]
+    index: int, entry: Any, defaults: dict, path: Path, problems: list[str], paths_on_nodes: bool = False
 ) -> Recipe | None:
     if not isinstance(entry, dict):
         problems.append(f"recipe #{index}: must be a table")
@@ -139,17 +142,18 @@ def _validate_recipe(
     except ValidationError as exc:
         problems += _describe(exc, where)
         return None
-    return _resolve_paths(recipe, path.parent.resolve(), where, problems)
+    return _resolve_paths(recipe, path.parent.resolve(), where, problems, missing_ok=paths_on_nodes)
 
 
-def _resolve_paths(recipe: Recipe, folder: Path, where: str, problems: list[str]) -> Recipe:
-    """Make local paths absolute and check they exist; hub ids stay as they are for lineage to find."""
+def _resolve_paths(recipe: Recipe, folder: Path, where: str, problems: list[str], missing_ok: bool = False) -> Recipe:
+    """Make local paths absolute and check they exist (unless `missing_ok`); hub ids stay as they are for
+    lineage to find."""
     updates: dict[str, str] = {}
     if recipe.dataset is None:
         problems.append(f"{where}, field 'dataset': no dataset (set it in the recipe or in [defaults])")
     else:
         dataset = folder / recipe.dataset
-        if not dataset.is_file():
+        if not dataset.is_file() and not missing_ok:
             problems.append(f"{where}, field 'dataset': file not found: {dataset}")
         updates["dataset"] = str(dataset)
     for field in ("model", "base"):
@@ -160,7 +164,9 @@ def _resolve_paths(recipe: Recipe, folder: Path, where: str, problems: list[str]
         if local.is_dir():
             updates[field] = str(local)
         elif not _HUB_ID.match(value) or value.startswith((".", "/")):
-            problems.append(f"{where}, field '{field}': no such directory: {local}")
+            if not missing_ok:
+                problems.append(f"{where}, field '{field}': no such directory: {local}")
+            updates[field] = str(local)
     updates["cache_dir"] = str(cache_root(recipe.cache_dir, folder))
     return recipe.model_copy(update=updates)
 
