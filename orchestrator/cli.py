@@ -31,6 +31,7 @@ from .plan import RecipePlan, make_plans
 from .preflight import plan_lines, preflight_for
 from .progress import progress_display
 from .provenance import git_commit
+from .ray_cluster import Cluster
 from .recipes import LineageRules, RecipeFile, load_recipe_file
 from .reporting.gates import GateRequest, gate_request, validate_for_run
 from .reporting.history import read_history
@@ -48,6 +49,11 @@ from .supervisor import Interrupts, Suite, SuiteOptions
 _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: one worker at a time, on the GPU"
               " with most free memory; with it (run): one worker per GPU at once, each recipe on the GPU that fits it.")
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
+_BACKEND_HELP = ("local: the workers run on this host. ray: each recipe's worker runs on a node of a Ray cluster"
+                 " (pip install evalorch[ray]), in a fresh worker, with the GPU Ray gives it.")
+_ADDRESS_HELP = ("With --backend ray: the cluster, auto (the one `ray start` runs on this host), ray://HOST:PORT"
+                 " (Ray Client) or HOST:PORT (its head node). Default: $RAY_ADDRESS, else a local cluster started"
+                 " and stopped by this command.")
 
 # Logs of nightly jobs are read in wide windows: don't wrap the table at 80 columns when not on a terminal.
 console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 160)
@@ -99,6 +105,14 @@ def ci_options(command: Callable) -> Callable:
     return command
 
 
+def backend_options(command: Callable) -> Callable:
+    """--backend and --address: shared by run and plan."""
+    command = click.option("--address", metavar="auto|ray://HOST:PORT|HOST:PORT", envvar="RAY_ADDRESS",
+                           help=_ADDRESS_HELP)(command)
+    return click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help=_BACKEND_HELP)(command)
+
+
 def _ci(fail_under: tuple[str, ...], compare: Path | None, max_drop: tuple[str, ...], junit: Path | None,
         json_out: bool) -> tuple[GateRequest, Outputs]:
     """The gate and CI-output options, checked before any work starts; with --json, stdout carries the JSON
@@ -118,8 +132,10 @@ def mlflow_options(command: Callable) -> Callable:
                         " be reached is a warning: the run's results and exit code stay as they are.")(command)
 
 
-def _load(recipes_path: Path, only: str | None, hash_weights: bool = False) -> tuple[RecipeFile, list[RecipePlan]]:
-    recipe_file = load_recipe_file(recipes_path)
+def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
+          backend: str = "local") -> tuple[RecipeFile, list[RecipePlan]]:
+    # On Ray the nodes resolve the paths (ray_node.py): one this host cannot see is theirs to find or refuse.
+    recipe_file = load_recipe_file(recipes_path, paths_on_nodes=backend == "ray")
     selected = recipe_file.select([n.strip() for n in only.split(",") if n.strip()] if only else None)
     return recipe_file, make_plans(recipe_file, selected, hash_weights=hash_weights)
 
@@ -142,29 +158,43 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False) -> t
               help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
+@backend_options
+@click.option("--ray-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="With --backend ray: CPUs Ray reserves for each recipe's worker.")
+@click.option("--ray-lanes", type=click.IntRange(1, 1024), default=None,
+              help="With --backend ray: recipes at once (default: one per GPU of the cluster; 1 with --device cpu)."
+              " With one, the next recipes' workers start ahead (--prestart), as on one GPU here.")
 @ci_options
 @mlflow_options
 def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None,
         resume_dir: Path | None, force: bool, prestart: bool, prestart_depth: int, hash_weights: bool,
-        gpus: str | None, mlflow_uri: str | None, mlflow_experiment: str | None, **ci: Any) -> None:
+        gpus: str | None, backend: str, address: str | None, ray_cpus: float, ray_lanes: int | None,
+        mlflow_uri: str | None, mlflow_experiment: str | None, **ci: Any) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
     request, outputs = _ci(**ci)  # gate options are checked before any worker starts
     outputs.mlflow = mlflow_target(mlflow_uri, mlflow_experiment)
-    recipe_file, plans = _load(recipes, only, hash_weights)
+    recipe_file, plans = _load(recipes, only, hash_weights, backend)
     validate_for_run(request, [p.recipe.name for p in plans])
+    cluster = _backend(backend, address, gpus)
     if device == "auto":
-        device = default_device(open_nvml())
+        device = _auto_device(cluster)
         console.print(f"Device: {device} (--device auto)")
-    preflight = _preflight(device, gpus, required=True)
+    preflight = _preflight(device, gpus, required=True) if cluster is None else None
     run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
     interrupts = Interrupts()
     options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
                            resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth)
     try:
-        write_json(RunFolder(run_dir).record, _run_record(recipe_file, plans, device, timeout))
+        write_json(RunFolder(run_dir).record, {**_run_record(recipe_file, plans, device, timeout),
+                                               "backend": cluster.record() if cluster else {"name": "local"}})
         console.print(f"Run folder: {run_dir}")
-        interrupts.install()
-        rows = _run_suite(plans, run_dir, options, interrupts, preflight, gpus)
+        interrupts.install()  # after Ray's init, which sets a SIGTERM handler of its own
+        with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
+            if cluster is not None:
+                rows = _run_on_ray(cluster, recipe_file, plans, run_dir, options, hash_weights, ray_cpus, ray_lanes,
+                                   listener, interrupts)
+            else:
+                rows = _run_suite(plans, run_dir, options, interrupts, preflight, gpus, listener)
         baseline = recipe_file.baseline.name if recipe_file.baseline else None
         code = publish(run_dir, run_summary(rows, baseline), request, outputs, interrupted=interrupts.stop_requested)
     except ResultsWriteError as exc:  # a full disk, a folder made read-only: the run stops, and can continue
@@ -175,13 +205,12 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
 
 
 def _run_suite(plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, interrupts: Interrupts, preflight,
-               gpus: str | None) -> list[dict]:
-    """Every recipe, one worker at a time or one per GPU at once, under the live display; their rows."""
-    with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
-        if runs_concurrently(preflight, gpus):
-            return GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts,
-                                preflight=preflight).run()
-        return Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
+               gpus: str | None, listener: Any) -> list[dict]:
+    """Every recipe on this host, one worker at a time or one per GPU at once; their rows."""
+    if runs_concurrently(preflight, gpus):
+        return GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts,
+                            preflight=preflight).run()
+    return Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
 
 
 @main.command("report")
@@ -245,6 +274,41 @@ def _preflight(device: str, gpus: str | None, *, required: bool):
     return preflight_for(device, gpus, required=required, report=lambda message: console.print(f"    {message}"))
 
 
+def _backend(backend: str, address: str | None, gpus: str | None) -> Cluster | None:
+    """The Ray cluster for --backend ray (connected, or a local one started), closed when the command ends; None
+    for the local backend."""
+    if backend == "local":
+        if address:
+            raise UserError("--address names a Ray cluster: use it with --backend ray")
+        return None
+    if gpus is not None:
+        raise UserError("--gpus is for the local backend: with --backend ray, Ray gives each worker its GPU")
+    from .ray_cluster import open_cluster
+
+    cluster = click.get_current_context().with_resource(open_cluster(address))
+    where = "a local Ray cluster (started for this command)" if cluster.started else f"the Ray cluster at {address}"
+    err_console.print(f"Ray: {where}: {len(cluster.nodes)} node(s), {cluster.resources.get('CPU', 0):g} CPU(s), "
+                      f"{cluster.gpus} GPU(s)")
+    return cluster
+
+
+def _auto_device(cluster: Cluster | None) -> str:
+    """--device auto: cuda where NVML sees a GPU here, or on Ray where the cluster has one."""
+    if cluster is not None:
+        return "cuda" if cluster.gpus else "cpu"
+    return default_device(open_nvml())
+
+
+def _run_on_ray(cluster: Cluster, recipe_file: RecipeFile, plans: list[RecipePlan], run_dir: Path,
+                options: SuiteOptions, hash_weights: bool, cpus: float, lanes: int | None, listener: Any,
+                interrupts: Interrupts) -> list[dict]:
+    from .ray_backend import RaySettings, run_on_ray
+
+    settings = RaySettings(options.device, recipe_file.lineage, run_dir.name, cpus, hash_weights, options.offline)
+    return run_on_ray(cluster, plans, run_dir, options, settings, lanes=lanes, listener=listener,
+                      interrupts=interrupts, report=lambda message: console.print(f"    {message}"))
+
+
 def _resume_dir(run_dir: Path, plans: list[RecipePlan], force: bool) -> Path:
     changed = differences(run_dir, plans)
     if changed and not force:
@@ -261,11 +325,17 @@ def _resume_dir(run_dir: Path, plans: list[RecipePlan], force: bool) -> Path:
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Estimate memory for this device (auto: cuda where NVML sees a GPU, else cpu).")
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
-def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus: str | None) -> None:
+@backend_options
+def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus: str | None, backend: str,
+         address: str | None) -> None:
     """Validate RECIPES and show each recipe's lineage, memory estimate and, where a GPU is visible, whether
-    it fits; loads no weights, needs no GPU."""
-    recipe_file, plans = _load(recipes, only, hash_weights)
-    device = default_device(open_nvml()) if device == "auto" else device
+    it fits; loads no weights, needs no GPU. With --backend ray, a node of the cluster checks each recipe."""
+    recipe_file, plans = _load(recipes, only, hash_weights, backend)
+    cluster = _backend(backend, address, gpus)
+    device = _auto_device(cluster) if device == "auto" else device
+    if cluster is not None:
+        _plan_on_ray(recipe_file, plans, device, hash_weights)
+        return
     preflight = _preflight(device, gpus, required=False)
     refused = []
     for item in plans:
@@ -280,6 +350,20 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
     problems = [p for p in plans if not p.runnable] + refused
     if problems:
         fail(f"{len(problems)} recipe(s) cannot run", Exit.RECIPE_FAILED)
+
+
+def _plan_on_ray(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, hash_weights: bool) -> None:
+    """The lineage as the driver sees it, then what a node of the cluster says (lineage there, estimate, verdict)."""
+    from .ray_backend import RaySettings, plan_on_ray
+
+    answers = plan_on_ray(plans, RaySettings(device, recipe_file.lineage, "plan", hash_weights=hash_weights))
+    for item, answer in zip(plans, answers, strict=True):
+        console.print(_lineage_tree(item, recipe_file.lineage))
+        for line in answer["lines"]:
+            console.print(f"    {line}")
+    failed = sum(not answer["ok"] for answer in answers)
+    if failed:
+        fail(f"{failed} recipe(s) cannot run", Exit.RECIPE_FAILED)
 
 
 def _lineage_tree(item: RecipePlan, rules: LineageRules) -> Tree:

@@ -5,6 +5,7 @@ removed so that no library in the worker thinks it is part of a job. What was se
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 # Variables of distributed launchers that would make a library in the worker think it is part of a job.
@@ -13,13 +14,14 @@ _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP
 _LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")
 
 
-def worker_env(device: str, gpu: str | None = None, offline: bool = True,
-               pinned: bool = False) -> tuple[dict[str, str], dict]:
-    """The worker's environment, built on purpose; returns it and what was set or removed. `pinned` (a
-    scheduler's lane) gives the worker its GPU even with --device cpu: only the fake NVML makes lanes on a CPU
-    machine, and there the tests read where each worker was put."""
-    env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
-    removed = sorted(set(os.environ) - set(env))
+def worker_env(device: str, gpu: str | None = None, offline: bool = True, pinned: bool = False,
+               base: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict]:
+    """The worker's environment, built on purpose from `base` (default: this process's); returns it and what was
+    set or removed. `pinned` (a scheduler's lane) gives the worker its GPU even with --device cpu: only the fake
+    NVML makes lanes on a CPU machine, and there the tests read where each worker was put."""
+    base = os.environ if base is None else base
+    env = {k: v for k, v in base.items() if not _is_launcher_var(k)}
+    removed = sorted(set(base) - set(env))
     # A CPU worker gets no GPU, unless a lane pinned one.
     visible = (gpu or "0") if device == "cuda" else (gpu if pinned and gpu else "")
     chosen = {

@@ -112,12 +112,19 @@ class GpuPreflight:
     def expected_batch(self, plan: RecipePlan, gpu: int | None = None) -> int | None:
         """The batch size `plan` will most likely run at once the GPU is back to its baseline: a worker started
         ahead prepares its first batches at this size while the GPU is still busy. None without an estimate."""
-        try:
-            workload = read_workload(plan.recipe, plan.chain or [], self.device)
-        except EstimateError:
-            return None
-        return largest_batch(workload, _aimed_batch(plan, workload), self.expected_free(
-            gpu if gpu is not None else self.gpus[0]))
+        return expected_batch(plan, self.device, self.expected_free(gpu if gpu is not None else self.gpus[0]))
+
+    def carry_over(self, gpu: int, baseline: dict | None, last_pid: int | None, last_recipe: str = "") -> None:
+        """What an earlier preflight knew of `gpu`: its memory before this run's first worker there (`baseline`,
+        as `baseline_of` gives it) and the last worker started on it, whose memory must come back before the
+        next launch. A Ray actor's preflight is new for every recipe (ray_node.py); the driver keeps these."""
+        if baseline is not None:
+            self._baseline[gpu] = dict(baseline)
+        if last_pid is not None:
+            self._last[gpu] = _LastWorker(gpu, last_pid, last_recipe)
+
+    def baseline_of(self, gpu: int) -> dict:
+        return dict(self._baseline[gpu])
 
     def expected_free(self, gpu: int) -> int:
         """What `gpu` will have free once our last worker's memory is back (the scheduler places by it): free
@@ -234,6 +241,15 @@ def _aimed_batch(plan: RecipePlan, workload: Workload) -> int:
     if plan.recipe.batch_size == "auto" and workload.prompts.samples:
         batch = min(batch, workload.prompts.samples)
     return batch
+
+
+def expected_batch(plan: RecipePlan, device: str, free_bytes: int) -> int | None:
+    """The batch size `plan` gets where `free_bytes` are free (see GpuPreflight.expected_batch)."""
+    try:
+        workload = read_workload(plan.recipe, plan.chain or [], device)
+    except EstimateError:
+        return None
+    return largest_batch(workload, _aimed_batch(plan, workload), free_bytes)
 
 
 def largest_batch(workload: Workload, batch_size: int, free_bytes: int) -> int | None:

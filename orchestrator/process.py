@@ -57,7 +57,14 @@ def describe_exit(returncode: int) -> ExitInfo:
 
 
 class WorkerProcess:
-    """A `python -m worker` (or `-m worker.merge`...) child with a result pipe, a lifeline and a log file."""
+    """A `python -m worker` (or `-m worker.merge`...) child with a result pipe, a lifeline and a log file.
+
+    The supervisor drives a worker through this interface only; ray_backend.RayWorkerProcess implements it for a
+    worker on a Ray node. What such a backend knows beyond it, a local process leaves None:"""
+
+    where: dict | None = None  # the node and GPU the worker runs on
+    env_record: dict | None = None  # the environment as built there (what was set, what was removed)
+    lost: str | None = None  # why the node or its Ray worker is gone (then the process is beyond reach)
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, *, module: str = "worker") -> None:
         read_fd, write_fd = os.pipe()

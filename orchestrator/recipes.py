@@ -71,8 +71,10 @@ class RecipeFile(BaseModel):
         return next((r for r in self.recipes if r.baseline), None)
 
 
-def load_recipe_file(path: Path) -> RecipeFile:
-    """Read, merge defaults into each recipe, validate everything; raise RecipeFileError with every problem."""
+def load_recipe_file(path: Path, *, paths_on_nodes: bool = False) -> RecipeFile:
+    """Read, merge defaults into each recipe, validate everything; raise RecipeFileError with every problem.
+    `paths_on_nodes` (--backend ray): a model or dataset path missing here is kept, made absolute, for the
+    nodes that run the workers to resolve (ray_node.py); they refuse what they cannot find."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_bytes().decode("utf-8"))
@@ -98,7 +100,8 @@ def load_recipe_file(path: Path) -> RecipeFile:
     elif not isinstance(entries, list) or not entries:
         problems.append("no [[recipe]] entries")
         entries = []
-    recipes = [_validate_recipe(i, entry, defaults, path, problems) for i, entry in enumerate(entries, 1)]
+    recipes = [_validate_recipe(i, entry, defaults, path, problems, paths_on_nodes)
+               for i, entry in enumerate(entries, 1)]
     recipes = [r for r in recipes if r is not None]
     problems += _duplicate_names(entries) + _cross_recipe_problems(recipes)
     if problems:
@@ -195,7 +198,8 @@ def _valid_defaults(defaults: dict, problems: list[str]) -> dict:
     return defaults
 
 
-def _validate_recipe(index: int, entry: Any, defaults: dict, path: Path, problems: list[str]) -> Recipe | None:
+def _validate_recipe(index: int, entry: Any, defaults: dict, path: Path, problems: list[str],
+                     paths_on_nodes: bool = False) -> Recipe | None:
     """The recipe with its paths made absolute, or None; every problem of its fields and of its paths is added
     to `problems`, the paths' too when a field is wrong."""
     if not isinstance(entry, dict):
@@ -205,7 +209,8 @@ def _validate_recipe(index: int, entry: Any, defaults: dict, path: Path, problem
     where = f"recipe '{name if isinstance(name, str) else '?'}' (#{index})"
     merged = {**defaults, **entry}
     path_problems: list[str] = []
-    updates, dataset_found = _resolve_paths(merged, path.parent.resolve(), where, path_problems)
+    missing_ok = paths_on_nodes
+    updates, dataset_found = _resolve_paths(merged, path.parent.resolve(), where, path_problems, missing_ok)
     try:
         recipe = Recipe(**merged)
     except ValidationError as exc:
@@ -215,16 +220,17 @@ def _validate_recipe(index: int, entry: Any, defaults: dict, path: Path, problem
     if recipe is None:
         return None
     resolved = recipe.model_copy(update=updates)
-    if dataset_found:  # then what would fail every sample: the reader's own checks
+    if dataset_found and not missing_ok:  # then what would fail every sample: the reader's own checks
         problems += [f"{where}, field '{field}': {problem}" for field, problem in dataset_problems(resolved)]
     return resolved
 
 
-def _resolve_paths(fields: dict[str, Any], folder: Path, where: str,
-                   problems: list[str]) -> tuple[dict[str, str], bool]:
+def _resolve_paths(fields: dict[str, Any], folder: Path, where: str, problems: list[str],
+                   missing_ok: bool = False) -> tuple[dict[str, str], bool]:
     """Local paths made absolute, each checked to exist (from the raw fields: a recipe with another mistake has
-    its paths checked too); hub ids stay as they are for lineage to find. Fields that are not strings are the
-    schema's to report. Also says whether the dataset was found (then the reader's own checks can run)."""
+    its paths checked too) unless `missing_ok` (--backend ray: the nodes resolve them); hub ids stay as they are
+    for lineage to find. Fields that are not strings are the schema's to report. Also says whether the dataset
+    was found (then the reader's own checks can run)."""
     updates: dict[str, str] = {}
     known_problems = len(problems)
     dataset = fields.get("dataset")
@@ -233,7 +239,7 @@ def _resolve_paths(fields: dict[str, Any], folder: Path, where: str,
     elif isinstance(dataset, str):
         found = folder / Path(dataset).expanduser()  # a file, a folder or a glob of parquet files
         updates["dataset"] = str(found)
-        if not dataset_exists(found):
+        if not dataset_exists(found) and not missing_ok:
             missing = "no files match" if is_glob(str(found)) else "file not found"
             problems.append(f"{where}, field 'dataset': {missing}: {found}")
     image_root = fields.get("image_root")
@@ -255,7 +261,9 @@ def _resolve_paths(fields: dict[str, Any], folder: Path, where: str,
         if local.is_dir():
             updates[field] = str(local)
         elif not _HUB_ID.match(value) or value.startswith((".", "/")):
-            problems.append(f"{where}, field '{field}': no such directory: {local}")
+            if not missing_ok:
+                problems.append(f"{where}, field '{field}': no such directory: {local}")
+            updates[field] = str(local)
     cache_dir = fields.get("cache_dir")
     if cache_dir is None or isinstance(cache_dir, str):
         updates["cache_dir"] = str(cache_root(cache_dir, folder))

@@ -7,6 +7,7 @@ runs: nothing here raises past a single recipe.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -37,7 +38,8 @@ class RecipeOutcome:
 
     name: str
     # ok, sample_errors (finished, but too many samples errored), error, crashed, killed, timeout, protocol,
-    # interrupted, refused, skipped
+    # interrupted, refused, skipped; lost (a remote backend's node or Ray worker died under the worker: retried,
+    # see LOST_RETRIES)
     status: str = "pending"
     detail: str = ""
     pid: int | None = None
@@ -56,16 +58,20 @@ class RecipeOutcome:
     shutdown: list[dict[str, Any]] = field(default_factory=list)  # how the parent stopped it (process.stop)
     log_tail: str = ""
     sample_errors: dict[str, Any] | None = None  # the verdict on its errored samples (stats.sample_error_verdict)
+    ran_on: dict[str, Any] | None = None  # a remote backend's node and GPU (ray_backend.py); None when local
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 Listener = Callable[[str, RecipeOutcome, dict[str, Any]], None]
+# Starts one worker: (spec, the spec file written in the run folder, environment, log file) -> the process. The
+# default is a local `python -m worker`; ray_backend.py starts it on a Ray node behind the same interface.
+Launcher = Callable[[WorkerSpec, Path, dict[str, str], Path], WorkerProcess]
 
 
-
-
+def local_worker(spec: WorkerSpec, spec_path: Path, env: dict[str, str], log_path: Path) -> WorkerProcess:
+    return WorkerProcess(["--spec", str(spec_path)], env, log_path)
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,9 @@ class RecipeRun:
     """One attempt of one recipe's worker, from launch to a classified outcome."""
 
     def __init__(self, spec: WorkerSpec, recipe_dir: Path, env: dict[str, str], limits: Limits,
-                 interrupts: Interrupts, listener: Listener | None = None) -> None:
+                 interrupts: Interrupts, listener: Listener | None = None, launcher: Launcher = local_worker) -> None:
         self.spec = spec
+        self.launcher = launcher
         self.dir = recipe_dir
         self.env = env
         self.limits = limits
@@ -133,8 +140,7 @@ class RecipeRun:
         write_bytes(spec_path, self.spec.to_json())
         self.samples = SampleLog(RecipeFolder(self.dir).samples)
         self._spawned = time.monotonic()
-        self.proc = WorkerProcess(["--spec", str(spec_path)], self.env, RecipeFolder(self.dir).log)
-        self.outcome.pid = self.proc.pid
+        self.proc = self.launcher(self.spec, spec_path, self.env, RecipeFolder(self.dir).log)
 
     def release(self, batch_size: int | None = None) -> None:
         """Let a held worker load onto the device (the preflight has just said the GPU is free for it)."""
@@ -150,6 +156,10 @@ class RecipeRun:
         """Supervise the (started, released) worker to its end and classify the outcome."""
         started = time.monotonic()
         self.outcome.timings["hidden_startup"] = started - self._spawned
+        self.outcome.pid = self.proc.pid
+        self.outcome.ran_on = self.proc.where
+        if self.proc.env_record is not None:  # built where the worker runs (a Ray node), not here
+            self.outcome.env_set = self.proc.env_record
         self._emit("started", {"pid": self.proc.pid})
         try:
             self._pump(self.proc, started)
@@ -219,6 +229,8 @@ class RecipeRun:
         self._emit(kind, message)
 
     def _reap(self, proc: WorkerProcess) -> int:
+        if proc.lost is not None:  # nothing left to wait for or to stop: the node or its Ray worker is gone
+            return -9
         returncode = proc.wait(_EXIT_GRACE_S)
         if returncode is None:  # closed its pipe but will not exit: stop it
             self.outcome.shutdown += proc.stop("no exit after its result pipe closed")
@@ -235,6 +247,9 @@ class RecipeRun:
             out.status, out.detail = "timeout", f"{self._expired} timeout ({limit:g}s) reached; worker killed"
         elif out.error is not None:
             out.status, out.detail = "error", f"{out.error['kind']}: {out.error['message']}"
+        elif self.proc.lost is not None:
+            out.status, out.detail = "lost", f"{self.proc.lost} after {out.samples_received} samples"
+            out.exit = "unknown: the worker's node or Ray worker was lost"
         elif self._interrupted:
             out.status, out.detail = "interrupted", f"stopped by the user after {out.samples_received} samples"
         elif info.signal is not None:
@@ -275,6 +290,8 @@ def _tail(path: Path) -> str:
 
 
 RETRYABLE = ("crashed", "killed", "timeout")  # never config or lineage errors: those fail the same way again
+# A lost node or Ray worker says nothing about the recipe: retried this many more times, whatever its `retries`.
+LOST_RETRIES = 2
 
 
 @dataclass
@@ -302,8 +319,10 @@ class Suite:
 
     def __init__(self, plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, *,
                  listener: Listener | None = None, preflight: Preflight | None = None,
-                 interrupts: Interrupts | None = None, gpu: int | None = None) -> None:
+                 interrupts: Interrupts | None = None, gpu: int | None = None,
+                 launcher: Launcher = local_worker) -> None:
         self.plans = plans
+        self.launcher = launcher
         self.run_dir = run_dir
         self.options = options
         self.listener = listener or (lambda *_: None)
@@ -338,7 +357,7 @@ class Suite:
         elif self.preflight and not (decision := self._before_launch(plan)).ok:
             outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
         else:
-            outcome, attempts = self._attempts(plan, recipe_dir, decision)
+            outcome, attempts, decision = self._attempts(plan, recipe_dir, decision)
         if (unused := self._held.pop(plan.recipe.name, None)) is not None:
             unused.abandon()  # started ahead, but the recipe did not run after all
         if outcome.pid is None:
@@ -351,23 +370,36 @@ class Suite:
         return self.preflight.before_launch(plan, gpu=self.gpu)  # GpuPreflight: this lane's GPU only
 
     def _attempts(self, plan: RecipePlan, recipe_dir: Path,
-                  decision: LaunchDecision) -> tuple[RecipeOutcome, list[dict[str, Any]]]:
-        """The first attempt and, after a crash, kill or timeout, up to `retries` more with a back-off;
-        each retry continues with the samples not yet recorded."""
-        attempts = []
-        for attempt in range(plan.recipe.retries + 1):
-            if attempt:
-                _note(RecipeFolder(recipe_dir).log, f"=== evalorch: attempt {attempt + 1} ===")
-                if not self._sleep(plan.recipe.retry_backoff * 2 ** (attempt - 1)):
+                  decision: LaunchDecision) -> tuple[RecipeOutcome, list[dict[str, Any]], LaunchDecision]:
+        """The first attempt and, after a crash, kill or timeout, up to `retries` more with a back-off (after a
+        lost node, up to LOST_RETRIES more); each retry continues with the samples not yet recorded, after the
+        preflight's verdict again (the last worker's memory must come back; on Ray it may be another node)."""
+        attempts: list[dict[str, Any]] = []
+        retries, lost_retries = plan.recipe.retries, LOST_RETRIES
+        for attempt in itertools.count(1):
+            if attempt > 1:
+                _note(RecipeFolder(recipe_dir).log, f"=== evalorch: attempt {attempt} ===")
+                if not self._sleep(plan.recipe.retry_backoff * 2 ** (len(attempts) - 1)):
                     break
-            outcome = self._launch(plan, recipe_dir, decision, attempt + 1)
+                if self.preflight and not (decision := self._before_launch(plan)).ok:
+                    outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
+                    attempts.append({"attempt": attempt, "status": "refused", "detail": decision.message})
+                    break
+            outcome = self._launch(plan, recipe_dir, decision, attempt)
             if self.preflight:
                 self.preflight.after_exit(plan, outcome.pid)
-            attempts.append({"attempt": attempt + 1, "status": outcome.status, "detail": outcome.detail,
-                             "pid": outcome.pid, "seconds": outcome.seconds, "samples": outcome.samples_received})
-            if outcome.status not in RETRYABLE or self.interrupts.stop_requested:
+            attempts.append({"attempt": attempt, "status": outcome.status, "detail": outcome.detail,
+                             "pid": outcome.pid, "seconds": outcome.seconds, "samples": outcome.samples_received,
+                             "ran_on": outcome.ran_on})
+            if self.interrupts.stop_requested:
                 break
-        return outcome, attempts
+            if outcome.status == "lost" and lost_retries:
+                lost_retries -= 1
+            elif outcome.status in RETRYABLE and retries:
+                retries -= 1
+            else:
+                break
+        return outcome, attempts, decision
 
     def _launch(self, plan: RecipePlan, recipe_dir: Path, decision: LaunchDecision, attempt: int) -> RecipeOutcome:
         run = self._take_held(plan, decision) if attempt == 1 else None
@@ -389,7 +421,7 @@ class Suite:
         env, env_record = worker_env(self.options.device, decision.gpu, offline=self.options.offline,
                                      pinned=self.gpu is not None)
         run = RecipeRun(spec, recipe_dir, env, Limits.of(recipe, self.options.timeout), self.interrupts,
-                        self.listener)
+                        self.listener, self.launcher)
         run.outcome.env_set = env_record
         return run
 

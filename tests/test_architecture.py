@@ -2,7 +2,8 @@
 
 - `worker/` imports nothing from `orchestrator/`;
 - `contract/`, the torch-free core both sides import, imports neither side, nor torch, transformers or peft;
-- `import orchestrator.cli` leaves torch, transformers and peft out of sys.modules;
+- `import orchestrator.cli` leaves torch, transformers, peft and ray out of sys.modules;
+- only the Ray backend (orchestrator/ray_*.py) imports ray, an optional extra;
 - no import cycles between the project's modules (imports inside functions count too);
 - every run-folder file name is spelled once, in contract/layout.py;
 - no test file imports another (shared helpers live in tests/helpers.py).
@@ -78,6 +79,16 @@ def test_the_parent_imports_no_model_stack() -> None:
     assert _offenders(_graph(*PACKAGES), "orchestrator", MODEL_STACK) == []
 
 
+RAY_BACKEND = ("orchestrator.ray_backend", "orchestrator.ray_node", "orchestrator.ray_cluster")
+
+
+def test_only_the_ray_backend_imports_ray() -> None:
+    """Ray is an optional extra: a local run must work without it, so nothing else may import it."""
+    graph = _graph(*PACKAGES)
+    importers = sorted(name for name, targets in graph.items() if any(t.split(".")[0] == "ray" for t in targets))
+    assert importers and set(importers) <= set(RAY_BACKEND), importers
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
@@ -125,12 +136,12 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_importing_the_cli_and_the_core_loads_no_model_stack() -> None:
+def test_importing_the_cli_and_the_core_loads_no_model_stack_nor_ray() -> None:
     core = [name for name in _sources("contract") if name != "contract"]
     code = ("import sys, importlib\n"
             f"for name in {['orchestrator.cli', *core]!r}:\n"
             "    importlib.import_module(name)\n"
-            f"print(sorted(m for m in {MODEL_STACK!r} if m in sys.modules))")
+            f"print(sorted(m for m in {(*MODEL_STACK, 'ray')!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
