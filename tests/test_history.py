@@ -81,10 +81,10 @@ def test_changed_weights_or_settings_are_a_new_setup_not_an_improvement(tmp_path
 
 
 def test_runs_scored_differently_are_never_compared(tmp_path: Path) -> None:
-    _night(tmp_path, 1, {"m": BASE, "r": BASE})  # no threshold rule recorded: IoU > t
-    _night(tmp_path, 2, {"m": GOOD, "r": GOOD}, settings={"m": {"box_format": "xyxy"}}, extra={"threshold_rule": ">"})
-    _night(tmp_path, 3, {"m": GOOD, "r": BASE}, settings={"m": {"box_format": "xyxy"}},
-           extra={"threshold_rule": ">="})
+    _night(tmp_path, 1, {"m": BASE, "r": BASE}, legacy=True)  # no rule recorded: IoU > t (iou_gt_ keys)
+    _night(tmp_path, 2, {"m": GOOD, "r": GOOD}, settings={"m": {"box_format": "xyxy"}}, legacy=True,
+           extra={"iou_rule": ">"})
+    _night(tmp_path, 3, {"m": GOOD, "r": BASE}, settings={"m": {"box_format": "xyxy"}})  # IoU >= t, recorded
     history = read_history(tmp_path / "runs")
     box = _point(history, "m", 1).change
     assert box.mark == NOT_COMPARED and box.paired is None
@@ -138,7 +138,7 @@ def test_last_recipes_and_metric_select_and_bad_requests_say_why(tmp_path: Path)
     runs = tmp_path / "runs"
     last = read_history(runs, last=2, recipes=["m"], metric="iou>0.5")
     assert [r.name for r in last.finished] == ["20260103T020000Z", "20260104T020000Z"]
-    assert [t.recipe for t in last.trends] == ["m"] and last.metric == "iou_gt_0.5"
+    assert [t.recipe for t in last.trends] == ["m"] and last.metric == "iou_ge_0.5"  # the rate at 0.5, as gates name it
     assert _marks(last, "m") == [None, BETTER]
     detection = read_history(runs, metric="detection_rate", recipes=["m"])
     assert _point(detection, "m", 1).value == 1.0 and _point(detection, "m", 1).change.paired["difference"] == 0

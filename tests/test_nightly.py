@@ -161,7 +161,7 @@ def test_each_recipe_is_an_mlflow_run_searchable_by_its_metrics(nightly: dict, m
     run_dir = nightly["folders"][0]
     row = next(r for r in _summary(run_dir)["recipes"] if r["name"] == "tuned")
     data = found[0].data
-    for key in ("mean_iou", "detection_rate", "iou_gt_0.5", "iou_gt_0.7"):
+    for key in ("mean_iou", "detection_rate", "iou_ge_0.5", "iou_ge_0.7"):
         assert data.metrics[key] == pytest.approx(row["metrics"][key])
         assert [data.metrics[f"{key}.low"], data.metrics[f"{key}.high"]] == pytest.approx(row["intervals"][key])
     assert data.metrics["vs_baseline.delta"] == pytest.approx(row["vs_baseline_paired"]["difference"])
