@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from contract.boxes import score_text
 from orchestrator.reporting.summary import run_summary
+from orchestrator.results import read_samples
 from orchestrator.stats import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +58,17 @@ def only_run_dir(out: Path) -> Path:
     runs = [p for p in out.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def wait_for_samples(out: Path, name: str, count: int, timeout: float = 180) -> Path:
+    """The run folder under `out` once recipe `name` has recorded `count` samples (a CLI run in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = list(out.glob("*/")) if out.exists() else []
+        if runs and len(read_samples(runs[0] / name / "samples.jsonl")) >= count:
+            return runs[0]
+        time.sleep(0.2)
+    raise AssertionError(f"{name} never reached {count} samples")
 
 
 # ------------------------------------------------------------------------- run folders made by hand

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, only_run_dir, run_cli, write_recipes
+from helpers import ROOT, only_run_dir, run_cli, wait_for_samples, write_recipes
 
 from contract.nvml import FAKE_ENV, write_fake_nvml
 from orchestrator.results import read_samples
@@ -101,16 +101,6 @@ def _start(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_samples(out: Path, name: str, count: int, timeout: float = 180) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = list(out.glob("*/")) if out.exists() else []
-        if runs and len(read_samples(runs[0] / name / "samples.jsonl")) >= count:
-            return runs[0]
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never reached {count} samples")
-
-
 def test_the_suite_on_two_nodes_gives_the_local_backends_results(cluster: dict, demo: dict, tmp_path: Path) -> None:
     """Two lanes of a whole node each: one recipe on each node, at once; per sample, what the local backend
     gives. Each summary.json says where it ran; the worker's environment lost Ray's variables (its token too)."""
@@ -149,7 +139,7 @@ def test_a_killed_ray_worker_is_retried_with_the_samples_not_yet_received(cluste
     out = tmp_path / "runs"
     proc = _start(["run", str(recipes), "--out", str(out), "--device", "cpu", "--backend", "ray",
                    "--address", cluster["address"]])
-    run_dir = _wait_for_samples(out, "flaky", 2)
+    run_dir = wait_for_samples(out, "flaky", 2)
     (worker,) = _workers_of(run_dir)
     actor = worker.parent()
     assert "ray" in " ".join(actor.cmdline()).lower()  # the worker's parent is the Ray worker holding the actor
@@ -180,7 +170,7 @@ def test_ctrl_c_through_ray_stops_cleanly_and_leaves_no_worker(cluster: dict, de
     ahead = ["--prestart"] if presses == 2 else ["--no-prestart"]  # one worker started ahead to be killed too
     proc = _start(["run", str(recipes), "--out", str(out), "--device", "cpu", "--backend", "ray",
                    "--address", cluster["address"], "--prestart-depth", "1", *ahead])
-    run_dir = _wait_for_samples(out, "first", 2)
+    run_dir = wait_for_samples(out, "first", 2)
     running = [w for w in _workers_of(run_dir) if f"-{run_dir.name}-first-" in " ".join(w.cmdline())]
     environ = running[0].environ()
     assert not [key for key in environ if key.startswith("RAY_")] and "PYTHONBREAKPOINT" not in environ

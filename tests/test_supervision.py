@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, only_run_dir, run_cli, write_recipes
+from helpers import ROOT, only_run_dir, run_cli, wait_for_samples, write_recipes
 
 from orchestrator.results import read_samples
 
@@ -108,23 +108,13 @@ def _start(recipes: Path, out: Path, fault: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_samples(out: Path, name: str, count: int, timeout: float = 120) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = list(out.glob("*/")) if out.exists() else []
-        if runs and len(read_samples(runs[0] / name / "samples.jsonl")) >= count:
-            return runs[0]
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never reached {count} samples")
-
-
 @pytest.mark.parametrize("signals, status", [([signal.SIGINT], "interrupted"), ([signal.SIGTERM], "interrupted"),
                                              ([signal.SIGINT, signal.SIGINT], "interrupted")])
 def test_interrupts_stop_cleanly_and_keep_what_was_received(demo: dict, tmp_path: Path, signals: list,
                                                             status: str) -> None:
     recipes = _recipes(tmp_path, demo, ["first", "second"], batch_size=1, limit=12)
     proc = _start(recipes, tmp_path / "runs", "delay@each")
-    run_dir = _wait_for_samples(tmp_path / "runs", "first", 2)
+    run_dir = wait_for_samples(tmp_path / "runs", "first", 2)
     for sig in signals:
         proc.send_signal(sig)
         time.sleep(0.2)
@@ -143,7 +133,7 @@ def test_interrupts_stop_cleanly_and_keep_what_was_received(demo: dict, tmp_path
 def test_a_killed_parent_takes_no_worker_with_it_and_resume_matches_a_clean_run(demo: dict, tmp_path: Path) -> None:
     recipes = _recipes(tmp_path, demo, ["first", "second"], batch_size=1, limit=8)
     proc = _start(recipes, tmp_path / "runs", "delay@each")
-    run_dir = _wait_for_samples(tmp_path / "runs", "second", 2)
+    run_dir = wait_for_samples(tmp_path / "runs", "second", 2)
     workers = _workers_of(run_dir)
     assert len(workers) == 1
     proc.send_signal(signal.SIGKILL)
