@@ -51,6 +51,15 @@ from contract.units import format_bytes
 from .image_tokens import QWEN_FAMILIES, ImageRule, image_rule
 
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
+# What torch's caching allocator holds beyond its peak of live tensors, which NVML counts: a fixed part, and a
+# share of what grows with the batch (the KV cache re-allocated as it grows, activations of changing sizes). The
+# three factors below were fitted on the H200 (2026-12-01, GPU_CHECKS.md: Qwen2.5-VL 3B and InternVL3-2B at batch
+# 8, 16 and 32) together with the H100's Qwen2-VL 2B/7B of 2026-11-24, so that the estimate without its margin
+# lands 0-15% above NVML's measure of the worker in every one of those twelve runs.
+ALLOCATOR_FIXED_BYTES = 1075 * 2**20
+ALLOCATOR_SHARE = 0.25
+PREFILL_FACTOR = 1.3  # the prefill's peak, in one layer's MLP buffers and residual stream (measured 1.0-1.3)
+VISION_FACTOR = 0.6  # the vision tower's peak, in the per-patch buffers vision_bytes lists
 CHAT_TOKENS = 48  # a chat template around the prompt (Qwen2-VL's: system turn, role and vision markers)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _RUN_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -106,6 +115,9 @@ class MemoryEstimate:
     prompt_tokens: int  # text + image tokens of the longest prompt
     image_tokens: int
     lora_bytes: int = 0  # LoRA's float32 temporaries in the widest adapted layer during the prefill
+    lora_alongside: bool = True  # the adapted layer is an MLP's (wider than the residual): its temporaries
+    # coexist with the MLP buffers of the prefill's peak; attention-only LoRA peaks apart from them
+    allocator_bytes: int = 0  # the caching allocator's slack beyond the live peak (CUDA only)
     notes: tuple[str, ...] = ()
 
     @property
@@ -116,11 +128,13 @@ class MemoryEstimate:
     @property
     def activation_bytes(self) -> int:
         # the vision encoder runs first and its intermediates are freed before the language model's prefill
-        return max(self.vision_bytes, self.prefill_bytes) + self.lora_bytes
+        if self.lora_alongside:
+            return max(self.vision_bytes, self.prefill_bytes) + self.lora_bytes
+        return max(self.vision_bytes, self.prefill_bytes, self.lora_bytes)
 
     @property
     def needed_bytes(self) -> int:
-        return self.fixed_bytes + self.kv_cache_bytes + self.activation_bytes
+        return self.fixed_bytes + self.kv_cache_bytes + self.activation_bytes + self.allocator_bytes
 
     @property
     def margin_bytes(self) -> int:
@@ -137,7 +151,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = [("weights", self.weights_bytes), ("adapter", self.adapter_bytes), ("KV", self.kv_cache_bytes),
-                 ("activations", self.activation_bytes), ("context", self.context_bytes),
+                 ("activations", self.activation_bytes), ("allocator cache", self.allocator_bytes),
+                 ("context", self.context_bytes),
                  (f"margin {self.margin:.0%}", self.margin_bytes)]
         listed = " + ".join(f"{name} {format_bytes(value)}" for name, value in parts if value)
         images = f", {self.image_tokens} image tokens per image at most" if self.image_tokens else ""
@@ -168,8 +183,12 @@ class Workload:
             kv = kv_cache_bytes(self.shape, self.prompts, self.max_new_tokens, batch_size, dtype_bytes)
             vision = vision_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
             prefill = prefill_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
+        lora = lora_temporary_bytes(self.lora_widths, self.prompts, batch_size)
+        alongside = self.shape is None or lora_beside_mlp(self.shape, self.lora_widths)
+        live = kv + (max(vision, prefill) + lora if alongside else max(vision, prefill, lora))
         return MemoryEstimate(
-            lora_bytes=lora_temporary_bytes(self.lora_widths, self.prompts, batch_size),
+            lora_bytes=lora, lora_alongside=alongside,
+            allocator_bytes=ALLOCATOR_FIXED_BYTES + int(ALLOCATOR_SHARE * live) if self.context_bytes else 0,
             dtype=self.dtype, attn=self.attn, batch_size=batch_size, weights_bytes=self.weights_bytes,
             adapter_bytes=self.adapter_bytes, kv_cache_bytes=kv, vision_bytes=vision, prefill_bytes=prefill,
             context_bytes=self.context_bytes, margin=self.margin,
@@ -239,6 +258,14 @@ def lora_widths(link: ChainLink) -> tuple[int, int]:
             vision = "visual" in name or "vision" in name
             widths[vision] = max([widths[vision], *info["shape"]])
     return widths[0], widths[1]
+
+
+def lora_beside_mlp(shape: ModelShape, widths: tuple[int, int]) -> bool:
+    """Whether the adapter adapts an MLP layer (a side wider than the residual stream), in the text model or the
+    vision tower. Then its float32 temporaries are live at the MLP's peak; an attention-only LoRA's are not (H200:
+    a q/v LoRA left the peak of Qwen2.5-VL and InternVL unchanged at batch 32)."""
+    text_width, vision_width = widths
+    return text_width > shape.hidden or (vision_width > shape.vision_embed > 0)
 
 
 def lora_temporary_bytes(widths: tuple[int, int], prompts: Prompts, batch: int) -> int:
@@ -375,16 +402,16 @@ def vision_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: i
     scores = 0
     if attn != "flash_attention_2":  # without flash attention, one image's (or tile's) attention matrix is held
         scores = shape.vision_heads * (prompts.vision_sequence or prompts.patches) ** 2 * 4
-    return pixels + patches * per_patch + scores
+    return int(VISION_FACTOR * (pixels + patches * per_patch)) + scores
 
 
 def prefill_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: int, attn: str) -> int:
     """The language model's first forward over the whole prompt: per layer, the MLP's gate, up and product
-    (batch x tokens x intermediate each) and the residual stream, twice over (the allocator's peak holds the
-    previous layer's buffers too: calibrated on the H100 at batch 8 and 64, BENCHMARKS.md); plus last-token
-    logits in float32."""
+    (batch x tokens x intermediate each) and the residual stream, PREFILL_FACTOR times over (part of the previous
+    layer's buffers is still live at the peak); plus last-token logits in float32. The allocator's slack beyond
+    the live peak is counted apart (allocator_bytes)."""
     tokens = prompts.text_tokens + prompts.image_tokens
-    per_token = 2 * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes
+    per_token = int(PREFILL_FACTOR * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes)
     scores = 0
     if attn == "eager":  # sdpa and flash attention never hold the whole score matrix
         scores = batch * shape.heads * tokens**2 * 4

@@ -39,7 +39,7 @@ from scripts.synthetic import red_rectangles  # noqa: E402
 
 FAMILIES = ("qwen2_5_vl", "internvl")
 IMAGE_SIZES = [(448, 448), (560, 420), (420, 560), (504, 504)]
-SAMPLES, BATCHES, NEW_TOKENS = 32, (8, 32), 32
+SAMPLES, BATCHES, NEW_TOKENS = 32, (8, 16, 32), 32
 SMALL_IMAGE_SIZES = [(100, 75), (130, 90), (75, 110), (150, 61)]
 SMALL_SAMPLES, SMALL_BATCHES = 8, (2, 8)
 
@@ -115,12 +115,15 @@ def _row(summary: dict, estimate: dict) -> str:
     needed, measured = estimate["needed_bytes"], done.get("nvml_used_bytes")
     error = f"{(needed - measured) / measured:+.1%}" if measured else "n/a"
     parity = summary.get("parity") or {}
+    load_peak = (summary.get("loaded") or {}).get("peak_bytes")
     agreed = f"{parity.get('agreed')}/{parity.get('checked')}" if parity.get("checked") else "-"
     return (f"| {summary['name']} | {summary['status']} | {summary['recipe']['box_format']} | "
             f"{estimate['image_tokens']} | {_gib(estimate['weights_bytes'])} | {_gib(estimate['adapter_bytes'])} | "
             f"{_gib(estimate['kv_cache_bytes'])} | {_gib(estimate['vision_bytes'])} | "
-            f"{_gib(estimate['prefill_bytes'] + estimate['lora_bytes'])} | {_gib(needed)} | {_gib(measured)} | "
-            f"**{error}** | {_gib(done.get('peak_bytes'))} | {_gib(done.get('peak_reserved_bytes'))} | {agreed} |")
+            f"{_gib(estimate['prefill_bytes'] + estimate['lora_bytes'])} | {_gib(estimate['allocator_bytes'])} | "
+            f"{_gib(needed)} | {_gib(measured)} | "
+            f"**{error}** | {_gib(load_peak)} | {_gib(done.get('peak_bytes'))} | "
+            f"{_gib(done.get('peak_reserved_bytes'))} | {agreed} |")
 
 
 def check(work: Path, out: Path, small: bool) -> int:
@@ -145,16 +148,63 @@ def check(work: Path, out: Path, small: bool) -> int:
     runner.emit(f"## Estimate vs measured: {SMALL_SAMPLES if small else SAMPLES} samples, {NEW_TOKENS} new tokens, "
                 f"{runner.attn} (exit code {result.returncode})", "",
                 "| recipe | status | box format | image tokens (most) | weights | adapter | KV | vision | prefill "
-                "(+LoRA) | estimate (no margin) | measured (NVML, process) | error | peak allocated | peak reserved "
-                "| parity |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "(+LoRA) | allocator | estimate (no margin) | measured (NVML, process) | error | peak at load | "
+                "peak allocated | peak reserved | parity |", "|---" * 17 + "|",
                 *[_row(r, estimates[r["name"]]) for r in rows], "",
-                "estimate = weights + adapter + KV + max(vision, prefill + LoRA) + CUDA context (768 MiB); the "
+                "estimate = weights + adapter + KV + activations (max(vision, prefill + LoRA); max(vision, prefill, "
+                "LoRA) for an attention-only LoRA) + the allocator's cache (1.05 GiB + 25% of KV and activations) "
+                "+ CUDA context (768 MiB); the "
                 "preflight adds memory_margin (10%) before comparing with free memory. Target: error +0% to +15%.",
                 "")
     for row in rows:
         if row["status"] != "ok":
             runner.emit(f"- {row['name']}: {row['status']}: {' '.join(str(row.get('detail')).split())[:600]}")
     return 0 if result.returncode == 0 and rows else 1
+
+
+def probe(models: Path, names: list[str]) -> int:
+    """Where a load's peak comes from (run in a child per loader, so each starts at zero): memory after the staged
+    read, after from_pretrained, the peak, and how many parameters kept the staged tensors' storage."""
+    import torch
+    from transformers import AutoConfig
+
+    from worker.load import concrete_class, model_class
+    from worker.weights import load_safetensors
+
+    for name in names:
+        folder = models / name
+        config = AutoConfig.from_pretrained(folder)
+        files = sorted(folder.glob("model*.safetensors"))
+        common = {"config": config, "dtype": torch.bfloat16, "attn_implementation": "sdpa",
+                  "device_map": {"": "cuda:0"}}
+        torch.cuda.reset_peak_memory_stats()
+        weights = load_safetensors(files, "cuda:0", torch.bfloat16)
+        staged = torch.cuda.memory_allocated()
+        pointers = {t.data_ptr(): k for k, t in weights.state_dict.items() if isinstance(t, torch.Tensor)}
+        cls = concrete_class(model_class(config), config)
+        model = cls.from_pretrained(None, state_dict=weights.state_dict, **common)
+        after, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+        params = dict(model.named_parameters()) | dict(model.named_buffers())
+        shared = [k for k, p in params.items() if p.data_ptr() in pointers]
+        others = [(k, str(p.dtype), str(p.device), tuple(p.shape)) for k, p in params.items()
+                  if p.data_ptr() not in pointers][:12]
+        print(f"{name}: staged {staged / 2**30:.2f} GiB, after from_pretrained {after / 2**30:.2f} GiB, peak "
+              f"{peak / 2**30:.2f} GiB; tensors staged {len(pointers)} lazy {len(weights.lazy_names)}; params+buffers "
+              f"{len(params)}, sharing staged storage {len(shared)}; first not shared: {others}", flush=True)
+        print(f"  state dict keys (first 5): {list(weights.state_dict)[:5]}; model keys: {list(params)[:5]}")
+        weights.close()
+        del weights, model, params, pointers
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = model_class(config).from_pretrained(folder, **common)
+        print(f"  transformers' reader: after {torch.cuda.memory_allocated() / 2**30:.2f} GiB, peak "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--device", default="cuda")
     make.add_argument("--small", action="store_true")
     make.add_argument("families", nargs="+")
+    look = sub.add_parser("probe", help="where a load's peak memory comes from (CUDA)")
+    look.add_argument("--models", type=Path, required=True)
+    look.add_argument("families", nargs="+")
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        return probe(args.models, args.families)
     if args.command == "build":
         for name in args.families:
             started = time.monotonic()

@@ -132,6 +132,24 @@ def test_staged_model_sharded_and_tied(demo: dict, tmp_path: Path) -> None:
     assert got.get_output_embeddings().weight.data_ptr() == got.get_input_embeddings().weight.data_ptr()
 
 
+def test_staged_load_skips_the_allocator_warmup(demo: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers reserves the model's size on the device before loading; for staged weights, already on the
+    device, that was a second copy at the load's peak (twice the weights on the H200). Its own reader still warms
+    up, which also proves the spy sits where transformers calls it (a rename upstream fails here, not silently)."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls: list[str] = []
+    original = modeling_utils.caching_allocator_warmup
+    monkeypatch.setattr(modeling_utils, "caching_allocator_warmup",
+                        lambda *a, **k: calls.append("warmup") or original(*a, **k))
+    link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
+    _, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), "cpu", torch.float32, "sdpa")
+    assert how["loader"] == "staged" and calls == []
+    _load_root(link, Recipe(name="t", model="m", loader="transformers"), "cpu", torch.float32, "sdpa")
+    assert calls == ["warmup"]
+    assert modeling_utils.caching_allocator_warmup is not original  # still the spy: the patch was undone
+
+
 def test_read_through_reads_every_byte_of_every_file(tmp_path: Path) -> None:
     sizes = {"a.safetensors": 0, "b.safetensors": 1000, "c.safetensors": 3 * 64 + 5}
     for name, size in sizes.items():
