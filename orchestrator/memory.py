@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from contract.batching import largest_batch
 from contract.checkpoint import (
     CONFIG,
     DTYPE_BYTES,
@@ -53,13 +54,14 @@ from .image_tokens import QWEN_FAMILIES, ImageRule, image_rule
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
 # What torch's caching allocator holds beyond its peak of live tensors, which NVML counts: a fixed part, and a
 # share of what grows with the batch (the KV cache re-allocated as it grows, activations of changing sizes). The
-# three factors below were fitted on the H200 (2026-12-01, GPU_CHECKS.md: Qwen2.5-VL 3B and InternVL3-2B at batch
-# 8, 16 and 32) together with the H100's Qwen2-VL 2B/7B of 2026-11-24, so that the estimate without its margin
-# lands 0-15% above NVML's measure of the worker in every one of those twelve runs.
-ALLOCATOR_FIXED_BYTES = 1075 * 2**20
-ALLOCATOR_SHARE = 0.25
-PREFILL_FACTOR = 1.3  # the prefill's peak, in one layer's MLP buffers and residual stream (measured 1.0-1.3)
-VISION_FACTOR = 0.6  # the vision tower's peak, in the per-patch buffers vision_bytes lists
+# four factors below were fitted on the H200 (2026-12-01, GPU_CHECKS.md: Qwen2.5-VL 3B and InternVL3-2B at batch
+# 8, 12, 16, 24 and 32) together with the H100's Qwen2-VL 2B/7B of 2026-11-24, so that the estimate without its
+# margin is never below NVML's measure of the worker in those runs, and as little above it as one linear rule
+# allows: +0% to +19% (InternVL's measure grows by steps: 10.87 GiB at 11 a batch, 11.11 at 16, 17.83 at 32).
+ALLOCATOR_FIXED_BYTES = 1485 * 2**20  # 1.45 GiB
+ALLOCATOR_SHARE = 0.05
+PREFILL_FACTOR = 1.0  # the prefill's peak, in one layer's MLP buffers and residual stream
+VISION_FACTOR = 0.9  # the vision tower's peak, in the per-patch buffers vision_bytes lists
 CHAT_TOKENS = 48  # a chat template around the prompt (Qwen2-VL's: system turn, role and vision markers)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _RUN_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -177,6 +179,8 @@ class Workload:
     notes: tuple[str, ...] = field(default=())
 
     def estimate(self, batch_size: int) -> MemoryEstimate:
+        """At the largest batch the worker will form at `batch_size` (recorded as the estimate's batch_size)."""
+        batch_size = largest_batch(self.prompts.samples, batch_size)
         dtype_bytes = _RUN_BYTES[self.dtype]
         kv = vision = prefill = 0
         if self.shape is not None:

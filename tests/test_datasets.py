@@ -524,7 +524,8 @@ def test_a_recipe_file_points_at_folders_globs_and_id_files(tmp_path: Path) -> N
 
 def test_the_worker_reads_the_set_as_it_makes_batches() -> None:
     """Batches come from a window of samples at a time: the first batch is ready long before a large set is read."""
-    from worker.infer import MIN_WINDOW, SORT_WINDOW, _sorted_batches
+    from contract.batching import MIN_WINDOW, SORT_WINDOW
+    from worker.infer import _sorted_batches
 
     pulled = []
 
@@ -537,6 +538,17 @@ def test_the_worker_reads_the_set_as_it_makes_batches() -> None:
     first = next(batches)
     assert len(first) == 8 and len(pulled) == max(MIN_WINDOW, 8 * SORT_WINDOW)
     assert sum(len(b) for b in batches) + len(first) == 10_000 and len(pulled) == 10_000
+
+
+@pytest.mark.parametrize("count,size", [(32, 24), (32, 32), (200, 64), (1000, 24), (1030, 256), (7, 1), (300, 100)])
+def test_the_estimate_counts_the_largest_batch_the_worker_forms(count: int, size: int) -> None:
+    """The parent's memory estimate takes its batch from contract.batching; the worker's batches must agree (32
+    samples at batch 24 run as 16 + 16: estimated at 24, InternVL's estimate was 47% over on the H200)."""
+    from contract.batching import largest_batch
+    from worker.infer import _sorted_batches
+
+    samples = (Sample(f"s{i}", None, BOX, "p" * (i % 5)) for i in range(count))
+    assert largest_batch(count, size) == max(len(b) for b in _sorted_batches(samples, size, "apply"))
 
 
 # ---------------------------------------------------------------------------------- end to end, through the CLI

@@ -156,7 +156,8 @@ def test_more_samples_per_batch_need_more_memory(demo: dict, tmp_path: Path) -> 
     workload = read_workload(plan.recipe, plan.chain, "cuda")
     one, eight = workload.estimate(1), workload.estimate(8)
     assert one.fixed_bytes == eight.fixed_bytes
-    assert eight.kv_cache_bytes == 8 * one.kv_cache_bytes
+    assert workload.prompts.samples == 12 and eight.batch_size == 6  # the worker runs 12 at batch 8 as 6 + 6
+    assert eight.kv_cache_bytes == eight.batch_size * one.kv_cache_bytes
     assert eight.total_bytes > one.total_bytes
 
 

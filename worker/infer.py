@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from contract.batching import even_bounds, window_size
 from contract.boxes import InputSizeMissing, score_text
 from contract.dataset import ImageInfo, Sample, check_gt, image_record, image_size, read_sample_image, render_prompt
 from contract.recipe import Recipe
@@ -20,8 +21,6 @@ from .families import encode, input_sizes, prompt_text
 from .image_cache import ProcessorCache, collate
 
 Send = Callable[..., None]
-SORT_WINDOW = 4  # batches' worth of samples sorted together: padding stays low, memory bounded
-MIN_WINDOW = 256
 Alter = Callable[[int, str], str]  # (n-th parity sample, its text alone) -> the text to compare; faults only
 
 
@@ -81,7 +80,7 @@ def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator
     window: list[Sample] = []
     for sample in samples:
         window.append(sample)
-        if len(window) >= max(MIN_WINDOW, size * SORT_WINDOW):
+        if len(window) >= window_size(size):
             yield from _batches(by_prompt_length(window, exif), size)
             window = []
     yield from _batches(by_prompt_length(window, exif), size)
@@ -266,11 +265,9 @@ def _processor_inputs(processor: Any, items: list[Prepared], device: str, pin: b
 
 
 def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    """Batches of at most `size`, as even as possible (200 at 64: 50, 50, 50, 50, not 64, 64, 64, 8): the same
-    number of generate calls, less padding and memory in each."""
-    count = -(-len(samples) // size) if samples else 0
-    for index in range(count):
-        yield samples[index * len(samples) // count : (index + 1) * len(samples) // count]
+    """Batches of at most `size`, as even as possible (contract/batching.py)."""
+    for start, end in even_bounds(len(samples), size):
+        yield samples[start:end]
 
 
 def _prepare(processor: Any, sample: Sample, template: str,
