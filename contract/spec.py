@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .messages import PROTOCOL_VERSION
 from .recipe import Recipe
 
+# CPU threads a GPU worker runs torch with (its CPU work is batch preparation; worker/__main__.py `_share_cpu`).
+# The parent sizes how many GPU workers a host can feed at once by it (orchestrator/scheduler.py).
+GPU_WORKER_THREADS = 4
+
 
 @dataclass
 class ChainLink:

@@ -42,12 +42,17 @@ from .reporting.tracking import mlflow_target
 from .rescore import rescore
 from .results import ResultsWriteError, new_run_dir, write_json
 from .resume import ResumeError, differences, planned_recipe
-from .scheduler import GpuScheduler, runs_concurrently
+from .scheduler import GpuScheduler, runs_concurrently, scheduled_gpus, workers_per_gpu
 from .stats import IOU_RULE, IOU_RULES
 from .supervisor import Interrupts, Suite, SuiteOptions
 
-_GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: one worker at a time, on the GPU"
-              " with most free memory; with it (run): one worker per GPU at once, each recipe on the GPU that fits it.")
+_GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: the GPU with most free memory;"
+              " with it (run): workers on every one of them at once, each recipe on a GPU that fits it.")
+_WORKERS_HELP = ("Workers at once on one GPU, each a fresh process with its own CUDA context, admitted while the GPU's"
+                 " free memory, less what the workers already on it will still take, fits the next one's estimate at"
+                 " its full batch. 1: one at a time, the next ones started ahead. Default: as many as fit, at most"
+                 " CPU cores // (4 x GPUs), since each GPU worker prepares its batches on 4 CPU threads; 1 with"
+                 " --device cpu.")
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 _BACKEND_HELP = ("local: the workers run on this host. ray: each recipe's worker runs on a node of a Ray cluster"
                  " (pip install evalorch[ray]), in a fresh worker, with the GPU Ray gives it.")
@@ -158,6 +163,8 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
               help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
+@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=click.IntRange(1, 64), default=None, metavar="N",
+              help=_WORKERS_HELP)
 @backend_options
 @click.option("--ray-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
               help="With --backend ray: CPUs Ray reserves for each recipe's worker.")
@@ -168,8 +175,8 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
 @mlflow_options
 def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float | None,
         resume_dir: Path | None, force: bool, prestart: bool, prestart_depth: int, hash_weights: bool,
-        gpus: str | None, backend: str, address: str | None, ray_cpus: float, ray_lanes: int | None,
-        mlflow_uri: str | None, mlflow_experiment: str | None, **ci: Any) -> None:
+        gpus: str | None, max_workers_per_gpu: int | None, backend: str, address: str | None, ray_cpus: float,
+        ray_lanes: int | None, mlflow_uri: str | None, mlflow_experiment: str | None, **ci: Any) -> None:
     """Evaluate every recipe of RECIPES, each in its own fresh worker process."""
     request, outputs = _ci(**ci)  # gate options are checked before any worker starts
     outputs.mlflow = mlflow_target(mlflow_uri, mlflow_experiment)
@@ -180,13 +187,20 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
         device = _auto_device(cluster)
         console.print(f"Device: {device} (--device auto)")
     preflight = _preflight(device, gpus, required=True) if cluster is None else None
+    if max_workers_per_gpu is not None and cluster is not None:
+        raise UserError("--max-workers-per-gpu is for the local backend: on Ray, --ray-lanes says how many at once")
     run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
     interrupts = Interrupts()
+    # workers at once on one GPU: only where a preflight can judge its memory (a CPU run goes one at a time)
+    per_gpu = (workers_per_gpu(max_workers_per_gpu, device, len(scheduled_gpus(preflight, gpus)))
+               if preflight is not None else None)
     options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
-                           resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth)
+                           resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth,
+                           max_workers_per_gpu=per_gpu)
     try:
         write_json(RunFolder(run_dir).record, {**_run_record(recipe_file, plans, device, timeout),
-                                               "backend": cluster.record() if cluster else {"name": "local"}})
+                                               "backend": cluster.record() if cluster else {"name": "local"},
+                                               "max_workers_per_gpu": options.max_workers_per_gpu})
         console.print(f"Run folder: {run_dir}")
         interrupts.install()  # after Ray's init, which sets a SIGTERM handler of its own
         with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
@@ -206,10 +220,11 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
 
 def _run_suite(plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, interrupts: Interrupts, preflight,
                gpus: str | None, listener: Any) -> list[dict]:
-    """Every recipe on this host, one worker at a time or one per GPU at once; their rows."""
-    if runs_concurrently(preflight, gpus):
-        return GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts,
-                            preflight=preflight).run()
+    """Every recipe on this host, one worker at a time, or several at once (on several GPUs, several on a GPU);
+    their rows."""
+    if runs_concurrently(preflight, gpus, options.max_workers_per_gpu or 1):
+        return GpuScheduler(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight,
+                            gpus=scheduled_gpus(preflight, gpus)).run()
     return Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, preflight=preflight).run()
 
 

@@ -229,7 +229,7 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
         rule = image_rule(config, processor)
         if rule is not None:
             rule.count(None)
-    except (TypeError, AttributeError, ValueError, KeyError) as exc:
+    except (TypeError, AttributeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as exc:
         raise EstimateError(f"{root.path}: a processor or vision setting has a value of the wrong kind ({exc!r}); "
                             "restore config.json and the processor files from where the model was saved") from None
     if rule is None and shape is not None and shape.vision_embed:

@@ -1,22 +1,30 @@
 """Before each launch: which GPU, has the last worker's memory come back, and does the recipe fit.
 
 One worker at a time: the GPU with the most free memory among the allowed ones (`--gpus`) is chosen. With
-several GPUs at once (scheduler.py), each GPU is a lane: the decision is asked for that GPU, and the waiting
-below is per GPU. After a worker exits, the next launch waits until the worker's pid has left NVML's process
-list and free memory is back near its baseline (what was free before the run, less what other processes took
-since). Then the estimate (memory.py) is compared with the free memory:
+several workers at once (scheduler.py), the decision is asked for the GPU the scheduler placed the recipe on, and
+the waiting below is per GPU. After a worker exits, the next launch on a GPU where no other worker of this run is
+placed waits until the exited workers' pids have left NVML's process list and free memory is back near its
+baseline (what was free before the run, less what other processes took since). Then the estimate (memory.py) is
+compared with the free memory:
 
 - the weights (with the context and margin) do not fit: refused, naming the estimate, the free memory, and
   every process holding the rest (pid, name, bytes);
 - the weights fit but the recipe's batch does not: the batch size is lowered to the largest that fits;
 - even a batch of one does not fit: refused.
 
-The decision's record (estimate, free memory, holders, wait) lands in the recipe's summary.json.
+Beside other workers of this run (`--max-workers-per-gpu` above 1), "free" is NVML's free memory less what the
+workers placed on that GPU will still take: each one's estimate less what NVML already shows it using, never
+below zero (`reserved_bytes`). There is no wait for the baseline then (it cannot come back while they run): memory
+an exited worker has not yet released is simply not free. The scheduler places a recipe beside others only where
+its estimate at its full batch fits that (`footprint`), so beside others a batch is never lowered to squeeze in.
+
+The decision's record (estimate, free memory, reserved memory, holders, wait) lands in the recipe's summary.json.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +67,24 @@ class _LastWorker:
     recipe: str
 
 
+@dataclass
+class _Admitted:
+    """A recipe the scheduler placed on a GPU, from its placement to the end of its last attempt."""
+
+    gpu: int
+    reserved: int | None  # its estimate at the batch it runs, margin included; None: no estimate
+    pid: int | None = None  # its current attempt's worker, once spawned
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A recipe's estimate (margin included) at a batch of one, what it needs alone on a GPU whose preflight may
+    lower its batch, and at its full batch, what it needs to run beside other workers."""
+
+    alone: int
+    full: int
+
+
 class GpuPreflight:
     """The Preflight of plan.py over NVML (real, or the fake of gpu.py on CPU machines)."""
 
@@ -80,34 +106,98 @@ class GpuPreflight:
         self.clock = clock
         self.sleep = sleep
         self.report = report or (lambda _message: None)
-        # The last worker started on each GPU (one entry at most when one worker runs at a time), and where each
-        # recipe went: after_exit is told the recipe, not the GPU. Each lane's thread touches only its own GPU.
-        self._last: dict[int, _LastWorker] = {}
+        # The workers started on each GPU since it was last clear of this run's workers, whose memory the next
+        # launch there waits for; and where each recipe went: after_exit is told the recipe, not the GPU.
+        self._last: dict[int, list[_LastWorker]] = {}
         self._gpu_of: dict[str, int] = {}
+        # The recipes the scheduler placed (several on one GPU at once): what each will still take.
+        self._admitted: dict[str, _Admitted] = {}
+        self._lock = threading.Lock()  # the scheduler's thread admits; the recipes' threads decide and exit
         # What was free, and what other processes held, before any worker of this run started.
         self._baseline = {i: self._snapshot(nvml.state(i)) for i in self.gpus}
 
     # ------------------------------------------------------------------ the Preflight protocol
 
     def before_launch(self, plan: RecipePlan, gpu: int | None = None) -> LaunchDecision:
-        """The decision on the best allowed GPU, or on `gpu` alone (a scheduler's lane), once the last worker
-        there has released its memory."""
-        wait = self._wait_for_release(gpu)
+        """The decision on the best allowed GPU, or on `gpu` alone (the scheduler placed it there), once the
+        workers that ran there have released their memory; beside other workers of this run, on what they leave."""
+        name = plan.recipe.name
+        beside = self.sharing(gpu, name) if gpu is not None else []
+        wait = {"waited_s": 0.0, "beside": beside} if beside else self._wait_for_release(gpu)
         if wait.get("still_held_by_previous"):
             return LaunchDecision(ok=False, message=wait["message"], record={"release_wait": wait})
-        decision = self.assess(plan, gpu)
+        decision = self.assess(plan, gpu, beside=name if beside else None)
         decision.record["release_wait"] = wait
         if decision.ok:  # a refusal is reported by the suite, with the recipe's status
             index = decision.record["gpu"]
-            self._last[index] = _LastWorker(index, None, plan.recipe.name)
-            self._gpu_of[plan.recipe.name] = index
-            self.report(f"preflight {plan.recipe.name}: {decision.message}")
+            with self._lock:
+                self._last.setdefault(index, []).append(_LastWorker(index, None, name))
+                self._gpu_of[name] = index
+                if name in self._admitted and "estimate" in decision.record:  # what it takes at the batch it got
+                    used = decision.record.get("estimate_used") or decision.record["estimate"]
+                    self._admitted[name].reserved = used["total_bytes"]
+            self.report(f"preflight {name}: {decision.message}")
         return decision
 
     def after_exit(self, plan: RecipePlan, pid: int | None) -> None:
-        last = self._last.get(self._gpu_of.get(plan.recipe.name, -1))
-        if last is not None and last.recipe == plan.recipe.name:
-            last.pid = pid
+        with self._lock:
+            started = self._last.get(self._gpu_of.get(plan.recipe.name, -1), [])
+            last = next((w for w in reversed(started) if w.recipe == plan.recipe.name and w.pid is None), None)
+            if last is not None:
+                last.pid = pid
+
+    # ------------------------------------------------------------------ several workers on one GPU (scheduler.py)
+
+    def footprint(self, plan: RecipePlan) -> Footprint | None:
+        """What `plan` needs alone on a GPU and beside others (see Footprint); None without an estimate."""
+        try:
+            workload = read_workload(plan.recipe, plan.chain or [], self.device)
+        except EstimateError:
+            return None
+        return Footprint(workload.estimate(1).total_bytes,
+                         workload.estimate(_aimed_batch(plan, workload)).total_bytes)
+
+    def admit(self, plan: RecipePlan, gpu: int, reserved: int | None) -> None:
+        """The scheduler placed `plan` on `gpu`: until dismiss(), it counts as taking `reserved` bytes there."""
+        with self._lock:
+            self._admitted[plan.recipe.name] = _Admitted(gpu, reserved)
+
+    def worker_started(self, name: str, pid: int | None) -> None:
+        """The admitted recipe's worker (this attempt's) is `pid`: what NVML shows it using is no longer free."""
+        with self._lock:
+            if name in self._admitted:
+                self._admitted[name].pid = pid
+
+    def dismiss(self, name: str) -> None:
+        with self._lock:
+            self._admitted.pop(name, None)
+
+    def sharing(self, gpu: int, excluding: str = "") -> list[str]:
+        """The recipes placed on `gpu` now, but `excluding`."""
+        with self._lock:
+            return [n for n, a in self._admitted.items() if a.gpu == gpu and n != excluding]
+
+    def reserved_bytes(self, state: GpuState, excluding: str = "") -> int | None:
+        """What the recipes placed on this GPU (but `excluding`) will still take: each one's estimate less what
+        NVML shows its worker using, never below zero. None when one of them has no estimate."""
+        used = {p.pid: p.used_bytes or 0 for p in state.processes}
+        with self._lock:
+            placed = [a for n, a in self._admitted.items() if a.gpu == state.index and n != excluding]
+        if any(a.reserved is None for a in placed):
+            return None
+        return sum(max(0, a.reserved - used.get(a.pid, 0)) for a in placed)
+
+    def room(self, gpu: int) -> int:
+        """Free memory on `gpu` now, less what the recipes placed there will still take (0 when one has no
+        estimate: nothing can be judged beside it)."""
+        state = self.nvml.state(gpu)
+        reserved = self.reserved_bytes(state)
+        return 0 if reserved is None else max(0, state.free_bytes - reserved)
+
+    def device_id(self, gpu: int) -> str:
+        """The CUDA_VISIBLE_DEVICES value for `gpu` (its UUID: CUDA and NVML may number GPUs differently)."""
+        state = self.nvml.state(gpu)
+        return state.uuid or str(state.index)
 
     def expected_batch(self, plan: RecipePlan, gpu: int | None = None) -> int | None:
         """The batch size `plan` will most likely run at once the GPU is back to its baseline: a worker started
@@ -121,7 +211,7 @@ class GpuPreflight:
         if baseline is not None:
             self._baseline[gpu] = dict(baseline)
         if last_pid is not None:
-            self._last[gpu] = _LastWorker(gpu, last_pid, last_recipe)
+            self._last[gpu] = [_LastWorker(gpu, last_pid, last_recipe)]
 
     def baseline_of(self, gpu: int) -> dict:
         return dict(self._baseline[gpu])
@@ -131,29 +221,34 @@ class GpuPreflight:
         memory now, or its baseline less what other programs took since, whichever is more; a GPU whose worker
         has just exited is not back yet."""
         state = self.nvml.state(gpu)
-        last = self._last.get(gpu)
-        ours = last.pid if last is not None else None
-        others = sum(p.used_bytes or 0 for p in state.processes if p.pid != ours)
+        with self._lock:
+            ours = {w.pid for w in self._last.get(gpu, [])} | {a.pid for a in self._admitted.values() if a.gpu == gpu}
+        others = sum(p.used_bytes or 0 for p in state.processes if p.pid not in ours)
         baseline = self._baseline[gpu]
         return max(state.free_bytes, baseline["free"] - max(0, others - baseline["held"]))
 
     # ------------------------------------------------------------------ the decision
 
-    def assess(self, plan: RecipePlan, gpu: int | None = None) -> LaunchDecision:
+    def assess(self, plan: RecipePlan, gpu: int | None = None, beside: str | None = None) -> LaunchDecision:
         """The verdict for `plan` on the best allowed GPU (or on `gpu`) as it is now; no waiting (`plan` uses
-        this)."""
+        this). With `beside` (the recipe's name), on what the other recipes placed on `gpu` leave."""
         state = max((self.nvml.state(i) for i in ([gpu] if gpu is not None else self.gpus)),
                     key=lambda s: s.free_bytes)
         record = {"gpu": state.index, "gpu_name": state.name, "gpu_uuid": state.uuid, "free_bytes": state.free_bytes,
                   "total_bytes": state.total_bytes, "baseline_free_bytes": self._baseline[state.index]["free"],
                   "holders": [_holder(p) for p in state.processes], "requested_batch_size": plan.recipe.batch_size}
         gpu = state.uuid or str(state.index)
+        free = state.free_bytes
+        if beside is not None:
+            reserved = self.reserved_bytes(state, beside)
+            free = 0 if reserved is None else max(0, free - reserved)
+            record |= {"beside": self.sharing(state.index, beside), "reserved_bytes": reserved}
         try:
             workload = read_workload(plan.recipe, plan.chain or [], self.device)
         except EstimateError as exc:  # the worker's placement check still guards against offload
             record["estimate_error"] = str(exc)
             return LaunchDecision(ok=True, gpu=gpu, message=f"no estimate ({exc}); running unchecked", record=record)
-        decision = _verdict(plan.recipe.name, workload, _aimed_batch(plan, workload), state, gpu, record)
+        decision = _verdict(plan.recipe.name, workload, _aimed_batch(plan, workload), state, free, gpu, record)
         if plan.recipe.batch_size == "auto" and decision.ok:  # "auto" is sized here, not lowered
             decision.batch_size = record["batch_size"]
             record.pop("batch_lowered", None)
@@ -163,24 +258,27 @@ class GpuPreflight:
     # ------------------------------------------------------------------ waiting for the last worker's memory
 
     def _wait_for_release(self, gpu: int | None) -> dict:
-        """Wait until the last worker (on `gpu`, or anywhere when one worker runs at a time) has left its GPU and
-        the memory it held is free again."""
-        last = self._last.pop(gpu, None) if gpu is not None else self._pop_any()
-        if last is None or last.pid is None:
+        """Wait until the workers that ran on `gpu` (or anywhere when one worker runs at a time) have left it and
+        the memory they held is free again."""
+        with self._lock:
+            workers = self._last.pop(gpu, []) if gpu is not None else self._pop_any()
+        exited = [w for w in workers if w.pid is not None]
+        if not exited:
             return {"waited_s": 0.0}
         started = self.clock()
         while True:
-            state = self.nvml.state(last.gpu)
-            listed, missing = state.holds(last.pid), self._missing_bytes(state)
+            state = self.nvml.state(exited[-1].gpu)
+            listed = [w for w in exited if state.holds(w.pid)]
+            missing = self._missing_bytes(state)
             waited = self.clock() - started
             if not listed and missing <= RELEASE_TOLERANCE_BYTES:
-                return {"waited_s": round(waited, 3), "previous_pid": last.pid, "free_bytes": state.free_bytes}
+                return {"waited_s": round(waited, 3), "previous_pid": exited[-1].pid, "free_bytes": state.free_bytes}
             if waited >= self.release_timeout:
-                return self._release_timed_out(last, state, listed, missing, waited)
+                return self._release_timed_out((listed or exited)[-1], state, bool(listed), missing, waited)
             self.sleep(self.poll)
 
-    def _pop_any(self) -> _LastWorker | None:
-        return self._last.pop(next(iter(self._last))) if self._last else None
+    def _pop_any(self) -> list[_LastWorker]:
+        return self._last.pop(next(iter(self._last))) if self._last else []
 
     def _missing_bytes(self, state: GpuState) -> int:
         """How far free memory is below the baseline, not counting what other processes took since."""
@@ -213,24 +311,27 @@ class GpuPreflight:
         return {"free": state.free_bytes, "held": sum(p.used_bytes or 0 for p in state.processes)}
 
 
-def _verdict(name: str, workload: Workload, batch_size: int, state: GpuState, gpu: str,
+def _verdict(name: str, workload: Workload, batch_size: int, state: GpuState, free: int, gpu: str,
              record: dict) -> LaunchDecision:
+    """The verdict with `free` bytes to use on the GPU of `state` (its free memory, or beside other workers of
+    this run what they leave of it)."""
     requested = workload.estimate(batch_size)
     record["estimate"] = requested.record()
-    free = state.free_bytes
     if _with_margin(requested.fixed_bytes, requested.margin) > free:
-        return _refuse(name, "its weights do not fit", requested, state, record)
+        return _refuse(name, "its weights do not fit", requested, state, free, record)
     fitting = largest_batch(workload, batch_size, free)
     if fitting is None:
-        return _refuse(name, "its weights fit, but not even a batch of 1", workload.estimate(1), state, record)
+        return _refuse(name, "its weights fit, but not even a batch of 1", workload.estimate(1), state, free, record)
+    beside = record.get("beside")
+    free_text = f"{format_bytes(free)} free" + (f" beside {', '.join(beside)}" if beside else "")
     if fitting == batch_size:
         record["batch_size"] = batch_size
-        message = f"GPU {state.index}: needs {requested.describe()}; {format_bytes(free)} free"
+        message = f"GPU {state.index}: needs {requested.describe()}; {free_text}"
         return LaunchDecision(ok=True, gpu=gpu, message=message, record=record)
     lowered = workload.estimate(fitting)
     record |= {"batch_size": fitting, "batch_lowered": True, "estimate_used": lowered.record()}
     message = (f"GPU {state.index}: batch size lowered from {batch_size} to {fitting} to fit "
-               f"{format_bytes(free)} free (batch {batch_size} needs {format_bytes(requested.total_bytes)}; "
+               f"{free_text} (batch {batch_size} needs {format_bytes(requested.total_bytes)}; "
                f"batch {fitting} needs {lowered.describe()})")
     return LaunchDecision(ok=True, gpu=gpu, batch_size=fitting, message=message, record=record)
 
@@ -268,14 +369,18 @@ def _with_margin(value: int, margin: float) -> int:
     return value + int(value * margin)
 
 
-def _refuse(name: str, why: str, estimate: MemoryEstimate, state: GpuState, record: dict) -> LaunchDecision:
+def _refuse(name: str, why: str, estimate: MemoryEstimate, state: GpuState, free: int,
+            record: dict) -> LaunchDecision:
     holders = "; ".join(p.describe() for p in state.processes) or "no process NVML can list"
     unlisted = state.total_bytes - state.free_bytes - sum(p.used_bytes or 0 for p in state.processes)
     if state.processes and unlisted > RELEASE_TOLERANCE_BYTES * 4:
         holders += f"; {format_bytes(unlisted)} more held by processes NVML does not list (other containers?)"
+    if record.get("beside"):
+        holders += (f"; of the {format_bytes(state.free_bytes)} free, {format_bytes(state.free_bytes - free)} is "
+                    f"kept for this run's workers on it ({', '.join(record['beside'])})")
     message = (
         f"recipe '{name}' refused on GPU {state.index} ({state.name}): {why}. It needs {estimate.describe()}, "
-        f"but only {format_bytes(state.free_bytes)} of {format_bytes(state.total_bytes)} is free. "
+        f"but only {format_bytes(free)} of {format_bytes(state.total_bytes)} is free. "
         f"Held by: {holders}. Free that memory, pick another GPU with --gpus, or lower batch_size or "
         "memory_margin in the recipe. Nothing was started: a model is never split between GPU and CPU."
     )

@@ -1,7 +1,8 @@
 """Live progress of a run: which recipe of how many, its phase, a sample bar with rate and ETA, and each
 finished recipe's row as it completes. On a terminal it is a rich live display; otherwise (CI logs, pipes) a
-few plain lines per recipe, so logs stay readable. With several GPUs at once (scheduler.py) each event's data
-names its GPU: the live display keeps one line per GPU, and plain lines say which GPU and recipe they are about.
+few plain lines per recipe, so logs stay readable. With several workers at once (scheduler.py) each event's data
+names its GPU: the live display keeps a line per worker a GPU runs at once (one per GPU with one worker each), and
+plain lines say which GPU and recipe they are about.
 
 Both are supervisor listeners, `listener(event, outcome, data)`, used as context managers around the run:
 
@@ -11,6 +12,7 @@ Both are supervisor listeners, `listener(event, outcome, data)`, used as context
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -150,7 +152,10 @@ class LiveProgress(_Listener):
                             _RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
                             console=console)
         self.task = self.bar.add_task("waiting", total=None)
-        self.lanes: dict[int, TaskID] = {}  # several GPUs at once: a bar per GPU, its description the recipe
+        # several workers at once: bars per GPU, one per worker it runs at once, each described by its recipe
+        self.lanes: dict[int, list[TaskID]] = {}
+        self.bar_of: dict[str, TaskID] = {}  # the bar of each recipe running now
+        self.lock = threading.Lock()  # the recipes' threads (scheduler.py) report at once
         # transient: the final table (with intervals) replaces the live one when the run ends
         self.live = Live(console=console, get_renderable=self._render, refresh_per_second=4, transient=True)
 
@@ -165,7 +170,8 @@ class LiveProgress(_Listener):
     def __call__(self, event: str, outcome: Any, data: dict[str, Any]) -> None:
         name = outcome.name
         if data.get("gpu") is not None:
-            self._lane_event(data["gpu"], event, outcome, data)
+            with self.lock:
+                self._lane_event(data["gpu"], event, outcome, data)
             self.live.refresh()
             return
         if event == "started":
@@ -187,12 +193,10 @@ class LiveProgress(_Listener):
         self.live.refresh()
 
     def _lane_event(self, gpu: int, event: str, outcome: Any, data: dict[str, Any]) -> None:
-        """The same events from one GPU's lane: its own bar, whose description carries recipe and phase."""
+        """The same events from a recipe placed on a GPU: a bar of that GPU's (an idle one, or a new one), whose
+        description carries recipe and phase."""
         name = outcome.name
-        if gpu not in self.lanes:
-            self.bar.update(self.task, visible=False)  # the one-recipe bar has nothing to show here
-            self.lanes[gpu] = self.bar.add_task("", total=None)
-        task = self.lanes[gpu]
+        task = self._bar(gpu, name)
         if event == "started":
             self.bar.reset(task, total=expected_samples(self.run_dir / name))
         elif event == "sample":
@@ -206,6 +210,17 @@ class LiveProgress(_Listener):
             self.console.print(f"[{self.position(name)}] [GPU {gpu}] {name}: {outcome.status}{took}"
                                + (f" ({state.note})" if state.note else ""), markup=False, highlight=False)
             self.bar.update(task, description=f"GPU {gpu} · idle")
+            del self.bar_of[name]
+
+    def _bar(self, gpu: int, name: str) -> TaskID:
+        if name not in self.bar_of:
+            self.bar.update(self.task, visible=False)  # the one-recipe bar has nothing to show here
+            bars = self.lanes.setdefault(gpu, [])
+            idle = [t for t in bars if t not in self.bar_of.values()]
+            if not idle:
+                bars.append(self.bar.add_task("", total=None))
+            self.bar_of[name] = idle[0] if idle else bars[-1]
+        return self.bar_of[name]
 
     def _start(self, name: str, data: dict[str, Any]) -> None:
         self.current, self.phase = name, f"starting (worker pid {data['pid']})"

@@ -48,7 +48,7 @@ from .process import TRACEBACK_GRACE_S
 from .ray_cluster import Cluster, RayBackendError
 from .ray_node import NodeTask, RecipeNode, plan_here, resolve_task
 from .recipes import LineageRules
-from .supervisor import Interrupts, Listener, RecipeOutcome, Suite, SuiteOptions
+from .supervisor import Interrupts, Listener, Overlaps, RecipeOutcome, Suite, SuiteOptions
 
 _CALL_TIMEOUT_S = 120.0  # an actor call that takes longer than this (beyond its own wait) means the node is gone
 _TICK_S = 0.1
@@ -414,6 +414,7 @@ def _run_lanes(lanes: list[RayLane], plans: list[RecipePlan], run_dir: Path, opt
     rows: dict[str, dict[str, Any]] = {}
     errors: list[BaseException] = []
     lock = threading.Lock()
+    overlaps = Overlaps()  # shared: each recipe's row names those that ran at the same time
 
     def next_plan() -> RecipePlan | None:
         with lock:
@@ -421,7 +422,7 @@ def _run_lanes(lanes: list[RayLane], plans: list[RecipePlan], run_dir: Path, opt
 
     def work(lane: RayLane) -> None:
         suite = Suite(plans, run_dir, options, listener=_tagged(listener, lane.index), preflight=lane,
-                      interrupts=interrupts, launcher=lane.launch)
+                      interrupts=interrupts, launcher=lane.launch, overlaps=overlaps)
         try:
             placed = lane.wait_placed(lambda: interrupts.stop_requested or not waiting)
             while (plan := next_plan() if placed or interrupts.stop_requested else None) is not None:

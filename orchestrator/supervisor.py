@@ -11,6 +11,7 @@ import itertools
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -289,6 +290,43 @@ def _tail(path: Path) -> str:
         return ""
 
 
+class Overlaps:
+    """When each recipe's worker was on its device: from its launch (or the release of a worker started ahead) to
+    its reaping, an interval per attempt, in wall-clock seconds. Shared by every recipe thread of a run (the
+    scheduler's, the Ray lanes'), so each recipe's record can name the recipes whose workers ran at the same time.
+    A recipe that has ended knows them all: any later one starts after its end."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spans: dict[str, list[list[float | None]]] = {}
+
+    def begin(self, name: str) -> None:
+        with self._lock:
+            self._spans.setdefault(name, []).append([time.time(), None])
+
+    def end(self, name: str) -> None:
+        with self._lock:
+            self._spans[name][-1][1] = time.time()
+
+    def spans(self, name: str) -> list[list[float | None]]:
+        with self._lock:
+            return [list(span) for span in self._spans.get(name, [])]
+
+    def concurrent_with(self, name: str) -> list[str]:
+        """The other recipes with a worker on a device while one of `name`'s was, in the order they began."""
+        with self._lock:
+            mine = self._spans.get(name, [])
+            others = sorted(((spans[0][0], other) for other, spans in self._spans.items() if other != name),
+                            key=lambda pair: pair[0])
+            return [other for _, other in others
+                    if any(_overlap(a, b) for a in mine for b in self._spans[other])]
+
+
+def _overlap(a: list[float | None], b: list[float | None]) -> bool:
+    """Two intervals [begin, end] (end None: still running) overlap."""
+    return (b[1] is None or a[0] < b[1]) and (a[1] is None or b[0] < a[1])
+
+
 RETRYABLE = ("crashed", "killed", "timeout")  # never config or lineage errors: those fail the same way again
 # A lost node or Ray worker says nothing about the recipe: retried this many more times, whatever its `retries`.
 LOST_RETRIES = 2
@@ -303,6 +341,8 @@ class SuiteOptions:
     prestart: bool = True  # start the next recipes' workers (held off the device) while this one runs
     # how many: a fresh worker's imports (11-15 s on the H100 host) outlast one fast recipe (about 10 s)
     prestart_depth: int = 2
+    # GPU workers at once on one GPU, room permitting (scheduler.py); None: as many as the host's cores feed
+    max_workers_per_gpu: int | None = None
 
 
 def _batch_size(plan: RecipePlan, decision: LaunchDecision) -> int:
@@ -315,12 +355,12 @@ def _batch_size(plan: RecipePlan, decision: LaunchDecision) -> int:
 
 class Suite:
     """Runs each recipe in its own fresh worker, in order; one recipe's failure never stops the others.
-    With `gpu` set it is one lane of scheduler.py: each recipe it is given runs on that GPU alone."""
+    With `gpu` set it serves scheduler.py: each recipe it is given (in a thread of its own) runs on that GPU."""
 
     def __init__(self, plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, *,
                  listener: Listener | None = None, preflight: Preflight | None = None,
                  interrupts: Interrupts | None = None, gpu: int | None = None,
-                 launcher: Launcher = local_worker) -> None:
+                 launcher: Launcher = local_worker, overlaps: Overlaps | None = None) -> None:
         self.plans = plans
         self.launcher = launcher
         self.run_dir = run_dir
@@ -329,15 +369,17 @@ class Suite:
         self.preflight = preflight
         self.interrupts = interrupts or Interrupts()
         self.gpu = gpu
-        self._held: dict[str, RecipeRun] = {}  # the next recipes' workers, started ahead and held off the device
+        self.overlaps = overlaps or Overlaps()  # shared by the recipes that may run at once
+        # The next recipes' workers, started ahead and held off the device (by this suite, or by the scheduler
+        # through start_ahead: then only the scheduler's thread adds, and each recipe's thread takes its own).
+        self._held: dict[str, RecipeRun] = {}
+        self._held_lock = threading.Lock()
 
     def run(self) -> list[dict[str, Any]]:
         try:
             return [self.run_recipe(plan) for plan in self.plans]
         finally:
-            for held in self._held.values():
-                held.abandon()
-            self._held.clear()
+            self.abandon_held()
 
     def finished_before(self, plan: RecipePlan) -> bool:
         previous = RunFolder(self.run_dir).recipe(plan.recipe.name).summary
@@ -358,8 +400,7 @@ class Suite:
             outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
         else:
             outcome, attempts, decision = self._attempts(plan, recipe_dir, decision)
-        if (unused := self._held.pop(plan.recipe.name, None)) is not None:
-            unused.abandon()  # started ahead, but the recipe did not run after all
+        self.abandon_held(plan.recipe.name)  # started ahead, but the recipe did not run after all
         if outcome.pid is None:
             self.listener("finished", outcome, {})
         return self._record(plan, recipe_dir, outcome, decision, attempts)
@@ -403,13 +444,17 @@ class Suite:
 
     def _launch(self, plan: RecipePlan, recipe_dir: Path, decision: LaunchDecision, attempt: int) -> RecipeOutcome:
         run = self._take_held(plan, decision) if attempt == 1 else None
-        if run is not None:
-            run.release(_batch_size(plan, decision))  # it may have been started with another guess
-        else:
-            run = self._new_run(plan, decision, attempt, hold=False)
-            run.start()
-        self._prestart_after(plan, decision)
-        return run.run()
+        self.overlaps.begin(plan.recipe.name)
+        try:
+            if run is not None:
+                run.release(_batch_size(plan, decision))  # it may have been started with another guess
+            else:
+                run = self._new_run(plan, decision, attempt, hold=False)
+                run.start()
+            self._prestart_after(plan, decision)
+            return run.run()
+        finally:
+            self.overlaps.end(plan.recipe.name)
 
     def _new_run(self, plan: RecipePlan, decision: LaunchDecision, attempt: int, *, hold: bool) -> RecipeRun:
         recipe = plan.recipe
@@ -427,14 +472,38 @@ class Suite:
 
     def _take_held(self, plan: RecipePlan, decision: LaunchDecision) -> RecipeRun | None:
         """The worker started ahead for this recipe, if it was put on the GPU the preflight chose now."""
-        held = self._held.pop(plan.recipe.name, None)
+        with self._held_lock:
+            held = self._held.pop(plan.recipe.name, None)
         if held is None:
             return None
-        if held.env.get("CUDA_VISIBLE_DEVICES") == worker_env(
-                self.options.device, decision.gpu, offline=self.options.offline)[0].get("CUDA_VISIBLE_DEVICES"):
+        if held.env.get("CUDA_VISIBLE_DEVICES") == worker_env(self.options.device, decision.gpu,
+                                                              offline=self.options.offline,
+                                                              pinned=self.gpu is not None)[0]["CUDA_VISIBLE_DEVICES"]:
             return held
         held.abandon()
         return None
+
+    def start_ahead(self, plan: RecipePlan, gpu: int | None, device_id: str | None) -> None:
+        """Start `plan`'s worker now, held off the device (GPU `gpu`, CUDA_VISIBLE_DEVICES `device_id`), at the
+        batch size the preflight expects there once it is free: its run takes it over when the recipe starts."""
+        expected = self.preflight.expected_batch(plan, gpu) if self.preflight else None
+        guess = LaunchDecision(ok=True, gpu=device_id, batch_size=expected)
+        run = self._new_run(plan, guess, 1, hold=True)
+        run.start()
+        with self._held_lock:
+            self._held[plan.recipe.name] = run
+
+    def held(self) -> set[str]:
+        with self._held_lock:
+            return set(self._held)
+
+    def abandon_held(self, name: str | None = None) -> None:
+        """Stop the workers started ahead (or `name`'s alone) that will not run."""
+        with self._held_lock:
+            runs = [self._held.pop(key) for key in ([name] if name is not None else list(self._held))
+                    if key in self._held]
+        for run in runs:
+            run.abandon()
 
     def _prestart_after(self, plan: RecipePlan, decision: LaunchDecision) -> None:
         """Start the next runnable recipes' workers now (prestart_depth of them), held off the device: their
@@ -446,12 +515,8 @@ class Suite:
         index = self.plans.index(plan)
         upcoming = [p for p in self.plans[index + 1:] if p.runnable and not self.finished_before(p)]
         for nxt in upcoming[: self.options.prestart_depth]:
-            if nxt.recipe.name in self._held:
-                continue
-            expected = self.preflight.expected_batch(nxt, decision.record.get("gpu")) if self.preflight else None
-            guess = LaunchDecision(ok=True, gpu=decision.gpu, batch_size=expected)
-            self._held[nxt.recipe.name] = self._new_run(nxt, guess, 1, hold=True)
-            self._held[nxt.recipe.name].start()
+            if nxt.recipe.name not in self.held():
+                self.start_ahead(nxt, decision.record.get("gpu"), decision.gpu)
 
     def _sleep(self, seconds: float) -> bool:
         """Wait out a back-off; False if the user interrupted it."""
@@ -464,6 +529,7 @@ class Suite:
 
     def _record(self, plan: RecipePlan, recipe_dir: Path, outcome: RecipeOutcome, decision: LaunchDecision,
                 attempts: list[dict[str, Any]]) -> dict[str, Any]:
+        counts = (outcome.done or {}).get("counts") or {}
         row = {
             "name": plan.recipe.name,
             "status": outcome.status,
@@ -477,9 +543,16 @@ class Suite:
             "preflight": decision.record,
             "attempts": attempts,
             "sample_errors": outcome.sample_errors,
+            # the recipes whose workers were on a device at the same time (several on a GPU, or one per GPU)
+            "concurrent_with": self.overlaps.concurrent_with(plan.recipe.name),
+            # batches CUDA ran out of memory on and the worker retried at half the size (worker/infer.py), and the
+            # batch size it ended at
+            "oom_retries": counts.get("oom_retries"),
+            "final_batch_size": counts.get("batch_size"),
         }
         write_json(RecipeFolder(recipe_dir).summary,
-                   {**outcome.to_dict(), **row, "box_format_from": plan.box_format_from})
+                   {**outcome.to_dict(), **row, "box_format_from": plan.box_format_from,
+                    "device_spans": self.overlaps.spans(plan.recipe.name)})
         return row
 
 

@@ -1,4 +1,5 @@
-"""The GPU benchmark of issue 7: evalorch's suite against the notebook way, on the same random-weight 7B models.
+"""The GPU benchmark of issues 7 and 18: evalorch's suite against the notebook way and against the expert loop, on
+the same random-weight 7B models.
 
     python3 scripts/bench_gpu.py bench --work /tmp/bench --out "$OUT"                      # on the GPU machine
     python3 scripts/bench_gpu.py bench --work /tmp/bench_s --out /tmp/bench_o --small      # the flow on a CPU
@@ -10,7 +11,13 @@ In one call, timestamped so a timeout still says where the time went:
             vision. The vision tower is a shard of its own, so r2 and r3-stage1 hard-link base's language-model
             shards and write only a new (random) vision shard; plus 200 synthetic 448x448 samples.
   (a)       `python -m orchestrator run suite.toml --device cuda`: flash_attention_2, bf16, batch_size "auto",
-            min_new_tokens = max_new_tokens = 32; its stdout is timestamped line by line.
+            min_new_tokens = max_new_tokens = 32; its stdout is timestamped line by line. Workers share the GPU as
+            the orchestrator's default allows (`--workers N`: `--max-workers-per-gpu N`; 3 with --small, where the
+            CPU default is 1).
+  (a1)      the same with `--max-workers-per-gpu 1`: one worker at a time, the next two started ahead.
+  (c)       the expert loop (scripts/expert_loop.py, no evalorch code): one process, each model loaded in turn,
+            one batched `generate` per batch at (a1)'s batch size on the same data and prompts, gc.collect() and
+            torch.cuda.empty_cache() between models; its per-sample texts are compared with (a1)'s and (a)'s.
   (b)       the notebook way, in one process: each model loaded in turn (AutoModelForImageTextToText with
             device_map="cuda", adapters through PeftModel), one `generate` per sample, gc.collect() and
             torch.cuda.empty_cache() between models; on the first N samples of each model (a time slice each,
@@ -404,7 +411,9 @@ class Bench:
         log(f"built: {json.dumps({k: round(v / 1e9, 3) for k, v in sizes.items()})} GB; {self.samples} samples")
         return dataset
 
-    def suite(self, dataset: Path) -> None:
+    def suite(self, dataset: Path, key: str, workers: int | None, reserve: float) -> None:
+        """(a) with `--max-workers-per-gpu workers` (None: the orchestrator's default), into figures[key]; its
+        child may run until `reserve` seconds before the deadline (what the later steps need)."""
         body = "".join(f'\n[[recipe]]\nname = "{name}"\nmodel = "{self.models / folder}"\n'
                        + ("baseline = true\n" if name == "base" else "") for name, folder, _ in RECIPES)
         recipes = self.work / "suite.toml"
@@ -421,12 +430,13 @@ class Bench:
             write_fake_nvml(fake, [{"name": "Fake GPU (--small)", "uuid": "GPU-fake-0", "total_bytes": 80 * GIB,
                                     "free_bytes": 80 * GIB, "processes": []}])
             env[FAKE_ENV] = str(fake)
+        options = ["--max-workers-per-gpu", str(workers)] if workers is not None else []
         command = [sys.executable, "-m", "orchestrator", "run", str(recipes), "--device", self.device,
-                   "--out", str(self.work / "runs")]
-        self.figures["suite_command"] = "python -m orchestrator run suite.toml --device " + self.device
+                   "--out", str(self.work / "runs"), *options]
+        self.figures[f"{key}_command"] = " ".join(["python -m orchestrator run suite.toml --device", self.device,
+                                                   *options])
         started = time.monotonic()
-        budget = self.deadline - time.time() - (60 if self.small else 170)  # leave the notebook its share
-        code, lines = self.child("suite", command, budget, env)
+        code, lines = self.child(key, command, self.deadline - time.time() - reserve, env)
         wall = time.monotonic() - started
         match = next((re.search(r"Run folder: (\S+)", text) for _, text in lines if "Run folder:" in text), None)
         if match is None:
@@ -435,8 +445,25 @@ class Bench:
         names = [name for name, _, _ in RECIPES]
         summaries = {n: json.loads((run_dir / n / "summary.json").read_text()) for n in names
                      if (run_dir / n / "summary.json").is_file()}
-        self.figures["suite"] = {"exit": code, "wall_s": wall, "run_dir": str(run_dir),
-                                 "events": _events(lines, names), "recipes": summaries}
+        run_record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        self.figures[key] = {"exit": code, "wall_s": wall, "run_dir": str(run_dir), "events": _events(lines, names),
+                             "recipes": summaries, "texts": _suite_texts(run_dir, names),
+                             "workers_per_gpu": run_record.get("max_workers_per_gpu")}
+
+    def expert(self, batch: int, reserve: float) -> None:
+        """(c) the expert loop, in a child (scripts/expert_loop.py), at `batch`."""
+        out = self.work / "expert.json"
+        out.unlink(missing_ok=True)
+        chains = [f"{name}={root}" + (f"+{adapter}" if adapter else "") for name, _, (root, adapter) in RECIPES]
+        command = [sys.executable, str(ROOT / "scripts" / "expert_loop.py"), "--models", str(self.models),
+                   "--dataset", str(self.work / "data" / "grounding.jsonl"),
+                   *[arg for chain in chains for arg in ("--model", chain)],
+                   "--batch", str(batch), "--new-tokens", str(NEW_TOKENS), "--device", self.device, "--attn",
+                   self.attn, "--json", str(out)]
+        started = time.monotonic()
+        code, _ = self.child("expert", command, self.deadline - time.time() - reserve)
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        self.figures["expert"] = {"exit": code, "process_wall_s": time.monotonic() - started, **result}
 
     def notebook(self, batch: int) -> None:
         out = self.work / "notebook.json"
@@ -457,70 +484,93 @@ class Bench:
     def report(self) -> None:
         f = self.figures
         hw = (f.get("notebook") or {}).get("hardware") or {}
-        suite = f.get("suite") or {}
-        nb = f.get("notebook") or {}
-        rows = []
-        for name, _, _ in RECIPES:
-            if name not in suite.get("recipes", {}):
-                continue
-            row = _recipe_row(suite["recipes"][name])
-            previous, event = suite["events"].get(_previous(name) or "", {}), suite["events"].get(name, {})
-            if previous.get("finished") is not None and event.get("loaded") is not None and row["load_s"]:
-                row["not_hidden_s"] = event["loaded"] - previous["finished"] - row["load_s"]
-                if row["exit_s"] is not None and row["not_hidden_s"] > 0:  # a late worker: see _exit_seconds
-                    row["exit_s"] -= row["not_hidden_s"]
-            rows.append(row)
+        suite, serial = f.get("suite") or {}, f.get("suite_serial") or {}
+        nb, ex = f.get("notebook") or {}, f.get("expert") or {}
+        rows, serial_rows = _suite_rows(suite), _suite_rows(serial)
         notebook_rows = [_notebook_row(m, self.samples) for m in nb.get("models", [])]
         nb_measured = nb.get("wall_s")
         nb_extrapolated = None
         if len(notebook_rows) == len(RECIPES):
             nb_extrapolated = nb["imports_s"] + nb["setup_s"] + sum(r["extrapolated_s"] for r in notebook_rows)
-        suite_wall = suite.get("wall_s")
-        ratio = suite_wall / nb_extrapolated if suite_wall and nb_extrapolated else None
+        expert_wall = ex.get("wall_s") if len(ex.get("models") or []) == len(RECIPES) else None
+        suite_wall, serial_wall = suite.get("wall_s"), serial.get("wall_s")
+        ratio = _ratio(suite_wall, nb_extrapolated)
         total = self.samples * len(RECIPES)
-        f["summary"] = {"suite_wall_s": suite_wall, "notebook_measured_s": nb_measured,
-                        "notebook_extrapolated_s": nb_extrapolated, "ratio": ratio}
+        equal = {"expert_vs_serial": _equal_texts(_expert_texts(ex), serial.get("texts") or {}),
+                 "expert_vs_suite": _equal_texts(_expert_texts(ex), suite.get("texts") or {}),
+                 "suite_vs_serial": _equal_texts(suite.get("texts") or {}, serial.get("texts") or {})}
+        f["summary"] = {"suite_wall_s": suite_wall, "serial_wall_s": serial_wall, "expert_wall_s": expert_wall,
+                        "notebook_measured_s": nb_measured, "notebook_extrapolated_s": nb_extrapolated,
+                        "ratio": ratio, "ratio_vs_expert": _ratio(suite_wall, expert_wall),
+                        "serial_ratio_vs_expert": _ratio(serial_wall, expert_wall), "equal_texts": equal}
+        per_gpu = suite.get("workers_per_gpu")
         e = self.emit
         e(f"## Wall time, {len(RECIPES)} recipes x {self.samples} samples, {NEW_TOKENS} new tokens each", "",
           "| | wall | samples/s | |", "|---|---|---|---|",
           f"| (a) evalorch suite (exit {suite.get('exit')}) | {_s(suite_wall)} | {_rate(total, suite_wall)} | "
-          f"5 fresh workers, {self.attn}, batch auto |",
+          f"5 fresh workers, up to {per_gpu} at once on the GPU, {self.attn}, batch auto |",
+          f"| (a1) evalorch suite, `--max-workers-per-gpu 1` (exit {serial.get('exit')}) | {_s(serial_wall)} | "
+          f"{_rate(total, serial_wall)} | one worker at a time, two started ahead |",
           f"| (b) notebook way, measured | {_s(nb_measured)} | "
           f"{_rate(sum(len(m['sample_s']) for m in nb.get('models', [])), nb_measured)} | "
           f"{'/'.join(str(len(m['sample_s'])) for m in nb.get('models', []))} samples per model, one generate each |",
           f"| (b) notebook way, extrapolated to {self.samples} per model | {_s(nb_extrapolated)} | "
           f"{_rate(total, nb_extrapolated)} | imports + processor + per model: load + first sample + "
           f"{self.samples - 1} x mean of the other measured samples + teardown |",
-          f"| ratio (a) / (b extrapolated) | **{_x(ratio)}** | | target <= 0.1x |", "")
+          f"| (c) expert loop, one process (exit {ex.get('exit')}) | {_s(expert_wall)} | "
+          f"{_rate(total, expert_wall)} | each model in turn, one batched generate per batch of {ex.get('batch')} |",
+          f"| ratio (a) / (b extrapolated) | **{_x(ratio)}** | | target <= 0.1x |",
+          f"| ratio (a) / (c) | **{_x(_ratio(suite_wall, expert_wall))}** | | target <= 0.5x |",
+          f"| ratio (a1) / (c) | {_x(_ratio(serial_wall, expert_wall))} | | |", "",
+          f"Per-sample texts equal: (c) and (a1) {_count(equal['expert_vs_serial'])}, (c) and (a) "
+          f"{_count(equal['expert_vs_suite'])}, (a) and (a1) {_count(equal['suite_vs_serial'])}.", "")
         e("## Device (measured in this script)", "", "| device copy (read+write) | bf16 matmul 8192^3 | "
           "host-to-device pinned | host-to-device pageable |", "|---|---|---|---|",
           f"| {_gbps(hw.get('copy_Bps'))} | {_tflops(hw.get('matmul_flops'))} | {_gbps(hw.get('h2d_pinned_Bps'))} | "
           f"{_gbps(hw.get('h2d_pageable_Bps'))} |", "")
-        e("## (a) evalorch, per recipe (seconds; parent: hidden_startup, spawn_to_hello, teardown; worker: imports, "
-          "page_cache, held, load, first_sample, inference)", "",
-          "| recipe | status | batch | hidden_startup | spawn_to_hello | imports | page_cache | held | load | "
-          "load GB/s | cuda init | weights GB/s | staged read GB/s | first_sample | inference | batch wait | "
-          "generate | s/sample | samples/s | gen tok/s | teardown | exit | not hidden |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-          *[_recipe_line(r) for r in rows], "")
+        for title, table in ((f"(a) evalorch, up to {per_gpu} workers at once", rows),
+                             ("(a1) evalorch, one worker at a time", serial_rows)):
+            e(f"## {title}, per recipe (seconds; parent: hidden_startup, spawn_to_hello, teardown; worker: imports, "
+              "page_cache, held, load, first_sample, inference)", "",
+              "| recipe | status | batch | hidden_startup | spawn_to_hello | imports | page_cache | held | load | "
+              "load GB/s | cuda init | weights GB/s | staged read GB/s | first_sample | inference | batch wait | "
+              "generate | s/sample | samples/s | gen tok/s | teardown | exit | not hidden | parity | ran beside |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+              *[_recipe_line(r) for r in table], "")
         e("not hidden = time from the previous worker's exit (its `finished` line in the parent's output) to this "
-          "worker's `loaded` line, less its load: the start-up the pipeline did not hide. load GB/s = bytes of the "
+          "worker's `loaded` line, less its load: the start-up the pipeline did not hide (one worker at a time "
+          "only). load GB/s = bytes of the "
           "chain's weight files / load seconds (CUDA context creation included); weights GB/s = the same bytes / "
           "(load - cuda init); staged read GB/s = the root's bytes / the staged reader's seconds (worker/weights.py: "
           "page cache -> pinned buffers -> device), before transformers builds the model. gen tok/s = generated "
           "tokens / inference seconds (prefill included). exit = the worker's `done` to its reaping (derived: the "
           "parent's run span less the worker's own span), which the parent's `teardown` (pipe closed to reaped) does "
           "not see. spawn_to_hello of a held worker is when the parent first read its pipe (at release), not when it "
-          "said hello: its imports column is the real figure.", "")
+          "said hello: its imports column is the real figure. parity = the batch-parity check (the first batch's first "
+          "samples generated again alone), inside inference. ran beside = the recipes whose workers were on the "
+          "GPU at the same time (summary.json's concurrent_with).", "")
         e("## (b) the notebook way, per model", "", "| model | load | load GB/s | samples measured | first sample | "
           "mean of the rest | extrapolated to all | teardown |", "|---|---|---|---|---|---|---|---|",
           *[f"| {r['name']} | {_s(r['load_s'])} | {_gb(r['load_GBps'])} | {r['n']} | {_s(r['first_s'], 3)} | "
             f"{_s(r['mean_s'], 3)} | {_s(r['extrapolated_s'])} | {_s(r['teardown_s'])} |" for r in notebook_rows],
           "", f"imports {_s(nb.get('imports_s'))}, processor and dataset {_s(nb.get('setup_s'))}; excluded from its "
           f"wall: the device and kernel measurements ({_s(nb.get('excluded_s'))}).", "")
-        self.kernel_section(hw, nb.get("kernels") or {}, rows)
-        self.targets(ratio, rows)
+        self.expert_section(ex, serial.get("texts") or {}, suite.get("texts") or {})
+        self.kernel_section(hw, nb.get("kernels") or {}, serial_rows or rows)
+        self.targets(ratio, serial_rows or rows, _ratio(suite_wall, expert_wall), equal["expert_vs_suite"])
         (self.out / "bench.json").write_text(json.dumps(f, indent=1, default=str))
+
+    def expert_section(self, ex: dict, serial: dict[str, dict[str, str]], suite: dict[str, dict[str, str]]) -> None:
+        models = ex.get("models") or []
+        lines = [f"| {m['name']} | {_s(m['load_s'])} | {_s(m['generate_s'])} | {_s(m['teardown_s'])} | "
+                 f"{_count(_equal_texts({m['name']: m['texts']}, serial))} | "
+                 f"{_count(_equal_texts({m['name']: m['texts']}, suite))} |" for m in models]
+        self.emit("## (c) the expert loop, per model (scripts/expert_loop.py)", "",
+                  "| model | load | generate | teardown | texts equal to (a1) | texts equal to (a) |",
+                  "|---|---|---|---|---|---|", *lines, "",
+                  f"imports {_s(ex.get('imports_s'))}, inputs prepared once for all models (chat template, images, "
+                  f"one processor call per batch) {_s(ex.get('prepare_s'))}; wall {_s(ex.get('wall_s'))} in a "
+                  f"process of {_s(ex.get('process_wall_s'))}.", "")
 
     def kernel_section(self, hw: dict, k: dict, rows: list[dict]) -> None:
         if "prefill_s" not in k:
@@ -551,7 +601,8 @@ class Bench:
                   f"{(k['generate_s']) / batch * 1e3:.1f} ms | {floor * 1e3:.1f} ms (floor) | "
                   f"{floor / (k['generate_s'] / batch):.0%} |", "")
 
-    def targets(self, ratio: float | None, rows: list[dict]) -> None:
+    def targets(self, ratio: float | None, rows: list[dict], expert_ratio: float | None,
+                equal: tuple[int, int]) -> None:
         not_hidden = [(r["name"], r["not_hidden_s"]) for r in rows if r.get("not_hidden_s") is not None]
         loads = [(r["name"], r["weights_GBps"] or r["load_GBps"]) for r in rows if r.get("load_GBps")]
         floors = [(r["name"], r["floor_ratio"]) for r in rows if r.get("floor_ratio")]
@@ -562,6 +613,9 @@ class Bench:
 
         listing = lambda pairs, fmt: ", ".join(f"{n} {fmt(v)}" for n, v in pairs) or "n/a"  # noqa: E731
         self.emit("## Targets", "",
+                  f"- suite wall <= 0.5x the expert loop's, every per-sample text equal: "
+                  f"{verdict(None if expert_ratio is None else expert_ratio <= 0.5 and equal[0] == equal[1])} "
+                  f"({_x(expert_ratio)}; texts equal {_count(equal)})",
                   f"- suite wall <= 0.1x the notebook way's: {verdict(None if ratio is None else ratio <= 0.1)} "
                   f"({_x(ratio)}, against the extrapolated notebook wall)",
                   f"- start-up not hidden <= 2 s per recipe: "
@@ -593,18 +647,68 @@ def _previous(name: str) -> str | None:
 
 
 def _events(lines: list[tuple[float, str]], names: list[str]) -> dict[str, dict[str, float]]:
-    """When the parent printed each recipe's `starting`, `loaded` and `finished` lines (seconds since spawn)."""
+    """When the parent printed each recipe's `starting`, `loaded` and `finished` lines (seconds since spawn). With
+    several workers at once the lines name their GPU and recipe ("[GPU 0] r1: loaded in ...")."""
     events: dict[str, dict[str, float]] = {}
     current = None
     for at, text in lines:
         if m := re.match(r"\[\d+/\d+\] (\S+): worker pid \d+ starting", text):
             current = m.group(1)
             events.setdefault(current, {})["started"] = at
+        elif m := re.match(r"\s+\[GPU \d+\] (\S+): loaded in ", text):
+            events.setdefault(m.group(1), {})["loaded"] = at
         elif current and text.strip().startswith("loaded in "):
             events[current]["loaded"] = at
-        elif (m := re.match(r"\s+(\S+): \w+, \d+ samples", text)) and m.group(1) in names:
+        elif (m := re.match(r"\s+(?:\[GPU \d+\] )?(\S+): \w+, \d+ samples", text)) and m.group(1) in names:
             events.setdefault(m.group(1), {})["finished"] = at
     return events
+
+
+def _suite_rows(suite: dict) -> list[dict]:
+    """The per-recipe rows of one suite run; `not hidden` only when one worker ran at a time."""
+    rows = []
+    serial = suite.get("workers_per_gpu") in (None, 1)
+    for name, _, _ in RECIPES:
+        if name not in suite.get("recipes", {}):
+            continue
+        row = _recipe_row(suite["recipes"][name])
+        previous, event = suite["events"].get(_previous(name) or "", {}), suite["events"].get(name, {})
+        if serial and previous.get("finished") is not None and event.get("loaded") is not None and row["load_s"]:
+            row["not_hidden_s"] = event["loaded"] - previous["finished"] - row["load_s"]
+            if row["exit_s"] is not None and row["not_hidden_s"] > 0:  # a late worker: see _exit_seconds
+                row["exit_s"] -= row["not_hidden_s"]
+        rows.append(row)
+    return rows
+
+
+def _suite_texts(run_dir: Path, names: list[str]) -> dict[str, dict[str, str]]:
+    """Each recipe's generated text per sample id, from its samples.jsonl."""
+    texts: dict[str, dict[str, str]] = {}
+    for name in names:
+        path = run_dir / name / "samples.jsonl"
+        if path.is_file():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            texts[name] = {r["id"]: r["text"] for r in records if r.get("text") is not None}
+    return texts
+
+
+def _expert_texts(expert: dict) -> dict[str, dict[str, str]]:
+    return {m["name"]: m.get("texts") or {} for m in expert.get("models") or []}
+
+
+def _equal_texts(left: dict[str, dict[str, str]], right: dict[str, dict[str, str]]) -> tuple[int, int]:
+    """(equal, compared): per-sample texts of the recipes both sides have, sample by sample."""
+    pairs = [(texts.get(sid), right[name].get(sid)) for name, texts in left.items() if name in right
+             for sid in texts.keys() | right[name].keys()]
+    return sum(1 for a, b in pairs if a is not None and a == b), len(pairs)
+
+
+def _count(pair: tuple[int, int]) -> str:
+    return f"{pair[0]}/{pair[1]}" if pair[1] else "n/a"
+
+
+def _ratio(value: float | None, against: float | None) -> float | None:
+    return value / against if value and against else None
 
 
 def _recipe_row(summary: dict) -> dict:
@@ -631,6 +735,7 @@ def _recipe_row(summary: dict) -> dict:
         "samples_per_s": scored / inference if inference and scored else None,
         "gen_tok_per_s": counts.get("decode_tokens_per_s"), "not_hidden_s": None, "chain_bytes": chain,
         "exit_s": _exit_seconds(summary.get("seconds"), timings, worker),
+        "beside": summary.get("concurrent_with"), "parity_s": (summary.get("parity") or {}).get("seconds"),
     }
 
 
@@ -656,7 +761,8 @@ def _recipe_line(r: dict) -> str:
             f"{_gb(r['staged_GBps'])} | {_s(r['first_sample_s'])} | {_s(r['inference_s'])} | "
             f"{_s(r['batch_wait_s'])} | {_s(r['generate_s'])} | "
             f"{_s(r['s_per_sample'], 4)} | {_num(r['samples_per_s'])} | {_num(r['gen_tok_per_s'], 0)} | "
-            f"{_s(r['teardown_s'])} | {_s(r['exit_s'])} | {_s(r['not_hidden_s'])} |")
+            f"{_s(r['teardown_s'])} | {_s(r['exit_s'])} | {_s(r['not_hidden_s'])} | "
+            f"{_s(r['parity_s'])} | {', '.join(r['beside']) if r['beside'] else '-'} |")
 
 
 def _notebook_row(m: dict, samples: int) -> dict:
@@ -702,19 +808,24 @@ def bench(args: argparse.Namespace) -> int:
         f"budget {args.budget:.0f}s")
     dataset = runner.build()
     failed = False
-    try:
-        runner.suite(dataset)
-    except (SystemExit, OSError, ValueError) as exc:
-        log(f"suite failed: {exc}")
-        failed = True
+    small = args.small
+    # what each later step needs: (a1) and (c) about a minute each on the H200, (b) at least two
+    for key, workers, reserve in (("suite", args.workers or (3 if small else None), 150 if small else 270),
+                                  ("suite_serial", 1, 100 if small else 190)):
+        try:
+            runner.suite(dataset, key, workers, reserve)
+        except (SystemExit, OSError, ValueError) as exc:
+            log(f"{key} failed: {exc}")
+            failed = True
+            runner.figures.setdefault(key, {"recipes": {}, "events": {}})
     batches = [((s.get("done") or {}).get("counts") or {}).get("batch_size")
-               for s in ((runner.figures.get("suite") or {}).get("recipes") or {}).values()]
+               for s in ((runner.figures.get("suite_serial") or {}).get("recipes") or {}).values()]
     batch = next((b for b in batches if b), 8)
+    runner.expert(batch, 60 if small else 120)
     runner.notebook(batch)
-    if failed:
-        runner.figures.setdefault("suite", {"recipes": {}, "events": {}})
     runner.report()
-    return 1 if failed or runner.figures["suite"].get("exit") else 0
+    exits = [runner.figures[key].get("exit") for key in ("suite", "suite_serial", "expert")]
+    return 1 if failed or any(exits) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -727,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--samples", type=int, default=None, help="dataset size (default 200; 12 with --small)")
     run.add_argument("--notebook-samples", type=int, default=None, help="notebook subset per model (40; 3 small)")
     run.add_argument("--budget", type=float, default=None, help="seconds for everything (default 540; 900 small)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="(a)'s --max-workers-per-gpu (default: the orchestrator's own; 3 with --small)")
     make = sub.add_parser("build", help="(internal) write the random-weight model family")
     make.add_argument("--models", type=Path, required=True)
     make.add_argument("--device", default="cuda")

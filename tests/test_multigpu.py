@@ -1,7 +1,8 @@
-"""Several GPUs of one host at once (`run --gpus all`): the placement rule on estimates alone, the preflight's
-per-GPU mode, and the real CLI with real workers on four fake GPUs (EVALORCH_FAKE_NVML, --device cpu): where each
-recipe went, how many ran at once (watched live: never two on one GPU), one GPU's failure not stopping the
-others, retries and resume per GPU, and an interrupt stopping every lane."""
+"""Several workers at once on the GPUs of one host (`run --gpus all`, `--max-workers-per-gpu`): the placement rule
+on estimates alone, the preflight's per-GPU mode and its accounting of the workers placed on a GPU, and the real
+CLI with real workers on fake GPUs (EVALORCH_FAKE_NVML, --device cpu): where each recipe went, how many ran at once
+(watched live: never two on one GPU with one slot each; two where one GPU's memory takes two), one GPU's failure
+not stopping the others, retries and resume per GPU, and an interrupt stopping every lane."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from orchestrator.plan import RecipePlan, make_plans
 from orchestrator.preflight import GpuPreflight
 from orchestrator.progress import LiveProgress, PlainProgress
 from orchestrator.recipes import load_recipe_file
+from orchestrator.reporting.markdown import render_markdown
+from orchestrator.reporting.summary import run_summary
 from orchestrator.results import read_samples
-from orchestrator.scheduler import Job, place, runs_concurrently
+from orchestrator.scheduler import GpuSlots, Job, place, runs_concurrently, workers_per_gpu
 from orchestrator.supervisor import RecipeOutcome
 
 GIB = 2**30
@@ -41,10 +44,15 @@ def _gpu(index: int, free: int, processes: list[dict] | None = None) -> dict:
 # ----------------------------------------------------------------------------- the placement rule
 
 
+def _lanes(free: dict[int, int], idle: list[int]) -> dict[int, GpuSlots]:
+    """GPUs of one worker each: those not idle run one."""
+    return {gpu: GpuSlots(value, value, placed=int(gpu not in idle)) for gpu, value in free.items()}
+
+
 def test_largest_first_onto_the_idle_gpu_with_most_free_memory_that_fits() -> None:
     free = {0: 30, 1: 50, 2: 100, 3: 40}
     jobs = [Job("small-a", 10), Job("big", 90), Job("small-b", 10), Job("mid", 45), Job("small-c", 10)]
-    placed = {job.name: gpu for job, gpu in place(jobs, free, idle=[0, 1, 2, 3])}
+    placed = {job.name: gpu for job, gpu in place(jobs, _lanes(free, idle=[0, 1, 2, 3]))}
     # big fits only GPU 2; mid fits 1 (and 2, taken); the smalls, in file order, take what is left by free memory
     assert placed == {"big": 2, "mid": 1, "small-a": 3, "small-b": 0}
 
@@ -52,16 +60,16 @@ def test_largest_first_onto_the_idle_gpu_with_most_free_memory_that_fits() -> No
 def test_a_job_waits_for_the_busy_gpu_it_fits_while_smaller_ones_take_the_idle_gpus() -> None:
     free = {0: 30, 1: 100, 2: 40}
     jobs = [Job("big", 90), Job("small", 10)]
-    assert [(j.name, g) for j, g in place(jobs, free, idle=[0, 2])] == [("small", 2)]  # GPU 1 is busy
+    assert [(j.name, g) for j, g in place(jobs, _lanes(free, idle=[0, 2]))] == [("small", 2)]  # GPU 1 is busy
     # GPU 1 idle again: big is first in line for it, whatever else waits
-    assert [(j.name, g) for j, g in place(jobs, free, idle=[1])] == [("big", 1)]
+    assert [(j.name, g) for j, g in place(jobs, _lanes(free, idle=[1]))] == [("big", 1)]
 
 
 def test_a_job_that_fits_no_gpu_goes_to_the_one_with_most_free_memory_to_be_refused_there() -> None:
     free = {0: 30, 1: 60, 2: 60}
-    assert [(j.name, g) for j, g in place([Job("huge", 500)], free, idle=[0, 1, 2])] == [("huge", 1)]
-    assert place([Job("huge", 500)], free, idle=[0, 2]) == []  # waits for GPU 1 (equal free: the lower index)
-    assert [g for _, g in place([Job("unknown", 0), Job("x", 0)], {0: 5, 1: 5}, idle=[0, 1])] == [0, 1]
+    assert [(j.name, g) for j, g in place([Job("huge", 500)], _lanes(free, idle=[0, 1, 2]))] == [("huge", 1)]
+    assert place([Job("huge", 500)], _lanes(free, idle=[0, 2])) == []  # waits for GPU 1 (equal free: lower index)
+    assert [g for _, g in place([Job("unknown", 0), Job("x", 0)], _lanes({0: 5, 1: 5}, idle=[0, 1]))] == [0, 1]
 
 
 def test_several_workers_at_once_only_when_asked_for_and_more_than_one_gpu(tmp_path: Path) -> None:
@@ -70,9 +78,34 @@ def test_several_workers_at_once_only_when_asked_for_and_more_than_one_gpu(tmp_p
     nvml = FakeNvml(path)
     assert runs_concurrently(GpuPreflight(nvml), "all")
     assert runs_concurrently(GpuPreflight(nvml, gpus=[0, 2]), "0,2")
-    assert not runs_concurrently(GpuPreflight(nvml), None)  # no --gpus: one at a time, as before
+    assert not runs_concurrently(GpuPreflight(nvml), None)  # no --gpus, one worker per GPU: one at a time
     assert not runs_concurrently(GpuPreflight(nvml, gpus=[3]), "3")
     assert not runs_concurrently(None, "all")
+    assert runs_concurrently(GpuPreflight(nvml), None, per_gpu=2)  # several on the one GPU
+    assert not runs_concurrently(None, None, per_gpu=2)  # no preflight (a CPU run): nothing to judge memory by
+
+
+def test_workers_per_gpu_by_default_are_what_the_host_cores_feed() -> None:
+    assert workers_per_gpu(None, "cuda", gpus=1, cpus=16) == 4  # 4 CPU threads per GPU worker
+    assert workers_per_gpu(None, "cuda", gpus=8, cpus=128) == 4
+    assert workers_per_gpu(None, "cuda", gpus=1, cpus=2) == 1
+    assert workers_per_gpu(None, "cpu", gpus=1, cpus=64) == 1  # CPU workers take every core each
+    assert workers_per_gpu(3, "cuda", gpus=1, cpus=2) == 3  # asked for
+
+
+def test_a_busy_gpu_takes_one_more_only_where_its_room_fits_the_full_batch() -> None:
+    jobs = [Job("a", 10, 40), Job("b", 10, 40), Job("c", 10, 40)]
+    one_gpu = {0: GpuSlots(free=100, room=100, slots=3)}
+    # a alone, b beside it (100 - 40 >= 40), c not (20 left): it waits
+    assert [(j.name, g) for j, g in place(jobs, one_gpu)] == [("a", 0), ("b", 0)]
+    assert [j.name for j, _ in place(jobs, {0: GpuSlots(100, 100, slots=1)})] == ["a"]  # one slot: one at a time
+    busy = {0: GpuSlots(free=100, room=45, placed=1, slots=3)}
+    assert [j.name for j, _ in place(jobs, busy)] == ["a"]
+    assert place([Job("unknown", 0)], busy) == []  # no estimate: never beside others
+    assert place(jobs, {0: GpuSlots(free=100, room=90, placed=3, slots=3)}) == []  # no slot left
+    # an idle GPU is preferred to sharing one, even with less free memory
+    two = {0: GpuSlots(free=100, room=90, placed=1, slots=3), 1: GpuSlots(free=50, room=50)}
+    assert [(j.name, g) for j, g in place(jobs[:1], two)] == [("a", 1)]
 
 
 # ----------------------------------------------------------------------------- the preflight per GPU
@@ -112,6 +145,30 @@ def test_the_preflight_decides_and_waits_per_gpu(two_plans: list[RecipePlan], tm
     assert on_0.ok and on_0.record["gpu"] == 0 and clock.now == 0  # GPU 0 does not wait for GPU 1
     again = preflight.before_launch(a, gpu=1)
     assert not again.ok and "not released" in again.message and clock.now >= 30
+
+
+def test_room_is_free_memory_less_what_the_placed_workers_will_still_take(two_plans: list[RecipePlan],
+                                                                         tmp_path: Path) -> None:
+    a, b = two_plans
+    path = tmp_path / "nvml.json"
+    write_fake_nvml(path, [_gpu(0, 60 * GIB)])
+    preflight = GpuPreflight(FakeNvml(path))
+    preflight.admit(a, 0, 10 * GIB)
+    preflight.admit(b, 0, 4 * GIB)
+    assert preflight.room(0) == 46 * GIB  # neither has started: each takes its whole estimate
+    preflight.worker_started("a", 999_201)
+    preflight.worker_started("b", 999_202)
+    # a uses 6 of its 10 GiB; b more than its estimate: it will take nothing more (never below zero)
+    write_fake_nvml(path, [_gpu(0, 49 * GIB, [{"pid": 999_201, "used_bytes": 6 * GIB},
+                                              {"pid": 999_202, "used_bytes": 5 * GIB}])])
+    assert preflight.room(0) == 45 * GIB
+    beside = preflight.before_launch(b, gpu=0)  # b's own verdict, beside a: on what a leaves
+    assert beside.ok and beside.record["beside"] == ["a"] and beside.record["reserved_bytes"] == 4 * GIB
+    assert beside.record["release_wait"] == {"waited_s": 0.0, "beside": ["a"]}
+    assert "free beside a" in beside.message
+    preflight.dismiss("a")
+    preflight.dismiss("b")
+    assert preflight.room(0) == 49 * GIB
 
 
 # ----------------------------------------------------------------------------- the real CLI, four fake GPUs
@@ -228,14 +285,23 @@ def test_one_gpus_failure_does_not_stop_the_others_and_retries_and_resume_hold_p
     assert _summary(run_dir, "fine1")["pid"] == kept_pid  # kept, not run again
 
 
-def test_an_interrupt_stops_every_lane_and_skips_the_waiting_recipes(demo: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["a GPU each", "two on one GPU"])
+def test_an_interrupt_stops_every_lane_and_skips_the_waiting_recipes(demo: dict, tmp_path: Path, where: str) -> None:
+    """Two recipes at once, on a GPU each or both on one GPU whose memory takes two (the third's worker then
+    started ahead, held): one Ctrl-C stops both and skips the third, and no worker is left."""
     recipes = _recipes(tmp_path, demo, {"first": "", "second": "", "third": ""}, batch_size=1, limit=12)
     fake = tmp_path / "nvml.json"
-    write_fake_nvml(fake, [_gpu(i, 70 * GIB) for i in range(4)])
+    if where == "a GPU each":
+        write_fake_nvml(fake, [_gpu(i, 70 * GIB) for i in range(4)])
+        options = ["--gpus", "0,1"]
+    else:
+        plan = make_plans(load_recipe_file(recipes), load_recipe_file(recipes).recipes)[0]
+        write_fake_nvml(fake, [_gpu(0, read_workload(plan.recipe, plan.chain, "cpu").estimate(1).total_bytes * 5 // 2)])
+        options = ["--max-workers-per-gpu", "3"]
     out = tmp_path / "runs"
     env = {**os.environ, FAKE_ENV: str(fake), "EVALORCH_FAULT": "delay@each"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(recipes), "--out", str(out),
-                             "--device", "cpu", "--gpus", "0,1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--device", "cpu", *options], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -252,6 +318,48 @@ def test_an_interrupt_stops_every_lane_and_skips_the_waiting_recipes(demo: dict,
         assert summary["status"] == "interrupted" and 1 <= summary["metrics"]["n"] < 12, summary["detail"]
     assert _summary(run_dir, "third")["status"] == "skipped"
     assert not _workers(out)
+
+
+def test_workers_that_fit_together_run_at_once_on_one_gpu_and_the_next_waits_for_room(demo: dict,
+                                                                                          tmp_path: Path) -> None:
+    """a, b and c on one fake GPU with room for two at their full batch: a and b run at once (a waits at its first
+    sample until b has reached its own: their overlap is not timing luck), c waits, started ahead, until one of
+    them has finished; the record says who ran beside whom."""
+    recipes = _recipes(tmp_path, demo, {"a": "", "b": "", "c": ""})
+    plans = make_plans(load_recipe_file(recipes), load_recipe_file(recipes).recipes)
+    full = read_workload(plans[0].recipe, plans[0].chain, "cpu").estimate(2).total_bytes  # batch_size 2
+    fake = tmp_path / "nvml.json"
+    write_fake_nvml(fake, [_gpu(0, full * 5 // 2)])
+    out = tmp_path / "runs"
+    env = {FAKE_ENV: str(fake), "EVALORCH_FAULT": "a:gate@sample:1,b:open-gate@sample:1",
+           "EVALORCH_FAULT_GATE": str(tmp_path / "gate")}
+    result = run_cli("run", str(recipes), "--out", str(out), "--device", "cpu", "--max-workers-per-gpu", "3",
+                     env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run_dir(out)
+    a, b, c = (_summary(run_dir, name) for name in "abc")
+    for summary in (a, b, c):
+        assert summary["status"] == "ok" and summary["metrics"]["n"] == 4, summary["detail"]
+        assert summary["preflight"]["batch_size"] == 2 and summary["oom_retries"] == 0
+    assert "b" in a["concurrent_with"] and "a" in b["concurrent_with"]
+    assert b["preflight"]["beside"] == ["a"] and b["preflight"]["reserved_bytes"] == full
+    (a_span,), (b_span,), (c_span,) = a["device_spans"], b["device_spans"], c["device_spans"]
+    assert c_span[0] >= min(a_span[1], b_span[1])  # c started only once a or b had ended
+    assert not {"a", "b"} <= set(c["concurrent_with"])
+    assert "held" in c["done"]["timings"]  # started ahead while the GPU was full
+    assert json.loads((run_dir / "run.json").read_text())["max_workers_per_gpu"] == 3
+    rows = json.loads((run_dir / "summary.json").read_text())["recipes"]
+    assert [row["name"] for row in rows] == ["a", "b", "c"] and rows[0]["concurrent_with"] == a["concurrent_with"]
+    assert "its worker ran at the same time as those of b" in (run_dir / "report.md").read_text()
+
+
+def test_the_report_shows_cuda_out_of_memory_retries() -> None:
+    row = {"name": "r1", "status": "ok", "metrics": {"mean_iou": 0.5}, "preflight": {"gpu": 0, "batch_size": 8},
+           "oom_retries": 2, "final_batch_size": 2, "concurrent_with": []}
+    text = render_markdown(run_summary([row], None))
+    assert "## Workers" in text
+    assert "r1 (GPU 0): CUDA ran out of memory 2 time(s); each time the batch was halved and retried, from 8 to 2" \
+        in text
 
 
 def test_plain_progress_names_the_gpu_of_each_line(tmp_path: Path) -> None:
@@ -282,3 +390,16 @@ def test_the_live_display_keeps_one_line_per_gpu(tmp_path: Path) -> None:
     assert "GPU 0 · 1/3 a · starting" in shown and "GPU 1 · 2/3 b · inferring" in shown
     assert "GPU 2 · idle" in shown and "waiting" not in shown  # no line for the one-recipe bar
     assert "[3/3] [GPU 2] c: ok" in console.file.getvalue()
+
+
+def test_the_live_display_keeps_a_line_per_worker_of_a_shared_gpu(tmp_path: Path) -> None:
+    console = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
+    with LiveProgress(console, ["a", "b", "c"], tmp_path) as listener:
+        for name, pid in (("a", 10), ("b", 11)):
+            listener("started", RecipeOutcome(name, pid=pid), {"pid": pid, "gpu": 0})
+        listener("finished", RecipeOutcome("a", "ok", pid=10), {"gpu": 0})
+        listener("started", RecipeOutcome("c", pid=12), {"pid": 12, "gpu": 0})  # takes a's line
+        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener._render())
+    shown = frame.getvalue()
+    assert "GPU 0 · 2/3 b · starting" in shown and "GPU 0 · 3/3 c · starting" in shown
+    assert shown.count("GPU 0 ·") == 2

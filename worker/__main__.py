@@ -18,7 +18,7 @@ from contract import messages
 from contract.boxes import AUTO
 from contract.exits import WorkerExit
 from contract.samples import DatasetError
-from contract.spec import SpecError, WorkerSpec
+from contract.spec import GPU_WORKER_THREADS, SpecError, WorkerSpec
 
 from . import lifeline
 from .errors import WorkerError
@@ -125,9 +125,10 @@ def _share_cpu(device: str, torch) -> None:
     """A GPU worker's CPU work is batch preparation (the image processor's torch ops), and up to three workers
     share the host (the running one and those started ahead). At torch's default of one thread per core they
     oversubscribe it: preparing 200 images took 1.2 s in one process and 16-17 s each in three at once on the
-    16-core H100 host; at 4 threads 1.2 s alone and 1.4-1.6 s three at once. An explicit OMP_NUM_THREADS wins."""
+    16-core H100 host; at 4 threads 1.2 s alone and 1.4-1.6 s three at once. An explicit OMP_NUM_THREADS wins.
+    The parent sizes how many GPU workers may share a GPU by the same number (orchestrator/scheduler.py)."""
     if device == "cuda" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(4, os.cpu_count() or 1))
+        torch.set_num_threads(min(GPU_WORKER_THREADS, os.cpu_count() or 1))
 
 
 def _measured_memory(device: str) -> dict[str, int | None]:

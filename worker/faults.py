@@ -10,7 +10,9 @@ Points: `load` (before weights load), `merge` (before `python -m worker.merge` l
 (the N-th sample the batch-parity check generates alone). Actions: raise, segv, abort, hang, exit (exit 0 without
 `done`), bad-line (a malformed result line), delay (sleep 0.5 s), alter (at parity:N: change the text generated
 alone, so that it disagrees with the batched one), garbage-stdout (junk on stdout at every point, which must not
-disturb the result stream).
+disturb the result stream), open-gate (create the file EVALORCH_FAULT_GATE names) and gate (wait until that file
+exists, at most GATE_TIMEOUT_S, then raise): one recipe's worker waits at a point until another's has reached one,
+so a test of workers running at once does not depend on their timing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 from collections.abc import Callable
 
 ENV_VAR = "EVALORCH_FAULT"
+GATE_ENV = "EVALORCH_FAULT_GATE"
+GATE_TIMEOUT_S = 120.0
 
 
 class Faults:
@@ -74,3 +78,17 @@ class Faults:
             os._exit(0)
         if action == "bad-line":
             write_raw(b"{this is not json\n")
+        if action in ("gate", "open-gate"):
+            _gate(action, point)
+
+
+def _gate(action: str, point: str) -> None:
+    gate = os.environ[GATE_ENV]
+    if action == "open-gate":
+        open(gate, "a").close()
+        return
+    deadline = time.monotonic() + GATE_TIMEOUT_S
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fault gate at {point}: {gate} was not opened within {GATE_TIMEOUT_S:g}s")
+        time.sleep(0.05)

@@ -132,5 +132,23 @@ def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
     return notes
 
 
+def worker_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
+    """(ran out of memory, line) per recipe whose worker ran at the same time as others (several on one GPU, or
+    on other GPUs), or whose batches CUDA ran out of memory on and the worker retried at half the size."""
+    notes = []
+    for row in summary["recipes"]:
+        gpu = (row.get("preflight") or {}).get("gpu")
+        where = f" (GPU {gpu})" if gpu is not None else ""
+        if row.get("concurrent_with"):
+            notes.append((False, f"{row['name']}{where}: its worker ran at the same time as those of "
+                                 f"{', '.join(row['concurrent_with'])}"))
+        if row.get("oom_retries"):
+            first = (row.get("preflight") or {}).get("batch_size")
+            notes.append((True, f"{row['name']}{where}: CUDA ran out of memory {row['oom_retries']} time(s); each "
+                                f"time the batch was halved and retried, "
+                                f"{f'from {first} ' if first else ''}to {row.get('final_batch_size')}"))
+    return notes
+
+
 def link_text(link: dict[str, Any]) -> str:
     return f"{link['kind']} `{link['path']}` ({link['fingerprint']})"

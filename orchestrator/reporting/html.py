@@ -30,6 +30,7 @@ from .cells import (
     parity_notes,
     problems,
     status_text,
+    worker_notes,
 )
 from .page import anchor as _anchor
 from .page import escape as _e
@@ -182,6 +183,10 @@ def _problems(summary: dict[str, Any]) -> str:
     if parity:
         items = "".join(f"<li>{_e(n)}</li>" if ok else f'<li class="bad"><b>⚠ {_e(n)}</b></li>' for ok, n in parity)
         html += f'<section><h2>Batch parity</h2><ul class="problems">{items}</ul></section>'
+    workers = worker_notes(summary)
+    if workers:
+        items = "".join(f'<li class="bad">{_e(n)}</li>' if oom else f"<li>{_e(n)}</li>" for oom, n in workers)
+        html += f'<section><h2>Workers</h2><ul class="problems">{items}</ul></section>'
     found = problems(summary)
     if not found:
         return html

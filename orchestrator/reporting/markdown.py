@@ -16,6 +16,7 @@ from .cells import (
     parity_notes,
     problems,
     status_text,
+    worker_notes,
 )
 
 
@@ -44,6 +45,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     parity = parity_notes(summary)
     if parity:
         lines += ["## Batch parity", "", *[f"- {n}" if ok else f"- **⚠ {n}**" for ok, n in parity], ""]
+    workers = worker_notes(summary)
+    if workers:
+        lines += ["## Workers", "", *[f"- **{n}**" if oom else f"- {n}" for oom, n in workers], ""]
     found = problems(summary)
     if found:
         lines += ["## Problems", "", *[f"- {p}" for p in found], ""]

@@ -24,6 +24,7 @@ from .cells import (
     parity_notes,
     problems,
     status_text,
+    worker_notes,
 )
 
 
@@ -52,6 +53,9 @@ def render_terminal(summary: dict[str, Any], console: Console) -> None:
     if parity and all(agreed for agreed, _ in parity):
         console.print(f"Batch parity: every checked recipe ({len(parity)}) answers the same batched and alone",
                       markup=False, highlight=False)
+    for oom, note in worker_notes(summary):
+        if oom:  # which workers ran at once is in report.md and summary.json
+            console.print(note, markup=False, highlight=False, style="yellow")
     for problem in problems(summary):
         console.print(problem, markup=False, highlight=False, style="red")
 
