@@ -50,9 +50,26 @@ _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Withou
               " with it (run): workers on every one of them at once, each recipe on a GPU that fits it.")
 _WORKERS_HELP = ("Workers at once on one GPU, each a fresh process with its own CUDA context, admitted while the GPU's"
                  " free memory, less what the workers already on it will still take, fits the next one's estimate at"
-                 " its full batch. 1: one at a time, the next ones started ahead. Default: as many as fit, at most"
-                 " CPU cores // (4 x GPUs), since each GPU worker prepares its batches on 4 CPU threads; 1 with"
-                 " --device cpu.")
+                 " its full batch. 1 (the default, until packing has been measured on a GPU): one at a time, the"
+                 " next ones started ahead. auto: as many as fit, at most CPU cores // (4 x GPUs), since each GPU"
+                 " worker prepares its batches on 4 CPU threads; 1 with --device cpu.")
+
+
+class _WorkersPerGpu(click.ParamType):
+    """A count of 1 to 64, or "auto" (None: workers_per_gpu decides)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or value == "auto":
+            return None
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            count = 0
+        if not 1 <= count <= 64:
+            self.fail(f"{value!r} is neither a count from 1 to 64 nor 'auto'", param, ctx)
+        return count
 _HASH_WEIGHTS_HELP = "Fingerprint every link with a full content hash (reads all weights) instead of the quick one."
 _BACKEND_HELP = ("local: the workers run on this host. ray: each recipe's worker runs on a node of a Ray cluster"
                  " (pip install evalorch[ray]), in a fresh worker, with the GPU Ray gives it.")
@@ -163,7 +180,7 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
               help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
-@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=click.IntRange(1, 64), default=None, metavar="N",
+@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=_WorkersPerGpu(), default="1", metavar="N|auto",
               help=_WORKERS_HELP)
 @backend_options
 @click.option("--ray-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
@@ -187,7 +204,7 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
         device = _auto_device(cluster)
         console.print(f"Device: {device} (--device auto)")
     preflight = _preflight(device, gpus, required=True) if cluster is None else None
-    if max_workers_per_gpu is not None and cluster is not None:
+    if max_workers_per_gpu != 1 and cluster is not None:
         raise UserError("--max-workers-per-gpu is for the local backend: on Ray, --ray-lanes says how many at once")
     run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
     interrupts = Interrupts()

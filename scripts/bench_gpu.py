@@ -12,8 +12,8 @@ In one call, timestamped so a timeout still says where the time went:
             shards and write only a new (random) vision shard; plus 200 synthetic 448x448 samples.
   (a)       `python -m orchestrator run suite.toml --device cuda`: flash_attention_2, bf16, batch_size "auto",
             min_new_tokens = max_new_tokens = 32; its stdout is timestamped line by line. Workers share the GPU as
-            the orchestrator's default allows (`--workers N`: `--max-workers-per-gpu N`; 3 with --small, where the
-            CPU default is 1).
+            `--max-workers-per-gpu auto` allows (`--workers N`: `--max-workers-per-gpu N`; 3 with --small, where
+            auto is 1).
   (a1)      the same with `--max-workers-per-gpu 1`: one worker at a time, the next two started ahead.
   (c)       the expert loop (scripts/expert_loop.py, no evalorch code): one process, each model loaded in turn,
             one batched `generate` per batch at (a1)'s batch size on the same data and prompts, gc.collect() and
@@ -412,7 +412,7 @@ class Bench:
         return dataset
 
     def suite(self, dataset: Path, key: str, workers: int | None, reserve: float) -> None:
-        """(a) with `--max-workers-per-gpu workers` (None: the orchestrator's default), into figures[key]; its
+        """(a) with `--max-workers-per-gpu workers` (None: auto, as many as fit), into figures[key]; its
         child may run until `reserve` seconds before the deadline (what the later steps need)."""
         body = "".join(f'\n[[recipe]]\nname = "{name}"\nmodel = "{self.models / folder}"\n'
                        + ("baseline = true\n" if name == "base" else "") for name, folder, _ in RECIPES)
@@ -430,7 +430,7 @@ class Bench:
             write_fake_nvml(fake, [{"name": "Fake GPU (--small)", "uuid": "GPU-fake-0", "total_bytes": 80 * GIB,
                                     "free_bytes": 80 * GIB, "processes": []}])
             env[FAKE_ENV] = str(fake)
-        options = ["--max-workers-per-gpu", str(workers)] if workers is not None else []
+        options = ["--max-workers-per-gpu", str(workers) if workers is not None else "auto"]
         command = [sys.executable, "-m", "orchestrator", "run", str(recipes), "--device", self.device,
                    "--out", str(self.work / "runs"), *options]
         self.figures[f"{key}_command"] = " ".join(["python -m orchestrator run suite.toml --device", self.device,
@@ -839,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--notebook-samples", type=int, default=None, help="notebook subset per model (40; 3 small)")
     run.add_argument("--budget", type=float, default=None, help="seconds for everything (default 540; 900 small)")
     run.add_argument("--workers", type=int, default=None,
-                     help="(a)'s --max-workers-per-gpu (default: the orchestrator's own; 3 with --small)")
+                     help="(a)'s --max-workers-per-gpu (default: auto; 3 with --small)")
     make = sub.add_parser("build", help="(internal) write the random-weight model family")
     make.add_argument("--models", type=Path, required=True)
     make.add_argument("--device", default="cuda")
