@@ -22,7 +22,7 @@ before its worker starts, instead of finding out from an out-of-memory error, or
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -187,18 +187,19 @@ class Workload:
             kv = kv_cache_bytes(self.shape, self.prompts, self.max_new_tokens, batch_size, dtype_bytes)
             vision = vision_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
             prefill = prefill_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
-        lora = lora_temporary_bytes(self.lora_widths, self.prompts, batch_size)
-        alongside = self.shape is None or lora_beside_mlp(self.shape, self.lora_widths)
-        live = kv + (max(vision, prefill) + lora if alongside else max(vision, prefill, lora))
-        return MemoryEstimate(
-            lora_bytes=lora, lora_alongside=alongside,
-            allocator_bytes=ALLOCATOR_FIXED_BYTES + int(ALLOCATOR_SHARE * live) if self.context_bytes else 0,
+        estimate = MemoryEstimate(
+            lora_bytes=lora_temporary_bytes(self.lora_widths, self.prompts, batch_size),
+            lora_alongside=self.shape is None or lora_beside_mlp(self.shape, self.lora_widths),
             dtype=self.dtype, attn=self.attn, batch_size=batch_size, weights_bytes=self.weights_bytes,
             adapter_bytes=self.adapter_bytes, kv_cache_bytes=kv, vision_bytes=vision, prefill_bytes=prefill,
             context_bytes=self.context_bytes, margin=self.margin,
             prompt_tokens=self.prompts.text_tokens + self.prompts.image_tokens,
             image_tokens=self.prompts.image_tokens, notes=self.notes,
         )
+        if not self.context_bytes:  # no CUDA: no caching allocator
+            return estimate
+        live = estimate.kv_cache_bytes + estimate.activation_bytes
+        return replace(estimate, allocator_bytes=ALLOCATOR_FIXED_BYTES + int(ALLOCATOR_SHARE * live))
 
 
 def estimate_recipe(recipe: Recipe, chain: list[ChainLink], device: str,
