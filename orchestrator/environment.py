@@ -12,6 +12,12 @@ from pathlib import Path
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")
+# The CUDA caching allocator's settings: a user's own (under either name) are kept. Otherwise the worker grows its
+# segments in place (expandable_segments), so that what NVML sees of it follows what torch holds instead of rising
+# by whole segments: the memory estimate is then a closer bound, and workers packed on one GPU waste less of it.
+# The older name is set because torch 2.9 reads expandable_segments only from it (pytorch/pytorch#183387).
+_ALLOC_CONF_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 def worker_env(device: str, gpu: str | None = None, offline: bool = True, pinned: bool = False,
@@ -29,6 +35,8 @@ def worker_env(device: str, gpu: str | None = None, offline: bool = True, pinned
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if device == "cuda" and not any(name in base for name in _ALLOC_CONF_NAMES):
+        chosen |= EXPANDABLE_SEGMENTS
     if offline:
         chosen |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     project_root = str(Path(__file__).resolve().parent.parent)  # `-m worker` works uninstalled too

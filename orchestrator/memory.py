@@ -14,8 +14,9 @@ before its worker starts, instead of finding out from an out-of-memory error, or
   counts as the largest the processor makes.
 - prompt tokens: the rendered prompt's UTF-8 bytes (a byte-level BPE never makes more tokens than bytes) plus
   the chat template's tokens.
-- activations: the larger of the vision encoder's (all patches of the batch at once) and the language model's
-  prefill (the MLP's intermediate tensors dominate); decoding one token at a time needs far less.
+- activations: the larger of the vision encoder's (all patches of the batch's images at once: the dataset's
+  largest images) and the language model's prefill (the MLP's intermediate tensors dominate); decoding one token
+  at a time needs far less.
 - context: a fixed allowance for the CUDA context, cuBLAS and flash-attention workspaces (on CUDA only).
 """
 
@@ -52,16 +53,19 @@ from contract.units import format_bytes
 from .image_tokens import QWEN_FAMILIES, ImageRule, image_rule
 
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
-# What torch's caching allocator holds beyond its peak of live tensors, which NVML counts: a fixed part, and a
-# share of what grows with the batch (the KV cache re-allocated as it grows, activations of changing sizes). The
-# four factors below were fitted on the H200 (2026-12-01, GPU_CHECKS.md: Qwen2.5-VL 3B and InternVL3-2B at batch
-# 8, 12, 16, 24 and 32) together with the H100's Qwen2-VL 2B/7B of 2026-11-24, so that the estimate without its
-# margin is never below NVML's measure of the worker in those runs, and as little above it as one linear rule
-# allows: +0% to +19% (InternVL's measure grows by steps: 10.87 GiB at 11 a batch, 11.11 at 16, 17.83 at 32).
-ALLOCATOR_FIXED_BYTES = 1485 * 2**20  # 1.45 GiB
-ALLOCATOR_SHARE = 0.05
-PREFILL_FACTOR = 1.0  # the prefill's peak, in one layer's MLP buffers and residual stream
-VISION_FACTOR = 0.9  # the vision tower's peak, in the per-patch buffers vision_bytes lists
+# What torch's caching allocator holds beyond its peak of live tensors, which NVML counts: a fixed part, and a few
+# samples' worth of what grows with the batch (the KV cache re-allocated as it grows, activations of changing
+# sizes). The worker grows its segments in place (orchestrator/environment.py: expandable_segments), which cut
+# that slack from about 1.5 GiB to 0.1-0.9 GiB. The four factors below were fitted on the H200 (2026-12-01,
+# GPU_CHECKS.md: Qwen2.5-VL 3B and InternVL3-2B, 32 samples at batch 8, 11, 16 and 32 and 48 samples at 12, 24 and
+# 48), so that the estimate without its margin is never below NVML's measure of the worker in those runs and as
+# little above it as one rule allows: +0.2% to +14.3% (InternVL's measure does not grow evenly with the batch:
+# 9.33 GiB at 11, 9.61 at 16). Every one of those runs peaked in the language model's prefill: VISION_FACTOR is
+# the most they allow (a larger one would bind and push InternVL past +15%), not a measured vision peak.
+ALLOCATOR_FIXED_BYTES = 768 * 2**20
+ALLOCATOR_SAMPLES = 4.5  # samples' worth of KV cache and activations
+PREFILL_FACTOR = 0.95  # the prefill's peak, in one layer's MLP buffers and residual stream
+VISION_FACTOR = 0.5  # the vision tower's peak, in the per-patch buffers vision_bytes lists
 CHAT_TOKENS = 48  # a chat template around the prompt (Qwen2-VL's: system turn, role and vision markers)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _RUN_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -98,6 +102,14 @@ class Prompts:
     patches: int  # vision-encoder patches of that image, all its tiles together
     samples: int = 0  # how many samples the recipe evaluates (0: unknown); no batch needs to be larger
     vision_sequence: int = 0  # the longest sequence the vision tower attends over at once (one tile or picture)
+    patch_counts: tuple[int, ...] = ()  # every image's patches, largest first (empty: unknown, `patches` each)
+
+    def batch_patches(self, batch: int) -> int:
+        """The most patches `batch` images of the dataset can have together: the largest ones. Counting the
+        largest image `batch` times instead over-counted a mixed dataset twice over (InternVL, 1 and 13 tiles)."""
+        if not self.patch_counts:
+            return self.patches * batch
+        return sum(self.patch_counts[:batch]) + self.patches * max(0, batch - len(self.patch_counts))
 
 
 @dataclass(frozen=True)
@@ -199,7 +211,8 @@ class Workload:
         if not self.context_bytes:  # no CUDA: no caching allocator
             return estimate
         live = estimate.kv_cache_bytes + estimate.activation_bytes
-        return replace(estimate, allocator_bytes=ALLOCATOR_FIXED_BYTES + int(ALLOCATOR_SHARE * live))
+        per_sample = live // max(1, estimate.batch_size)
+        return replace(estimate, allocator_bytes=ALLOCATOR_FIXED_BYTES + int(ALLOCATOR_SAMPLES * per_sample))
 
 
 def estimate_recipe(recipe: Recipe, chain: list[ChainLink], device: str,
@@ -279,7 +292,7 @@ def lora_temporary_bytes(widths: tuple[int, int], prompts: Prompts, batch: int) 
     7B's MLP peaks 2.8 GiB above its base at batch 64 (BENCHMARKS.md); this gives 2.6 GiB."""
     text_width, vision_width = widths
     text = (prompts.text_tokens + prompts.image_tokens) * text_width
-    return batch * max(text, prompts.patches * vision_width) * 8
+    return max(batch * text, prompts.batch_patches(batch) * vision_width) * 8
 
 
 def weights_bytes(link: ChainLink, run_bytes: int, *, allow_pickle: bool, notes: list[str] | None = None) -> int:
@@ -397,11 +410,12 @@ def kv_cache_bytes(shape: ModelShape, prompts: Prompts, max_new_tokens: int, bat
 
 
 def vision_bytes(shape: ModelShape, prompts: Prompts, batch: int, dtype_bytes: int, attn: str) -> int:
-    """The vision tower runs all the batch's patches at once: the pixel values (float32 from the processor, and
-    their cast), and per block the residual stream, q/k/v and the MLP's hidden layer before and after GELU."""
+    """The vision tower runs all the batch's patches at once (the batch's images: at most the dataset's largest
+    `batch`): the pixel values (float32 from the processor, and their cast), and per block the residual stream,
+    q/k/v and the MLP's hidden layer before and after GELU."""
     if not shape.vision_embed:
         return 0
-    patches = prompts.patches * batch
+    patches = prompts.batch_patches(batch)
     pixels = patches * shape.patch_values * (4 + dtype_bytes)
     per_patch = (3 * shape.vision_embed + 3 * shape.vision_embed + 2 * shape.vision_mlp) * dtype_bytes
     scores = 0
@@ -451,7 +465,8 @@ def _hashable(value: object) -> bool:
 @lru_cache(maxsize=16)
 def _read_prompts(recipe_json: str, _stamp: tuple, rule: ImageRule | None) -> Prompts:
     recipe = Settings.model_validate_json(recipe_json)
-    text, tokens, patches, sequence, samples = 0, 0, 0, 0, 0
+    text, tokens, sequence, samples = 0, 0, 0, 0
+    patch_counts: list[int] = []
     try:
         for sample in open_dataset(recipe.dataset or "", recipe).samples(images=True):  # streamed
             samples += 1
@@ -459,12 +474,14 @@ def _read_prompts(recipe_json: str, _stamp: tuple, rule: ImageRule | None) -> Pr
             if rule is None:
                 continue
             count = rule.count(image_size(sample.image, recipe.exif))
-            tokens, patches = max(tokens, count.tokens), max(patches, count.patches)
+            tokens = max(tokens, count.tokens)
+            patch_counts.append(count.patches)
             sequence = max(sequence, count.sequence)
     except DatasetError as exc:
         raise EstimateError(f"dataset {recipe.dataset}: {exc}") from exc
-    return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=patches, samples=samples,
-                   vision_sequence=sequence)
+    patch_counts.sort(reverse=True)
+    return Prompts(text_tokens=text or CHAT_TOKENS, image_tokens=tokens, patches=max(patch_counts, default=0),
+                   samples=samples, vision_sequence=sequence, patch_counts=tuple(patch_counts))
 
 
 def _prompt_bytes(template: str, sample: Sample) -> int:

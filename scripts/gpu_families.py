@@ -126,7 +126,8 @@ def _row(summary: dict, estimate: dict) -> str:
             f"{_gib(done.get('peak_reserved_bytes'))} | {agreed} |")
 
 
-def check(work: Path, out: Path, small: bool, batches: tuple[int, ...] | None = None, lora: bool = True) -> int:
+def check(work: Path, out: Path, small: bool, batches: tuple[int, ...] | None = None, lora: bool = True,
+          samples: int | None = None) -> int:
     runner = Check(work, out, small)
     runner.environment()
     started = time.monotonic()
@@ -138,22 +139,23 @@ def check(work: Path, out: Path, small: bool, batches: tuple[int, ...] | None = 
         runner.emit(f"building the models failed: see {out / 'build.log'}")
         return 1
     runner.emit(f"Built {', '.join(FAMILIES)} (and their LoRA adapters) in {time.monotonic() - started:.0f} s", "")
-    dataset = red_rectangles(work / "data", SMALL_SAMPLES if small else SAMPLES,
+    samples = samples or (SMALL_SAMPLES if small else SAMPLES)
+    dataset = red_rectangles(work / "data", samples,
                              SMALL_IMAGE_SIZES if small else IMAGE_SIZES)
     recipes = _recipes(work, dataset, runner.attn, batches or (SMALL_BATCHES if small else BATCHES), lora)
     estimates = _estimates(recipes)
     result = runner.cli("run.log", "run", str(recipes), "--device", runner.device, "--out", str(work / "runs"),
                         timeout=480)
     rows = _summaries(result.stdout)
-    runner.emit(f"## Estimate vs measured: {SMALL_SAMPLES if small else SAMPLES} samples, {NEW_TOKENS} new tokens, "
+    runner.emit(f"## Estimate vs measured: {samples} samples, {NEW_TOKENS} new tokens, "
                 f"{runner.attn} (exit code {result.returncode})", "",
                 "| recipe | status | box format | image tokens (most) | weights | adapter | KV | vision | prefill "
                 "(+LoRA) | allocator | estimate (no margin) | measured (NVML, process) | error | peak at load | "
                 "peak allocated | peak reserved | parity |", "|---" * 17 + "|",
                 *[_row(r, estimates[r["name"]]) for r in rows], "",
                 "estimate = weights + adapter + KV + activations (max(vision, prefill + LoRA); max(vision, prefill, "
-                "LoRA) for an attention-only LoRA) + the allocator's cache (1.45 GiB + 5% of KV and activations) "
-                "+ CUDA context (768 MiB); the "
+                "LoRA) for an attention-only LoRA) + the allocator's cache (768 MiB + 4.5 samples' worth of KV and "
+                "activations) + CUDA context (768 MiB); the "
                 "preflight adds memory_margin (10%) before comparing with free memory. Target: error +0% to +15%.",
                 "")
     for row in rows:
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--small", action="store_true", help="tiny shapes on the CPU: the flow without a GPU")
     run.add_argument("--batches", help="comma-separated batch sizes (default 8,16,32; 2,8 with --small), e.g. "
                      "batch sizes the estimate was not calibrated at")
+    run.add_argument("--samples", type=int, help=f"dataset size (default {SAMPLES}; {SMALL_SAMPLES} with --small)")
     run.add_argument("--no-lora", action="store_true", help="skip the LoRA recipes")
     make = sub.add_parser("build", help="(internal) write the random-weight checkpoints and adapters")
     make.add_argument("--models", type=Path, required=True)
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built {name} in {time.monotonic() - started:.1f}s", flush=True)
         return 0
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
-    return check(args.work.resolve(), args.out.resolve(), args.small, batches, not args.no_lora)
+    return check(args.work.resolve(), args.out.resolve(), args.small, batches, not args.no_lora, args.samples)
 
 
 if __name__ == "__main__":

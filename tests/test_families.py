@@ -80,6 +80,7 @@ def test_each_family_rule_counts_the_tokens_its_processor_makes(families: dict, 
     processor = AutoProcessor.from_pretrained(base)
     image_id = _image_token_id(processor)
     most_tokens = most_patches = 0
+    every_patches = []
     for sample in read_dataset(Path(families["dataset"])):
         image = Image.open(sample.image_path).convert("RGB")
         inputs = encode(processor, [prompt_text(processor, sample.prompt)], [image])
@@ -87,12 +88,14 @@ def test_each_family_rule_counts_the_tokens_its_processor_makes(families: dict, 
         tokens, patches = int((inputs["input_ids"] == image_id).sum()), _patches(inputs, config)
         assert (count.tokens, count.patches) == (tokens, patches), (name, image.size)
         most_tokens, most_patches = max(most_tokens, tokens), max(most_patches, patches)
+        every_patches.append(patches)
         (seen,) = input_sizes(processor, inputs, [image])
         assert seen is not None and seen != list(image.size), (name, image.size)  # the processor resized it
     # what `plan` and the preflight size the recipe by: the largest image of the dataset
     recipe = Recipe(name=name, model=str(base), dataset=str(families["dataset"]), prompt=PROMPT, box_format="qwen2vl")
     prompts = read_workload(recipe, [_link(base)], "cuda").prompts
     assert (prompts.image_tokens, prompts.patches) == (most_tokens, most_patches)
+    assert prompts.patch_counts == tuple(sorted(every_patches, reverse=True))  # the vision tower's batches
 
 
 def _patches(inputs, config: dict) -> int:

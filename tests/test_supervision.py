@@ -161,3 +161,17 @@ def test_a_killed_parent_takes_no_worker_with_it_and_resume_matches_a_clean_run(
     assert refused.returncode == 2 and "field 'max_new_tokens': 8 -> 9" in refused.stderr
     forced = run_cli("run", str(recipes), "--resume", str(run_dir), "--device", "cpu", "--force")
     assert forced.returncode == 0, forced.stderr
+
+
+def test_a_cuda_worker_grows_its_allocator_segments_in_place_unless_the_user_chose() -> None:
+    from orchestrator.environment import worker_env
+
+    env, record = worker_env("cuda", gpu="1", base={"PATH": "/bin"})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert record["set"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's own, under either name, is kept
+        env, _ = worker_env("cuda", base={"PATH": "/bin", name: "max_split_size_mb:128"})
+        assert env[name] == "max_split_size_mb:128"
+        assert "expandable_segments" not in env.get("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb")
+    env, _ = worker_env("cpu", base={"PATH": "/bin"})
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in env
