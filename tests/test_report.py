@@ -276,3 +276,29 @@ def test_a_base_override_is_compared_with_the_same_adapter_on_its_recorded_base(
     assert paired["verdict"] == "worse" and summary["recipes"][0]["vs_recorded_base_paired"] is None
     (note,) = override_notes(summary)
     assert note.startswith("r3-wrong loads its adapter on a base it was not trained on; against r3") and "worse" in note
+
+
+def test_the_best_recipe_is_paired_with_each_other_one_so_a_win_by_noise_is_said() -> None:
+    """The seed's r4 against r1/r2/r3: the best is clearly ahead of one recipe and only ahead by noise of another;
+    the line says which, with each paired interval, in the terminal's and report.md's words alike."""
+    from orchestrator.reporting.cells import best_versus_others_line
+    from orchestrator.reporting.markdown import markdown_table
+    from orchestrator.reporting.summary import add_statistics, run_summary
+
+    best = [0.6 + 0.3 * (i % 2) for i in range(40)]
+    ious = {"base": [0.1] * 40, "r4": best, "r1": [v - 0.2 for v in best],
+            "r3": [v + (0.04 if i % 2 else -0.05) for i, v in enumerate(best)]}
+    rows = [{"name": n, "status": "ok", "metrics": {"mean_iou": sum(v) / len(v)}} for n, v in ious.items()]
+    summary = run_summary(rows, "base")
+    samples = {n: [{"id": f"s{i}", "status": "ok", "iou": v, "detected": True} for i, v in enumerate(values)]
+               for n, values in ious.items()}
+    add_statistics(summary, samples)
+    assert summary["best"] == "r4"
+    versus = {c["against"]: c for c in summary["best_vs_others"]}
+    assert set(versus) == {"r1", "r3"}  # neither the best itself nor the baseline
+    assert versus["r1"]["verdict"] == "better" and versus["r1"]["difference"] == pytest.approx(0.2)
+    assert versus["r3"]["verdict"] == "no clear difference"
+    line = best_versus_others_line(summary)
+    assert line is not None
+    assert line.index("clearly ahead of r1") < line.index("not clearly ahead of r3")
+    assert line in markdown_table(summary)

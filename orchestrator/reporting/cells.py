@@ -98,6 +98,24 @@ def best_line(summary: dict[str, Any]) -> str:
     return text + ")"
 
 
+def best_versus_others_line(summary: dict[str, Any]) -> str | None:
+    """'r4 is clearly ahead of r1 (+0.0488 [+0.011, +0.087]); not clearly ahead of r3 (+0.0334 [-0.000, +0.077])':
+    whether picking the best is more than picking noise. None with nothing to compare."""
+    compared = summary.get("best_vs_others") or []
+    if not compared:
+        return None
+    ahead = [c for c in compared if c["verdict"] == "better"]
+    unclear = [c for c in compared if c["verdict"] != "better"]
+    parts = [f"clearly ahead of {_paired_items(ahead)}"] if ahead else []
+    parts += [f"not clearly ahead of {_paired_items(unclear)}"] if unclear else []
+    return f"{summary['best']}, paired with the others (best - other, per sample): " + "; ".join(parts)
+
+
+def _paired_items(compared: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{c['against']} ({c['difference']:+.4f} {interval_text(c['interval'], signed=True)})"
+                     for c in compared)
+
+
 def override_notes(summary: dict[str, Any]) -> list[str]:
     """One line per recipe evaluated on an overridden base, with its paired difference from the recorded base."""
     notes = []

@@ -22,6 +22,7 @@ from contract.recipe import Settings
 from ..results import read_json
 from .cells import (
     best_line,
+    best_versus_others_line,
     change_cell,
     interval_text,
     label,
@@ -97,6 +98,10 @@ def _headline(summary: dict[str, Any]) -> str:
             and r["status"] == "ok" and (r.get("metrics") or {}).get("mean_iou") == row["metrics"]["mean_iou"]]
     if tied:  # "best" is then only the first of equals
         sure += f"<p class=\"warn\">Tied on mean IoU with {_e(', '.join(tied))}.</p>"
+    versus = best_versus_others_line(summary)
+    if versus:
+        unclear = any(c["verdict"] != "better" for c in summary.get("best_vs_others") or [])
+        sure += f"<p class=\"{'warn' if unclear else 'good'}\">{_e(versus)}</p>"
     clear = paired is None or paired["verdict"] == "better"
     return (f'<section class="headline{"" if clear else " unsure"}"><p class="best">{_e(best_line(summary))}</p>{sure}'
             f"<p class=\"note\">{_e(_NOTE)}</p></section>")

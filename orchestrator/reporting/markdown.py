@@ -6,6 +6,7 @@ from typing import Any
 
 from .cells import (
     best_line,
+    best_versus_others_line,
     change_cell,
     label,
     link_text,
@@ -31,7 +32,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         cells = [metric_cell(row, key, fmt, interval=True) for key, _, fmt in columns]
         lines.append("| " + " | ".join([label(row, summary), *cells, change_cell(row), paired_cell(row),
                                          status_text(row)]).replace("\n", " ") + " |")
-    return "\n".join([*lines, "", f"**{best_line(summary)}**", ""])
+    versus = best_versus_others_line(summary)
+    return "\n".join([*lines, "", f"**{best_line(summary)}**", *(["", versus] if versus else []), ""])
 
 
 def render_markdown(summary: dict[str, Any]) -> str:

@@ -97,7 +97,24 @@ def add_statistics(summary: dict[str, Any], samples: Samples) -> dict[str, Any]:
         paired = base_ok and row["name"] != baseline
         row["vs_baseline_paired"] = paired_comparison(own, samples.get(baseline, [])) if paired else None
         row["vs_recorded_base_paired"] = _versus_recorded_base(row, summary, samples)
+    summary["best_vs_others"] = _best_versus_others(summary, samples)
     return summary
+
+
+def _best_versus_others(summary: dict[str, Any], samples: Samples) -> list[dict[str, Any]]:
+    """The best recipe paired with every other finished recipe (best - other, per sample): whether it is clearly
+    ahead of each, or only ahead by noise. The baseline is left out (its row has its own comparison)."""
+    best = summary.get("best")
+    if best is None:
+        return []
+    others = [r["name"] for r in summary["recipes"] if r["status"] == "ok" and r["name"] not in
+              (best, summary.get("baseline"))]
+    compared = []
+    for name in others:
+        paired = paired_comparison(samples.get(best, []), samples.get(name, []))
+        if paired is not None:
+            compared.append({"against": name, **paired})
+    return compared
 
 
 def _versus_recorded_base(row: dict[str, Any], summary: dict[str, Any], samples: Samples) -> dict | None:

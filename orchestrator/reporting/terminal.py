@@ -15,6 +15,7 @@ from contract.layout import RunFolder
 
 from .cells import (
     best_line,
+    best_versus_others_line,
     change_cell,
     label,
     metric_cell,
@@ -44,6 +45,9 @@ def render_terminal(summary: dict[str, Any], console: Console) -> None:
         table.add_row(*[Text(t) for t in texts], style=style)  # Text: a recipe name is never rich markup
     console.print(table)
     console.print(best_line(summary), markup=False)
+    versus = best_versus_others_line(summary)
+    if versus:
+        console.print(versus, markup=False, highlight=False)
     for note in override_notes(summary):
         console.print(note, markup=False, highlight=False, style="yellow")
     parity = parity_notes(summary)
