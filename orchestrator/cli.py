@@ -50,8 +50,8 @@ _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Withou
               " with it (run): workers on every one of them at once, each recipe on a GPU that fits it.")
 _WORKERS_HELP = ("Workers at once on one GPU, each a fresh process with its own CUDA context, admitted while the GPU's"
                  " free memory, less what the workers already on it will still take, fits the next one's estimate at"
-                 " its full batch. 1 (the default, until packing has been measured on a GPU): one at a time, the"
-                 " next ones started ahead. auto: as many as fit, at most CPU cores // (4 x GPUs), since each GPU"
+                 " its full batch. 1 (the default; packed, one recipe's answers differed on an H200): one at a time,"
+                 " the next ones started ahead. auto: as many as fit, at most CPU cores // (4 x GPUs), since each GPU"
                  " worker prepares its batches on 4 CPU threads; 1 with --device cpu.")
 
 

@@ -69,7 +69,8 @@ left padding, greedy decoding, special tokens kept, ``contract.boxes.score_text`
 
 Usage::
 
-    python scripts/train_demo.py --out examples/demo-family --device cuda --budget-s 460  # the committed family
+    cp -r examples/demo-family/base /tmp/prev-base && rm -rf examples/demo-family   # the committed family:
+    python scripts/train_demo.py --out examples/demo-family --device cuda --init-base /tmp/prev-base --plan base=1500
     python scripts/train_demo.py --out /tmp/fam --device cpu --steps 5 --batch 8 --eval-limit 16  # smoke test
     python scripts/train_demo.py --selftest                                 # checks against transformers' own code
 """
@@ -707,6 +708,17 @@ def save_full(model: Any, processor: Any, path: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
     model.to(torch.float32)
     processor.save_pretrained(path)
+    bfloat16_config(path / "config.json")
+
+
+def bfloat16_config(path: Path) -> None:
+    """The sub-configs' dtype as the weights are stored: a base loaded in float32 (--init-base) keeps "float32" in
+    text_config and vision_config, which a reader of the config would take for the weights' precision."""
+    config = json.loads(path.read_text())
+    for sub in config.values():
+        if isinstance(sub, dict) and "dtype" in sub:
+            sub["dtype"] = "bfloat16"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_adapter(peft_model: Any, path: Path, recorded_base: str) -> None:
