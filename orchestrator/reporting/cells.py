@@ -99,8 +99,9 @@ def best_line(summary: dict[str, Any]) -> str:
 
 
 def best_versus_others_line(summary: dict[str, Any]) -> str | None:
-    """'r4 is clearly ahead of r1 (+0.0488 [+0.011, +0.087]); not clearly ahead of r3 (+0.0334 [-0.000, +0.077])':
-    whether picking the best is more than picking noise. None with nothing to compare."""
+    """'r4, paired with the others (best - other, per sample): clearly ahead of r1 (+0.0496 [+0.010, +0.089]); not
+    clearly ahead of r3 (+0.0334 [-0.007, +0.072])': whether picking the best is more than picking noise. None with
+    nothing to compare."""
     compared = summary.get("best_vs_others") or []
     if not compared:
         return None
