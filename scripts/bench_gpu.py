@@ -15,6 +15,8 @@ In one call, timestamped so a timeout still says where the time went:
             `--max-workers-per-gpu auto` allows (`--workers N`: `--max-workers-per-gpu N`; 3 with --small, where
             auto is 1).
   (a1)      the same with `--max-workers-per-gpu 1`: one worker at a time, the next two started ahead.
+            `--again` runs (a) once more after (a1), to see whether a packed run repeats text for text;
+            `--parity-check N` sets both suites' parity_check (0: measured without the batch-parity check).
   (c)       the expert loop (scripts/expert_loop.py, no evalorch code): one process, each model loaded in turn,
             one batched `generate` per batch at (a1)'s batch size on the same data and prompts, gc.collect() and
             torch.cuda.empty_cache() between models; its per-sample texts are compared with (a1)'s and (a)'s.
@@ -23,7 +25,7 @@ In one call, timestamped so a timeout still says where the time went:
             torch.cuda.empty_cache() between models; on the first N samples of each model (a time slice each,
             so the call ends in time), extrapolated to all samples. The same process measures the device copy
             bandwidth, the bf16 matmul rate (8192^3), pinned/pageable host-to-device copies, and prefill and
-            decode of the base model at the batch size the orchestrator chose.
+            decode of the base model at the batch size the orchestrator chose. `--no-notebook` skips it.
 The table goes to stdout and OUT/bench.md, the figures to OUT/bench.json, logs to OUT/*.log. This process never
 touches CUDA itself (it would count as a foreign holder of GPU memory in the orchestrator's preflight).
 """
@@ -366,6 +368,7 @@ class Bench:
     def __init__(self, work: Path, out: Path, small: bool, samples: int, notebook_samples: int, budget: float):
         self.work, self.out, self.small = work, out, small
         self.samples, self.notebook_samples = samples, notebook_samples
+        self.parity_check: int | None = None  # the suites' parity_check; None: the recipe default
         self.deadline = _T0 + budget
         self.device = "cpu" if small else "cuda"
         self.attn = "sdpa" if small else "flash_attention_2"
@@ -421,6 +424,7 @@ class Bench:
             f'[defaults]\ndataset = "{dataset}"\nprompt = "{{prompt}} Answer with its bounding box."\n'
             f'max_new_tokens = {NEW_TOKENS}\nmin_new_tokens = {NEW_TOKENS}\nbatch_size = "auto"\n'
             f'dtype = "{"bfloat16" if not self.small else "auto"}"\nattn = "{self.attn}"\ntimeout = 300\n'
+            + (f"parity_check = {self.parity_check}\n" if self.parity_check is not None else "") +
             f'\n[lineage]\nremap = {{ "{R3_TRAINING_PREFIX}" = "{self.models}" }}\n{body}')
         env = {"COLUMNS": "200"}  # rich wraps at 80 columns on a pipe
         if self.small:  # the fake NVML lets the preflight size batch_size "auto" on a CPU, as on a GPU
@@ -499,6 +503,9 @@ class Bench:
         equal = {"expert_vs_serial": _equal_texts(_expert_texts(ex), serial.get("texts") or {}),
                  "expert_vs_suite": _equal_texts(_expert_texts(ex), suite.get("texts") or {}),
                  "suite_vs_serial": _equal_texts(suite.get("texts") or {}, serial.get("texts") or {})}
+        again = f.get("suite_again")
+        if again:
+            equal["suite_vs_again"] = _equal_texts(suite.get("texts") or {}, again.get("texts") or {})
         f["summary"] = {"suite_wall_s": suite_wall, "serial_wall_s": serial_wall, "expert_wall_s": expert_wall,
                         "notebook_measured_s": nb_measured, "notebook_extrapolated_s": nb_extrapolated,
                         "ratio": ratio, "ratio_vs_expert": _ratio(suite_wall, expert_wall),
@@ -521,9 +528,15 @@ class Bench:
           f"{_rate(total, expert_wall)} | each model in turn, one batched generate per batch of {ex.get('batch')} |",
           f"| ratio (a) / (b extrapolated) | **{_x(ratio)}** | | target <= 0.1x |",
           f"| ratio (a) / (c) | **{_x(_ratio(suite_wall, expert_wall))}** | | target <= 0.5x |",
-          f"| ratio (a1) / (c) | {_x(_ratio(serial_wall, expert_wall))} | | |", "",
+          f"| ratio (a1) / (c) | {_x(_ratio(serial_wall, expert_wall))} | | |",
+          *([f"| (a) again, after (a1) (exit {again.get('exit')}) | {_s(again.get('wall_s'))} | "
+             f"{_rate(total, again.get('wall_s'))} | the same packed suite, to see whether it repeats |"]
+            if again else []), "",
           f"Per-sample texts equal: (c) and (a1) {_count(equal['expert_vs_serial'])}, (c) and (a) "
-          f"{_count(equal['expert_vs_suite'])}, (a) and (a1) {_count(equal['suite_vs_serial'])}.", "")
+          f"{_count(equal['expert_vs_suite'])}, (a) and (a1) {_count(equal['suite_vs_serial'])}"
+          + (f", (a) and (a) again {_count(equal['suite_vs_again'])}" if again else "")
+          + (f"; parity_check = {self.parity_check} in both suites" if self.parity_check is not None else "")
+          + ".", "")
         e("## Device (measured in this script)", "", "| device copy (read+write) | bf16 matmul 8192^3 | "
           "host-to-device pinned | host-to-device pageable |", "|---|---|---|---|",
           f"| {_gbps(hw.get('copy_Bps'))} | {_tflops(hw.get('matmul_flops'))} | {_gbps(hw.get('h2d_pinned_Bps'))} | "
@@ -804,14 +817,19 @@ def _tflops(value: float | None) -> str:
 def bench(args: argparse.Namespace) -> int:
     runner = Bench(args.work.resolve(), args.out.resolve(), args.small, args.samples, args.notebook_samples,
                    args.budget)
+    runner.parity_check = args.parity_check
     log(f"bench: device {runner.device}, {args.samples} samples, notebook subset {args.notebook_samples}, "
         f"budget {args.budget:.0f}s")
     dataset = runner.build()
     failed = False
     small = args.small
-    # what each later step needs: (a1) and (c) about a minute each on the H200, (b) at least two
-    for key, workers, reserve in (("suite", args.workers or (3 if small else None), 150 if small else 270),
-                                  ("suite_serial", 1, 100 if small else 190)):
+    packed = args.workers or (3 if small else None)
+    runs = [("suite", packed), ("suite_serial", 1)] + ([("suite_again", packed)] if args.again else [])
+    # what the later steps need at least, on the H200: (c) 70 s, (b) 120 s (it measures what time is left), a
+    # suite 80 s (a suite's run is cut at its reserve: a later one would otherwise find no time)
+    after = (40 if small else 70) + (0 if args.no_notebook else (60 if small else 120))
+    for index, (key, workers) in enumerate(runs):
+        reserve = after + (50 if small else 80) * (len(runs) - index - 1)
         try:
             runner.suite(dataset, key, workers, reserve)
         except (SystemExit, OSError, ValueError) as exc:
@@ -821,8 +839,9 @@ def bench(args: argparse.Namespace) -> int:
     batches = [((s.get("done") or {}).get("counts") or {}).get("batch_size")
                for s in ((runner.figures.get("suite_serial") or {}).get("recipes") or {}).values()]
     batch = next((b for b in batches if b), 8)
-    runner.expert(batch, 60 if small else 120)
-    runner.notebook(batch)
+    runner.expert(batch, 60 if small else (10 if args.no_notebook else 120))
+    if not args.no_notebook:
+        runner.notebook(batch)
     runner.report()
     exits = [runner.figures[key].get("exit") for key in ("suite", "suite_serial", "expert")]
     return 1 if failed or any(exits) else 0
@@ -840,6 +859,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--budget", type=float, default=None, help="seconds for everything (default 540; 900 small)")
     run.add_argument("--workers", type=int, default=None,
                      help="(a)'s --max-workers-per-gpu (default: auto; 3 with --small)")
+    run.add_argument("--parity-check", type=int, default=None,
+                     help="the suites' parity_check (default: the recipe default, 8); 0 measures them without it")
+    run.add_argument("--again", action="store_true",
+                     help="run (a) a second time after (a1): are packed runs repeatable, text for text?")
+    run.add_argument("--no-notebook", action="store_true", help="skip (b) (and the device measurements in it)")
     make = sub.add_parser("build", help="(internal) write the random-weight model family")
     make.add_argument("--models", type=Path, required=True)
     make.add_argument("--device", default="cuda")
