@@ -365,10 +365,11 @@ def _mean(values: list[float]) -> float:
 
 
 class Bench:
-    def __init__(self, work: Path, out: Path, small: bool, samples: int, notebook_samples: int, budget: float):
+    def __init__(self, work: Path, out: Path, small: bool, samples: int, notebook_samples: int, budget: float,
+                 parity_check: int | None = None):
         self.work, self.out, self.small = work, out, small
         self.samples, self.notebook_samples = samples, notebook_samples
-        self.parity_check: int | None = None  # the suites' parity_check; None: the recipe default
+        self.parity_check = parity_check  # the suites' parity_check; None: the recipe default
         self.deadline = _T0 + budget
         self.device = "cpu" if small else "cuda"
         self.attn = "sdpa" if small else "flash_attention_2"
@@ -816,8 +817,7 @@ def _tflops(value: float | None) -> str:
 
 def bench(args: argparse.Namespace) -> int:
     runner = Bench(args.work.resolve(), args.out.resolve(), args.small, args.samples, args.notebook_samples,
-                   args.budget)
-    runner.parity_check = args.parity_check
+                   args.budget, args.parity_check)
     log(f"bench: device {runner.device}, {args.samples} samples, notebook subset {args.notebook_samples}, "
         f"budget {args.budget:.0f}s")
     dataset = runner.build()
@@ -843,7 +843,7 @@ def bench(args: argparse.Namespace) -> int:
     if not args.no_notebook:
         runner.notebook(batch)
     runner.report()
-    exits = [runner.figures[key].get("exit") for key in ("suite", "suite_serial", "expert")]
+    exits = [runner.figures[key].get("exit") for key in [name for name, _ in runs] + ["expert"]]
     return 1 if failed or any(exits) else 0
 
 

@@ -106,10 +106,15 @@ def best_versus_others_line(summary: dict[str, Any]) -> str | None:
     if not compared:
         return None
     ahead = [c for c in compared if c["verdict"] == "better"]
-    unclear = [c for c in compared if c["verdict"] != "better"]
+    unclear = best_lead_unclear(summary)
     parts = [f"clearly ahead of {_paired_items(ahead)}"] if ahead else []
     parts += [f"not clearly ahead of {_paired_items(unclear)}"] if unclear else []
     return f"{summary['best']}, paired with the others (best - other, per sample): " + "; ".join(parts)
+
+
+def best_lead_unclear(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipes the best is not clearly ahead of (paired interval includes 0, or lies below it)."""
+    return [c for c in summary.get("best_vs_others") or [] if c["verdict"] != "better"]
 
 
 def _paired_items(compared: list[dict[str, Any]]) -> str:

@@ -21,6 +21,7 @@ from contract.recipe import Settings
 
 from ..results import read_json
 from .cells import (
+    best_lead_unclear,
     best_line,
     best_versus_others_line,
     change_cell,
@@ -100,8 +101,7 @@ def _headline(summary: dict[str, Any]) -> str:
         sure += f"<p class=\"warn\">Tied on mean IoU with {_e(', '.join(tied))}.</p>"
     versus = best_versus_others_line(summary)
     if versus:
-        unclear = any(c["verdict"] != "better" for c in summary.get("best_vs_others") or [])
-        sure += f"<p class=\"{'warn' if unclear else 'good'}\">{_e(versus)}</p>"
+        sure += f"<p class=\"{'warn' if best_lead_unclear(summary) else 'good'}\">{_e(versus)}</p>"
     clear = paired is None or paired["verdict"] == "better"
     return (f'<section class="headline{"" if clear else " unsure"}"><p class="best">{_e(best_line(summary))}</p>{sure}'
             f"<p class=\"note\">{_e(_NOTE)}</p></section>")
