@@ -70,9 +70,10 @@ class Settings(BaseModel):
     max_sample_errors: int | float = Field(0, description="the most samples that may error (an unreadable image, a "
                                            "bad dataset line) with the recipe still passing: a count, or a fraction "
                                            "of its samples such as 0.02; above it the recipe fails (exit 1)")
-    parity_check: int = Field(8, ge=0, le=4096, description="generate this many samples of the first batch again "
-                              "one at a time and compare with their batched answers (0: off); a disagreement is a "
-                              "warning naming the samples")
+    parity_check: int = Field(8, ge=0, le=4096, description="check this many samples of the first batch again "
+                              "one at a time against their batched answers (0: off): teacher-forced, and generated "
+                              "alone where that disagrees (worker/parity.py); a disagreement is a warning naming "
+                              "the samples")
     trust_remote_code: bool = False
     allow_pickle: bool = False
     image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"

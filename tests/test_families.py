@@ -149,6 +149,7 @@ def test_every_family_runs_in_its_own_box_format(families_run: dict) -> None:
         assert summary["done"]["counts"]["cache_misses"] == (SAMPLES if name in CACHED else 0)
         parity = summary["parity"]  # batched (left-padded) and one at a time: the same answers, in every family
         assert parity["checked"] == parity["agreed"] == SAMPLES, (name, parity["disagreements"])
+        assert parity["forced_agreed"] == SAMPLES, (name, parity["generated_alone_because"])  # one pass, not 32
 
 
 def test_every_family_merges(families: dict, families_run: dict, tmp_path: Path) -> None:

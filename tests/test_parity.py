@@ -1,5 +1,7 @@
-"""Batch invariance: the worker generates the first batch's first samples again one at a time and compares; a
-disagreement is a warning naming the samples, in the terminal, report.md, report.html and summary.json. The demo
+"""Batch invariance: the worker checks the first batch's first samples again one at a time (teacher-forced where
+it can, else generated alone) and compares; a disagreement is a warning naming the samples, in the terminal,
+report.md, report.html and summary.json. A real batching bug (right padding) is found exactly as generating every
+sample alone finds it. The demo
 family agrees (tests/test_run_e2e.py, tests/test_families.py); a disagreement is made with the test-only fault
 switch (worker/faults.py: alter@parity:N changes the N-th text generated alone)."""
 
@@ -8,7 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from helpers import only_run_dir, run_cli, write_recipes
+
+from contract.dataset import open_dataset
+from contract.recipe import Recipe
+from contract.spec import ChainLink
+from worker.generation import generate
+from worker.infer import _processor_inputs, prepare_batch
+from worker.load import load_chain
+from worker.parity import check_parity
 
 BODY = """
 [[recipe]]
@@ -47,3 +58,41 @@ def test_a_disagreement_is_a_warning_naming_the_sample(demo: dict, tmp_path: Pat
     assert "## Batch parity" in report and "batch parity FAILED" in report and third["id"] in report
     assert "few: batch parity: 2 of 2 sample(s)" in report
     assert "batch parity FAILED" in (run_dir / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def base_model(demo: dict) -> tuple:
+    recipe = Recipe(name="base", model=str(demo["models"]["base"]), dataset=str(demo["dataset"]))
+    model, processor, _ = load_chain([ChainLink(str(demo["models"]["base"]), "full", "quick:0", 1)], recipe, "cpu")
+    return model, processor, recipe
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, padding_side: str) -> None:
+    """Left padding is right; right padding is a real batching bug (the pads sit between prompt and answer). Both
+    ways, check_parity's verdict for each sample (teacher-forced where it can) is the one that generating every
+    sample alone gives, and it forces most of them rather than generating them."""
+    model, processor, recipe = base_model
+    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, "cpu").items
+    processor.tokenizer.padding_side = padding_side
+    try:
+        batched = generate(model, processor, _processor_inputs(processor, items, "cpu"), "cpu",
+                           max_new_tokens=recipe.max_new_tokens)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    alone = [generate(model, processor, _processor_inputs(processor, [item], "cpu"), "cpu",
+                      max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
+    expected = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
+    assert bool(expected) == (padding_side == "right")  # the bug is real, and left padding has none
+    every = recipe.model_copy(update={"parity_check": len(items)})
+    parity = check_parity(model, processor, items, batched, lambda item: _processor_inputs(processor, [item], "cpu"),
+                          every, "cpu", len(items))
+    assert {d["id"] for d in parity["disagreements"]} == expected
+    assert parity["checked"] == len(items) and parity["agreed"] == len(items) - len(expected)
+    assert parity["forced_agreed"] + parity["generated_alone"] == len(items)
+    # a forced disagreement is confirmed by generating alone; with left padding most samples need no generation
+    assert parity["generated_alone"] >= len(expected)
+    if padding_side == "left":
+        assert parity["forced_agreed"] >= len(items) // 2, parity["generated_alone_because"]
+    for wrong in parity["disagreements"]:
+        assert wrong["alone"] == alone[[item.sample.id for item in items].index(wrong["id"])]

@@ -18,10 +18,11 @@ from contract.recipe import Recipe
 
 from .errors import WorkerError
 from .families import encode, input_sizes, prompt_text
+from .generation import Generated, generate
 from .image_cache import ProcessorCache, collate
+from .parity import Alter, check_parity
 
 Send = Callable[..., None]
-Alter = Callable[[int, str], str]  # (n-th parity sample, its text alone) -> the text to compare; faults only
 
 
 @dataclass
@@ -106,15 +107,16 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             stats.errors += 1
         if prepared.items:
             batch_started = time.perf_counter()
-            texts, new_tokens = _generate_fitting(model, processor, prepared, recipe, device, stats)
+            generated = _generate_fitting(model, processor, prepared, recipe, device, stats)
             stats.generate_s += time.perf_counter() - batch_started
             seconds = (time.perf_counter() - batch_started) / len(prepared.items)
-            stats.generated_tokens += new_tokens
+            stats.generated_tokens += generated.new_tokens
             stats.batches += 1
             if stats.parity is None:
-                stats.parity = check_parity(model, processor, prepared.items, texts, recipe, device,
-                                            min(len(prepared.items), stats.batch_size), alter)
-            for item, text in zip(prepared.items, texts, strict=True):
+                stats.parity = check_parity(model, processor, prepared.items, generated,
+                                            lambda item: _processor_inputs(processor, [item], device), recipe,
+                                            device, min(len(prepared.items), stats.batch_size), alter)
+            for item, text in zip(prepared.items, generated.texts, strict=True):
                 sent += 1
                 before_sample(sent)
                 send("sample", **_scored_record(item, text, recipe.box_format, seconds))
@@ -125,31 +127,6 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             break
     stats.seconds = time.perf_counter() - started
     return stats
-
-
-def check_parity(model: Any, processor: Any, items: list[Prepared], texts: list[str], recipe: Recipe, device: str,
-                 batch_size: int, alter: Alter | None = None) -> dict:
-    """Generate the first `recipe.parity_check` samples of the first batch again, one at a time, in this worker,
-    and compare with their batched answers: batched, left-padded generation must give what the model gives a
-    sample alone (position ids under left padding and stale rope deltas break this in the transformers and Qwen
-    trackers). `alter` is the test-only fault switch's hook (worker/faults.py: alter@parity:N)."""
-    if recipe.parity_check == 0:
-        return {"enabled": False}
-    count = min(recipe.parity_check, len(items))
-    if batch_size <= 1:
-        return {"enabled": True, "checked": 0, "batch_size": batch_size,
-                "note": "the first batch had one sample: nothing to compare"}
-    started = time.perf_counter()
-    disagreements = []
-    for number, (item, batched) in enumerate(zip(items[:count], texts[:count], strict=True), 1):
-        inputs = _processor_inputs(processor, [item], device)
-        (alone,), _ = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
-                               min_new_tokens=recipe.min_new_tokens)
-        alone = alter(number, alone) if alter else alone
-        if alone != batched:
-            disagreements.append({"id": item.sample.id, "batched": batched, "alone": alone})
-    return {"enabled": True, "checked": count, "agreed": count - len(disagreements), "batch_size": batch_size,
-            "disagreements": disagreements, "seconds": time.perf_counter() - started}
 
 
 def _timed(batches: Iterator[PreparedBatch] | Prefetched, stats: InferenceStats) -> Iterator[PreparedBatch]:
@@ -291,12 +268,12 @@ def _prepare(processor: Any, sample: Sample, template: str,
 
 
 def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: str,
-                      stats: InferenceStats) -> tuple[list[str], int]:
+                      stats: InferenceStats) -> Generated:
     """Generate the batch, in chunks of stats.batch_size; when CUDA runs out of memory, halve it (for the rest of
     the run too) and retry the chunk, down to one sample, which then fails the recipe as `cuda_oom`."""
     batch = prepared.items
-    texts: list[str] = []
-    tokens = start = 0
+    parts: list[Generated] = []
+    start = 0
     while start < len(batch):
         chunk = batch[start : start + stats.batch_size]
         whole = start == 0 and len(chunk) == len(batch)  # the prefetched tensors serve the whole batch only
@@ -313,43 +290,19 @@ def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recip
             stats.batch_size = max(1, len(chunk) // 2)
             torch.cuda.empty_cache()
             continue
-        texts += result[0]
-        tokens += result[1]
+        parts.append(result)
         start += len(chunk)
-    return texts, tokens
+    return _joined(parts)
 
 
-def generate(model: Any, processor: Any, inputs: Any, device: str, *, max_new_tokens: int,
-             min_new_tokens: int | None = None) -> tuple[list[str], int]:
-    """Greedy generation for a left-padded batch; returns each sample's new text and the new-token count."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    inputs = inputs.to(device, non_blocking=True)
-    extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=tokenizer.pad_token_id, **extra,
-        )
-    # a decoder-only model returns the prompt and the answer; an encoder-decoder (Florence-2) the decoder's start
-    # token and the answer
-    start = 1 if getattr(model.config, "is_encoder_decoder", False) else inputs["input_ids"].shape[1]
-    new = output[:, start:]
-    texts = [_decode(tokenizer, row.tolist(), model) for row in new]
-    return texts, int(new.numel())
-
-
-def _decode(tokenizer: Any, ids: list[int], model: Any) -> str:
-    """The generated text up to the end of turn, special tokens kept (the box markers are special tokens)."""
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    eos_ids.add(tokenizer.eos_token_id)
-    kept = []
-    for token in ids:
-        if token in eos_ids:
-            break
-        if token != tokenizer.pad_token_id:
-            kept.append(token)
-    return tokenizer.decode(kept, skip_special_tokens=False).strip()
+def _joined(parts: list[Generated]) -> Generated:
+    """One batch's generation from its chunks' (one chunk unless CUDA ran out of memory)."""
+    if len(parts) == 1:
+        return parts[0]
+    prefixes = [part.decoder_prefix for part in parts]
+    return Generated([t for part in parts for t in part.texts], [r for part in parts for r in part.rows],
+                     sum(part.new_tokens for part in parts),
+                     None if None in prefixes else [p for prefix in prefixes for p in prefix])
 
 
 def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -> dict:

@@ -135,7 +135,7 @@ def override_notes(summary: dict[str, Any]) -> list[str]:
 
 
 def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
-    """(agreed, line) per recipe whose worker checked batch parity: its first batch's samples generated again one
+    """(agreed, line) per recipe whose worker checked batch parity: its first batch's samples checked again one
     at a time. A disagreement names the samples: the batched numbers may not be what the model gives alone."""
     notes = []
     for row in summary["recipes"]:
@@ -146,7 +146,7 @@ def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
         wrong = parity.get("disagreements") or []
         if not wrong:
             notes.append((True, f"{row['name']}: batch parity: {checked} of {checked} sample(s) of the first batch "
-                                f"(batch {batch}) give the same answer generated alone"))
+                                f"(batch {batch}) give the same answer alone{_parity_how(parity)}"))
             continue
         ids = ", ".join(d["id"] for d in wrong[:10]) + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
         notes.append((False, f"{row['name']}: batch parity FAILED: {len(wrong)} of {checked} sample(s) of the first "
@@ -154,6 +154,15 @@ def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
                              "numbers may not be the model's (left padding, position ids): compare with "
                              "batch_size = 1"))
     return notes
+
+
+def _parity_how(parity: dict[str, Any]) -> str:
+    """How the samples were checked alone (worker/parity.py); run folders from before the forced check lack it."""
+    if "forced_agreed" not in parity:
+        return ""
+    return (f" ({parity['forced_agreed']} by teacher forcing, {parity['generated_alone']} generated; "
+            f"closest margin {parity['closest_margin']:.3g})" if parity.get("closest_margin") is not None else
+            f" ({parity['generated_alone']} generated)")
 
 
 def worker_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
