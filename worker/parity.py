@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from contract.recipe import Recipe
@@ -35,32 +36,58 @@ def check_parity(model: Any, processor: Any, items: list[Any], batched: Generate
                 "note": "the first batch had one sample: nothing to compare"}
     started = time.perf_counter()
     count = min(recipe.parity_check, len(items))
-    disagreements, margins, declined, unforced = [], [], None, []
-    forced_agreed = generated_alone = 0
+    tally = _Tally()
+    disagreements = []
     for number, item in enumerate(items[:count], 1):
         text = batched.texts[number - 1]
-        inputs = inputs_for(item)
-        forced = None
-        prefix = batched.decoder_prefix[number - 1] if batched.decoder_prefix else None
-        if declined is None:
-            try:
-                forced = forced_check(model, processor, inputs, batched.rows[number - 1], prefix, device,
-                                      max_new_tokens=recipe.max_new_tokens, min_new_tokens=recipe.min_new_tokens)
-                margins.append(forced.closest_margin)
-            except Unforceable as exc:  # this sample only, or the whole check (generate's helpers differ)
-                unforced.append({"id": item.sample.id, "reason": str(exc)})
-                declined = str(exc) if exc.whole_check else None
-        if forced is not None and forced.agrees:
-            alone = text
-            forced_agreed += 1
-        else:
-            (alone,) = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
-                                min_new_tokens=recipe.min_new_tokens).texts
-            generated_alone += 1
+        alone = _alone(model, processor, inputs_for(item), batched, number - 1, item.sample.id, recipe, device, tally)
         alone = alter(number, alone) if alter else alone
         if alone != text:
             disagreements.append({"id": item.sample.id, "batched": text, "alone": alone})
     return {"enabled": True, "checked": count, "agreed": count - len(disagreements), "batch_size": batch_size,
-            "disagreements": disagreements, "seconds": time.perf_counter() - started,
-            "forced_agreed": forced_agreed, "generated_alone": generated_alone,
-            "closest_margin": min(margins) if margins else None, "generated_alone_because": unforced}
+            "disagreements": disagreements, "seconds": time.perf_counter() - started, **tally.record()}
+
+
+@dataclass
+class _Tally:
+    """How the samples were settled, and whether the forced pass is still worth trying in this worker."""
+
+    forced_agreed: int = 0
+    generated_alone: int = 0
+    margins: list[float] = field(default_factory=list)
+    unforced: list[dict] = field(default_factory=list)  # samples the forced pass could not model, and why
+    stop_forcing: str | None = None
+
+    def record(self) -> dict:
+        return {"forced_agreed": self.forced_agreed, "generated_alone": self.generated_alone,
+                "closest_margin": min(self.margins) if self.margins else None,
+                "generated_alone_because": self.unforced, "forcing_stopped": self.stop_forcing}
+
+
+def _alone(model: Any, processor: Any, inputs: Any, batched: Generated, index: int, sample_id: str, recipe: Recipe,
+           device: str, tally: _Tally) -> str:
+    """What the model answers this sample alone: the batched text where the forced pass confirms it, else the
+    text generated alone. A forced disagreement that generation does not confirm means this model's logits are
+    too close to call for a differently rounded pass (random weights: ties in bf16); the pass then stops being
+    tried, so such a model pays for one pass, not one per sample."""
+    forced = None
+    if tally.stop_forcing is None:
+        prefix = batched.decoder_prefix[index] if batched.decoder_prefix else None
+        try:
+            forced = forced_check(model, processor, inputs, batched.rows[index], prefix, device,
+                                  max_new_tokens=recipe.max_new_tokens, min_new_tokens=recipe.min_new_tokens)
+        except Unforceable as exc:  # this sample only, or every sample (generate's helpers differ)
+            tally.unforced.append({"id": sample_id, "reason": str(exc)})
+            tally.stop_forcing = str(exc) if exc.whole_check else None
+        else:
+            tally.margins.append(forced.closest_margin)
+            if forced.agrees:
+                tally.forced_agreed += 1
+                return batched.texts[index]
+    (alone,) = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
+                        min_new_tokens=recipe.min_new_tokens).texts
+    tally.generated_alone += 1
+    if forced is not None and alone == batched.texts[index]:
+        tally.stop_forcing = (f"{sample_id}: the forced pass differed at token {forced.first_difference} (closest "
+                              f"margin {forced.closest_margin:.3g}) where generation alone agreed")
+    return alone
