@@ -50,9 +50,15 @@ _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Withou
               " with it (run): workers on every one of them at once, each recipe on a GPU that fits it.")
 _WORKERS_HELP = ("Workers at once on one GPU, each a fresh process with its own CUDA context, admitted while the GPU's"
                  " free memory, less what the workers already on it will still take, fits the next one's estimate at"
-                 " its full batch. 1 (the default; packed, one recipe's answers differed on an H200): one at a time,"
-                 " the next ones started ahead. auto: as many as fit, at most CPU cores // (4 x GPUs), since each GPU"
-                 " worker prepares its batches on 4 CPU threads; 1 with --device cpu.")
+                 " its full batch. auto (the default): as many as fit, at most CPU cores // (4 x GPUs), since each GPU"
+                 " worker prepares its batches on 4 CPU threads; 1 with --device cpu. 1: one at a time, the next ones"
+                 " started ahead.")
+
+
+def _given(parameter: str) -> bool:
+    """Whether the user passed the option (its default is not a request)."""
+    source = click.get_current_context().get_parameter_source(parameter)
+    return source not in (click.core.ParameterSource.DEFAULT, None)
 
 
 class _WorkersPerGpu(click.ParamType):
@@ -180,7 +186,7 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
               help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
-@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=_WorkersPerGpu(), default="1", metavar="N|auto",
+@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=_WorkersPerGpu(), default="auto", metavar="N|auto",
               help=_WORKERS_HELP)
 @backend_options
 @click.option("--ray-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
@@ -204,7 +210,7 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
         device = _auto_device(cluster)
         console.print(f"Device: {device} (--device auto)")
     preflight = _preflight(device, gpus, required=True) if cluster is None else None
-    if max_workers_per_gpu != 1 and cluster is not None:
+    if cluster is not None and _given("max_workers_per_gpu"):
         raise UserError("--max-workers-per-gpu is for the local backend: on Ray, --ray-lanes says how many at once")
     run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
     interrupts = Interrupts()
