@@ -97,7 +97,8 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from contract.dataset import read_dataset
-    from worker.infer import generate, prepare_batch
+    from worker.generation import generate
+    from worker.infer import prepare_batch
     from worker.load import _load_root, load_processor
 
     link = type("Link", (), {"path": str(models / "base")})()
@@ -139,7 +140,8 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from contract.dataset import read_dataset
-    from worker.infer import generate, prepare_batch
+    from worker.generation import generate
+    from worker.infer import prepare_batch
     from worker.load import _load_root, load_processor
 
     steps["import torch, worker"] = time.perf_counter() - started
@@ -227,7 +229,8 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from contract.dataset import read_dataset
-    from worker.infer import generate, prepare_batch
+    from worker.generation import generate
+    from worker.infer import prepare_batch
     from worker.load import _apply_adapters, _load_root, load_processor
 
     link = type("Link", (), {"path": str(models / "base")})()
