@@ -124,9 +124,9 @@ def forced_check(model: Any, processor: Any, inputs: Any, row: list[int], decode
         for step in range(len(row)):
             seen = torch.cat([prompt, tokens[:, :step]], dim=1)
             scores = processors(seen, logits[step: step + 1].to(dtype=torch.float32, copy=True))
-            top = torch.topk(scores[0], 2)
-            picked.append(top.indices[0])
-            margins.append(top.values[0] - top.values[1])
+            picked.append(scores[0].argmax())  # as generate picks: the first of tied maxima, which topk is not
+            top = torch.topk(scores[0], 2).values
+            margins.append(top[0] - top[1])
         picked_ids = torch.stack(picked).tolist()
         closest = float(torch.stack(margins).min())
     first = next((i for i, (a, b) in enumerate(zip(picked_ids, row, strict=True)) if a != b), None)
