@@ -561,8 +561,9 @@ class Bench:
           "parent's run span less the worker's own span), which the parent's `teardown` (pipe closed to reaped) does "
           "not see. spawn_to_hello of a held worker is when the parent first read its pipe (at release), not when it "
           "said hello: its imports column is the real figure. parity = the batch-parity check (the first batch's first "
-          "samples generated again alone), inside inference. ran beside = the recipes whose workers were on the "
-          "GPU at the same time (summary.json's concurrent_with).", "")
+          "samples checked again alone: teacher-forced, generated where that disagrees), inside inference. "
+          "ran beside = the recipes whose workers were on the GPU at the same time (summary.json's "
+          "concurrent_with).", "")
         e("## (b) the notebook way, per model", "", "| model | load | load GB/s | samples measured | first sample | "
           "mean of the rest | extrapolated to all | teardown |", "|---|---|---|---|---|---|---|---|",
           *[f"| {r['name']} | {_s(r['load_s'])} | {_gb(r['load_GBps'])} | {r['n']} | {_s(r['first_s'], 3)} | "
@@ -750,7 +751,15 @@ def _recipe_row(summary: dict) -> dict:
         "gen_tok_per_s": counts.get("decode_tokens_per_s"), "not_hidden_s": None, "chain_bytes": chain,
         "exit_s": _exit_seconds(summary.get("seconds"), timings, worker),
         "beside": summary.get("concurrent_with"), "parity_s": (summary.get("parity") or {}).get("seconds"),
+        "parity_how": _parity_how(summary.get("parity") or {}),
     }
+
+
+def _parity_how(parity: dict) -> str:
+    """How the parity check settled its samples (worker/parity.py): forced, generated alone."""
+    if "forced_agreed" not in parity:
+        return ""
+    return f" ({parity['forced_agreed']} forced, {parity['generated_alone']} generated)"
 
 
 def _exit_seconds(seconds: float | None, parent: dict, worker: dict) -> float | None:
@@ -776,7 +785,7 @@ def _recipe_line(r: dict) -> str:
             f"{_s(r['batch_wait_s'])} | {_s(r['generate_s'])} | "
             f"{_s(r['s_per_sample'], 4)} | {_num(r['samples_per_s'])} | {_num(r['gen_tok_per_s'], 0)} | "
             f"{_s(r['teardown_s'])} | {_s(r['exit_s'])} | {_s(r['not_hidden_s'])} | "
-            f"{_s(r['parity_s'])} | {', '.join(r['beside']) if r['beside'] else '-'} |")
+            f"{_s(r['parity_s'])}{r['parity_how']} | {', '.join(r['beside']) if r['beside'] else '-'} |")
 
 
 def _notebook_row(m: dict, samples: int) -> dict:

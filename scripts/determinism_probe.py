@@ -2,7 +2,7 @@
 LoRA recipes gave texts that differed from run to run, an unpacked suite's never did.)
 
     python scripts/determinism_probe.py gemm --out DIR [--repeats 20] [--seconds 60]
-    python scripts/determinism_probe.py chains --models DIR --dataset FILE --out DIR [--together 3]
+    python scripts/determinism_probe.py chains --models DIR --dataset FILE --out DIR [--together 4] [--samples 8]
 
 For each shape (Qwen2-VL-7B's projections and a rank-16 LoRA's A and B, at decode and prefill sizes, bf16 as the
 model runs them) the output is computed once on an idle GPU, then `repeats` times with the GPU idle and `repeats`
@@ -13,7 +13,8 @@ a table. GPU only.
 
 `chains` loads each recipe of scripts/bench_gpu.py's family (its models folder) with the worker's own loader, in
 `together` processes at once and then in one process alone, and compares across processes: a fingerprint of every
-loaded tensor (adapter and base apart), the logits of one forward pass over 8 samples, and a 32-token generate's
+loaded tensor (adapter and base apart), the logits of one forward pass over `samples` samples (default 8; the
+bench's batch is 200), and a 32-token generate's
 texts. So a difference is placed: in the weights as loaded, in the computation, or neither.
 """
 
@@ -69,7 +70,7 @@ CHAINS = {"base": ["base"], "r1-llm-only": ["base", "r1-llm-only"], "r3-two-stag
           "r4-joint": ["base", "r4-joint"]}
 
 
-def child(models: Path, dataset: Path, recipe_name: str, out: Path, device: str) -> None:
+def child(models: Path, dataset: Path, recipe_name: str, out: Path, device: str, count: int) -> None:
     """One process: load the recipe's chain as a worker does, then fingerprint weights, logits and texts."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
@@ -92,7 +93,7 @@ def child(models: Path, dataset: Path, recipe_name: str, out: Path, device: str)
         bits = tensor.detach().contiguous().view(-1).view(torch.int16 if tensor.element_size() == 2 else torch.uint8)
         position = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 1000003
         weights[name] = int((bits.to(torch.int64) * position).sum())
-    samples = list(open_dataset(dataset, recipe))[:8]
+    samples = list(open_dataset(dataset, recipe))[:count]
     batch = prepare_batch(processor, samples, recipe.prompt, device)
     with torch.inference_mode():
         logits = model(**batch.inputs.to(device)).logits[:, -1].float()
@@ -101,7 +102,7 @@ def child(models: Path, dataset: Path, recipe_name: str, out: Path, device: str)
                                "logits_max": float(logits.abs().max()), "texts": texts}))
 
 
-def chains(models: Path, dataset: Path, out: Path, together: int, device: str) -> None:
+def chains(models: Path, dataset: Path, out: Path, together: int, device: str, count: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     names = list(CHAINS)
     runs: dict[str, dict[str, dict]] = {}
@@ -111,7 +112,8 @@ def chains(models: Path, dataset: Path, out: Path, together: int, device: str) -
         for group in groups:
             procs = {name: subprocess.Popen([sys.executable, __file__, "child", "--models", str(models),
                                              "--dataset", str(dataset), "--recipe", name, "--device", device,
-                                             "--out", str(out / f"{label}-{name}.json")]) for name in group}
+                                             "--samples", str(count), "--out", str(out / f"{label}-{name}.json")])
+                     for name in group}
             for name, proc in procs.items():
                 if proc.wait() != 0:
                     raise SystemExit(f"{label} {name}: exit {proc.returncode}")
@@ -143,13 +145,14 @@ def main() -> int:
         command.add_argument("--out", type=Path, required=True)
         command.add_argument("--together", type=int, default=4)
         command.add_argument("--device", default="cuda:0")
+        command.add_argument("--samples", type=int, default=8)
         command.add_argument("--recipe", default="")
     args = parser.parse_args()
     if args.command == "child":
-        child(args.models, args.dataset, args.recipe, args.out, args.device)
+        child(args.models, args.dataset, args.recipe, args.out, args.device, args.samples)
         return 0
     if args.command == "chains":
-        chains(args.models, args.dataset, args.out, args.together, args.device)
+        chains(args.models, args.dataset, args.out, args.together, args.device, args.samples)
         return 0
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
