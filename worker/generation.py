@@ -142,7 +142,7 @@ def _placeholder_ids(processor: Any, tokenizer: Any) -> set[int]:
 def _extended(inputs: Any, extra: torch.Tensor) -> dict:
     """The sample's inputs with `extra` tokens appended, every per-token input extended as generate does."""
     ids = inputs["input_ids"]
-    extended = {key: value for key, value in inputs.items()}
+    extended = dict(inputs)
     extended["input_ids"] = torch.cat([ids, extra], dim=1)
     for key, value in inputs.items():
         if key == "input_ids" or not torch.is_tensor(value) or value.dim() != 2 or value.shape != ids.shape:
