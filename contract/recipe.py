@@ -64,6 +64,11 @@ class Settings(BaseModel):
     loader: Literal["staged", "transformers"] = Field(
         "staged", description="staged: threads read safetensors through pinned buffers onto the device; "
         "transformers: its own from_pretrained reads (slower on a GPU; a fallback for checkpoints staging can't read)")
+    decode_attention: Literal["kvcache", "transformers"] = Field(
+        "kvcache", description="with flash_attention_2, how a decode step attends over the batch's left-padded "
+        "cache: kvcache, flash-attn's kvcache kernel reads it in place (worker/decode_attention.py); transformers, "
+        "its own path, which copies the cache without its padding at every layer and waits for the GPU twice a "
+        "layer")
     merge_adapters: bool = Field(False, description="merge the top adapter into the weights too, as the lower ones "
                                  "always are: decoding runs as fast as the base model's, while the results may "
                                  "differ from the unmerged adapter's in the last bits (bf16 rounding of W + BA)")

@@ -117,7 +117,8 @@ class PlainProgress(_Listener):
             where = f" on GPU {gpu}" if gpu is not None else ""
             print_(f"[{self.position(outcome.name)}] {outcome.name}: worker pid {data['pid']} starting{where}{count}")
         elif event == "loaded":
-            print_(f"    {who}loaded in {data['seconds']:.1f}s ({data['dtype']}, {data['attn']}, {data['device']})")
+            attn = data["attn"] + (" + kvcache decode" if data.get("decode_attention") == "kvcache" else "")
+            print_(f"    {who}loaded in {data['seconds']:.1f}s ({data['dtype']}, {attn}, {data['device']})")
         elif event == "error":
             print_(f"    {who}error: {data.get('kind')}: {str(data.get('message', '')).splitlines()[0][:200]}")
         elif event == "finished":

@@ -11,7 +11,9 @@ scripts/bench_gpu.py's random-weight 7B family, and a 256-sample set:
              the decode step with sdpa instead of flash_attention_2;
   prep       batch preparation of 200 samples alone and in three processes at once, by torch thread count
              (no models needed);
-  lora       r1 at batch 200 with its adapter unmerged (as evaluated) and merged (merge_adapters).
+  lora       r1 at batch 200 with its adapter unmerged (as evaluated) and merged (merge_adapters);
+  decode     decode attention: flash-attn's kvcache kernel over the padded cache against transformers'
+             unpadding path (worker/decode_attention.py), the call alone and in generate.
 Figures go to OUT/profile.json (prep: OUT/prep.json) and stdout. BENCHMARKS.md quotes them.
 """
 
@@ -253,6 +255,113 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     figures["lora"] = rows
 
 
+def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
+    """Decode attention (worker/decode_attention.py): flash-attn's kvcache kernel over the left-padded cache
+    against transformers' unpadding path. The attention call alone on the 7B's decode shapes (error against a
+    float32 reference, bitwise agreement, time), then base and r1 (LoRA unmerged) at batch 200 and base at batch
+    1, each way: prefill, 32 tokens, the decode step, and how many texts agree."""
+    import torch
+
+    from contract.dataset import read_dataset
+    from worker import decode_attention
+    from worker.generation import generate
+    from worker.infer import prepare_batch
+    from worker.load import _apply_adapters, _load_root, load_processor
+
+    figures["attention_call"] = _decode_attention_call(torch, decode_attention)
+    link = type("Link", (), {"path": str(models / "base")})()
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    processor = load_processor([link], _recipe())
+    uniform, varied = read_dataset(dataset), read_dataset(_varied_prompts(dataset))
+    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    runs = {}
+    for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
+                                 ("r1-llm-only", 200, varied)):
+        model = _apply_adapters(base, [adapter]) if name != "base" else base
+        inputs = prepare_batch(processor, samples[:batch], "{prompt}", "cuda:0").inputs
+        name = f"{name} {'varied' if samples is varied else 'uniform'}"
+        row: dict = {}
+        for way in ("transformers", "kvcache", "transformers", "kvcache"):
+            if way == "kvcache":
+                decode_attention.install()
+            else:
+                decode_attention.uninstall()
+            times = {t: timed(lambda t=t, m=model, i=inputs: generate(m, processor, i, "cuda:0", max_new_tokens=t,
+                                                                      min_new_tokens=t), torch) for t in (1, 32)}
+            row[way] = {"prefill_s": times[1][0], "generate32_s": times[32][0],
+                        "decode_step_ms": (times[32][0] - times[1][0]) / 31 * 1e3, "texts": times[32][1].texts}
+        equal = sum(a == b for a, b in zip(row["transformers"]["texts"], row["kvcache"]["texts"], strict=True))
+        runs[f"{name} batch {batch}"] = {"texts_equal": equal, "of": batch, **{
+            way: {k: v for k, v in figures_of.items() if k != "texts"} for way, figures_of in row.items()}}
+        log(f"decode {name} batch {batch}: " + json.dumps(runs[f"{name} batch {batch}"]))
+        if model is not base:
+            base = model.unload()
+    decode_attention.uninstall()
+    figures["decode"] = runs
+
+
+def _varied_prompts(dataset: Path) -> Path:
+    """The bench's samples with prompts of 0-11 extra words: a batch padded on the left, as a real grounding
+    set's referring expressions make it (the bench's one prompt makes none)."""
+    lines = [json.loads(line) for line in dataset.read_text().splitlines()]
+    for index, line in enumerate(lines):
+        line["prompt"] += " in the picture" * (index % 4) + " please" * (index % 3)
+    varied = dataset.with_name("varied.jsonl")
+    varied.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return varied
+
+
+def _decode_attention_call(torch, decode_attention) -> dict:
+    """One layer's decode attention at the 7B's shapes (batch 200, 28 query and 4 key heads of 128, a cache of
+    about 330 tokens with 0-40 pads a row), both ways, against float32 sdpa over the same unpadded keys."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, heads, kv_heads, dim, length = 200, 28, 4, 128, 330
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = rand(batch, heads, 1, dim), rand(batch, kv_heads, length, dim), rand(batch, kv_heads, length, dim)
+    pads = torch.randint(0, 41, (batch,), generator=generator, device="cuda")
+    mask = (torch.arange(length, device="cuda")[None] >= pads[:, None]).long()
+    module = type("Layer", (), {"is_causal": True, "layer_idx": 0,
+                                "config": type("C", (), {"_attn_implementation": "flash_attention_2"})()})()
+    kernel = decode_attention.flash_kvcache_kernel()
+
+    def unpadding():
+        return flash_attention_forward(module, q, k, v, mask, scaling=dim ** -0.5)[0]
+
+    def in_place():
+        return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=dim ** -0.5,
+                      cache_seqlens=torch.full_like(pads, length, dtype=torch.int32),
+                      cache_leftpad=pads.int(), causal=True)
+
+    keep = mask.bool()[:, None, None]
+    groups = heads // kv_heads
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1),
+        attn_mask=keep).transpose(1, 2)
+    result = {}
+    outputs = {}
+    for name, fn in (("transformers", unpadding), ("kvcache", in_place)):
+        outputs[name] = fn()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(28 * 10):  # ten decode steps of 28 layers, host time until queued, then until done
+            fn()
+        queued = time.perf_counter() - started
+        torch.cuda.synchronize()
+        done = time.perf_counter() - started
+        result[name] = {"max_abs_error": float((outputs[name].float() - reference).abs().max()),
+                        "host_us_per_call": queued / 280 * 1e6, "us_per_call": done / 280 * 1e6}
+    result["bitwise_equal_fraction"] = float((outputs["transformers"] == outputs["kvcache"]).float().mean())
+    log("decode attention call: " + json.dumps(result))
+    return result
+
+
 def _profiled(fn, title: str):
     """fn() under cProfile; prints the 30 costliest calls by cumulative and by own time."""
     import cProfile
@@ -274,7 +383,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--part", default="all",
-                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora"))
+                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora", "decode"))
     args = parser.parse_args()
     from scripts.bench_gpu import build_dataset
 
@@ -301,6 +410,8 @@ def main() -> int:
         profile_cold(models, dataset, figures)
     if args.part == "lora":
         profile_lora(models, dataset, figures)
+    if args.part == "decode":
+        profile_decode(models, dataset, figures)
     if args.part in ("all", "inference"):
         profile_inference(models, dataset, figures)
     args.out.mkdir(parents=True, exist_ok=True)

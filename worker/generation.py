@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .decode_attention import left_padded
+
 # How generate() extends each per-token input by one column per new token (GenerationMixin.
 # _update_model_kwargs_for_generation): the forced pass must see the sequence as the cached decode did. Another
 # per-token input (one this module does not know) makes the forced check decline: its answer would be a guess.
@@ -51,8 +53,10 @@ def generate(model: Any, processor: Any, inputs: Any, device: str, *, max_new_to
              min_new_tokens: int | None = None) -> Generated:
     """Greedy generation for a left-padded batch: each row's new text and token ids."""
     tokenizer = getattr(processor, "tokenizer", processor)
+    # an encoder-decoder's mask is the encoder's: its decoder's cache is not padded like the prompt
+    prompt_mask = None if is_encoder_decoder(model) else inputs.get("attention_mask")
     inputs = inputs.to(device, non_blocking=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), left_padded(prompt_mask, device):
         output = model.generate(**inputs, **generation_options(tokenizer, max_new_tokens, min_new_tokens))
     # a decoder-only model returns the prompt and the answer; an encoder-decoder (Florence-2) the decoder's start
     # token and the answer

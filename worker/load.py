@@ -24,6 +24,7 @@ from contract.layout import WORKER_LOG
 from contract.recipe import Recipe, run_attn, run_dtype
 from contract.spec import ChainLink
 
+from . import decode_attention
 from .errors import WorkerError
 from .weights import UnstageableError, load_safetensors, read_through
 
@@ -103,10 +104,12 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: A
     check_placement(model, device)
     phases["adapters_s"] = time.perf_counter() - started - phases["cuda_init_s"] - phases["root_s"]
     processor = processor or load_processor(chain, recipe)
+    decode = _route_decode_attention(attn, recipe.decode_attention)
     return model, processor, {
         **phases,
         "seconds": time.perf_counter() - started,
         "attn": getattr(model.config, "_attn_implementation", attn),
+        "decode_attention": decode,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
         "placement_ok": True,
@@ -116,6 +119,16 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: A
         "peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
         **how,
     }
+
+
+def _route_decode_attention(attn: str, requested: str) -> str:
+    """Which way this worker's decode steps attend: flash-attn's kvcache kernel where the recipe asks for it
+    (the default) and flash attention is in use, else transformers' own function."""
+    if attn != "flash_attention_2" or requested != decode_attention.KVCACHE:
+        return decode_attention.TRANSFORMERS
+    if not decode_attention.install(attn):
+        return f"{decode_attention.TRANSFORMERS} (this flash-attn has no kvcache kernel with cache_leftpad)"
+    return decode_attention.KVCACHE
 
 
 def _init_cuda(device: str) -> float:
