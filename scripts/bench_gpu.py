@@ -515,10 +515,10 @@ class Bench:
         e = self.emit
         e(f"## Wall time, {len(RECIPES)} recipes x {self.samples} samples, {NEW_TOKENS} new tokens each", "",
           "| | wall | samples/s | |", "|---|---|---|---|",
-          f"| (a) evalorch suite (exit {suite.get('exit')}) | {_s(suite_wall)} | {_rate(total, suite_wall)} | "
-          f"5 fresh workers, up to {per_gpu} at once on the GPU, {self.attn}, batch auto |",
-          f"| (a1) evalorch suite, `--max-workers-per-gpu 1` (exit {serial.get('exit')}) | {_s(serial_wall)} | "
-          f"{_rate(total, serial_wall)} | one worker at a time, two started ahead |",
+          f"| (a) evalorch suite, packed (exit {suite.get('exit')}) | {_s(suite_wall)} | {_rate(total, suite_wall)} | "
+          f"5 fresh workers, up to {per_gpu} at once on the GPU (opt-in), {self.attn}, batch auto |",
+          f"| (a1) evalorch suite, `--max-workers-per-gpu 1`, the default (exit {serial.get('exit')}) | "
+          f"{_s(serial_wall)} | {_rate(total, serial_wall)} | one worker at a time, two started ahead |",
           f"| (b) notebook way, measured | {_s(nb_measured)} | "
           f"{_rate(sum(len(m['sample_s']) for m in nb.get('models', [])), nb_measured)} | "
           f"{'/'.join(str(len(m['sample_s'])) for m in nb.get('models', []))} samples per model, one generate each |",
@@ -572,7 +572,10 @@ class Bench:
           f"wall: the device and kernel measurements ({_s(nb.get('excluded_s'))}).", "")
         self.expert_section(ex, serial.get("texts") or {}, suite.get("texts") or {})
         self.kernel_section(hw, nb.get("kernels") or {}, serial_rows or rows)
-        self.targets(ratio, serial_rows or rows, _ratio(suite_wall, expert_wall), equal["expert_vs_suite"])
+        self.targets(ratio, serial_rows or rows, {"(a) packed": (_ratio(suite_wall, expert_wall),
+                                                          equal["expert_vs_suite"]),
+                                               "(a1) one at a time, the default": (_ratio(serial_wall, expert_wall),
+                                                                                  equal["expert_vs_serial"])})
         (self.out / "bench.json").write_text(json.dumps(f, indent=1, default=str))
 
     def expert_section(self, ex: dict, serial: dict[str, dict[str, str]], suite: dict[str, dict[str, str]]) -> None:
@@ -616,8 +619,8 @@ class Bench:
                   f"{(k['generate_s']) / batch * 1e3:.1f} ms | {floor * 1e3:.1f} ms (floor) | "
                   f"{floor / (k['generate_s'] / batch):.0%} |", "")
 
-    def targets(self, ratio: float | None, rows: list[dict], expert_ratio: float | None,
-                equal: tuple[int, int]) -> None:
+    def targets(self, ratio: float | None, rows: list[dict],
+                against_expert: dict[str, tuple[float | None, tuple[int, int]]]) -> None:
         not_hidden = [(r["name"], r["not_hidden_s"]) for r in rows if r.get("not_hidden_s") is not None]
         loads = [(r["name"], r["weights_GBps"] or r["load_GBps"]) for r in rows if r.get("load_GBps")]
         floors = [(r["name"], r["floor_ratio"]) for r in rows if r.get("floor_ratio")]
@@ -628,15 +631,20 @@ class Bench:
 
         listing = lambda pairs, fmt: ", ".join(f"{n} {fmt(v)}" for n, v in pairs) or "n/a"  # noqa: E731
         self.emit("## Targets", "",
-                  f"- suite wall <= 0.5x the expert loop's, every per-sample text equal: "
-                  f"{verdict(None if expert_ratio is None else expert_ratio <= 0.5 and equal[0] == equal[1])} "
-                  f"({_x(expert_ratio)}; texts equal {_count(equal)})",
+                  *[f"- suite wall {which} <= 0.5x the expert loop's, every per-sample text equal: "
+                    f"{verdict(None if value is None else value <= 0.5 and equal[0] == equal[1])} "
+                    f"({_x(value)}; texts equal {_count(equal)})"
+                    for which, (value, equal) in against_expert.items()],
                   f"- suite wall <= 0.1x the notebook way's: {verdict(None if ratio is None else ratio <= 0.1)} "
                   f"({_x(ratio)}, against the extrapolated notebook wall)",
                   f"- start-up not hidden <= 2 s per recipe: "
                   f"{verdict(None if not not_hidden else max(v for _, v in not_hidden) <= 2)} "
                   f"({listing(not_hidden, lambda v: f'{v:.2f} s')}; the first recipe has nothing to hide behind: "
                   f"spawn to hello {_s(first.get('spawn_to_hello_s'))}, imports {_s(first.get('imports_s'))})",
+                  f"- the first worker from spawn to loaded <= 8 s: "
+                  f"{verdict(None if first.get('spawn_to_loaded_s') is None else first['spawn_to_loaded_s'] <= 8)} "
+                  f"({_s(first.get('spawn_to_loaded_s'))}; its weights read beside its imports for "
+                  f"{_s(first.get('prestage_overlap_s'))})",
                   f"- model load >= 15 GB/s from a warm page cache (weights GB/s: CUDA context creation apart): "
                   f"{verdict(None if not loads else min(v for _, v in loads) >= 15)} "
                   f"({listing(loads, lambda v: f'{v:.1f} GB/s')})",
@@ -733,14 +741,20 @@ def _recipe_row(summary: dict) -> dict:
     counts = done.get("counts") or {}
     loaded = summary.get("loaded") or {}
     chain = sum(link.get("bytes") or 0 for link in summary.get("lineage") or [])
-    load = loaded.get("seconds")
+    # a prestaged read (worker/weights.py) ran beside the imports before the load began: the load's span counts it
+    overlap = loaded["staged_s"] - loaded["prestaged_wait_s"] if loaded.get("prestaged_wait_s") is not None else 0.0
+    load = loaded["seconds"] + overlap if loaded.get("seconds") else None
     scored = counts.get("scored") or 0
+    to_hello, imports = timings.get("spawn_to_hello"), worker.get("imports")
     inference = worker.get("inference")
     return {
         "name": summary["name"], "status": summary.get("status"), "batch": counts.get("batch_size"),
         "hidden_startup_s": timings.get("hidden_startup"), "spawn_to_hello_s": timings.get("spawn_to_hello"),
         "teardown_s": timings.get("teardown"), "imports_s": worker.get("imports"),
         "page_cache_s": worker.get("page_cache"), "held_s": worker.get("held"), "load_s": load,
+        "prestage_overlap_s": overlap if loaded.get("prestaged_wait_s") is not None else None,
+        "spawn_to_loaded_s": to_hello - imports + worker["loaded_at"]
+        if None not in (to_hello, imports, worker.get("loaded_at")) else None,
         "load_GBps": chain / load / 1e9 if load else None, "first_sample_s": worker.get("first_sample"),
         "cuda_init_s": loaded.get("cuda_init_s"), "loader": loaded.get("loader"),
         "weights_GBps": chain / (load - loaded["cuda_init_s"]) / 1e9 if load and "cuda_init_s" in loaded else None,

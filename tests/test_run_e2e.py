@@ -164,6 +164,11 @@ def test_the_next_worker_starts_while_the_previous_recipe_runs(demo_run: dict) -
         assert "held" in summary["done"]["timings"] and "page_cache" in summary["done"]["timings"]
     first = json.loads((run_dir / NAMES[0] / "summary.json").read_text())
     assert "held" not in first["done"]["timings"] and first["timings"]["hidden_startup"] < 0.25
+    # the first worker, with nothing to hide behind, read its weights while its imports finished; the others
+    # read theirs at their turn (a worker started ahead may not touch the device before its go)
+    assert first["loaded"]["loader"] == "staged" and first["loaded"]["prestaged_wait_s"] is not None
+    later = json.loads((run_dir / NAMES[1] / "summary.json").read_text())
+    assert later["loaded"]["prestaged_wait_s"] is None
     # two recipes ahead (prestart_depth 2): the third worker was started with the second, when the first began,
     # so it waited for two recipes, the second for one
     hidden = [json.loads((run_dir / n / "summary.json").read_text())["timings"]["hidden_startup"] for n in NAMES]

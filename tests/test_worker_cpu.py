@@ -31,3 +31,20 @@ def test_gpu_workers_use_at_most_four_cpu_threads(monkeypatch, device: str, omp:
     torch = _Torch()
     _share_cpu(device, torch)
     assert torch.threads == expected
+
+
+def test_sklearn_is_hidden_only_while_transformers_is_imported() -> None:
+    """transformers imports scikit-learn for assisted generation, which evaluation never uses (seconds of a
+    fresh worker's start-up); the worker hides it for its imports only."""
+    import importlib.util
+    import sys
+
+    from worker.__main__ import _unused_optional_imports_hidden
+
+    before = "sklearn" in sys.modules
+    with _unused_optional_imports_hidden():
+        assert importlib.util.find_spec("sklearn") is None or before
+        if not before:
+            with pytest.raises(ImportError):
+                import sklearn  # noqa: F401
+    assert ("sklearn" in sys.modules) == before  # no None entry left behind

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,12 +63,18 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
-    from contract.dataset import open_dataset
-
-    from .infer import run_inference, start_batches
-    from .load import check_chain_files, load_chain, load_processor, warm_page_cache
+    from .weights import prestage_root  # torch only
 
     _share_cpu(spec.device, torch)
+    device = "cuda:0" if spec.device == "cuda" else "cpu"
+    # a worker started ahead may not touch the GPU before its go; any other reads its weights meanwhile
+    prestaged = None if spec.hold or not _device_usable(spec.device, torch) else prestage_root(
+        spec.chain[0], spec.recipe, device)
+    with _unused_optional_imports_hidden():
+        from contract.dataset import open_dataset
+
+        from .infer import run_inference, start_batches
+        from .load import check_chain_files, load_chain, load_processor, warm_page_cache
     timings["imports"] = time.perf_counter() - started
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
@@ -80,7 +88,6 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
         raise WorkerError("config", f"dataset: {exc}") from None
     except OSError as exc:
         raise WorkerError("data", f"dataset {spec.dataset}: cannot be read ({exc.strerror or exc})") from None
-    device = "cuda:0" if spec.device == "cuda" else "cpu"
     processor = batches = None
     if spec.hold:
         held = time.perf_counter()
@@ -101,10 +108,11 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
         processor = load_processor(spec.chain, recipe)
         batches = start_batches(processor, samples, recipe, device)
     faults.hit("load", out.write_raw)
-    if spec.device == "cuda" and not torch.cuda.is_available():
+    if not _device_usable(spec.device, torch):
         raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
-    model, processor, loaded = load_chain(spec.chain, recipe, device, processor)
+    model, processor, loaded = load_chain(spec.chain, recipe, device, processor, prestaged)
     timings["load"] = loaded["seconds"]
+    timings["loaded_at"] = time.perf_counter() - started  # from the first import: spawn to loaded, less the exec
     out.send("loaded", **loaded)
     stats = run_inference(
         model, processor, batches or samples, recipe, device, out.send, control.stop.is_set,
@@ -119,6 +127,27 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
               "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
               "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
     out.send("done", counts=counts, timings=timings, parity=stats.parity, **_measured_memory(device))
+
+
+def _device_usable(device: str, torch) -> bool:
+    return device != "cuda" or torch.cuda.is_available()
+
+
+@contextmanager
+def _unused_optional_imports_hidden() -> Iterator[None]:
+    """transformers imports scikit-learn where it is installed, for assisted generation's candidate threshold,
+    which evaluation never uses: 1.5-2.5 s of a fresh process's start-up on the H200 host (transformers 5.17's
+    candidate_generator imports sklearn.metrics at import time). Hidden while transformers is imported (an
+    entry of None in sys.modules makes it look absent), importable again afterwards."""
+    hidden = [name for name in ("sklearn",) if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 def _share_cpu(device: str, torch) -> None:

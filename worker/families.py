@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .default_dtype import preparing_inputs
 from .errors import WorkerError
 
 
@@ -26,7 +27,8 @@ def prompt_text(processor: Any, prompt: str) -> str:
 def encode(processor: Any, texts: list[str], images: list[Any]) -> Any:
     """One processor call for a batch, each text with its one image (nested, so that every processor reads the
     images per sample: Gemma 3's would put a flat list all in one sample)."""
-    inputs = processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
+    with preparing_inputs():  # the prefetch thread calls it while the main thread may be building the model
+        inputs = processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
     inputs.pop("labels", None)  # PaliGemma's processor adds training labels; generate must not get them
     return inputs
 

@@ -21,14 +21,14 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 from contract.checkpoint import CheckpointError, check_folder, weight_files
 from contract.layout import WORKER_LOG
-from contract.recipe import Recipe, run_attn, run_dtype
+from contract.recipe import Recipe, run_attn
 from contract.spec import ChainLink
 
 from . import decode_attention
+from .default_dtype import building_modules
 from .errors import WorkerError
-from .weights import UnstageableError, load_safetensors, read_through
+from .weights import Prestaged, UnstageableError, load_safetensors, read_through, resolve_dtype, root_weight_files
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
@@ -61,10 +61,6 @@ def reading(folder: str | Path, what: str) -> Iterator[None]:
                                      f"library's own report, if any, is in {WORKER_LOG})") from exc
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    return _DTYPES[run_dtype(name, device)]
-
-
 def resolve_attn(name: str, device: str) -> str:
     """flash_attention_2 on CUDA by default, sdpa on the CPU; a missing flash-attn is a clear error."""
     attn = run_attn(name, device)
@@ -89,15 +85,17 @@ def model_class(config: Any) -> type:
     return AutoModelForImageTextToText
 
 
-def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: Any = None) -> tuple[Any, Any, dict]:
+def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: Any = None,
+               prestaged: Prestaged | None = None) -> tuple[Any, Any, dict]:
     """The chain's model (root, then each adapter in order), its processor (loaded here unless given: a held
-    worker loads it early to prepare batches), and what the `loaded` message says."""
+    worker loads it early to prepare batches), and what the `loaded` message says. `prestaged`: the root's
+    weights, already being read (`weights.prestage_root`)."""
     started = time.perf_counter()
     dtype = resolve_dtype(recipe.dtype, device)
     attn = resolve_attn(recipe.attn, device)
     root, adapters = chain[0], chain[1:]
     phases = {"cuda_init_s": _init_cuda(device)}
-    model, how = _load_root(root, recipe, device, dtype, attn)
+    model, how = _load_root(root, recipe, device, dtype, attn, prestaged)
     phases["root_s"] = time.perf_counter() - started - phases["cuda_init_s"]
     model = _apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
     model.eval()
@@ -140,43 +138,53 @@ def _init_cuda(device: str) -> float:
     return time.perf_counter() - started
 
 
-def _load_root(root: ChainLink, recipe: Recipe, device: str, dtype: torch.dtype, attn: str) -> tuple[Any, dict]:
+def _load_root(root: ChainLink, recipe: Recipe, device: str, dtype: torch.dtype, attn: str,
+               prestaged: Prestaged | None = None) -> tuple[Any, dict]:
     """The root checkpoint on `device`, and how it was read (for the `loaded` message)."""
     trust = recipe.trust_remote_code
     with reading(root.path, "its config"):
         config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust)
     common = {"config": config, "dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust,
               "device_map": {"": device}}  # one device, all of it: never "auto"
-    files = sorted(Path(root.path).glob("model*.safetensors"))
+    files = root_weight_files(root.path)
     cls = concrete_class(model_class(config), config)
+    if prestaged is not None and (cls is None or (prestaged.files, prestaged.device, prestaged.dtype)
+                                  != (files, device, dtype)):
+        prestaged.discard()
+        prestaged = None
     # pickles (allowed by the recipe), remote code (it may not build from a state dict) and unknown auto-class
     # entries are read by transformers itself
     if recipe.loader == "staged" and files and cls is not None and not trust:
         try:
-            return _load_staged(cls, files, root.path, common)
+            return _load_staged(cls, files, root.path, common, prestaged)
         except UnstageableError as exc:
             print(f"evalorch worker: staged loading not possible ({exc}); using transformers' reader", flush=True)
     cls = model_class(config)
-    with reading(root.path, "its weights"):
+    with reading(root.path, "its weights"), building_modules():
         model = cls.from_pretrained(root.path, use_safetensors=None if recipe.allow_pickle else True, **common)
     return model, {"loader": "transformers"}
 
 
-def _load_staged(cls: type, files: list[Path], folder: str, common: dict) -> tuple[Any, dict]:
-    """Weights through worker/weights.py's pinned staging, the model built from them by transformers."""
+def _load_staged(cls: type, files: list[Path], folder: str, common: dict,
+                 prestaged: Prestaged | None = None) -> tuple[Any, dict]:
+    """Weights through worker/weights.py's pinned staging (read here, or already reading since the worker
+    started), the model built from them by transformers."""
     started = time.perf_counter()
     with reading(folder, "its weights"):
-        weights = load_safetensors(files, common["device_map"][""], common["dtype"])
-    read_s = time.perf_counter() - started
+        if prestaged is None:
+            weights = load_safetensors(files, common["device_map"][""], common["dtype"])
+            read_s, waited_s = time.perf_counter() - started, None
+        else:
+            weights, read_s, waited_s = prestaged.take()
     try:
-        with reading(folder, "its weights"), without_allocator_warmup():
+        with reading(folder, "its weights"), without_allocator_warmup(), building_modules():
             model = cls.from_pretrained(None, state_dict=weights.state_dict, **common)
     finally:
         weights.close()
     with reading(folder, "generation_config.json"):
         _attach_generation_config(model, folder)
     return model, {"loader": "staged", "staged_bytes": weights.fast_bytes, "staged_s": read_s,
-                   "converted_tensors": len(weights.lazy_names)}
+                   "prestaged_wait_s": waited_s, "converted_tensors": len(weights.lazy_names)}
 
 
 @contextmanager
@@ -224,10 +232,10 @@ def _apply_adapters(model: Any, adapters: list[ChainLink], *, merge_top: bool = 
     for `merge_adapters` (unmerged LoRA adds small matmuls to every adapted layer at every decode step)."""
     for index, link in enumerate(adapters):
         # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file, not initialised first
-        with reading(link.path, "the adapter"):
+        with reading(link.path, "the adapter"), building_modules():
             model = PeftModel.from_pretrained(model, link.path, is_trainable=False, low_cpu_mem_usage=True)
-        if index < len(adapters) - 1 or merge_top:
-            model = model.merge_and_unload()
+            if index < len(adapters) - 1 or merge_top:
+                model = model.merge_and_unload()
     return model
 
 

@@ -69,7 +69,8 @@ def merge(spec: WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[st
     complete: it is written next to `out` and renamed, so a failed merge never leaves a half checkpoint."""
     _check_out(out)
     started = time.perf_counter()
-    from .load import check_chain_files, load_chain, resolve_dtype  # torch: after the cheap checks
+    from .load import check_chain_files, load_chain  # torch: after the cheap checks
+    from .weights import resolve_dtype
 
     check_chain_files(spec.chain, spec.recipe)
 

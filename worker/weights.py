@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from contract.checkpoint import CheckpointError, safetensors_header
+from contract.recipe import Recipe, run_dtype
 
 from .errors import WorkerError
 
@@ -241,3 +243,60 @@ def read_through(paths: list[Path], *, threads: int = 8, block: int = CHUNK_BYTE
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+_RUN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype a recipe's `dtype` setting runs in on `device`."""
+    return _RUN_DTYPES[run_dtype(name, device)]
+
+
+def root_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files a root checkpoint's weights are staged from (one home for the pattern)."""
+    return sorted(Path(folder).glob("model*.safetensors"))
+
+
+class Prestaged:
+    """A root's weights being read onto the device in a thread, started as soon as torch is imported: the
+    reading overlaps the worker's remaining imports (transformers, peft: seconds in a fresh process), which
+    a first worker otherwise waits through before it reads a byte. `take()` waits for them; a read that failed
+    raises there, where the load would have raised it."""
+
+    def __init__(self, files: list[Path], device: str, dtype: torch.dtype) -> None:
+        self.files, self.device, self.dtype = files, device, dtype
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prestage")
+        self._future = self._pool.submit(self._read)
+        self._pool.shutdown(wait=False)
+
+    def _read(self) -> tuple[LoadedWeights, float]:
+        started = time.perf_counter()
+        weights = load_safetensors(self.files, self.device, self.dtype)
+        return weights, time.perf_counter() - started
+
+    def take(self) -> tuple[LoadedWeights, float, float]:
+        """The weights (this object lets go of them), the read's own seconds, and the seconds waited here."""
+        started = time.perf_counter()
+        future, self._future = self._future, None
+        weights, read_s = future.result()
+        return weights, read_s, time.perf_counter() - started
+
+    def discard(self) -> None:
+        """Not used after all (the class cannot be built from a state dict): free what was read."""
+        future, self._future = self._future, None
+        if future is None or future.exception() is not None:
+            return  # the load reads again its own way and reports its own errors
+        weights = future.result()[0]
+        weights.close()
+        weights.state_dict.clear()
+
+
+def prestage_root(root: Any, recipe: Recipe, device: str) -> Prestaged | None:
+    """Start reading the root link's weights now, where the staged loader will read them (the conditions of
+    load._load_root that need no transformers: it discards them if the class turns out not to build from a
+    state dict); None where it will not stage."""
+    files = root_weight_files(root.path)
+    if recipe.loader != "staged" or not files or recipe.trust_remote_code:
+        return None
+    return Prestaged(files, device, resolve_dtype(recipe.dtype, device))
