@@ -15,6 +15,10 @@ In one call, timestamped so a timeout still says where the time went:
             `--max-workers-per-gpu auto` allows (`--workers N`: `--max-workers-per-gpu N`; 3 with --small, where
             auto is 1).
   (a1)      the same with `--max-workers-per-gpu 1`: one worker at a time, the next two started ahead.
+            `--varied-prompts` gives the samples prompts of different lengths, so that batches pad on the left as
+            a real set's do (evalorch's decode then reads the padded cache in place); the expert loop batches in
+            file order, evalorch by prompt length, so their batches hold the same samples only when one batch
+            holds all (batch 200 of 200, as on the H200).
             `--again` runs (a) once more after (a1), to see whether a packed run repeats text for text;
             `--parity-check N` sets both suites' parity_check (0: measured without the batch-parity check).
   (c)       the expert loop (scripts/expert_loop.py, no evalorch code): one process, each model loaded in turn,
@@ -140,9 +144,18 @@ def _link(source: Path, target: Path) -> None:
         target.symlink_to(source.resolve())
 
 
-def build_dataset(folder: Path, samples: int) -> Path:
-    """`samples` 448x448 images (256 image tokens each) with a red rectangle, one prompt for all: fixed work."""
-    return red_rectangles(folder, samples, [(448, 448)])
+def build_dataset(folder: Path, samples: int, varied: bool = False) -> Path:
+    """`samples` 448x448 images (256 image tokens each) with a red rectangle, one prompt for all: fixed work.
+    `varied`: prompts of 0-11 extra words instead, so that a batch pads on the left as a real grounding set's
+    referring expressions make it (the one prompt pads nothing)."""
+    dataset = red_rectangles(folder, samples, [(448, 448)])
+    if varied:
+        lines = [json.loads(line) for line in dataset.read_text().splitlines()]
+        for index, line in enumerate(lines):
+            extra = " in the picture" * (index % 4) + ", please" * (index % 3)
+            line["prompt"] = line["prompt"].removesuffix(".") + extra + "."
+        dataset.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return dataset
 
 
 # ----------------------------------------------------------------------------- (b) the notebook way (a child process)
@@ -366,8 +379,9 @@ def _mean(values: list[float]) -> float:
 
 class Bench:
     def __init__(self, work: Path, out: Path, small: bool, samples: int, notebook_samples: int, budget: float,
-                 parity_check: int | None = None):
+                 parity_check: int | None = None, varied_prompts: bool = False):
         self.work, self.out, self.small = work, out, small
+        self.varied_prompts = varied_prompts  # the dataset's prompts: build_dataset
         self.samples, self.notebook_samples = samples, notebook_samples
         self.parity_check = parity_check  # the suites' parity_check; None: the recipe default
         self.deadline = _T0 + budget
@@ -408,7 +422,7 @@ class Bench:
                                            "--device", self.device, *(["--small"] if self.small else [])], 400)
             if code != 0:
                 raise SystemExit(f"building the models failed: see {self.out / 'build.log'}")
-        dataset = build_dataset(self.work / "data", self.samples)
+        dataset = build_dataset(self.work / "data", self.samples, self.varied_prompts)
         sizes = {name: _folder_bytes(self.models / name) for name in ("base", "r2-vision-only", "r3-stage1",
                                                                       "r1-llm-only", "r3-stage2", "r4-joint")}
         self.figures["model_bytes"] = sizes
@@ -513,7 +527,8 @@ class Bench:
                         "serial_ratio_vs_expert": _ratio(serial_wall, expert_wall), "equal_texts": equal}
         per_gpu = suite.get("workers_per_gpu")
         e = self.emit
-        e(f"## Wall time, {len(RECIPES)} recipes x {self.samples} samples, {NEW_TOKENS} new tokens each", "",
+        prompts = "prompts of different lengths" if self.varied_prompts else "one prompt for all"
+        e(f"## Wall time, {len(RECIPES)} recipes x {self.samples} samples, {NEW_TOKENS} new tokens each, {prompts}", "",
           "| | wall | samples/s | |", "|---|---|---|---|",
           f"| (a) evalorch suite, packed (exit {suite.get('exit')}) | {_s(suite_wall)} | {_rate(total, suite_wall)} | "
           f"5 fresh workers, up to {per_gpu} at once on the GPU (opt-in), {self.attn}, batch auto |",
@@ -840,7 +855,7 @@ def _tflops(value: float | None) -> str:
 
 def bench(args: argparse.Namespace) -> int:
     runner = Bench(args.work.resolve(), args.out.resolve(), args.small, args.samples, args.notebook_samples,
-                   args.budget, args.parity_check)
+                   args.budget, args.parity_check, args.varied_prompts)
     log(f"bench: device {runner.device}, {args.samples} samples, notebook subset {args.notebook_samples}, "
         f"budget {args.budget:.0f}s")
     dataset = runner.build()
@@ -887,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--again", action="store_true",
                      help="run (a) a second time after (a1): are packed runs repeatable, text for text?")
     run.add_argument("--no-notebook", action="store_true", help="skip (b) (and the device measurements in it)")
+    run.add_argument("--varied-prompts", action="store_true",
+                     help="prompts of different lengths (batches pad, as a real set's do) instead of one for all")
     make = sub.add_parser("build", help="(internal) write the random-weight model family")
     make.add_argument("--models", type=Path, required=True)
     make.add_argument("--device", default="cuda")

@@ -272,7 +272,10 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     link = type("Link", (), {"path": str(models / "base")})()
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
     processor = load_processor([link], _recipe())
-    uniform, varied = read_dataset(dataset), read_dataset(_varied_prompts(dataset))
+    from scripts.bench_gpu import build_dataset
+
+    uniform = read_dataset(dataset)
+    varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
     base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
@@ -298,17 +301,6 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
             base = model.unload()
     decode_attention.uninstall()
     figures["decode"] = runs
-
-
-def _varied_prompts(dataset: Path) -> Path:
-    """The bench's samples with prompts of 0-11 extra words: a batch padded on the left, as a real grounding
-    set's referring expressions make it (the bench's one prompt makes none)."""
-    lines = [json.loads(line) for line in dataset.read_text().splitlines()]
-    for index, line in enumerate(lines):
-        line["prompt"] += " in the picture" * (index % 4) + " please" * (index % 3)
-    varied = dataset.with_name("varied.jsonl")
-    varied.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return varied
 
 
 def _decode_attention_call(torch, decode_attention) -> dict:
