@@ -50,10 +50,10 @@ _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Withou
               " with it (run): workers on every one of them at once, each recipe on a GPU that fits it.")
 _WORKERS_HELP = ("Workers at once on one GPU, each a fresh process with its own CUDA context, admitted while the GPU's"
                  " free memory, less what the workers already on it will still take, fits the next one's estimate at"
-                 " its full batch. 1 (the default): one at a time, the next ones started ahead. auto: as many as fit,"
-                 " at most CPU cores // (4 x GPUs), since each GPU worker prepares its batches on 4 CPU threads (1"
-                 " with --device cpu); faster, but on an H200 packed workers' answers differed from one at a time in"
-                 " 1-5% of a trained model's samples (BENCHMARKS.md, 2026-12-02), so it is opt-in.")
+                 " its full batch. auto (the default): as many as fit, at most CPU cores // (4 x GPUs), since each"
+                 " GPU worker prepares its batches on 4 CPU threads (1 with --device cpu); packed runs answered as"
+                 " one at a time in every sample on an H200 (BENCHMARKS.md, 2026-12-02, later). 1: one at a time,"
+                 " the next ones started ahead.")
 
 
 def _given(parameter: str) -> bool:
@@ -187,7 +187,7 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
               help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
-@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=_WorkersPerGpu(), default="1", metavar="N|auto",
+@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=_WorkersPerGpu(), default="auto", metavar="N|auto",
               help=_WORKERS_HELP)
 @backend_options
 @click.option("--ray-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,

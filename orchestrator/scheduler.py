@@ -95,7 +95,7 @@ def place(jobs: Sequence[Job], gpus: Mapping[int, GpuSlots]) -> list[tuple[Job, 
 
 
 def workers_per_gpu(requested: int | None, device: str, gpus: int, cpus: int | None = None) -> int:
-    """`--max-workers-per-gpu` (1 unless given), or for `auto` as many as the host's cores feed: each GPU worker
+    """`--max-workers-per-gpu` N, or for `auto` (the default) as many as the host's cores feed: each GPU worker
     prepares its batches on GPU_WORKER_THREADS CPU threads, so cores // (that x GPUs), at least 1 (16 cores, one
     GPU: 4). On --device cpu (the fake NVML of tests) 1: a CPU worker's threads take every core."""
     if requested is not None:
