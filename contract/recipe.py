@@ -69,6 +69,11 @@ class Settings(BaseModel):
         "cache: kvcache, flash-attn's kvcache kernel reads it in place (worker/decode_attention.py); transformers, "
         "its own path, which copies the cache without its padding at every layer and waits for the GPU twice a "
         "layer")
+    decode_graph: bool = Field(
+        True, description="with decode_attention = kvcache on a GPU, replay each batch's decode steps from a CUDA "
+        "graph recorded at its first step (worker/graph_decode.py): the host no longer launches every kernel of "
+        "every step; a batch whose recorded step is not bitwise the eager one goes on eagerly, and the report "
+        "says so")
     merge_adapters: bool = Field(False, description="merge the top adapter into the weights too, as the lower ones "
                                  "always are: decoding runs as fast as the base model's, while the results may "
                                  "differ from the unmerged adapter's in the last bits (bf16 rounding of W + BA)")

@@ -118,6 +118,7 @@ class PlainProgress(_Listener):
             print_(f"[{self.position(outcome.name)}] {outcome.name}: worker pid {data['pid']} starting{where}{count}")
         elif event == "loaded":
             attn = data["attn"] + (" + kvcache decode" if data.get("decode_attention") == "kvcache" else "")
+            attn += " from CUDA graphs" if data.get("decode_graph") == "cuda graph" else ""
             print_(f"    {who}loaded in {data['seconds']:.1f}s ({data['dtype']}, {attn}, {data['device']})")
         elif event == "error":
             print_(f"    {who}error: {data.get('kind')}: {str(data.get('message', '')).splitlines()[0][:200]}")

@@ -549,6 +549,8 @@ class Suite:
             # batch size it ended at
             "oom_retries": counts.get("oom_retries"),
             "final_batch_size": counts.get("batch_size"),
+            # decode steps replayed from CUDA graphs, and the batches that went on eagerly and why
+            "decode_graph": counts.get("decode_graph"),
         }
         write_json(RecipeFolder(recipe_dir).summary,
                    {**outcome.to_dict(), **row, "box_format_from": plan.box_format_from,

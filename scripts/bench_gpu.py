@@ -531,8 +531,8 @@ class Bench:
         e(f"## Wall time, {len(RECIPES)} recipes x {self.samples} samples, {NEW_TOKENS} new tokens each, {prompts}", "",
           "| | wall | samples/s | |", "|---|---|---|---|",
           f"| (a) evalorch suite, packed (exit {suite.get('exit')}) | {_s(suite_wall)} | {_rate(total, suite_wall)} | "
-          f"5 fresh workers, up to {per_gpu} at once on the GPU (opt-in), {self.attn}, batch auto |",
-          f"| (a1) evalorch suite, `--max-workers-per-gpu 1`, the default (exit {serial.get('exit')}) | "
+          f"5 fresh workers, up to {per_gpu} at once on the GPU (the default), {self.attn}, batch auto |",
+          f"| (a1) evalorch suite, `--max-workers-per-gpu 1` (exit {serial.get('exit')}) | "
           f"{_s(serial_wall)} | {_rate(total, serial_wall)} | one worker at a time, two started ahead |",
           f"| (b) notebook way, measured | {_s(nb_measured)} | "
           f"{_rate(sum(len(m['sample_s']) for m in nb.get('models', [])), nb_measured)} | "
@@ -636,7 +636,7 @@ class Bench:
 
     def targets(self, ratio: float | None, rows: list[dict],
                 against_expert: dict[str, tuple[float | None, tuple[int, int]]]) -> None:
-        not_hidden = [(r["name"], r["not_hidden_s"]) for r in rows if r.get("not_hidden_s") is not None]
+        not_hidden = [(r["name"], r["not_hidden_s"]) for r in rows[1:] if r.get("not_hidden_s") is not None]
         loads = [(r["name"], r["weights_GBps"] or r["load_GBps"]) for r in rows if r.get("load_GBps")]
         floors = [(r["name"], r["floor_ratio"]) for r in rows if r.get("floor_ratio")]
         first = rows[0] if rows else {}
@@ -652,8 +652,8 @@ class Bench:
                     for which, (value, equal) in against_expert.items()],
                   f"- suite wall <= 0.1x the notebook way's: {verdict(None if ratio is None else ratio <= 0.1)} "
                   f"({_x(ratio)}, against the extrapolated notebook wall)",
-                  f"- start-up not hidden <= 2 s per recipe: "
-                  f"{verdict(None if not not_hidden else max(v for _, v in not_hidden) <= 2)} "
+                  f"- start-up not hidden <= 1 s for every recipe after the first: "
+                  f"{verdict(None if not not_hidden else max(v for _, v in not_hidden) <= 1)} "
                   f"({listing(not_hidden, lambda v: f'{v:.2f} s')}; the first recipe has nothing to hide behind: "
                   f"spawn to hello {_s(first.get('spawn_to_hello_s'))}, imports {_s(first.get('imports_s'))})",
                   f"- the first worker from spawn to loaded <= 8 s: "
@@ -663,8 +663,8 @@ class Bench:
                   f"- model load >= 15 GB/s from a warm page cache (weights GB/s: CUDA context creation apart): "
                   f"{verdict(None if not loads else min(v for _, v in loads) >= 15)} "
                   f"({listing(loads, lambda v: f'{v:.1f} GB/s')})",
-                  f"- per-sample inference within 3x of the prefill+decode floor at the chosen batch: "
-                  f"{verdict(None if not floors else max(v for _, v in floors) <= 3)} "
+                  f"- per-sample inference <= 2x the prefill+decode floor at the chosen batch: "
+                  f"{verdict(None if not floors else max(v for _, v in floors) <= 2)} "
                   f"({listing(floors, lambda v: f'{v:.2f}x')})", "")
 
     def emit(self, *lines: str) -> None:

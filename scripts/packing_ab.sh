@@ -1,14 +1,15 @@
 #!/bin/bash
 # The trained demo family (GPU) in several runs, compared per recipe and sample against the first run:
-#   packing_ab.sh OUT NAME:WORKERS:STRESS:PARITY ...   e.g. alone:1:0:8 packed:auto:0:8 stressed:1:14:8 noparity:auto:0:0
-# WORKERS is --max-workers-per-gpu, STRESS the count of busy-looping processes beside the run, PARITY parity_check.
+#   packing_ab.sh OUT NAME:WORKERS:STRESS:PARITY[:SETTING] ...   e.g. alone:1:0:8 packed:auto:0:8 stressed:1:14:8
+# WORKERS is --max-workers-per-gpu, STRESS the count of busy-looping processes beside the run, PARITY parity_check,
+# SETTING one more recipe default (e.g. "decode_graph = false").
 set -u
 out=${1:?usage: packing_ab.sh OUT NAME:WORKERS:STRESS:PARITY ...}; shift
 names=()
 for run in "$@"; do
-  IFS=: read -r name workers stress parity <<< "$run"
+  IFS=: read -r name workers stress parity setting <<< "$run"
   names+=("$name")
-  sed "s/^batch_size = 16/batch_size = 16\nparity_check = $parity/" recipes.toml > "ab-$name.toml"
+  sed "s/^batch_size = 16/batch_size = 16\nparity_check = $parity\n${setting:-}/" recipes.toml > "ab-$name.toml"
   pids=()
   for _ in $(seq 1 "$stress"); do python3 -c "while True: pass" & pids+=($!); done
   python3 -m orchestrator run "ab-$name.toml" --device cuda --out "/tmp/pack-$name" \

@@ -13,7 +13,9 @@ scripts/bench_gpu.py's random-weight 7B family, and a 256-sample set:
              (no models needed);
   lora       r1 at batch 200 with its adapter unmerged (as evaluated) and merged (merge_adapters);
   decode     decode attention: flash-attn's kvcache kernel over the padded cache against transformers'
-             unpadding path (worker/decode_attention.py), the call alone and in generate.
+             unpadding path (worker/decode_attention.py), the call alone and in generate;
+  graph      decode steps replayed from CUDA graphs (worker/graph_decode.py) against the eager kvcache steps:
+             base and r1 (LoRA unmerged) at batch 200, uniform and varied prompts, base at batch 1 and 16.
 Figures go to OUT/profile.json (prep: OUT/prep.json) and stdout. BENCHMARKS.md quotes them.
 """
 
@@ -303,6 +305,56 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     figures["decode"] = runs
 
 
+def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
+    """Each configuration eagerly (kvcache decode attention) and replayed from graphs, twice each way alternating:
+    prefill (1 token), 32 tokens, the decode step, the recording's cost, and texts equal to the eager run's."""
+    import torch
+
+    from contract.dataset import read_dataset
+    from scripts.bench_gpu import build_dataset
+    from worker import decode_attention, graph_decode
+    from worker.generation import generate
+    from worker.infer import prepare_batch
+    from worker.load import _apply_adapters, _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    processor = load_processor([link], _recipe())
+    uniform = read_dataset(dataset)
+    varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
+    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    decode_attention.install()
+    runs = {}
+    for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
+                                 ("base", 16, varied), ("r1-llm-only", 200, varied)):
+        model = _apply_adapters(base, [adapter]) if name != "base" else base
+        inputs = prepare_batch(processor, samples[:batch], "{prompt}", "cuda:0").inputs
+        label = f"{name} {'varied' if samples is varied else 'uniform'} batch {batch}"
+        row: dict = {}
+        for way in ("kvcache", "graph", "kvcache", "graph"):
+            if way == "graph":
+                graph_decode.attach(model)
+            else:
+                graph_decode.detach(model)
+            torch.cuda.reset_peak_memory_stats()
+            times = {t: timed(lambda t=t, m=model, i=inputs: generate(m, processor, i, "cuda:0", max_new_tokens=t,
+                                                                      min_new_tokens=t), torch) for t in (1, 32)}
+            graphs = times[32][1].graphs
+            row[way] = {"prefill_s": times[1][0], "generate32_s": times[32][0],
+                        "decode_step_ms": (times[32][0] - times[1][0]) / 31 * 1e3,
+                        "peak_GB": torch.cuda.max_memory_allocated() / 1e9,
+                        "outcome": [vars(g) for g in graphs], "texts": times[32][1].texts}
+        graph_decode.detach(model)
+        equal = sum(a == b for a, b in zip(row["kvcache"]["texts"], row["graph"]["texts"], strict=True))
+        runs[label] = {"texts_equal": equal, "of": batch, **{
+            way: {k: v for k, v in figures_of.items() if k != "texts"} for way, figures_of in row.items()}}
+        log(f"graph {label}: " + json.dumps(runs[label]))
+        if model is not base:
+            base = model.unload()
+    decode_attention.uninstall()
+    figures["graph"] = runs
+
+
 def _decode_attention_call(torch, decode_attention) -> dict:
     """One layer's decode attention at the 7B's shapes (batch 200, 28 query and 4 key heads of 128, a cache of
     about 330 tokens with 0-40 pads a row), both ways, against float32 sdpa over the same unpadded keys."""
@@ -375,7 +427,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--part", default="all",
-                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora", "decode"))
+                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora", "decode", "graph"))
     args = parser.parse_args()
     from scripts.bench_gpu import build_dataset
 
@@ -404,6 +456,8 @@ def main() -> int:
         profile_lora(models, dataset, figures)
     if args.part == "decode":
         profile_decode(models, dataset, figures)
+    if args.part == "graph":
+        profile_graph(models, dataset, figures)
     if args.part in ("all", "inference"):
         profile_inference(models, dataset, figures)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ from worker.load import load_chain
 
 
 class ReferenceKernel:
-    """flash_attn_with_kvcache's contract for a single query token, in plain torch; counts its calls."""
+    """flash_attn_with_kvcache's contract for a single query token, in plain torch; counts its calls. Each row
+    attends to exactly its keys [cache_leftpad, cache_seqlens), sliced out: the result does not depend on how long
+    the cache's buffer is (as flash-attn's does not with one split of the keys)."""
 
     def __init__(self, ignore_padding: bool = False) -> None:
         self.calls = 0
@@ -29,17 +31,18 @@ class ReferenceKernel:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                  cache_seqlens: torch.Tensor, cache_leftpad: torch.Tensor, softmax_scale: float | None,
-                 causal: bool) -> torch.Tensor:
+                 causal: bool, num_splits: int = 0) -> torch.Tensor:
         self.calls += 1
-        assert q.shape[1] == 1 and causal
-        positions = torch.arange(k_cache.shape[1])
-        start = torch.zeros_like(cache_leftpad) if self.ignore_padding else cache_leftpad
-        keep = (positions >= start[:, None].long()) & (positions < cache_seqlens[:, None].long())
+        assert q.shape[1] == 1 and causal and num_splits == 1
         groups = q.shape[2] // k_cache.shape[2]
-        k, v = (t.transpose(1, 2).repeat_interleave(groups, dim=1) for t in (k_cache, v_cache))
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=keep[:, None, None],
-                                                               scale=softmax_scale)
-        return out.transpose(1, 2)
+        rows = []
+        for row in range(q.shape[0]):
+            start = 0 if self.ignore_padding else int(cache_leftpad[row])
+            end = int(cache_seqlens[row])
+            k, v = (t[row, start:end].transpose(0, 1).repeat_interleave(groups, dim=0) for t in (k_cache, v_cache))
+            out = torch.nn.functional.scaled_dot_product_attention(q[row].transpose(0, 1), k, v, scale=softmax_scale)
+            rows.append(out.transpose(0, 1))
+        return torch.stack(rows)
 
 
 @pytest.fixture(scope="module")

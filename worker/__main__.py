@@ -123,7 +123,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
                 "total": time.perf_counter() - started}
     counts = {"scored": stats.scored, "errors": stats.errors, "batches": stats.batches,
               "generated_tokens": stats.generated_tokens, "stopped_early": control.stop.is_set(),
-              "oom_retries": stats.oom_retries, "batch_size": stats.batch_size,
+              "oom_retries": stats.oom_retries, "batch_size": stats.batch_size, "decode_graph": stats.decode_graph(),
               "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
               "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
     out.send("done", counts=counts, timings=timings, parity=stats.parity, **_measured_memory(device))

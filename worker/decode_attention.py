@@ -31,9 +31,21 @@ _replaced: dict[str, Callable] = {}  # attention implementation -> transformers'
 
 
 @dataclass
+class _GraphStep:
+    """A decode step being recorded: the cache is `capacity` tokens long whatever it holds, each row's keys end at
+    `ends` (a device tensor the graph advances), and there is no mask."""
+
+    ends: torch.Tensor
+    capacity: int
+    declined: str | None = None  # the first call the kvcache kernel could not take
+
+
+@dataclass
 class _Batch:
     leftpad: torch.Tensor  # int32 (batch,): each row's padding, on the device
+    unpadded: bool = False  # no row is padded: transformers passes no mask at all then
     _ends: tuple[int, torch.Tensor] | None = field(default=None)  # the step's cache length and its (batch,) copy
+    graph: _GraphStep | None = None  # while a step is recorded for replay (worker/graph_decode.py)
 
     def ends(self, length: int) -> torch.Tensor:
         """Every row's cache ends at `length` (the mask's width): one small tensor a step, shared by its layers."""
@@ -73,13 +85,22 @@ def install(implementation: str = "flash_attention_2", kernel: Callable | None =
     def routed(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         batch = _active
-        if (batch is None or query.dtype not in dtypes
+        if batch is not None and batch.graph is not None:
+            if query.dtype not in dtypes or not _recordable_step(batch, module, query, key, value, kwargs):
+                batch.graph.declined = batch.graph.declined or f"layer {getattr(module, 'layer_idx', '?')}'s attention"
+                return original(module, query, key, value, attention_mask, **kwargs)
+            ends = batch.graph.ends
+        elif (batch is None or query.dtype not in dtypes
                 or not _in_place_step(batch, module, query, key, value, attention_mask, kwargs)):
             return original(module, query, key, value, attention_mask, **kwargs)
-        # transformers' layout is (batch, heads, tokens, dim); flash-attn's (batch, tokens, heads, dim): views
+        else:
+            ends = batch.ends(key.shape[2])
+        # transformers' layout is (batch, heads, tokens, dim); flash-attn's (batch, tokens, heads, dim): views.
+        # One split of the keys, whatever the cache's length: the kernel's own choice depends on the cache's
+        # allocated length, which differs between an eager step and a recorded one, and so would its rounding
         out = kernel(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                     cache_seqlens=batch.ends(key.shape[2]), cache_leftpad=batch.leftpad,
-                     softmax_scale=kwargs.get("scaling"), causal=True)
+                     cache_seqlens=ends, cache_leftpad=batch.leftpad,
+                     softmax_scale=kwargs.get("scaling"), causal=True, num_splits=1)
         return out, None
 
     ALL_ATTENTION_FUNCTIONS[implementation] = routed
@@ -100,8 +121,19 @@ def _in_place_step(batch: _Batch, module: Any, query: torch.Tensor, key: torch.T
                    attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
     """A decode step of the batch `left_padded` announced, on a cache laid out as generate's dynamic cache lays
     it out (the mask exactly as long as the keys), in a layer with nothing the kvcache call is not told of."""
+    masked = attention_mask.shape[-1] == key.shape[2] if attention_mask is not None else batch.unpadded
+    return masked and _plain_step(batch, module, query, key, value, kwargs)
+
+
+def _recordable_step(batch: _Batch, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kwargs: dict) -> bool:
+    """A decode step being recorded: the keys are the whole buffer the recorded cache writes in place."""
+    return key.shape[2] == batch.graph.capacity and _plain_step(batch, module, query, key, value, kwargs)
+
+
+def _plain_step(batch: _Batch, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kwargs: dict) -> bool:
     return (query.shape[2] == 1 and query.shape[0] == batch.leftpad.shape[0] == key.shape[0]
-            and attention_mask is not None and attention_mask.shape[-1] == key.shape[2]
             and getattr(module, "is_causal", False) is True
             and query.shape[-1] == value.shape[-1]
             and not kwargs.get("dropout") and kwargs.get("sliding_window") is None and not kwargs.get("softcap")
@@ -128,8 +160,25 @@ def left_padded(attention_mask: torch.Tensor | None, device: str) -> Iterator[bo
     if pads is None:
         yield False
         return
-    previous, _active = _active, _Batch(pads.to(device=device, dtype=torch.int32))
+    previous, _active = _active, _Batch(pads.to(device=device, dtype=torch.int32), unpadded=int(pads.max()) == 0)
     try:
         yield True
     finally:
         _active = previous
+
+
+@contextmanager
+def graph_step(ends: torch.Tensor, capacity: int) -> Iterator[_GraphStep]:
+    """Within `left_padded`, the decode step being recorded attends over a cache of `capacity` tokens, each row
+    ending at `ends`; the yielded record says whether some layer could not take the kvcache kernel."""
+    step = _GraphStep(ends, capacity)
+    batch = _active
+    if batch is None:
+        step.declined = "no left-padded batch announced"
+        yield step
+        return
+    batch.graph = step
+    try:
+        yield step
+    finally:
+        batch.graph = None

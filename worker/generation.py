@@ -4,11 +4,12 @@ alone would pick every token a batched run produced, from one forward pass inste
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import graph_decode
 from .decode_attention import left_padded
 
 # How generate() extends each per-token input by one column per new token (GenerationMixin.
@@ -27,6 +28,7 @@ class Generated:
     rows: list[list[int]]  # each row's new token ids through its first end-of-turn token (the rest is padding)
     new_tokens: int  # output positions decoded, padding included (the decode's work)
     decoder_prefix: list[list[int]] | None = None  # an encoder-decoder's decoder start, per row
+    graphs: list[graph_decode.Outcome] = field(default_factory=list)  # each generate call's decode steps
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ def generate(model: Any, processor: Any, inputs: Any, device: str, *, max_new_to
     # an encoder-decoder's mask is the encoder's: its decoder's cache is not padded like the prompt
     prompt_mask = None if is_encoder_decoder(model) else inputs.get("attention_mask")
     inputs = inputs.to(device, non_blocking=True)
-    with torch.inference_mode(), left_padded(prompt_mask, device):
+    with (torch.inference_mode(), left_padded(prompt_mask, device) as routed,
+          graph_decode.session(model, max_new_tokens, routed) as graph):
         output = model.generate(**inputs, **generation_options(tokenizer, max_new_tokens, min_new_tokens))
     # a decoder-only model returns the prompt and the answer; an encoder-decoder (Florence-2) the decoder's start
     # token and the answer
@@ -65,7 +68,7 @@ def generate(model: Any, processor: Any, inputs: Any, device: str, *, max_new_to
     rows = [_through_end(row, ends) for row in output[:, start:].tolist()]
     texts = [_decode(tokenizer, row, ends) for row in rows]
     prefix = output[:, :start].tolist() if start == 1 else None
-    return Generated(texts, rows, int(output[:, start:].numel()), prefix)
+    return Generated(texts, rows, int(output[:, start:].numel()), prefix, [graph] if graph is not None else [])
 
 
 def generation_options(tokenizer: Any, max_new_tokens: int, min_new_tokens: int | None) -> dict:

@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +50,20 @@ class InferenceStats:
     generate_s: float = 0.0  # time inside generate (and its out-of-memory retries)
     cache_misses: int = 0  # samples the processor ran on with the cache on (their output is stored for next time)
     parity: dict | None = None  # the first batch's samples generated again one at a time (check_parity)
+    graphs: list = field(default_factory=list)  # each generate call's decode outcome (worker/graph_decode.py)
+
+    def decode_graph(self) -> dict | None:
+        """How the decode steps ran: generate calls replayed from a graph, those that went on eagerly and why
+        (None where graphs were not attempted: a CPU, or a recipe that turned them off)."""
+        if not self.graphs:
+            return None
+        reasons: dict[str, int] = {}
+        for graph in self.graphs:
+            if graph.declined:
+                reasons[graph.declined] = reasons.get(graph.declined, 0) + 1
+        return {"replayed": sum(g.replayed for g in self.graphs), "declined": sum(reasons.values()),
+                "reasons": reasons, "steps": sum(g.steps for g in self.graphs),
+                "record_s": round(sum(g.record_s for g in self.graphs), 4)}
 
 
 @dataclass
@@ -111,6 +125,7 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             stats.generate_s += time.perf_counter() - batch_started
             seconds = (time.perf_counter() - batch_started) / len(prepared.items)
             stats.generated_tokens += generated.new_tokens
+            stats.graphs.extend(generated.graphs)
             stats.batches += 1
             if stats.parity is None:
                 stats.parity = check_parity(model, processor, prepared.items, generated,
@@ -302,7 +317,8 @@ def _joined(parts: list[Generated]) -> Generated:
     prefixes = [part.decoder_prefix for part in parts]
     return Generated([t for part in parts for t in part.texts], [r for part in parts for r in part.rows],
                      sum(part.new_tokens for part in parts),
-                     None if None in prefixes else [p for prefix in prefixes for p in prefix])
+                     None if None in prefixes else [p for prefix in prefixes for p in prefix],
+                     [graph for part in parts for graph in part.graphs])
 
 
 def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -> dict:

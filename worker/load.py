@@ -24,7 +24,7 @@ from contract.layout import WORKER_LOG
 from contract.recipe import Recipe, run_attn
 from contract.spec import ChainLink
 
-from . import decode_attention
+from . import decode_attention, graph_decode
 from .default_dtype import building_modules
 from .errors import WorkerError
 from .weights import Prestaged, UnstageableError, load_safetensors, read_through, resolve_dtype, root_weight_files
@@ -103,11 +103,13 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: A
     phases["adapters_s"] = time.perf_counter() - started - phases["cuda_init_s"] - phases["root_s"]
     processor = processor or load_processor(chain, recipe)
     decode = _route_decode_attention(attn, recipe.decode_attention)
+    graphs = _attach_decode_graph(model, device, decode, recipe.decode_graph)
     return model, processor, {
         **phases,
         "seconds": time.perf_counter() - started,
         "attn": getattr(model.config, "_attn_implementation", attn),
         "decode_attention": decode,
+        "decode_graph": graphs,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
         "placement_ok": True,
@@ -127,6 +129,17 @@ def _route_decode_attention(attn: str, requested: str) -> str:
     if not decode_attention.install(attn):
         return f"{decode_attention.TRANSFORMERS} (this flash-attn has no kvcache kernel with cache_leftpad)"
     return decode_attention.KVCACHE
+
+
+def _attach_decode_graph(model: Any, device: str, decode: str, requested: bool) -> str:
+    """Whether this worker's decode steps replay from CUDA graphs (worker/graph_decode.py): on a GPU, over the
+    kvcache kernel's attention, unless the recipe turns it off."""
+    if not requested:
+        return "off (decode_graph = false)"
+    if not device.startswith("cuda") or decode != decode_attention.KVCACHE:
+        return "off (needs a GPU and decode_attention = kvcache)"
+    reason = graph_decode.attach(model)
+    return graph_decode.GRAPH if reason is None else f"off ({reason})"
 
 
 def _init_cuda(device: str) -> float:

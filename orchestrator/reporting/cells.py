@@ -166,8 +166,9 @@ def _parity_how(parity: dict[str, Any]) -> str:
 
 
 def worker_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
-    """(ran out of memory, line) per recipe whose worker ran at the same time as others (several on one GPU, or
-    on other GPUs), or whose batches CUDA ran out of memory on and the worker retried at half the size."""
+    """(worth a warning, line) per recipe whose worker ran at the same time as others (several on one GPU, or
+    on other GPUs), whose batches CUDA ran out of memory on and the worker retried at half the size (a warning),
+    or whose decode steps went on eagerly where a CUDA graph was to replay them (a warning: slower, and why)."""
     notes = []
     for row in summary["recipes"]:
         gpu = (row.get("preflight") or {}).get("gpu")
@@ -180,6 +181,11 @@ def worker_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
             notes.append((True, f"{row['name']}{where}: CUDA ran out of memory {row['oom_retries']} time(s); each "
                                 f"time the batch was halved and retried, "
                                 f"{f'from {first} ' if first else ''}to {row.get('final_batch_size')}"))
+        declined = (row.get("decode_graph") or {}).get("reasons") or {}
+        if declined:
+            reasons = "; ".join(f"{reason} ({count})" for reason, count in declined.items())
+            notes.append((True, f"{row['name']}{where}: {sum(declined.values())} batch(es) decoded eagerly instead "
+                                f"of from a CUDA graph (same answers, slower): {reasons}"))
     return notes
 
 

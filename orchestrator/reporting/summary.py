@@ -23,7 +23,8 @@ from ..stats import (
 
 # The recipe-row keys a run summary keeps (a recipe's own summary.json adds the worker's messages).
 ROW_KEYS = ("name", "status", "detail", "metrics", "iou_rule", "parity", "lineage", "base_override", "recipe",
-            "preflight", "attempts", "sample_errors", "concurrent_with", "oom_retries", "final_batch_size")
+            "preflight", "attempts", "sample_errors", "concurrent_with", "oom_retries", "final_batch_size",
+            "decode_graph")
 
 
 Samples = dict[str, list[dict[str, Any]]]
