@@ -307,7 +307,8 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
 
 def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
     """Each configuration eagerly (kvcache decode attention) and replayed from graphs, twice each way alternating:
-    prefill (1 token), 32 tokens, the decode step, the recording's cost, and texts equal to the eager run's."""
+    prefill (1 token), 32 tokens, the decode step, the recording's cost, and rows of token ids equal to the eager
+    run's ("texts_equal")."""
     import torch
 
     from contract.dataset import read_dataset
@@ -343,7 +344,11 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
             row[way] = {"prefill_s": times[1][0], "generate32_s": times[32][0],
                         "decode_step_ms": (times[32][0] - times[1][0]) / 31 * 1e3,
                         "peak_GB": torch.cuda.max_memory_allocated() / 1e9,
-                        "outcome": [vars(g) for g in graphs], "texts": times[32][1].texts}
+                        "outcome": [vars(g) for g in graphs],
+                        # token ids, not texts: a random-weight model's texts are mostly empty after its first
+                        # end-of-turn token, its 32 token ids are not
+                        "texts": [tuple(r) for r in times[32][1].rows]}
+        row["graph"] |= _replay_alone(torch, graph_decode, model, processor, inputs, generate)
         graph_decode.detach(model)
         equal = sum(a == b for a, b in zip(row["kvcache"]["texts"], row["graph"]["texts"], strict=True))
         runs[label] = {"texts_equal": equal, "of": batch, **{
@@ -353,6 +358,38 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
             base = model.unload()
     decode_attention.uninstall()
     figures["graph"] = runs
+
+
+def _replay_alone(torch, graph_decode, model, processor, inputs, generate) -> dict:
+    """The recorded step replayed 20 times back to back (the GPU's time for a step, without generate's loop),
+    and where the host's time goes in one generate of 32 tokens (cProfile, the top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    kept = []
+    close = graph_decode._Session.close
+
+    def keep(session):
+        kept.append(session.recorded)
+        close(session)
+
+    graph_decode._Session.close = keep
+    profile = cProfile.Profile()
+    try:
+        profile.enable()
+        generate(model, processor, inputs, "cuda:0", max_new_tokens=32, min_new_tokens=32)
+        profile.disable()
+    finally:
+        graph_decode._Session.close = close
+    recorded = kept[0]
+    recorded.position.fill_(recorded.length - 20)
+    recorded.ends.fill_(recorded.length - 19)
+    seconds, _ = timed(lambda: [recorded.replay.replay() for _ in range(20)], torch)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+    log("host profile of one graph generate:\n" + text.getvalue()[-6000:])
+    return {"replay_alone_ms": seconds / 20 * 1e3}
 
 
 def _decode_attention_call(torch, decode_attention) -> dict:

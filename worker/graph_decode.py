@@ -84,6 +84,7 @@ class Outcome:
     declined: str | None = None  # why not replayed (None: replayed, or the batch had no decode step)
     steps: int = 0  # decode steps replayed
     record_s: float = 0.0  # moving the cache, warm-up, recording and the checked first replay
+    phases: dict[str, float] = field(default_factory=dict)  # record_s by phase: move, warm_up, capture, check
 
 
 @dataclass
@@ -138,7 +139,9 @@ class _Session:
             self.outcome.declined = "the cache is not on a CUDA device"
             return
         last = [(layer.keys[:, :, -1:].clone(), layer.values[:, :, -1:].clone()) for layer in cache.layers]
+        clock = _Clock(self.outcome.phases, cache.layers[0].keys)
         recorded = _move_cache(cache, self.capacity_left, self.make_replay())
+        clock.lap("move")
         recorded.inputs = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v) and k != "attention_mask"}
         recorded.others = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k != "attention_mask"}
         self.recorded = recorded
@@ -163,7 +166,9 @@ class _Session:
             recorded.replay.warm_up(step)
             position.fill_(recorded.length - 1)
             ends.fill_(recorded.length)
+            clock.lap("warm_up")
             recorded.replay.record(step)
+            clock.lap("capture")
             output = recorded.replay.replay()  # the first step again, now from the graph
         except torch.cuda.OutOfMemoryError:
             self._decline("out of memory while recording", last)
@@ -172,6 +177,7 @@ class _Session:
             self._decline(f"{type(exc).__name__}: {exc}"[:300], last)
             return
         difference = _compare(reference, output)
+        clock.lap("check")
         if difference:
             self._decline(f"the recorded step differs from the eager one ({difference})", last)
             return
@@ -225,6 +231,21 @@ class _Session:
         if self.cache is not None:
             self.cache.__dict__.pop("update", None)
         self.recorded = None  # the graph, its memory pool and the buffers go with it
+
+
+class _Clock:
+    """Seconds per phase of a recording, the device's queue drained at each lap (only while recording)."""
+
+    def __init__(self, phases: dict[str, float], tensor: torch.Tensor) -> None:
+        self.phases, self.cuda = phases, tensor.is_cuda
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.last, 5)
+        self.last = now
 
 
 class _Unroutable(Exception):
@@ -327,7 +348,7 @@ def _move_cache(cache: Any, extra: int, replay: Any) -> _Recorded:
     for layer in cache.layers:
         for old, kept in ((layer.keys, keys), (layer.values, values)):
             batch, heads, _, dim = old.shape
-            buffer = old.new_zeros((batch, heads, length + extra, dim))
+            buffer = old.new_empty((batch, heads, length + extra, dim))  # the kernel reads no further than ends
             buffer[:, :, :length] = old
             kept.append(buffer)
         layer.keys, layer.values = keys[-1][:, :, :length], values[-1][:, :, :length]

@@ -61,9 +61,13 @@ class InferenceStats:
         for graph in self.graphs:
             if graph.declined:
                 reasons[graph.declined] = reasons.get(graph.declined, 0) + 1
+        phases: dict[str, float] = {}
+        for graph in self.graphs:
+            for name, seconds in graph.phases.items():
+                phases[name] = round(phases.get(name, 0.0) + seconds, 4)
         return {"replayed": sum(g.replayed for g in self.graphs), "declined": sum(reasons.values()),
                 "reasons": reasons, "steps": sum(g.steps for g in self.graphs),
-                "record_s": round(sum(g.record_s for g in self.graphs), 4)}
+                "record_s": round(sum(g.record_s for g in self.graphs), 4), "record_phases_s": phases}
 
 
 @dataclass
