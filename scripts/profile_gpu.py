@@ -15,7 +15,7 @@ scripts/bench_gpu.py's random-weight 7B family, and a 256-sample set:
   decode     decode attention: flash-attn's kvcache kernel over the padded cache against transformers'
              unpadding path (worker/decode_attention.py), the call alone and in generate;
   graph      decode steps replayed from CUDA graphs (worker/graph_decode.py) against the eager kvcache steps:
-             base and r1 (LoRA unmerged) at batch 200, uniform and varied prompts, base at batch 1 and 16.
+             base at batch 200, 16 and 1, r1 (LoRA unmerged) at batch 200; a replay alone; generate's host time.
 Figures go to OUT/profile.json (prep: OUT/prep.json) and stdout. BENCHMARKS.md quotes them.
 """
 
@@ -326,8 +326,8 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
     base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
     decode_attention.install()
     runs = {}
-    for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
-                                 ("base", 16, varied), ("r1-llm-only", 200, varied)):
+    for name, batch, samples in (("base", 200, uniform), ("base", 1, uniform), ("base", 16, varied),
+                                 ("r1-llm-only", 200, varied)):
         model = _apply_adapters(base, [adapter]) if name != "base" else base
         inputs = prepare_batch(processor, samples[:batch], "{prompt}", "cuda:0").inputs
         label = f"{name} {'varied' if samples is varied else 'uniform'} batch {batch}"

@@ -140,12 +140,14 @@ def test_right_padding_is_not_attempted(batch: tuple, routed: callable, attached
         processor.tokenizer.padding_side = "left"
 
 
-def test_a_declined_batch_is_a_warning_in_the_report() -> None:
+def test_a_declined_batch_is_a_warning_in_the_report_and_a_model_that_cannot_be_recorded_a_note() -> None:
     row = {"name": "r1", "decode_graph": {"replayed": 3, "declined": 1, "steps": 90, "record_s": 0.2,
                                           "reasons": {"the recorded step differs from the eager one (x)": 1}}}
-    notes = worker_notes({"recipes": [row, {"name": "base", "decode_graph": {"reasons": {}}}]})
+    model = {"name": "g3", "decode_graph": {"reasons": {}, "not_recordable": "the cache is not a plain dynamic cache"}}
+    notes = worker_notes({"recipes": [row, {"name": "base", "decode_graph": {"reasons": {}}}, model]})
     assert notes == [(True, "r1: 1 batch(es) decoded eagerly instead of from a CUDA graph (same answers, slower): "
-                            "the recorded step differs from the eager one (x) (1)")]
+                            "the recorded step differs from the eager one (x) (1)"),
+                     (False, "g3: decoded eagerly, not from CUDA graphs: the cache is not a plain dynamic cache")]
 
 
 def test_a_decline_midway_goes_on_eagerly_from_the_replayed_cache(batch: tuple, routed: callable, attached: None,

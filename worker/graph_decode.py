@@ -82,6 +82,7 @@ class Outcome:
 
     replayed: bool = False
     declined: str | None = None  # why not replayed (None: replayed, or the batch had no decode step)
+    inherent: bool = False  # the reason is the model's, not this batch's: its later batches are not attempted
     steps: int = 0  # decode steps replayed
     record_s: float = 0.0  # moving the cache, warm-up, recording and the checked first replay
     phases: dict[str, float] = field(default_factory=dict)  # record_s by phase: move, warm_up, capture, check
@@ -131,13 +132,12 @@ class _Session:
         self.done = True
         cache = _cache_of(kwargs)
         problem = _unrecordable(kwargs, cache)
+        if problem is None and self.make_replay is CudaGraphReplay and not cache.layers[0].keys.is_cuda:
+            problem = "the cache is not on a CUDA device"
         if problem:
-            self.outcome.declined = problem
+            self.outcome.declined, self.outcome.inherent = problem, True
             return
         self.cache = cache
-        if self.make_replay is CudaGraphReplay and not cache.layers[0].keys.is_cuda:
-            self.outcome.declined = "the cache is not on a CUDA device"
-            return
         last = [(layer.keys[:, :, -1:].clone(), layer.values[:, :, -1:].clone()) for layer in cache.layers]
         clock = _Clock(self.outcome.phases, cache.layers[0].keys)
         recorded = _move_cache(cache, self.capacity_left, self.make_replay())
@@ -157,7 +157,7 @@ class _Session:
             position.add_(1)
             ends.add_(1)
             if routed.declined:
-                raise _Unroutable(routed.declined)
+                raise _Unroutable(f"{routed.declined} is not a plain causal decode step for the kvcache kernel")
             return output
 
         recorded.step = step
@@ -173,7 +173,11 @@ class _Session:
         except torch.cuda.OutOfMemoryError:
             self._decline("out of memory while recording", last)
             raise  # generate's caller halves the batch
-        except (_Unroutable, RuntimeError) as exc:  # RuntimeError: an operation a graph cannot record
+        except _Unroutable as exc:
+            self._decline(str(exc), last)
+            self.outcome.inherent = True
+            return
+        except RuntimeError as exc:  # an operation a graph cannot record, or CUDA refusing the capture
             self._decline(f"{type(exc).__name__}: {exc}"[:300], last)
             return
         difference = _compare(reference, output)
@@ -254,6 +258,7 @@ class _Unroutable(Exception):
 
 _session: _Session | None = None
 _attached: dict[int, Callable[[], Any]] = {}  # id(decoder) -> the replay factory of its sessions, while attached
+_inherent: dict[int, str] = {}  # id(decoder) -> why its steps cannot be recorded, once a session found out
 
 
 def attach(model: Any, replay: Callable[[], Any] = CudaGraphReplay) -> str | None:
@@ -281,6 +286,7 @@ def detach(model: Any) -> None:
     decoder = _decoder(model)
     if decoder is not None and _attached.pop(id(decoder), None) is not None:
         del decoder.forward
+        _inherent.pop(id(decoder), None)
 
 
 @contextmanager
@@ -293,12 +299,17 @@ def session(model: Any, max_new_tokens: int, routed: bool) -> Iterator[Outcome |
     if replay is None:
         yield None
         return
+    if id(decoder) in _inherent:
+        yield Outcome(declined=_inherent[id(decoder)], inherent=True)
+        return
     current = _session = _Session(max_new_tokens, replay)
     try:
         yield current.outcome
     finally:
         _session = None
         current.close()
+        if current.outcome.inherent:
+            _inherent[id(decoder)] = current.outcome.declined
 
 
 def _decoder(model: Any) -> Any:
@@ -331,7 +342,8 @@ def _unrecordable(kwargs: dict, cache: Any) -> str | None:
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4
                          for layer in layers):
-        return f"the cache is not a plain dynamic cache ({type(cache).__name__})"
+        kinds = sorted({type(layer).__name__ for layer in layers or []})
+        return f"the cache is not a plain dynamic cache ({type(cache).__name__} of {', '.join(kinds) or 'nothing'})"
     if len({(layer.keys.shape[0], layer.keys.shape[2]) for layer in layers}) != 1:
         return "the cache's layers differ in batch or length"
     mask = kwargs.get("attention_mask")

@@ -57,16 +57,18 @@ class InferenceStats:
         (None where graphs were not attempted: a CPU, or a recipe that turned them off)."""
         if not self.graphs:
             return None
-        reasons: dict[str, int] = {}
+        reasons: dict[str, int] = {}  # this batch's reasons (a warning each), not the model's (a note)
         for graph in self.graphs:
-            if graph.declined:
+            if graph.declined and not graph.inherent:
                 reasons[graph.declined] = reasons.get(graph.declined, 0) + 1
         phases: dict[str, float] = {}
         for graph in self.graphs:
             for name, seconds in graph.phases.items():
                 phases[name] = round(phases.get(name, 0.0) + seconds, 4)
-        return {"replayed": sum(g.replayed for g in self.graphs), "declined": sum(reasons.values()),
-                "reasons": reasons, "steps": sum(g.steps for g in self.graphs),
+        return {"replayed": sum(g.replayed for g in self.graphs),
+                "declined": sum(bool(g.declined) for g in self.graphs), "reasons": reasons,
+                "not_recordable": next((g.declined for g in self.graphs if g.inherent), None),
+                "steps": sum(g.steps for g in self.graphs),
                 "record_s": round(sum(g.record_s for g in self.graphs), 4), "record_phases_s": phases}
 
 

@@ -181,7 +181,11 @@ def worker_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
             notes.append((True, f"{row['name']}{where}: CUDA ran out of memory {row['oom_retries']} time(s); each "
                                 f"time the batch was halved and retried, "
                                 f"{f'from {first} ' if first else ''}to {row.get('final_batch_size')}"))
-        declined = (row.get("decode_graph") or {}).get("reasons") or {}
+        graphs = row.get("decode_graph") or {}
+        if graphs.get("not_recordable"):
+            notes.append((False, f"{row['name']}{where}: decoded eagerly, not from CUDA graphs: "
+                                 f"{graphs['not_recordable']}"))
+        declined = graphs.get("reasons") or {}
         if declined:
             reasons = "; ".join(f"{reason} ({count})" for reason, count in declined.items())
             notes.append((True, f"{row['name']}{where}: {sum(declined.values())} batch(es) decoded eagerly instead "
