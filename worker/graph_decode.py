@@ -32,26 +32,40 @@ GRAPH = "cuda graph"
 
 
 class CudaGraphReplay:
-    """The step recorded as a CUDA graph (after a warm-up on a side stream, as torch's documentation asks)."""
+    """The step recorded as a CUDA graph, after a warm-up on the stream it is captured on (as torch's
+    documentation asks: libraries initialise lazily per stream); one such stream a process."""
+
+    _stream: Any = None
 
     def __init__(self) -> None:
         self._graph: Any = None
         self._output: Any = None
+        if CudaGraphReplay._stream is None:
+            CudaGraphReplay._stream = torch.cuda.Stream()
 
     def warm_up(self, step: Callable[[], Any]) -> None:
-        stream = torch.cuda.Stream()
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             step()
         torch.cuda.current_stream().wait_stream(stream)
 
     def record(self, step: Callable[[], Any]) -> None:
+        """capture_begin/end rather than torch.cuda.graph, which empties the device's and the pinned host
+        memory's caches before each capture: the next prefill would allocate its memory again, and the prefetch
+        thread its pinned buffers. thread_local: that thread pins the next batch's memory meanwhile
+        (cudaHostAlloc), which in the default global mode invalidates the capture (1 batch of 96 on the H200,
+        BENCHMARKS.md); it never uses the stream being captured."""
         self._graph = torch.cuda.CUDAGraph()
-        # thread_local: the worker's prefetch thread pins the next batch's memory meanwhile (cudaHostAlloc), which
-        # in the default global mode invalidates the capture (1 batch of 96 on the H200, BENCHMARKS.md); that
-        # thread never uses the stream being captured
-        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
-            self._output = step()
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self._output = step()
+            finally:
+                self._graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
 
     def replay(self) -> Any:
         self._graph.replay()
