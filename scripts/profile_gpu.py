@@ -257,6 +257,24 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     figures["lora"] = rows
 
 
+def _decode_setup(models: Path, dataset: Path) -> tuple:
+    """The decode parts' common start: the processor, the base model on the GPU (flash_attention_2, bf16), r1's
+    adapter link, the bench's samples (one prompt) and the same images with prompts of different lengths."""
+    import torch
+
+    from contract.dataset import read_dataset
+    from scripts.bench_gpu import build_dataset
+    from worker.load import _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    processor = load_processor([link], _recipe())
+    uniform = read_dataset(dataset)
+    varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
+    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    return processor, base, adapter, uniform, varied
+
+
 def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     """Decode attention (worker/decode_attention.py): flash-attn's kvcache kernel over the left-padded cache
     against transformers' unpadding path. The attention call alone on the 7B's decode shapes (error against a
@@ -264,21 +282,13 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     1, each way: prefill, 32 tokens, the decode step, and how many texts agree."""
     import torch
 
-    from contract.dataset import read_dataset
     from worker import decode_attention
     from worker.generation import generate
     from worker.infer import prepare_batch
-    from worker.load import _apply_adapters, _load_root, load_processor
+    from worker.load import _apply_adapters
 
     figures["attention_call"] = _decode_attention_call(torch, decode_attention)
-    link = type("Link", (), {"path": str(models / "base")})()
-    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
-    processor = load_processor([link], _recipe())
-    from scripts.bench_gpu import build_dataset
-
-    uniform = read_dataset(dataset)
-    varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
-    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    processor, base, adapter, uniform, varied = _decode_setup(models, dataset)
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
                                  ("r1-llm-only", 200, varied)):
@@ -311,19 +321,12 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
     run's ("texts_equal")."""
     import torch
 
-    from contract.dataset import read_dataset
-    from scripts.bench_gpu import build_dataset
     from worker import decode_attention, graph_decode
     from worker.generation import generate
     from worker.infer import prepare_batch
-    from worker.load import _apply_adapters, _load_root, load_processor
+    from worker.load import _apply_adapters
 
-    link = type("Link", (), {"path": str(models / "base")})()
-    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
-    processor = load_processor([link], _recipe())
-    uniform = read_dataset(dataset)
-    varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
-    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    processor, base, adapter, uniform, varied = _decode_setup(models, dataset)
     decode_attention.install()
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 1, uniform), ("base", 16, varied),

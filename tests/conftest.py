@@ -33,3 +33,19 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("demo")
     built = build_demo(out, n_samples=12, seed=0)
     return {"root": out, **built}
+
+
+@pytest.fixture()
+def routed() -> Iterator[object]:
+    """Route decode steps of sdpa through a given kernel (helpers.ReferenceKernel) in float32, as the worker
+    routes flash_attention_2's through flash-attn's on a GPU; transformers' own function back afterwards."""
+    import torch
+
+    from worker import decode_attention
+
+    def route(kernel: object) -> object:
+        assert decode_attention.install("sdpa", kernel, dtypes=(torch.float32,))
+        return kernel
+
+    yield route
+    decode_attention.uninstall()

@@ -6,10 +6,9 @@ that path on the GPU (scripts/gpu_check.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
+from helpers import ReferenceKernel
 
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
@@ -20,47 +19,12 @@ from worker.infer import _processor_inputs, prepare_batch
 from worker.load import load_chain
 
 
-class ReferenceKernel:
-    """flash_attn_with_kvcache's contract for a single query token, in plain torch; counts its calls. Each row
-    attends to exactly its keys [cache_leftpad, cache_seqlens), sliced out: the result does not depend on how long
-    the cache's buffer is (as flash-attn's does not with one split of the keys)."""
-
-    def __init__(self, ignore_padding: bool = False) -> None:
-        self.calls = 0
-        self.ignore_padding = ignore_padding
-
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-                 cache_seqlens: torch.Tensor, cache_leftpad: torch.Tensor, softmax_scale: float | None,
-                 causal: bool, num_splits: int = 0) -> torch.Tensor:
-        self.calls += 1
-        assert q.shape[1] == 1 and causal and num_splits == 1
-        groups = q.shape[2] // k_cache.shape[2]
-        rows = []
-        for row in range(q.shape[0]):
-            start = 0 if self.ignore_padding else int(cache_leftpad[row])
-            end = int(cache_seqlens[row])
-            k, v = (t[row, start:end].transpose(0, 1).repeat_interleave(groups, dim=0) for t in (k_cache, v_cache))
-            out = torch.nn.functional.scaled_dot_product_attention(q[row].transpose(0, 1), k, v, scale=softmax_scale)
-            rows.append(out.transpose(0, 1))
-        return torch.stack(rows)
-
-
 @pytest.fixture(scope="module")
 def base_batch(demo: dict) -> tuple:
     recipe = Recipe(name="base", model=str(demo["models"]["base"]), dataset=str(demo["dataset"]))
     model, processor, _ = load_chain([ChainLink(str(demo["models"]["base"]), "full", "quick:0", 1)], recipe, "cpu")
     items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, "cpu").items
     return model, processor, recipe, items
-
-
-@pytest.fixture()
-def routed() -> Iterator[callable]:
-    def route(kernel: ReferenceKernel) -> ReferenceKernel:
-        assert decode_attention.install("sdpa", kernel, dtypes=(torch.float32,))
-        return kernel
-
-    yield route
-    decode_attention.uninstall()
 
 
 def _generate(base_batch: tuple, padding_side: str = "left") -> list[str]:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import only_run_dir, run_cli, write_recipes
+from helpers import ReferenceKernel, only_run_dir, run_cli, write_recipes
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -232,7 +232,6 @@ def test_every_family_decodes_the_same_from_recorded_steps(families: dict, name:
     to."""
     import torch
 
-    from tests.test_decode_attention import ReferenceKernel
     from worker import decode_attention, graph_decode
     from worker.generation import generate
     from worker.infer import _processor_inputs, prepare_batch

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
+from helpers import ReferenceKernel
 
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from orchestrator.reporting.cells import worker_notes
-from tests.test_decode_attention import ReferenceKernel
 from worker import decode_attention, graph_decode
 from worker.generation import generate
 from worker.infer import _processor_inputs, prepare_batch
@@ -36,16 +35,6 @@ def batch(request: pytest.FixtureRequest, demo: dict) -> tuple:
     model, processor, _ = load_chain(chain, recipe, "cpu")
     items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, "cpu").items
     return model, processor, items
-
-
-@pytest.fixture()
-def routed() -> Iterator[callable]:
-    def route(kernel: ReferenceKernel) -> ReferenceKernel:
-        assert decode_attention.install("sdpa", kernel, dtypes=(torch.float32,))
-        return kernel
-
-    yield route
-    decode_attention.uninstall()
 
 
 @pytest.fixture()
