@@ -10,8 +10,10 @@ row i attends to keys [cache_leftpad[i], cache_seqlens[i]). A prompt padded on t
 (generate appends ones to the mask), so the pads are counted once, before the first step, from the prompt's mask.
 
 Only what is certainly such a step takes this way: one query token, a causal self-attention layer, a mask as long
-as the cache, within `left_padded` for a batch of that size. The prefill, a vision tower, cross-attention,
-sliding-window or soft-capped layers, a static cache and everything else go to transformers' own function.
+as the cache (or none, where no row is padded), within `left_padded` for a batch of that size. The prefill, a
+vision tower, cross-attention, sliding-window or soft-capped layers, a static cache and everything else go to
+transformers' own function. A step being recorded for replay (`graph_step`, worker/graph_decode.py) has no mask
+and a cache longer than its keys: each row's end then comes from the recording, not from the cache's length.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """Decode steps replayed from a CUDA graph, each batch's first one checked bit for bit against the eager step.
 
-A 7B's decode step at batch 200 is a few milliseconds of GPU work behind some twenty of the host's: Python and a
-thousand kernel launches a step (BENCHMARKS.md). Recorded once as a CUDA graph, a step is one launch. A graph
-replays fixed addresses and shapes, so the step must not grow its cache by concatenation, nor read anything back
-to the host: within a `session` (one generate call) the decoder's first decode step runs eagerly, as always; its
-cache is then moved into buffers as long as the answer can grow (`Capacity`), the step is recorded with the
-cache's `update` writing in place at a position the graph itself advances and with flash-attn's kvcache kernel
-reading each row's keys [left padding, end) (decode_attention.graph_step: the prompt's mask, only left padding
-and ones after it, says nothing more), and replayed for that same first step. Where the replay's output is not
-bitwise the eager step's, or anything of the step is not as recorded, the batch goes on eagerly and the session
-says why: a graph never changes an answer silently. generate() itself is untouched (its logits processors,
-stopping and padding), as is the prefill; only the decoder's forward for one new token is replaced.
+A 7B's decode step was more of the host's time than of the GPU's: Python and about a thousand kernel launches a
+step (BENCHMARKS.md: 18-20 ms eagerly, 10.2 ms of GPU time at batch 200, 6.5 ms at batch 1). Recorded once as a
+CUDA graph, a step is one launch. A graph replays fixed addresses and shapes, so the step must not grow its cache
+by concatenation, nor read anything back to the host: within a `session` (one generate call) the decoder's first
+decode step runs eagerly, as always; its cache is then moved into buffers as long as the answer can grow
+(`_move_cache`), the step is recorded with the cache's `update` writing in place at a position the graph itself
+advances and with flash-attn's kvcache kernel reading each row's keys [left padding, end)
+(decode_attention.graph_step: the prompt's mask, only left padding and ones after it, says nothing more), and
+replayed for that same first step. Where the replay's output is not bitwise the eager step's, or anything of the
+step is not as recorded, the batch goes on eagerly and the session says why: a graph never changes an answer
+silently. generate() itself is untouched (its logits processors, stopping and padding), as is the prefill; only the
+decoder's forward for one new token is replaced.
 
 On a CPU there is no graph: `EagerReplay` runs the recorded step again at each replay, on the same buffers, so
 the tests exercise everything but the recording itself.
