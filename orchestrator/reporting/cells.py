@@ -168,7 +168,8 @@ def _parity_how(parity: dict[str, Any]) -> str:
 def worker_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
     """(worth a warning, line) per recipe whose worker ran at the same time as others (several on one GPU, or
     on other GPUs), whose batches CUDA ran out of memory on and the worker retried at half the size (a warning),
-    or whose decode steps went on eagerly where a CUDA graph was to replay them (a warning: slower, and why)."""
+    or whose decode steps went on eagerly where a CUDA graph was to replay them (a warning for a batch's reason,
+    a note for the model's: slower, and why)."""
     notes = []
     for row in summary["recipes"]:
         gpu = (row.get("preflight") or {}).get("gpu")
