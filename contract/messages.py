@@ -30,6 +30,7 @@ ERROR_KINDS = ("config", "lineage", "memory", "offload", "cuda_oom", "data", "in
 # Parent -> worker control messages (JSON lines on the worker's stdin).
 CONTROL_STOP = "stop"  # finish the current batch, send `done`, exit
 CONTROL_GO = "go"  # a held worker may load onto the device now; may carry "batch_size"
+DECODE_GRAPH_ON = "cuda graph"  # `loaded`'s decode_graph where decode steps replay from CUDA graphs
 
 
 def control(type_: str, **fields: Any) -> bytes:

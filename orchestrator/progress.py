@@ -38,6 +38,7 @@ from rich.text import Text
 
 from contract.dataset import DatasetError, open_dataset
 from contract.layout import RecipeFolder, RunFolder
+from contract.messages import DECODE_GRAPH_ON
 from contract.recipe import Settings
 
 from .results import read_json, read_samples
@@ -118,7 +119,7 @@ class PlainProgress(_Listener):
             print_(f"[{self.position(outcome.name)}] {outcome.name}: worker pid {data['pid']} starting{where}{count}")
         elif event == "loaded":
             attn = data["attn"] + (" + kvcache decode" if data.get("decode_attention") == "kvcache" else "")
-            attn += " from CUDA graphs" if data.get("decode_graph") == "cuda graph" else ""
+            attn += " from CUDA graphs" if data.get("decode_graph") == DECODE_GRAPH_ON else ""
             print_(f"    {who}loaded in {data['seconds']:.1f}s ({data['dtype']}, {attn}, {data['device']})")
         elif event == "error":
             print_(f"    {who}error: {data.get('kind')}: {str(data.get('message', '')).splitlines()[0][:200]}")

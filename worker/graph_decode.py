@@ -29,8 +29,6 @@ import torch
 
 from . import decode_attention
 
-GRAPH = "cuda graph"
-
 
 class CudaGraphReplay:
     """The step recorded as a CUDA graph, after a warm-up on the stream it is captured on (as torch's
