@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU machines: torch and torchvision must be a matching pair (transformers' Qwen2-VL processor needs torchvision).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo demo-models test lint clean
+.PHONY: setup demo demo-models test lint gpu-test clean
 
 setup: $(VENV)/.installed
 
@@ -27,9 +27,16 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# ruff, the type checker (pyproject's [tool.mypy]: contract, orchestrator, worker, scripts) and the import rules
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The GPU acceptance suite (tests/gpu), on a machine with a CUDA GPU and flash-attn: writes .gpu-verified when it
+# passes, to be committed beside the change it verified
+gpu-test: setup
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf $(VENV) demo runs

@@ -48,6 +48,9 @@ class Space:
         if self.scale is not None:
             return (value + self.offset) / self.scale * extent
         if self.refers_to == "input":
+            if input_extent is None:
+                raise InputSizeMissing(f"space {self.name!r} gives pixels of the processor-resized input, "
+                                       "and no input size was given")
             return value * extent / input_extent
         return value
 
@@ -70,7 +73,8 @@ def _first(pattern: re.Pattern[str], order: tuple[int, int, int, int] = (0, 1, 2
         if match is None:
             return None
         values = [float(v) for v in match.groups()[-4:]]
-        return tuple(values[i] for i in order)  # type: ignore[return-value]
+        x1, y1, x2, y2 = order
+        return values[x1], values[y1], values[x2], values[y2]
 
     return read
 

@@ -8,6 +8,7 @@ a traceback. The parent (lineage, memory estimate) and the worker (staged loadin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -211,7 +212,7 @@ def fingerprint(config_file: Path, weights: list[Path], *, hash_weights: bool = 
             digest.update(str(weight.stat().st_size).encode())
             if hash_weights:
                 with open(weight, "rb") as f:
-                    for block in iter(lambda f=f: f.read(1 << 24), b""):
+                    for block in iter(functools.partial(f.read, 1 << 24), b""):
                         digest.update(block)
             elif weight.suffix == ".safetensors":
                 header = safetensors_header(weight)

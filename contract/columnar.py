@@ -202,7 +202,9 @@ class Columnar:
             ids = [f"{sample_id}#{k}" for k in range(len(prompts))]
         for entry_id, prompt in zip(ids, prompts, strict=True):
             text = prompt if isinstance(prompt, str) else None
-            entry_fields = {**fields, self.prompt_column: text} if self.explode and text is not None else fields
+            entry_fields = fields
+            if self.explode and self.prompt_column is not None and text is not None:  # explode implies a column
+                entry_fields = {**fields, self.prompt_column: text}
             yield Sample(entry_id, image, box, text, f"{where}: " + "; ".join(problems) if problems else None,
                          fields=entry_fields, given_bbox=given, bbox_format=bbox_format)
 

@@ -283,7 +283,7 @@ def dataset_stamp(settings: Settings) -> tuple:
     paths = [settings.dataset or ""] + ([settings.ids] if isinstance(settings.ids, str) else [])
     files = [f for p in paths for f in (sorted(globbing.glob(p)) if is_glob(p) else [p])]
     files += [str(child) for f in files if Path(f).is_dir() for child in sorted(Path(f).iterdir())]
-    stamps = []
+    stamps: list[tuple[str, int | None, int | None]] = []
     for file in files:
         try:
             stat = Path(file).stat()

@@ -1,7 +1,7 @@
 """What the NVIDIA driver says about the GPUs, through NVML (nvidia-ml-py); no CUDA context is ever created.
 
 Everything goes through the `Nvml` interface so that tests on CPU machines can drive the same decisions with
-a fake; the real implementation is exercised on the GPU machine (scripts/gpu_check.py).
+a fake; the real implementation is exercised on the GPU machine (tests/gpu).
 
     EVALORCH_FAKE_NVML=/path/gpus.json    (tests only) open_nvml() returns a FakeNvml reading that file:
     {"gpus": [{"name": "Fake H100", "total_bytes": 85899345920, "free_bytes": 85000000000,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .images import ImageSource
 from .samples import DatasetError, Sample, read_box, scalar_fields
@@ -81,7 +81,8 @@ class Coco:
             raise DatasetError(f"{path}: not COCO-style JSON (no 'images' and 'annotations' lists)")
         self.annotations: list[Any] = raw["annotations"]
         self.images = {i["id"]: i for i in raw["images"] if isinstance(i, dict) and "id" in i}
-        categories = raw.get("categories") if isinstance(raw.get("categories"), list) else []
+        listed = raw.get("categories")
+        categories: list[Any] = listed if isinstance(listed, list) else []
         self.categories = {c["id"]: c for c in categories if isinstance(c, dict) and "id" in c}
 
     def fields(self) -> frozenset[str] | None:
@@ -108,12 +109,12 @@ class Coco:
             fields["caption"] = caption
         box, given, box_problem = read_box(annotation.get("bbox"), bbox_format)
         problems = [box_problem] if box_problem else []
+        file_name = image.get("file_name") if image is not None else None
         if image is None:
             problems.append(f"image_id {annotation.get('image_id')!r} is not in 'images'")
-        elif not isinstance(image.get("file_name"), str):
+        elif not isinstance(file_name, str):
             problems.append(f"image {image.get('id')!r} has no 'file_name'")
-        named = image is not None and isinstance(image.get("file_name"), str)
-        source = ImageSource.file(self.root / image["file_name"]) if named else None
+        source = ImageSource.file(self.root / file_name) if isinstance(file_name, str) else None
         return Sample(sample_id, source, box, prompt, f"{where}: " + "; ".join(problems) if problems else None,
                       fields=fields, given_bbox=given, bbox_format=bbox_format, declared_size=_size(image))
 
@@ -121,6 +122,11 @@ class Coco:
 def _size(image: dict | None) -> tuple[int, int] | None:
     """The (width, height) a COCO image entry declares, when it declares both as positive numbers."""
     width, height = (image or {}).get("width"), (image or {}).get("height")
-    if all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+    if _positive(width) and _positive(height):
         return int(width), int(height)
     return None
+
+
+def _positive(value: object) -> TypeGuard[int | float]:
+    """A positive number, as a declared size must be (a bool is no number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0

@@ -37,10 +37,17 @@ class ImageCount:
 
 
 class ImageRule(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The rule's name, for the estimate's record (read-only: the rules are frozen dataclasses)."""
+        ...
 
     def count(self, size: tuple[int, int] | None) -> ImageCount:
         """The count for an image of (width, height); None (unreadable): the largest the processor makes."""
+        ...
+
+    def __hash__(self) -> int:
+        """Rules key memory's cache of prompt counts; one holding a list raises TypeError, and is not cached."""
         ...
 
 

@@ -46,6 +46,14 @@ class Located:
     tried: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Found:
+    """A checkpoint folder the chain goes on with: unlike a Located, always found (not found raises LineageError)."""
+
+    path: Path
+    source: str
+
+
 def resolve_chain(recipe: Recipe, rules: LineageRules, *, hash_weights: bool = False) -> list[ChainLink]:
     """The recipe's chain, root (a full checkpoint) first; raise LineageError on any problem (a damaged
     checkpoint file included: its message names the file)."""
@@ -80,20 +88,20 @@ def _resolve_chain(recipe: Recipe, rules: LineageRules, hash_weights: bool) -> l
     return links
 
 
-def _locate_model(ref: str, rules: LineageRules) -> Located:
+def _locate_model(ref: str, rules: LineageRules) -> Found:
     path = Path(ref)
     if path.is_dir():
-        return Located(path, "local")
+        return Found(path, "local")
     found = _from_hub_cache(ref, rules.allow_network)
     if found is None:
         raise LineageError(
             f"model {ref!r} is neither a local directory nor in the local Hugging Face cache "
             f"({_hub_cache_dir()}); download it first or give a local path"
         )
-    return Located(found, "hub-cache")
+    return Found(found, "hub-cache")
 
 
-def _locate_base(adapter: ChainLink, recipe: Recipe, rules: LineageRules, *, is_top: bool) -> Located:
+def _locate_base(adapter: ChainLink, recipe: Recipe, rules: LineageRules, *, is_top: bool) -> Found:
     recorded = adapter.recorded_base
     if not recorded:
         raise LineageError(
@@ -102,15 +110,15 @@ def _locate_base(adapter: ChainLink, recipe: Recipe, rules: LineageRules, *, is_
         )
     found = find_recorded_base(recorded, Path(adapter.path), rules)
     if is_top and recipe.base is not None:
-        return _apply_recipe_base(recipe, recorded, found, rules)
+        return _apply_recipe_base(recipe, recipe.base, recorded, found, rules)
     if found.path is None:
         raise LineageError(_not_found_message(adapter.path, recorded, found.tried, rules))
-    return found
+    return Found(found.path, found.source)
 
 
-def _apply_recipe_base(recipe: Recipe, recorded: str, found: Located, rules: LineageRules) -> Located:
-    """An explicit `base` must agree with the adapter's record, unless the recipe says base_override."""
-    explicit = _locate_model(recipe.base, rules)
+def _apply_recipe_base(recipe: Recipe, base: str, recorded: str, found: Located, rules: LineageRules) -> Found:
+    """An explicit `base` (the recipe's) must agree with the adapter's record, unless the recipe says base_override."""
+    explicit = _locate_model(base, rules)
     agrees = found.path is not None and found.path.resolve() == explicit.path.resolve()
     if not agrees and not recipe.base_override:
         if found.path is not None:
@@ -119,11 +127,11 @@ def _apply_recipe_base(recipe: Recipe, recorded: str, found: Located, rules: Lin
             where = "not found here; tried " + ", ".join(found.tried)
             fix = "add a [lineage] remap rule so the recorded base is found (then `base` is checked against it)"
         raise LineageError(
-            f"recipe '{recipe.name}': `base` = {recipe.base} disagrees with the adapter's recorded base "
+            f"recipe '{recipe.name}': `base` = {base} disagrees with the adapter's recorded base "
             f"{recorded!r} ({where}). Evaluating an adapter on another base silently changes its results; "
             f"{fix}, or set `base_override = true` to do it on purpose (the report marks it)"
         )
-    return Located(explicit.path, "recipe-base" if not agrees else found.source)
+    return Found(explicit.path, "recipe-base" if not agrees else found.source)
 
 
 def find_recorded_base(recorded: str, adapter_dir: Path, rules: LineageRules) -> Located:
@@ -194,7 +202,7 @@ def _from_hub_cache(repo_id: str, allow_network: bool) -> Path | None:
     return Path(folder)
 
 
-def _make_link(located: Located, recipe: Recipe, hash_weights: bool) -> ChainLink:
+def _make_link(located: Found, recipe: Recipe, hash_weights: bool) -> ChainLink:
     path = located.path
     if present(path / ADAPTER_CONFIG):
         config_file, kind = path / ADAPTER_CONFIG, "adapter"

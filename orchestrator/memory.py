@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, overload
 
 from contract.batching import largest_batch
 from contract.checkpoint import (
@@ -351,8 +352,8 @@ def model_shape(config: dict, source: str = CONFIG) -> ModelShape | None:
         return shape
     # Qwen2.5-VL and the others call the embedding width hidden_size; DaViT (Florence-2) has one per stage
     embed = _largest(_first_size(vision, ("embed_dim", "hidden_size"), source, 0, lists=True))
-    patch = _first_size(vision, ("patch_size",), source, 14, lists=True)
-    patch = patch[0] if isinstance(patch, list | tuple) else patch
+    patch_sizes = _first_size(vision, ("patch_size",), source, 14, lists=True)
+    patch = patch_sizes[0] if isinstance(patch_sizes, list | tuple) else patch_sizes
     # Qwen's towers stack 2 frames per patch (their configs say so); the others see one
     temporal = _first_size(vision, ("temporal_patch_size",), source,
                            2 if config.get("model_type") in QWEN_FAMILIES else 1)
@@ -387,6 +388,12 @@ def _section(config: dict, key: str, source: str) -> dict:
     return value
 
 
+@overload
+def _first_size(section: dict, keys: tuple[str, ...], source: str, default: int | None = None, *,
+                lists: Literal[False] = False) -> int: ...
+@overload
+def _first_size(section: dict, keys: tuple[str, ...], source: str, default: int | None = None, *,
+                lists: Literal[True]) -> int | list[int]: ...
 def _first_size(section: dict, keys: tuple[str, ...], source: str, default: int | None = None, *,
                 lists: bool = False) -> int | list[int]:
     """The first of `keys` the config has, as a positive integer (or, with `lists`, a non-empty list of them:

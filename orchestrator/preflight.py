@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from contract.dataset import DatasetError, open_dataset
 from contract.nvml import FAKE_ENV, GpuProcess, GpuState, Nvml, NvmlUnavailable, open_nvml
@@ -123,7 +124,7 @@ class GpuPreflight:
         workers that ran there have released their memory; beside other workers of this run, on what they leave."""
         name = plan.recipe.name
         beside = self.sharing(gpu, name) if gpu is not None else []
-        wait = {"waited_s": 0.0, "beside": beside} if beside else self._wait_for_release(gpu)
+        wait: dict[str, Any] = {"waited_s": 0.0, "beside": beside} if beside else self._wait_for_release(gpu)
         if wait.get("still_held_by_previous"):
             return LaunchDecision(ok=False, message=wait["message"], record={"release_wait": wait})
         decision = self.assess(plan, gpu, beside=name if beside else None)
@@ -183,9 +184,13 @@ class GpuPreflight:
         used = {p.pid: p.used_bytes or 0 for p in state.processes}
         with self._lock:
             placed = [a for n, a in self._admitted.items() if a.gpu == state.index and n != excluding]
-        if any(a.reserved is None for a in placed):
-            return None
-        return sum(max(0, a.reserved - used.get(a.pid, 0)) for a in placed)
+        total = 0
+        for admitted in placed:
+            if admitted.reserved is None:
+                return None
+            in_use = used.get(admitted.pid, 0) if admitted.pid is not None else 0  # no worker yet: nothing in use
+            total += max(0, admitted.reserved - in_use)
+        return total
 
     def room(self, gpu: int) -> int:
         """Free memory on `gpu` now, less what the recipes placed there will still take (0 when one has no
@@ -237,7 +242,7 @@ class GpuPreflight:
         record = {"gpu": state.index, "gpu_name": state.name, "gpu_uuid": state.uuid, "free_bytes": state.free_bytes,
                   "total_bytes": state.total_bytes, "baseline_free_bytes": self._baseline[state.index]["free"],
                   "holders": [_holder(p) for p in state.processes], "requested_batch_size": plan.recipe.batch_size}
-        gpu = state.uuid or str(state.index)
+        visible = state.uuid or str(state.index)  # the worker's CUDA_VISIBLE_DEVICES
         free = state.free_bytes
         if beside is not None:
             reserved = self.reserved_bytes(state, beside)
@@ -247,8 +252,9 @@ class GpuPreflight:
             workload = read_workload(plan.recipe, plan.chain or [], self.device)
         except EstimateError as exc:  # the worker's placement check still guards against offload
             record["estimate_error"] = str(exc)
-            return LaunchDecision(ok=True, gpu=gpu, message=f"no estimate ({exc}); running unchecked", record=record)
-        decision = _verdict(plan.recipe.name, workload, _aimed_batch(plan, workload), state, free, gpu, record)
+            return LaunchDecision(ok=True, gpu=visible, message=f"no estimate ({exc}); running unchecked",
+                                  record=record)
+        decision = _verdict(plan.recipe.name, workload, _aimed_batch(plan, workload), state, free, visible, record)
         if plan.recipe.batch_size == "auto" and decision.ok:  # "auto" is sized here, not lowered
             decision.batch_size = record["batch_size"]
             record.pop("batch_lowered", None)
@@ -268,7 +274,7 @@ class GpuPreflight:
         started = self.clock()
         while True:
             state = self.nvml.state(exited[-1].gpu)
-            listed = [w for w in exited if state.holds(w.pid)]
+            listed = [w for w in exited if w.pid is not None and state.holds(w.pid)]
             missing = self._missing_bytes(state)
             waited = self.clock() - started
             if not listed and missing <= RELEASE_TOLERANCE_BYTES:
@@ -289,7 +295,7 @@ class GpuPreflight:
 
     def _release_timed_out(self, last: _LastWorker, state: GpuState, listed: bool, missing: int,
                            waited: float) -> dict:
-        record = {"waited_s": round(waited, 3), "previous_pid": last.pid, "timed_out": True,
+        record: dict[str, Any] = {"waited_s": round(waited, 3), "previous_pid": last.pid, "timed_out": True,
                   "free_bytes": state.free_bytes, "missing_bytes": missing}
         if listed:
             record["still_held_by_previous"] = True

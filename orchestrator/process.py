@@ -22,12 +22,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Protocol
 
 # The worker registers faulthandler on this signal (worker/lifeline.py): it dumps the stacks and carries on.
 TRACEBACK_SIGNAL = signal.SIGUSR1
 TRACEBACK_GRACE_S = 2.0  # after the dump, how long a worker may take to exit by itself before SIGKILL
 
-_SIGNAL_HINTS = {
+_SIGNAL_HINTS: dict[int, str] = {  # keyed by number: a Popen returncode is an int
     signal.SIGKILL: "killed by SIGKILL: perhaps the kernel's out-of-memory killer (see dmesg)",
     signal.SIGSEGV: "crashed with SIGSEGV (segmentation fault)",
     signal.SIGABRT: "crashed with SIGABRT (abort, often a failed assertion in native code)",
@@ -56,11 +57,32 @@ def describe_exit(returncode: int) -> ExitInfo:
     return ExitInfo(None, sig, _SIGNAL_HINTS.get(sig, f"killed by {name}"))
 
 
+class Worker(Protocol):
+    """What the supervisor drives a worker through: a local WorkerProcess, or ray_backend.RayWorkerProcess for
+    one on a Ray node (whose pid, placement and environment come from its node, and may never come)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def where(self) -> dict | None: ...
+    @property
+    def env_record(self) -> dict | None: ...
+    @property
+    def lost(self) -> str | None: ...
+    def read_results(self, wait: float = 0.0) -> bytes | None: ...
+    def send(self, line: bytes) -> bool: ...
+    def poll(self) -> int | None: ...
+    def kill(self) -> None: ...
+    def stop(self, reason: str, grace: float = TRACEBACK_GRACE_S) -> list[dict]: ...
+    def wait(self, timeout: float) -> int | None: ...
+    def cleanup(self) -> None: ...
+
+
 class WorkerProcess:
     """A `python -m worker` (or `-m worker.merge`...) child with a result pipe, a lifeline and a log file.
 
-    The supervisor drives a worker through this interface only; ray_backend.RayWorkerProcess implements it for a
-    worker on a Ray node. What such a backend knows beyond it, a local process leaves None:"""
+    The supervisor drives a worker through this interface only (Worker, above); ray_backend.RayWorkerProcess
+    implements it for a worker on a Ray node. What such a backend knows beyond it, a local process leaves None:"""
 
     where: dict | None = None  # the node and GPU the worker runs on
     env_record: dict | None = None  # the environment as built there (what was set, what was removed)
@@ -89,6 +111,12 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.popen.pid
 
+    @property
+    def _lifeline(self) -> IO[bytes]:
+        """The worker's stdin, the pipe whose EOF tells it the parent is gone."""
+        assert self.popen.stdin is not None  # started with stdin=subprocess.PIPE: Popen always opens it
+        return self.popen.stdin
+
     def read_results(self, wait: float = 0.0) -> bytes | None:
         """Whatever the pipe holds, waiting up to `wait` seconds: b"" when nothing came, None at EOF."""
         if wait > 0:
@@ -102,8 +130,8 @@ class WorkerProcess:
     def send(self, line: bytes) -> bool:
         """Write a control line to the worker's stdin; False if it is gone."""
         try:
-            self.popen.stdin.write(line)
-            self.popen.stdin.flush()
+            self._lifeline.write(line)
+            self._lifeline.flush()
             return True
         except (BrokenPipeError, ValueError, OSError):
             return False
@@ -148,7 +176,7 @@ class WorkerProcess:
             self.kill()
             self.popen.wait()
         self.signal_group(signal.SIGKILL)  # grandchildren the worker left behind
-        for closer in (self.popen.stdin.close, self._log.close):
+        for closer in (self._lifeline.close, self._log.close):
             with contextlib.suppress(OSError):
                 closer()
         if self.result_fd >= 0:

@@ -146,6 +146,6 @@ def _refresh_ray_config() -> None:
     Ray's own `_enable_token_auth` does). Nothing to do when Ray is not imported yet."""
     if "ray" in sys.modules:
         with contextlib.suppress(ImportError, AttributeError):
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]  # ray's _raylet.pyi omits the compiled Config
 
             Config.initialize("")

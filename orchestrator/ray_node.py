@@ -219,6 +219,7 @@ def plan_here(task: NodeTask) -> dict[str, Any]:
     problem = problem or lineage_problem
     if problem is not None:
         return {"where": where, "lines": [problem], "ok": False}
+    assert chain is not None  # resolve_here gives a chain or a problem, and there is no problem
     agreed = "as on the driver" if task.chain is not None else "(the driver could not resolve it)"
     lines = [f"node {where['host']}: lineage resolves, {len(chain)} link(s) {agreed}"]
     preflight = None
@@ -262,6 +263,7 @@ class RecipeNode:
         its batch size)."""
         if self.problem is not None:
             return {**_refused(self.problem), "where": self.where}
+        assert self.chain is not None  # resolve_here gave a chain or a problem, and there is no problem
         task = replace(self.task, recipe=recipe)
         return {**node_preflight(task, self.chain, self.nvml, carried, self.where), "where": self.where}
 

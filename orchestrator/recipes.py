@@ -20,6 +20,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from contract.dataset import dataset_exists, dataset_problems, is_glob
 from contract.recipe import Recipe, Settings
@@ -100,9 +101,9 @@ def load_recipe_file(path: Path, *, paths_on_nodes: bool = False) -> RecipeFile:
     elif not isinstance(entries, list) or not entries:
         problems.append("no [[recipe]] entries")
         entries = []
-    recipes = [_validate_recipe(i, entry, defaults, path, problems, paths_on_nodes)
-               for i, entry in enumerate(entries, 1)]
-    recipes = [r for r in recipes if r is not None]
+    validated = [_validate_recipe(i, entry, defaults, path, problems, paths_on_nodes)
+                 for i, entry in enumerate(entries, 1)]
+    recipes = [r for r in validated if r is not None]
     problems += _duplicate_names(entries) + _cross_recipe_problems(recipes)
     if problems:
         raise RecipeFileError(path, problems)
@@ -120,7 +121,7 @@ def _table(raw: dict, name: str, problems: list[str]) -> dict:
 def _describe(exc: ValidationError, where: str, model: type[BaseModel]) -> list[str]:
     """One line per mistaken field, written for a person: pydantic reports a value that fits no member of a union
     (`int | "auto"`) once per member; those are one mistake, said as what was expected and what was given."""
-    by_field: dict[tuple, list[dict]] = {}
+    by_field: dict[tuple, list[ErrorDetails]] = {}
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = loc[:1] if loc and _is_union(model, loc[0]) else loc  # the rest of a union's loc names its members
@@ -137,7 +138,7 @@ def _is_union(model: type[BaseModel], name: object) -> bool:
     return info is not None and get_origin(info.annotation) in (Union, UnionType)
 
 
-def _mistake(errors: list[dict], model: type[BaseModel], loc: tuple) -> str:
+def _mistake(errors: list[ErrorDetails], model: type[BaseModel], loc: tuple) -> str:
     """What is wrong with one field's value. A value of the right type that breaks a rule (a range, a name)
     says the rule; a value of no allowed type says which types are allowed."""
     kind = errors[0]["type"]

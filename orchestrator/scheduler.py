@@ -202,6 +202,7 @@ class GpuScheduler:
                     if running.error is not None:
                         errors.append(running.error)
                     else:
+                        assert running.row is not None  # its thread ended without an exception: it has the row
                         rows[name] = running.row
             if self.interrupts.stop_requested and not errors:
                 for job in waiting:

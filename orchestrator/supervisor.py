@@ -25,7 +25,7 @@ from contract.spec import WorkerSpec
 
 from .environment import worker_env
 from .plan import LaunchDecision, Preflight, RecipePlan
-from .process import WorkerProcess, describe_exit, kill_step
+from .process import Worker, WorkerProcess, describe_exit, kill_step
 from .results import SampleLog, make_folder, read_json, read_samples, repair_samples, write_bytes, write_json
 from .stats import IOU_RULE, metrics, sample_error_verdict
 
@@ -68,7 +68,7 @@ class RecipeOutcome:
 Listener = Callable[[str, RecipeOutcome, dict[str, Any]], None]
 # Starts one worker: (spec, the spec file written in the run folder, environment, log file) -> the process. The
 # default is a local `python -m worker`; ray_backend.py starts it on a Ray node behind the same interface.
-Launcher = Callable[[WorkerSpec, Path, dict[str, str], Path], WorkerProcess]
+Launcher = Callable[[WorkerSpec, Path, dict[str, str], Path], Worker]
 
 
 def local_worker(spec: WorkerSpec, spec_path: Path, env: dict[str, str], log_path: Path) -> WorkerProcess:
@@ -176,7 +176,7 @@ class RecipeRun:
         self._emit("finished", {})
         return self.outcome
 
-    def _pump(self, proc: WorkerProcess, started: float) -> None:
+    def _pump(self, proc: Worker, started: float) -> None:
         """Read messages until the pipe closes, acting on interrupts and expired phases once a tick."""
         stop_sent = killed = False
         last_message = started
@@ -229,7 +229,7 @@ class RecipeRun:
         self._phase = {"hello": "load", "loaded": "inference"}.get(kind, self._phase)
         self._emit(kind, message)
 
-    def _reap(self, proc: WorkerProcess) -> int:
+    def _reap(self, proc: Worker) -> int:
         if proc.lost is not None:  # nothing left to wait for or to stop: the node or its Ray worker is gone
             return -9
         returncode = proc.wait(_EXIT_GRACE_S)
@@ -290,6 +290,9 @@ def _tail(path: Path) -> str:
         return ""
 
 
+Span = tuple[float, float | None]  # a worker's time on its device: (begin, end), end None while it is there
+
+
 class Overlaps:
     """When each recipe's worker was on its device: from its launch (or the release of a worker started ahead) to
     its reaping, an interval per attempt, in wall-clock seconds. Shared by every recipe thread of a run (the
@@ -298,15 +301,16 @@ class Overlaps:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spans: dict[str, list[list[float | None]]] = {}
+        self._spans: dict[str, list[Span]] = {}
 
     def begin(self, name: str) -> None:
         with self._lock:
-            self._spans.setdefault(name, []).append([time.time(), None])
+            self._spans.setdefault(name, []).append((time.time(), None))
 
     def end(self, name: str) -> None:
         with self._lock:
-            self._spans[name][-1][1] = time.time()
+            spans = self._spans[name]
+            spans[-1] = (spans[-1][0], time.time())
 
     def spans(self, name: str) -> list[list[float | None]]:
         with self._lock:
@@ -322,7 +326,7 @@ class Overlaps:
                     if any(_overlap(a, b) for a in mine for b in self._spans[other])]
 
 
-def _overlap(a: list[float | None], b: list[float | None]) -> bool:
+def _overlap(a: Span, b: Span) -> bool:
     """Two intervals [begin, end] (end None: still running) overlap."""
     return (b[1] is None or a[0] < b[1]) and (a[1] is None or b[0] < a[1])
 
@@ -390,13 +394,14 @@ class Suite:
         recipe_dir = make_folder(self.run_dir / plan.recipe.name)
         if self.finished_before(plan):
             return read_json(RecipeFolder(recipe_dir).summary)
-        decision, attempts = LaunchDecision(ok=True), []
+        decision = LaunchDecision(ok=True)
+        attempts: list[dict[str, Any]] = []
         if self.interrupts.stop_requested:
             outcome = RecipeOutcome(plan.recipe.name, "skipped", "interrupted before it started")
         elif not plan.runnable:
             outcome = RecipeOutcome(plan.recipe.name, "error", plan.problem or "")
             outcome.error = {"kind": "lineage", "message": plan.problem}
-        elif self.preflight and not (decision := self._before_launch(plan)).ok:
+        elif self.preflight and not (decision := self._before_launch(self.preflight, plan)).ok:
             outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
         else:
             outcome, attempts, decision = self._attempts(plan, recipe_dir, decision)
@@ -405,10 +410,11 @@ class Suite:
             self.listener("finished", outcome, {})
         return self._record(plan, recipe_dir, outcome, decision, attempts)
 
-    def _before_launch(self, plan: RecipePlan) -> LaunchDecision:
+    def _before_launch(self, preflight: Preflight, plan: RecipePlan) -> LaunchDecision:
+        """The preflight's decision (the caller has one), on this lane's GPU when the suite has one."""
         if self.gpu is None:
-            return self.preflight.before_launch(plan)
-        return self.preflight.before_launch(plan, gpu=self.gpu)  # GpuPreflight: this lane's GPU only
+            return preflight.before_launch(plan)
+        return preflight.before_launch(plan, gpu=self.gpu)  # GpuPreflight: this lane's GPU only
 
     def _attempts(self, plan: RecipePlan, recipe_dir: Path,
                   decision: LaunchDecision) -> tuple[RecipeOutcome, list[dict[str, Any]], LaunchDecision]:
@@ -422,7 +428,7 @@ class Suite:
                 _note(RecipeFolder(recipe_dir).log, f"=== evalorch: attempt {attempt} ===")
                 if not self._sleep(plan.recipe.retry_backoff * 2 ** (len(attempts) - 1)):
                     break
-                if self.preflight and not (decision := self._before_launch(plan)).ok:
+                if self.preflight and not (decision := self._before_launch(self.preflight, plan)).ok:
                     outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
                     attempts.append({"attempt": attempt, "status": "refused", "detail": decision.message})
                     break

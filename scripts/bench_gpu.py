@@ -195,10 +195,9 @@ def notebook(models: Path, dataset: Path, device: str, attn: str, n: int, deadli
     for index, (name, _folder, (root, adapter)) in enumerate(RECIPES):
         entry: dict[str, Any] = {"name": name, "root": root, "adapter": adapter}
         t = time.perf_counter()
-        model = AutoModelForImageTextToText.from_pretrained(models / root, dtype=dtype, device_map=device,
-                                                            attn_implementation=attn)
-        if adapter:
-            model = PeftModel.from_pretrained(model, models / adapter)
+        base = AutoModelForImageTextToText.from_pretrained(models / root, dtype=dtype, device_map=device,
+                                                           attn_implementation=attn)
+        model = PeftModel.from_pretrained(base, models / adapter) if adapter else base
         model.eval()
         if cuda:
             torch.cuda.synchronize()
@@ -208,7 +207,7 @@ def notebook(models: Path, dataset: Path, device: str, attn: str, n: int, deadli
         # each model gets an equal share of the time left, less its load, so every model is measured
         slice_s = (deadline - time.time()) / (len(RECIPES) - index) - entry["load_s"]
         loop_end = time.time() + slice_s
-        times = []
+        times: list[float] = []
         for record in records[:n]:
             if len(times) >= 4 and time.time() > loop_end:
                 break
@@ -236,7 +235,7 @@ def notebook(models: Path, dataset: Path, device: str, attn: str, n: int, deadli
                 torch.cuda.empty_cache()
             excluded += time.perf_counter() - t
         t = time.perf_counter()
-        del model, output, inputs
+        del model, base, output, inputs  # `base` too: no reference may keep the weights past empty_cache()
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -254,9 +253,10 @@ def hardware(cuda: bool) -> dict[str, float | None]:
     import torch
 
     device = "cuda" if cuda else "cpu"
-    result = {"copy_Bps": _copy_rate(torch, device, cuda), "matmul_side": 8192 if cuda else 512,
-              "h2d_pinned_Bps": None, "h2d_pageable_Bps": None}
-    result["matmul_flops"] = _matmul_rate(torch, device, cuda, result["matmul_side"])
+    side = 8192 if cuda else 512
+    result: dict[str, float | None] = {"copy_Bps": _copy_rate(torch, device, cuda), "matmul_side": side,
+                                       "h2d_pinned_Bps": None, "h2d_pageable_Bps": None}
+    result["matmul_flops"] = _matmul_rate(torch, device, cuda, side)
     if cuda:
         result["h2d_pinned_Bps"], result["h2d_pageable_Bps"] = _h2d_rates(torch)
         torch.cuda.empty_cache()
@@ -401,6 +401,7 @@ class Bench:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         timer = threading.Timer(max(1.0, timeout), proc.kill)
         timer.start()
+        assert proc.stdout is not None  # started with stdout=subprocess.PIPE
         with open(self.out / f"{name}.log", "a") as f:
             f.write(f"$ {' '.join(args)}\n")
             for line in proc.stdout:
@@ -760,7 +761,7 @@ def _recipe_row(summary: dict) -> dict:
     overlap = loaded["staged_s"] - loaded["prestaged_wait_s"] if loaded.get("prestaged_wait_s") is not None else 0.0
     load = loaded["seconds"] + overlap if loaded.get("seconds") else None
     scored = counts.get("scored") or 0
-    to_hello, imports = timings.get("spawn_to_hello"), worker.get("imports")
+    to_hello, imports, loaded_at = timings.get("spawn_to_hello"), worker.get("imports"), worker.get("loaded_at")
     inference = worker.get("inference")
     return {
         "name": summary["name"], "status": summary.get("status"), "batch": counts.get("batch_size"),
@@ -768,8 +769,8 @@ def _recipe_row(summary: dict) -> dict:
         "teardown_s": timings.get("teardown"), "imports_s": worker.get("imports"),
         "page_cache_s": worker.get("page_cache"), "held_s": worker.get("held"), "load_s": load,
         "prestage_overlap_s": overlap if loaded.get("prestaged_wait_s") is not None else None,
-        "spawn_to_loaded_s": to_hello - imports + worker["loaded_at"]
-        if None not in (to_hello, imports, worker.get("loaded_at")) else None,
+        "spawn_to_loaded_s": to_hello - imports + loaded_at
+        if to_hello is not None and imports is not None and loaded_at is not None else None,
         "load_GBps": chain / load / 1e9 if load else None, "first_sample_s": worker.get("first_sample"),
         "cuda_init_s": loaded.get("cuda_init_s"), "loader": loaded.get("loader"),
         "weights_GBps": chain / (load - loaded["cuda_init_s"]) / 1e9 if load and "cuda_init_s" in loaded else None,

@@ -119,7 +119,7 @@ def run_variant(bench: Bench, name: str, recipes: Path, extra: list[str], env: d
         if not summary_path.is_file():
             continue
         summary = json.loads(summary_path.read_text())
-        texts = {}
+        texts: dict[str, str | None] = {}  # sample id -> the generated text
         with open(run_dir / recipe / "samples.jsonl") as f:
             for line in f:
                 if line.strip():
@@ -162,9 +162,9 @@ def report(bench: Bench, results: dict[str, dict[str, Any]]) -> str:
             where = row.get("ran_on") or {}
             node = f"{where.get('host', '')} GPU {where.get('gpu_index', '-')} {where.get('gpu_uuid', '')}" \
                 if where else "this host"
-            equal = f"{same[recipe][0]}/{same[recipe][1]}" if recipe in same else "-"
+            same_text = f"{same[recipe][0]}/{same[recipe][1]}" if recipe in same else "-"
             lines.append(f"| {name} | {recipe} | {row['status']} | {row['attempts']} | {row['batch']} | "
-                         f"{row['seconds'] or 0:.2f} | {node} | {equal} |")
+                         f"{row['seconds'] or 0:.2f} | {node} | {same_text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,11 +47,11 @@ SHAPES = [
 ]
 
 
-def measure(torch, repeats: int) -> dict[str, int]:
+def measure(torch, repeats: int) -> dict[str, float]:
     """Per shape: how many of `repeats` outputs differ bitwise from the first, and the first's checksum (the
     same inputs each time, so conditions compare too)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    found = {}
+    found: dict[str, float] = {}  # counts of differing outputs, and checksums
     for name, rows, inner, outer in SHAPES:
         x = torch.randn(rows, inner, device="cuda", dtype=torch.bfloat16, generator=generator)
         w = torch.randn(outer, inner, device="cuda", dtype=torch.bfloat16, generator=generator) / inner ** 0.5
@@ -78,6 +78,7 @@ def child(models: Path, dataset: Path, recipe_name: str, out: Path, device: str,
     from contract.dataset import open_dataset
     from contract.recipe import Recipe
     from contract.spec import ChainLink
+    from worker.device import CPU, Cuda
     from worker.generation import generate
     from worker.infer import prepare_batch
     from worker.load import load_chain
@@ -87,14 +88,15 @@ def child(models: Path, dataset: Path, recipe_name: str, out: Path, device: str,
                                                                      for name in links[1:]]
     attn = "flash_attention_2" if device.startswith("cuda") else "eager"
     recipe = Recipe(name=recipe_name, model=str(models / links[-1]), dataset=str(dataset), attn=attn)
-    model, processor, _ = load_chain(chain, recipe, device)
+    worker_device = Cuda() if device.startswith("cuda") else CPU
+    model, processor, _ = load_chain(chain, recipe, worker_device)
     weights = {}
     for name, tensor in model.state_dict().items():
         bits = tensor.detach().contiguous().view(-1).view(torch.int16 if tensor.element_size() == 2 else torch.uint8)
         position = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 1000003
         weights[name] = int((bits.to(torch.int64) * position).sum())
     samples = list(open_dataset(dataset, recipe))[:count]
-    batch = prepare_batch(processor, samples, recipe.prompt, device)
+    batch = prepare_batch(processor, samples, recipe.prompt, worker_device)
     with torch.inference_mode():
         logits = model(**batch.inputs.to(device)).logits[:, -1].float()
     texts = generate(model, processor, batch.inputs, device, max_new_tokens=32).texts
@@ -159,9 +161,10 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     hog = subprocess.Popen([sys.executable, "-c", HOG, str(args.seconds)], stdout=subprocess.PIPE, text=True)
-    results: dict[str, dict[str, int]] = {}
+    results: dict[str, dict[str, float]] = {}
     try:
         results["idle, default"] = measure(torch, args.repeats)
+        assert hog.stdout is not None  # started with stdout=subprocess.PIPE
         hog.stdout.readline()  # the hog's matmuls have started
         time.sleep(1)
         results["busy, default"] = measure(torch, args.repeats)

@@ -74,10 +74,9 @@ def run(args: argparse.Namespace, chains: list[tuple[str, str, str]]) -> None:
     for name, root, adapter in chains:
         entry: dict[str, Any] = {"name": name, "root": root, "adapter": adapter or None}
         t = time.perf_counter()
-        model = AutoModelForImageTextToText.from_pretrained(args.models / root, dtype=dtype, device_map=args.device,
-                                                            attn_implementation=args.attn)
-        if adapter:
-            model = PeftModel.from_pretrained(model, args.models / adapter)
+        base = AutoModelForImageTextToText.from_pretrained(args.models / root, dtype=dtype, device_map=args.device,
+                                                           attn_implementation=args.attn)
+        model = PeftModel.from_pretrained(base, args.models / adapter) if adapter else base
         model.eval()
         sync()
         entry["load_s"] = time.perf_counter() - t
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace, chains: list[tuple[str, str, str]]) -> None:
         sync()
         entry["generate_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        del model, output, inputs
+        del model, base, output, inputs  # `base` too: no reference may keep the weights past empty_cache()
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

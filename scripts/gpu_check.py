@@ -149,7 +149,8 @@ def _write_sharded(shapes: dict[str, tuple], folder: Path, device: str, shard_by
     from safetensors.torch import save_file
 
     groups = shard_groups(shapes, shard_bytes)
-    weight_map, total = {}, 0
+    weight_map: dict[str, str] = {}  # tensor name -> its shard file
+    total = 0
     for number, names in enumerate(groups, 1):
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         tensors = {_hub_name(n): _random(shapes[n], n, device) for n in names}
@@ -209,6 +210,7 @@ class Holder:
     def __init__(self, leave: int, small: bool, fake: Path | None) -> None:
         args = [sys.executable, __file__, "hold", "--leave", str(leave), "--device", "cpu" if small else "cuda"]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # started with stdout=subprocess.PIPE
         while (line := self.proc.stdout.readline()) and line.strip() != "ready":
             print(f"    holder: {line.strip()}")
         if fake is not None:
@@ -216,6 +218,7 @@ class Holder:
         self.pid = self.proc.pid
 
     def close(self) -> None:
+        assert self.proc.stdin is not None  # started with stdin=subprocess.PIPE
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
@@ -345,6 +348,8 @@ class Check:
         big = "7b-lora" if not self.small else "tiny-b-lora"
         recipe_file = load_recipe_file(recipes)
         (plan,) = make_plans(recipe_file, recipe_file.select([big]))
+        if plan.chain is None:  # its lineage did not resolve: nothing to estimate
+            raise SystemExit(f"{big}: {plan.problem}")
         workload = read_workload(plan.recipe, plan.chain, self.device)
         two, three = workload.estimate(2).total_bytes, workload.estimate(3).total_bytes
         leave = (two + three) // 2  # room for the weights and a batch of 2, not 3
@@ -369,7 +374,11 @@ class Check:
     def final_state(self) -> None:
         if self.small:
             return
-        state = open_nvml().state(0)
+        nvml = open_nvml()
+        if nvml is None:
+            self.emit("After all runs: no NVML (no NVIDIA driver) to read the GPU's state", "")
+            return
+        state = nvml.state(0)
         self.emit(f"After all runs: {state.free_bytes / GIB:.2f} GiB free, compute processes: "
                   f"{[p.pid for p in state.processes] or 'none'}", "")
 

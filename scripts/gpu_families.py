@@ -105,7 +105,9 @@ def _estimates(recipes: Path) -> dict[str, dict]:
     recipe_file = load_recipe_file(recipes)
     found = {}
     for plan in make_plans(recipe_file, recipe_file.recipes):
-        estimate = read_workload(plan.recipe, plan.chain or [], "cuda").estimate(plan.recipe.batch_size)
+        batch = plan.recipe.batch_size
+        assert isinstance(batch, int)  # _recipes gives every recipe its batch size, never "auto"
+        estimate = read_workload(plan.recipe, plan.chain or [], "cuda").estimate(batch)
         found[plan.recipe.name] = estimate.record()
     return found
 
@@ -170,6 +172,7 @@ def probe(models: Path, names: list[str]) -> int:
     import torch
     from transformers import AutoConfig
 
+    from worker.device import Cuda
     from worker.load import concrete_class, model_class
     from worker.weights import load_safetensors
 
@@ -180,10 +183,12 @@ def probe(models: Path, names: list[str]) -> int:
         common = {"config": config, "dtype": torch.bfloat16, "attn_implementation": "sdpa",
                   "device_map": {"": "cuda:0"}}
         torch.cuda.reset_peak_memory_stats()
-        weights = load_safetensors(files, "cuda:0", torch.bfloat16)
+        weights = load_safetensors(files, Cuda(), torch.bfloat16)
         staged = torch.cuda.memory_allocated()
         pointers = {t.data_ptr(): k for k, t in weights.state_dict.items() if isinstance(t, torch.Tensor)}
         cls = concrete_class(model_class(config), config)
+        if cls is None:
+            raise SystemExit(f"{name}: transformers' auto class has no model class for {type(config).__name__}")
         model = cls.from_pretrained(None, state_dict=weights.state_dict, **common)
         after, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
         params = dict(model.named_parameters()) | dict(model.named_buffers())

@@ -189,8 +189,8 @@ def build_tokenizer() -> Qwen2Tokenizer:
     vocab.update({tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)})
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]  # BPE's (a, b) pairs, which transformers annotates as list[str]
+        unk_token=None,  # type: ignore[arg-type]  # no unknown token: transformers accepts None, annotates str
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens=SPECIAL_TOKENS,
@@ -215,7 +215,8 @@ def build_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
 
 def token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
     """Ids of Qwen2-VL's special tokens in ``tokenizer``."""
-    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    convert = tokenizer.convert_tokens_to_ids
+    return {t: convert(t) for t in SPECIAL_TOKENS}  # type: ignore[misc]  # transformers: a str's id as int | list[int]
 
 
 # ----------------------------------------------------------------------------- model
@@ -272,7 +273,8 @@ def build_generation_config(ids: dict[str, int]) -> GenerationConfig:
 def build_base_model(config: Qwen2VLConfig, gen: GenerationConfig, seed: int) -> Qwen2VLForConditionalGeneration:
     """Randomly initialised tiny Qwen2-VL in float32 and eval mode."""
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    model = Qwen2VLForConditionalGeneration(config)
+    model = model.to(torch.float32).eval()  # type: ignore[arg-type]  # transformers' to() is @wraps-typed, as unbound
     model.generation_config = gen
     return model
 
@@ -318,7 +320,7 @@ def save_lora(
     with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(copy.deepcopy(model), config)
-    peft_model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
+    peft_model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
     cfg_file = path / "adapter_config.json"
     adapter_cfg = json.loads(cfg_file.read_text())
     adapter_cfg["base_model_name_or_path"] = base_path

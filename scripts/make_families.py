@@ -27,7 +27,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -64,7 +67,7 @@ class Parts:
     config: Any
     processor: Any
     generation: Any
-    model_class: type
+    model_class: type[PreTrainedModel]
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -82,9 +85,11 @@ def qwen_tokenizer(extra: dict[str, str] | None = None, specials: list[str] | No
     vocab, merges = trained_bpe()
     specials = specials or SPECIAL_TOKENS
     vocab.update({tok: len(vocab) + i for i, tok in enumerate(specials)})
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", extra_special_tokens=extra, padding_side="left",
-                               model_max_length=4096)
+    tokenizer = Qwen2Tokenizer(vocab=vocab,
+                               merges=merges,  # type: ignore[arg-type]  # BPE pairs; transformers annotates list[str]
+                               unk_token=None,  # type: ignore[arg-type]  # none: transformers accepts None, annotates str
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=extra,
+                               padding_side="left", model_max_length=4096)
     tokenizer.add_tokens(specials, special_tokens=True)
     return tokenizer
 
@@ -137,7 +142,16 @@ def _mrope(head_dim: int) -> list[int]:
 # ----------------------------------------------------------------------------- the families
 
 
-def _qwen_ids(tokenizer: Any) -> dict[str, int]:
+class _QwenIds(TypedDict):
+    """The special tokens' ids a Qwen-VL config names (typed per key: they are splatted into the config)."""
+
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+
+
+def _qwen_ids(tokenizer: Any) -> _QwenIds:
     ids = tokenizer.convert_tokens_to_ids
     return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
             "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
@@ -284,8 +298,8 @@ def _paligemma(shape: Shape) -> Parts:
     tokenizer = gemma_tokenizer({"image_token": "<image>"})
     size = shape.image.get("size", 56)
     tokens = (size // 14) ** 2
-    image_processor = SiglipImageProcessor(size={"height": size, "width": size})
-    image_processor.image_seq_length = tokens  # saved with it: PaliGemma's processor reads it
+    # image_seq_length is saved with it: PaliGemma's processor reads it
+    image_processor = SiglipImageProcessor(size={"height": size, "width": size}, image_seq_length=tokens)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <locNNNN> & co.
     vocab = _vocab(shape, tokenizer)
     head_dim = shape.hidden // shape.heads
@@ -343,13 +357,14 @@ def _florence2(shape: Shape) -> Parts:
     words = {token: index for index, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<image>"])}
     for token in vocab:
         words.setdefault(token, len(words))
-    tokenizer = BartTokenizer(vocab=words, merges=merges, extra_special_tokens={"image_token": "<image>"},
-                              model_max_length=4096)
+    tokenizer = BartTokenizer(vocab=words,
+                              merges=merges,  # type: ignore[arg-type]  # BPE pairs; transformers annotates list[str]
+                              extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
     tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)])
     size = shape.image.get("size", 64)
     image_processor = CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
-                                         crop_size={"height": size, "width": size})
-    image_processor.image_seq_length = (size // 8) ** 2 + 1  # stride 4 then 2: one feature per 8x8, plus a pooled
+                                         crop_size={"height": size, "width": size},
+                                         image_seq_length=(size // 8) ** 2 + 1)  # stride 4 then 2: 8x8 each, + pooled
     processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
     text = {"model_type": "bart", "vocab_size": _vocab(shape, tokenizer), "d_model": shape.hidden,
             "encoder_layers": shape.layers, "decoder_layers": shape.layers, "encoder_attention_heads": shape.heads,
@@ -387,7 +402,8 @@ def build_family(name: str, out: Path, *, seed: int = 0) -> dict[str, Path]:
 
     parts = family_parts(name)
     torch.manual_seed(seed)
-    model = parts.model_class(parts.config).to(torch.float32).eval()
+    model = parts.model_class(parts.config)
+    model = model.to(torch.float32).eval()  # type: ignore[arg-type]  # transformers' to() is @wraps-typed, as unbound
     model.generation_config = parts.generation
     base = out / name / "base"
     model.save_pretrained(base)
@@ -407,7 +423,7 @@ def save_lora(model: Any, path: Path, base: Path, seed: int, target: str = LORA_
     with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(copy.deepcopy(model), config)
-    peft_model.save_pretrained(path, save_embedding_layers=False)
+    peft_model.save_pretrained(str(path), save_embedding_layers=False)
     config_file = path / "adapter_config.json"
     record = json.loads(config_file.read_text())
     record["base_model_name_or_path"] = str(base)

@@ -21,8 +21,9 @@ def rows(run_dir: Path) -> list[str]:
         needed, total = estimate.get("needed_bytes"), estimate.get("total_bytes")
         if not (needed and measured):
             continue
+        with_margin = f"{total / GIB:.2f} GiB" if total is not None else "-"  # preflight records always have it
         out.append(f"| {summary['name']} | {estimate.get('batch_size')} | {needed / GIB:.2f} GiB "
-                   f"| {total / GIB:.2f} GiB | {measured / GIB:.2f} GiB | {(needed - measured) / measured:+.1%} |")
+                   f"| {with_margin} | {measured / GIB:.2f} GiB | {(needed - measured) / measured:+.1%} |")
     return out
 
 

@@ -26,12 +26,15 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 _T0 = time.time()
+T = TypeVar("T")
 
 
 def _recipe(**settings: object):
@@ -45,7 +48,9 @@ def log(message: str) -> None:
     print(f"[+{time.time() - _T0:6.1f}s] {message}", flush=True)
 
 
-def timed(fn, torch) -> tuple[float, object]:
+def timed(fn: Callable[..., T], torch: Any) -> tuple[float, T]:
+    """fn()'s seconds on the GPU (synchronized before and after), and its value. `fn` is called with no arguments:
+    a lambda that binds the loop's values as its parameters' defaults."""
     torch.cuda.synchronize()
     started = time.perf_counter()
     value = fn()
@@ -56,6 +61,7 @@ def timed(fn, torch) -> tuple[float, object]:
 def profile_loads(models: Path, figures: dict) -> None:
     import torch
 
+    from worker.device import Cuda
     from worker.load import _apply_adapters, _load_root
     from worker.weights import load_safetensors
 
@@ -69,7 +75,7 @@ def profile_loads(models: Path, figures: dict) -> None:
     for threads in (8, 16, 32):
         for chunk_mb in (16, 32):
             seconds, weights = timed(lambda t=threads, c=chunk_mb: load_safetensors(
-                files, "cuda:0", torch.bfloat16, threads=t, chunk_bytes=c << 20), torch)
+                files, Cuda(), torch.bfloat16, threads=t, chunk_bytes=c << 20), torch)
             reader.append({"threads": threads, "chunk_mb": chunk_mb, "seconds": seconds, "GBps": total / seconds / 1e9})
             log(f"staged reader threads={threads} chunk={chunk_mb} MB: {seconds:.2f} s, {reader[-1]['GBps']:.1f} GB/s")
             weights.close()
@@ -81,7 +87,7 @@ def profile_loads(models: Path, figures: dict) -> None:
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
     for loader in ("staged", "transformers", "staged"):
         seconds, (model, how) = timed(lambda ld=loader: _load_root(
-            link, _recipe(loader=ld), "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
+            link, _recipe(loader=ld), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
         loads.setdefault(loader, []).append({"seconds": seconds, "GBps": total / seconds / 1e9, **how})
         log(f"_load_root loader={loader}: {seconds:.2f} s = {total / seconds / 1e9:.1f} GB/s {how}")
         if loader == "transformers":
@@ -101,6 +107,7 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from contract.dataset import read_dataset
+    from worker.device import Cuda
     from worker.generation import generate
     from worker.infer import prepare_batch
     from worker.load import _load_root, load_processor
@@ -109,12 +116,12 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
     processor = load_processor([link], _recipe())
     figures["image_processor"] = type(processor.image_processor).__name__
     samples = read_dataset(dataset)
-    model, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    model, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
     template = "{prompt} Answer with its bounding box."
     rows = []
     for batch in (64, 64, 64, 128, 256):
         started = time.perf_counter()
-        prepared = prepare_batch(processor, samples[:batch], template, "cuda:0")
+        prepared = prepare_batch(processor, samples[:batch], template, Cuda())
         prepare_s = time.perf_counter() - started
         seconds, _ = timed(lambda p=prepared: generate(
             model, processor, p.inputs, "cuda:0", max_new_tokens=32, min_new_tokens=32), torch)
@@ -126,7 +133,7 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
         rows.append(row)
         log("inference " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     figures["inference"] = rows
-    small = prepare_batch(processor, samples[:1], template, "cuda:0")
+    small = prepare_batch(processor, samples[:1], template, Cuda())
     seconds, _ = timed(lambda: generate(model, processor, small.inputs, "cuda:0", max_new_tokens=32,
                                         min_new_tokens=32), torch)
     one, _ = timed(lambda: generate(model, processor, small.inputs, "cuda:0", max_new_tokens=1,
@@ -144,6 +151,7 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from contract.dataset import read_dataset
+    from worker.device import Cuda
     from worker.generation import generate
     from worker.infer import prepare_batch
     from worker.load import _load_root, load_processor
@@ -157,12 +165,12 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     steps["cuda context"], _ = timed(lambda: torch.empty(1, device="cuda"), torch)
     link = type("Link", (), {"path": str(models / "base")})()
     steps["load (staged)"], (model, _) = timed(lambda: _load_root(
-        link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2"), torch)
+        link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
     processor = load_processor([link], _recipe())
     samples = read_dataset(dataset)
     template = "{prompt} Answer with its bounding box."
-    one = prepare_batch(processor, samples[:1], template, "cuda:0").inputs
-    big = prepare_batch(processor, samples[:64], template, "cuda:0").inputs
+    one = prepare_batch(processor, samples[:1], template, Cuda()).inputs
+    big = prepare_batch(processor, samples[:64], template, Cuda()).inputs
 
     def run(inputs, tokens):
         return timed(lambda: generate(model, processor, inputs, "cuda:0", max_new_tokens=tokens,
@@ -193,6 +201,7 @@ def prep_one(work: Path, threads: int, count: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     from contract.dataset import read_dataset
+    from worker.device import CPU
     from worker.infer import prepare_batch
     from worker.load import load_processor
 
@@ -200,7 +209,7 @@ def prep_one(work: Path, threads: int, count: int) -> None:
     processor = load_processor([link], _recipe())
     samples = read_dataset(work / "data" / "grounding.jsonl")[:count]
     started = time.perf_counter()
-    prepare_batch(processor, samples, "{prompt}", "cpu")
+    prepare_batch(processor, samples, "{prompt}", CPU)
     print(json.dumps({"threads": threads or torch.get_num_threads(), "count": count,
                       "backend": getattr(processor.image_processor, "backend", None),
                       "seconds": time.perf_counter() - started}), flush=True)
@@ -233,6 +242,7 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from contract.dataset import read_dataset
+    from worker.device import Cuda
     from worker.generation import generate
     from worker.infer import prepare_batch
     from worker.load import _apply_adapters, _load_root, load_processor
@@ -240,12 +250,12 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     link = type("Link", (), {"path": str(models / "base")})()
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
     processor = load_processor([link], _recipe())
-    inputs = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", "cuda:0").inputs
-    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    inputs = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", Cuda()).inputs
+    base, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
     rows = {}
     for merge in (False, True):
         model = _apply_adapters(base, [adapter], merge_top=merge)
-        row = {}
+        row: dict[int | str, float] = {}  # seconds by new tokens, and the decode step
         for tokens in (1, 1, 32, 32):
             row[tokens], _ = timed(lambda t=tokens, m=model: generate(
                 m, processor, inputs, "cuda:0", max_new_tokens=t, min_new_tokens=t), torch)
@@ -264,6 +274,7 @@ def _decode_setup(models: Path, dataset: Path) -> tuple:
 
     from contract.dataset import read_dataset
     from scripts.bench_gpu import build_dataset
+    from worker.device import Cuda
     from worker.load import _load_root, load_processor
 
     link = type("Link", (), {"path": str(models / "base")})()
@@ -271,7 +282,7 @@ def _decode_setup(models: Path, dataset: Path) -> tuple:
     processor = load_processor([link], _recipe())
     uniform = read_dataset(dataset)
     varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
-    base, _ = _load_root(link, _recipe(loader="staged"), "cuda:0", torch.bfloat16, "flash_attention_2")
+    base, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
     return processor, base, adapter, uniform, varied
 
 
@@ -283,6 +294,7 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from worker import decode_attention
+    from worker.device import Cuda
     from worker.generation import generate
     from worker.infer import prepare_batch
     from worker.load import _apply_adapters
@@ -293,7 +305,7 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
                                  ("r1-llm-only", 200, varied)):
         model = _apply_adapters(base, [adapter]) if name != "base" else base
-        inputs = prepare_batch(processor, samples[:batch], "{prompt}", "cuda:0").inputs
+        inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
         name = f"{name} {'varied' if samples is varied else 'uniform'}"
         row: dict = {}
         for way in ("transformers", "kvcache", "transformers", "kvcache"):
@@ -322,6 +334,7 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
     import torch
 
     from worker import decode_attention, graph_decode
+    from worker.device import Cuda
     from worker.generation import generate
     from worker.infer import prepare_batch
     from worker.load import _apply_adapters
@@ -331,7 +344,7 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 1, uniform), ("r1-llm-only", 200, varied)):
         model = _apply_adapters(base, [adapter]) if name != "base" else base
-        inputs = prepare_batch(processor, samples[:batch], "{prompt}", "cuda:0").inputs
+        inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
         label = f"{name} {'varied' if samples is varied else 'uniform'} batch {batch}"
         row: dict = {}
         for way in ("kvcache", "graph", "kvcache", "graph"):
@@ -426,7 +439,7 @@ def _decode_attention_call(torch, decode_attention) -> dict:
     reference = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1),
         attn_mask=keep).transpose(1, 2)
-    result = {}
+    result: dict[str, dict[str, float] | float] = {}
     outputs = {}
     for name, fn in (("transformers", unpadding), ("kvcache", in_place)):
         outputs[name] = fn()

@@ -37,8 +37,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture()
 def routed() -> Iterator[object]:
-    """Route decode steps of sdpa through a given kernel (helpers.ReferenceKernel) in float32, as the worker
-    routes flash_attention_2's through flash-attn's on a GPU; transformers' own function back afterwards."""
+    """Route decode steps of sdpa through a given kernel (worker.simulated_gpu.ReferenceKernel) in float32, as
+    the worker routes flash_attention_2's through flash-attn's on a GPU; transformers' own function back after."""
     import torch
 
     from worker import decode_attention

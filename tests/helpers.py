@@ -1,6 +1,6 @@
 """Helpers shared by the test files (no test file imports another): running the CLI as a user does, writing
-recipe files, run folders made by hand as `run` leaves them, for the reporting tests, and a reference for
-flash-attn's kvcache kernel (worker/decode_attention.py, worker/graph_decode.py) that runs on a CPU."""
+recipe files, and run folders made by hand as `run` leaves them, for the reporting tests. (The CPU reference of
+flash-attn's kvcache kernel lives with the simulated GPU, worker/simulated_gpu.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from contract.boxes import score_text
@@ -165,28 +164,3 @@ def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str =
                                                   "recipes": [r["recipe"] for r in rows]}))
     (run_dir / "summary.json").write_text(json.dumps({**run_summary(rows, "base"), **(extra or {})}))
     return run_dir
-
-
-class ReferenceKernel:
-    """flash_attn_with_kvcache's contract for a single query token, in plain torch; counts its calls. Each row
-    attends to exactly its keys [cache_leftpad, cache_seqlens), sliced out: the result does not depend on how long
-    the cache's buffer is (as flash-attn's does not with one split of the keys)."""
-
-    def __init__(self, ignore_padding: bool = False) -> None:
-        self.calls = 0
-        self.ignore_padding = ignore_padding
-
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-                 cache_seqlens: torch.Tensor, cache_leftpad: torch.Tensor, softmax_scale: float | None,
-                 causal: bool, num_splits: int = 0) -> torch.Tensor:
-        self.calls += 1
-        assert q.shape[1] == 1 and causal and num_splits == 1
-        groups = q.shape[2] // k_cache.shape[2]
-        rows = []
-        for row in range(q.shape[0]):
-            start = 0 if self.ignore_padding else int(cache_leftpad[row])
-            end = int(cache_seqlens[row])
-            k, v = (t[row, start:end].transpose(0, 1).repeat_interleave(groups, dim=0) for t in (k_cache, v_cache))
-            out = torch.nn.functional.scaled_dot_product_attention(q[row].transpose(0, 1), k, v, scale=softmax_scale)
-            rows.append(out.transpose(0, 1))
-        return torch.stack(rows)

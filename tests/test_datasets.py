@@ -190,6 +190,7 @@ def test_a_perfect_answer_scores_1_only_when_the_image_is_read_upright(demo: dic
     as stored, only orientation 1 survives (the others score near 0 against ground truth drawn upright)."""
     from transformers import AutoProcessor
 
+    from worker.device import CPU
     from worker.infer import _scored_record, prepare_batch
 
     photos = write_phone_photos(tmp_path)
@@ -199,7 +200,7 @@ def test_a_perfect_answer_scores_1_only_when_the_image_is_read_upright(demo: dic
     processor = AutoProcessor.from_pretrained(demo["models"]["base"])
     for exif in ("apply", "ignore"):
         samples = list(open_dataset(tmp_path / "set.jsonl", Settings(exif=exif)))
-        batch = prepare_batch(processor, samples, "{prompt}", "cpu", exif=exif)
+        batch = prepare_batch(processor, samples, "{prompt}", CPU, exif=exif)
         assert not batch.errors  # 96x64 and 64x96 both hold the box: nothing tells them apart but the pixels
         for item in batch.items:
             record = _scored_record(item, qwen_answer(red_box(item.image), item.image.size), "qwen2vl", 0.0)
@@ -215,6 +216,7 @@ def test_the_image_cache_keeps_upright_and_stored_pixels_apart(demo: dict, tmp_p
     """One file read two ways gives two processor outputs: the cache must never hand one for the other."""
     from transformers import AutoProcessor
 
+    from worker.device import CPU
     from worker.image_cache import ProcessorCache
     from worker.infer import prepare_batch
 
@@ -225,7 +227,7 @@ def test_the_image_cache_keeps_upright_and_stored_pixels_apart(demo: dict, tmp_p
     prepared = {}
     for exif in ("apply", "ignore", "apply"):
         samples = list(open_dataset(tmp_path / "set.jsonl", Settings(exif=exif)))
-        prepared[exif] = prepare_batch(processor, samples, "{prompt}", "cpu", cache=cache, exif=exif)
+        prepared[exif] = prepare_batch(processor, samples, "{prompt}", CPU, cache=cache, exif=exif)
     assert (cache.misses, cache.hits) == (2, 1)  # the second upright read is the only hit
     grids = {exif: batch.inputs["image_grid_thw"].tolist() for exif, batch in prepared.items()}
     assert grids["apply"] != grids["ignore"]  # 96x64 against 64x96

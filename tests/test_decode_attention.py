@@ -2,28 +2,29 @@
 kernel needs a GPU, so here a reference kernel with the same contract (row i attends to keys [cache_leftpad[i],
 cache_seqlens[i]), flash-attn's layout) is routed in for sdpa on the CPU: what is tested is the routing (which
 steps, which padding, which layout), with transformers' own path as the truth. The real kernel is checked against
-that path on the GPU (scripts/gpu_check.py)."""
+that path on the GPU (tests/gpu)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ReferenceKernel
 
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from worker import decode_attention
+from worker.device import CPU
 from worker.generation import generate
 from worker.infer import _processor_inputs, prepare_batch
 from worker.load import load_chain
+from worker.simulated_gpu import ReferenceKernel
 
 
 @pytest.fixture(scope="module")
 def base_batch(demo: dict) -> tuple:
     recipe = Recipe(name="base", model=str(demo["models"]["base"]), dataset=str(demo["dataset"]))
-    model, processor, _ = load_chain([ChainLink(str(demo["models"]["base"]), "full", "quick:0", 1)], recipe, "cpu")
-    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, "cpu").items
+    model, processor, _ = load_chain([ChainLink(str(demo["models"]["base"]), "full", "quick:0", 1)], recipe, CPU)
+    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
     return model, processor, recipe, items
 
 
@@ -31,7 +32,7 @@ def _generate(base_batch: tuple, padding_side: str = "left") -> list[str]:
     model, processor, recipe, items = base_batch
     processor.tokenizer.padding_side = padding_side
     try:
-        inputs = _processor_inputs(processor, items, "cpu")
+        inputs = _processor_inputs(processor, items, CPU)
         return generate(model, processor, inputs, "cpu", max_new_tokens=recipe.max_new_tokens).texts
     finally:
         processor.tokenizer.padding_side = "left"
@@ -39,7 +40,7 @@ def _generate(base_batch: tuple, padding_side: str = "left") -> list[str]:
 
 def test_routed_decode_steps_answer_as_transformers_does(base_batch: tuple, routed: callable) -> None:
     model, processor, _, items = base_batch
-    mask = _processor_inputs(processor, items, "cpu")["attention_mask"]
+    mask = _processor_inputs(processor, items, CPU)["attention_mask"]
     pads = decode_attention.left_padding(mask)
     assert pads is not None and pads.max() > 0 and pads.min() == 0  # rows of several lengths: the padding matters
     expected = _generate(base_batch)

@@ -18,6 +18,7 @@ from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from worker import default_dtype
+from worker.device import CPU
 from worker.errors import WorkerError
 from worker.infer import prepare_batch
 from worker.load import load_chain, load_processor
@@ -36,7 +37,7 @@ from worker.load import load_processor
 from worker.infer import _prepare
 recipe = Recipe(name="b", model={model!r}, dataset={dataset!r})
 processor = load_processor([ChainLink({model!r}, "full", "quick:0", 1)], recipe)
-items = [_prepare(processor, s, recipe.prompt)[0] for s in list(open_dataset(recipe.dataset, recipe))[:4]]
+items = [_prepare(processor, s, recipe.prompt) for s in list(open_dataset(recipe.dataset, recipe))[:4]]
 def call():  # the processor itself, without the worker's guard
     return processor(text=[i.text for i in items], images=[[i.image] for i in items], return_tensors="pt",
                      padding=True)["pixel_values"]
@@ -74,8 +75,8 @@ def prepared(demo: dict) -> tuple:
 def test_preparing_a_batch_under_another_default_dtype_is_an_error(prepared: tuple) -> None:
     processor, samples, recipe = prepared
     with local_torch_dtype(torch.bfloat16), pytest.raises(WorkerError, match=r"default dtype is torch\.bfloat16"):
-        prepare_batch(processor, samples, recipe.prompt, "cpu")
-    assert prepare_batch(processor, samples, recipe.prompt, "cpu").inputs["pixel_values"].dtype == torch.float32
+        prepare_batch(processor, samples, recipe.prompt, CPU)
+    assert prepare_batch(processor, samples, recipe.prompt, CPU).inputs["pixel_values"].dtype == torch.float32
 
 
 def test_every_default_dtype_change_of_a_load_happens_under_the_lock(demo: dict, monkeypatch) -> None:
@@ -94,7 +95,7 @@ def test_every_default_dtype_change_of_a_load_happens_under_the_lock(demo: dict,
     chain = [ChainLink(str(models["r3-stage1"]), "full", "quick:0", 1),
              ChainLink(str(models["r3-stage2"]), "adapter", "quick:1", 1)]
     recipe = Recipe(name="r3", model=str(models["r3-stage2"]), dtype="bfloat16")
-    load_chain(chain, recipe, "cpu")
+    load_chain(chain, recipe, CPU)
     assert any(dtype == torch.bfloat16 for dtype, _ in calls)  # the load did change it: the test sees something
     assert all(held for _, held in calls), calls
     assert torch.get_default_dtype() == torch.float32
@@ -108,7 +109,7 @@ def test_a_batch_waits_while_a_model_is_built(prepared: tuple) -> None:
     result: list = []
 
     def prepare() -> None:
-        result.append(prepare_batch(processor, samples, recipe.prompt, "cpu"))
+        result.append(prepare_batch(processor, samples, recipe.prompt, CPU))
         done.set()
 
     with default_dtype.building_modules(), local_torch_dtype(torch.bfloat16):

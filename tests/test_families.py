@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import ReferenceKernel, only_run_dir, run_cli, write_recipes
+from helpers import only_run_dir, run_cli, write_recipes
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -26,6 +26,7 @@ from orchestrator.results import read_samples
 from scripts.make_families import FAMILIES, build_families
 from worker.families import encode, input_sizes, prompt_text
 from worker.merge import merge
+from worker.simulated_gpu import ReferenceKernel
 
 PROMPT = "{prompt} Answer with its bounding box."
 FORMATS = {"qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen25vl", "qwen3_vl": "qwen3vl", "internvl": "internvl",
@@ -90,7 +91,7 @@ def test_each_family_rule_counts_the_tokens_its_processor_makes(families: dict, 
         most_tokens, most_patches = max(most_tokens, tokens), max(most_patches, patches)
         every_patches.append(patches)
         (seen,) = input_sizes(processor, inputs, [image])
-        assert seen is not None and seen != list(image.size), (name, image.size)  # the processor resized it
+        assert seen is not None and seen != image.size, (name, image.size)  # the processor resized it
     # what `plan` and the preflight size the recipe by: the largest image of the dataset
     recipe = Recipe(name=name, model=str(base), dataset=str(families["dataset"]), prompt=PROMPT, box_format="qwen2vl")
     prompts = read_workload(recipe, [_link(base)], "cuda").prompts
@@ -233,18 +234,19 @@ def test_every_family_decodes_the_same_from_recorded_steps(families: dict, name:
     import torch
 
     from worker import decode_attention, graph_decode
+    from worker.device import CPU
     from worker.generation import generate
     from worker.infer import _processor_inputs, prepare_batch
     from worker.load import load_chain
 
     built = families["families"][name]
     recipe = Recipe(name=name, model=str(built["base"]), dataset=str(families["dataset"]))
-    model, processor, _ = load_chain([_link(built["base"])], recipe, "cpu")
-    items = prepare_batch(processor, list(read_dataset(families["dataset"]))[:3], PROMPT, "cpu").items
+    model, processor, _ = load_chain([_link(built["base"])], recipe, CPU)
+    items = prepare_batch(processor, list(read_dataset(families["dataset"]))[:3], PROMPT, CPU).items
     assert decode_attention.install("sdpa", ReferenceKernel(), dtypes=(torch.float32,))
 
     def run() -> object:
-        inputs = _processor_inputs(processor, items, "cpu")
+        inputs = _processor_inputs(processor, items, CPU)
         return generate(model, processor, inputs, "cpu", max_new_tokens=8, min_new_tokens=8)
 
     try:

@@ -3,23 +3,24 @@ sessions run with EagerReplay (a replay runs the recorded step again, on the sam
 kvcache kernel of test_decode_attention routed in for sdpa. What is tested is everything but the recording:
 the cache moved into fixed buffers and written in place, the positions advanced by the step itself, the mask
 left out, the first step checked against the eager one, and the way back to eager decoding. The real graphs run
-on the GPU (scripts/gpu_check.py)."""
+on the GPU (tests/gpu)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from helpers import ReferenceKernel
 
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from orchestrator.reporting.cells import worker_notes
 from worker import decode_attention, graph_decode
+from worker.device import CPU
 from worker.generation import generate
 from worker.infer import _processor_inputs, prepare_batch
 from worker.load import load_chain
+from worker.simulated_gpu import ReferenceKernel
 
 NEW_TOKENS = 12
 
@@ -32,8 +33,8 @@ def batch(request: pytest.FixtureRequest, demo: dict) -> tuple:
     if request.param == "r1":
         chain.append(ChainLink(str(models["r1-llm-only"]), "adapter", "quick:1", 1))
     recipe = Recipe(name=request.param, model=str(models["base"]), dataset=str(demo["dataset"]))
-    model, processor, _ = load_chain(chain, recipe, "cpu")
-    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, "cpu").items
+    model, processor, _ = load_chain(chain, recipe, CPU)
+    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
     return model, processor, items
 
 
@@ -46,7 +47,7 @@ def attached(batch: tuple) -> Iterator[None]:
 
 def _generate(batch: tuple, rows: slice = slice(None)):
     model, processor, items = batch
-    inputs = _processor_inputs(processor, items[rows], "cpu")
+    inputs = _processor_inputs(processor, items[rows], CPU)
     return generate(model, processor, inputs, "cpu", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
 

@@ -24,6 +24,7 @@ from orchestrator.plan import RecipePlan
 from orchestrator.recipes import load_recipe_file
 from orchestrator.results import read_samples
 from orchestrator.resume import differences, planned_recipe
+from worker.device import CPU
 from worker.image_cache import ProcessorCache, collate, processor_fingerprint, read_entry
 from worker.infer import _processor_inputs, prefetch, prepare_batch
 
@@ -217,7 +218,7 @@ def test_concurrent_writers_of_one_key_leave_a_whole_entry(tmp_path: Path) -> No
 def test_prepare_batch_uses_the_cache_and_is_unchanged_without_it(processor, samples, tmp_path: Path) -> None:
     template = "{prompt}"
     counting = CountingProcessor(processor)
-    plain = prepare_batch(counting, samples, template, "cpu")
+    plain = prepare_batch(counting, samples, template, CPU)
     assert counting.calls == 1 and all(item.features is None for item in plain.items)
     assert (plain.cache_hits, plain.cache_misses) == (0, 0)
     recipe = Recipe(name="a", model="/m")
@@ -226,16 +227,16 @@ def test_prepare_batch_uses_the_cache_and_is_unchanged_without_it(processor, sam
     cache = ProcessorCache.for_recipe(processor, recipe.model_copy(update={"image_cache": True,
                                                                            "cache_dir": str(tmp_path / "c")}))
     assert cache.folder.parent == tmp_path / "c" / "preprocessed"
-    first = prepare_batch(processor, samples, template, "cpu", cache=cache)
+    first = prepare_batch(processor, samples, template, CPU, cache=cache)
     cache.processor = counting = CountingProcessor(processor)
-    second = prepare_batch(counting, samples, template, "cpu", cache=cache)
+    second = prepare_batch(counting, samples, template, CPU, cache=cache)
     assert (first.cache_hits, first.cache_misses, second.cache_hits, second.cache_misses) == (0, 5, 5, 0)
     assert counting.calls == 0
     _assert_same(first.inputs, plain.inputs)
     _assert_same(second.inputs, plain.inputs)
-    chunk = _processor_inputs(counting, second.items[1:4], "cpu")  # the out-of-memory path's chunks
+    chunk = _processor_inputs(counting, second.items[1:4], CPU)  # the out-of-memory path's chunks
     assert counting.calls == 0
-    _assert_same(chunk, _processor_inputs(processor, plain.items[1:4], "cpu"))
+    _assert_same(chunk, _processor_inputs(processor, plain.items[1:4], CPU))
 
 
 def test_prefetch_prepares_each_batch_once_while_the_device_is_busy() -> None:

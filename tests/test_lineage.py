@@ -31,6 +31,7 @@ from orchestrator.lineage import (
 )
 from orchestrator.plan import make_plans
 from orchestrator.recipes import RecipeFile, load_recipe_file
+from worker.device import CPU
 from worker.load import load_chain
 
 TRAINING_PREFIX = "/ssd1/team/vlm_outputs"
@@ -116,7 +117,7 @@ def test_the_two_stage_adapter_is_resolved_to_stage_one_and_the_wrong_base_chang
     wrong = _logits(_with_adapter(models / "base", models / "r3-stage2"), processor, demo)
     assert (right - wrong).abs().max() > 1e-3, "stage 1 and the base must give different outputs"
 
-    model, chain_processor, _ = load_chain(plan.chain, recipe_file.recipes[0], "cpu")
+    model, chain_processor, _ = load_chain(plan.chain, recipe_file.recipes[0], CPU)
     resolved = _logits(model, chain_processor, demo)
     torch.testing.assert_close(resolved, right, atol=1e-5, rtol=1e-5)
 

@@ -33,6 +33,7 @@ from orchestrator.memory import (
 )
 from orchestrator.plan import RecipePlan, make_plans
 from orchestrator.recipes import load_recipe_file
+from worker.device import CPU
 from worker.errors import WorkerError
 from worker.infer import run_inference
 from worker.load import load_chain
@@ -191,7 +192,7 @@ def loaded(demo: dict, tmp_path_factory: pytest.TempPathFactory):
     # parity_check off: these tests count the generate calls of the batches alone
     plan = _plan(demo, tmp_path_factory.mktemp("oom"), "base", batch_size=8, max_new_tokens=4, parity_check=0)
     recipe = plan.recipe
-    model, processor, _ = load_chain(plan.chain, recipe, "cpu")
+    model, processor, _ = load_chain(plan.chain, recipe, CPU)
     return model, processor, recipe
 
 
@@ -201,7 +202,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_it_halved(loaded, demo: dict, 
     monkeypatch.setattr(model, "generate", limit)
     samples = read_dataset(Path(demo["dataset"]))  # 12 at a batch size of 8: two batches of 6
     sent: list[dict] = []
-    stats = run_inference(model, processor, samples, recipe, "cpu", lambda _type, **m: sent.append(m),
+    stats = run_inference(model, processor, samples, recipe, CPU, lambda _type, **m: sent.append(m),
                           lambda: False, lambda _n: None)
     assert recipe.batch_size == 8 and len(samples) == 12
     assert limit.sizes == [6, 3, 3, 3, 3]  # 6 fails, 3 fits: the rest of that batch and the next one at 3
@@ -213,7 +214,7 @@ def test_out_of_memory_with_one_sample_fails_as_cuda_oom(loaded, demo: dict, mon
     model, processor, recipe = loaded
     monkeypatch.setattr(model, "generate", _GpuLimit(model, most=0))
     with pytest.raises(WorkerError, match="batch of 1") as caught:
-        run_inference(model, processor, read_dataset(Path(demo["dataset"]), limit=2), recipe, "cpu",
+        run_inference(model, processor, read_dataset(Path(demo["dataset"]), limit=2), recipe, CPU,
                       lambda *_a, **_m: None, lambda: False, lambda _n: None)
     assert caught.value.kind == "cuda_oom"
 

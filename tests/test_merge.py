@@ -22,6 +22,7 @@ from contract.checkpoint import fingerprint, weight_files
 from orchestrator.lineage import resolve_chain
 from orchestrator.memory import estimate_recipe
 from orchestrator.recipes import load_recipe_file
+from worker.device import CPU
 from worker.load import load_chain
 
 # Loads the merged folder in an interpreter where `import peft` fails, and saves its logits for the inputs given.
@@ -98,7 +99,7 @@ def test_the_merged_checkpoint_gives_the_chain_outputs_without_peft(merged: dict
     recipe_file = load_recipe_file(merged["recipes"])
     chain = resolve_chain(recipe_file.recipes[0], recipe_file.lineage)
     reference = _stacked_with_peft(chain)
-    evaluated, _, _ = load_chain(chain, recipe_file.recipes[0], "cpu")  # what `run` evaluates
+    evaluated, _, _ = load_chain(chain, recipe_file.recipes[0], CPU)  # what `run` evaluates
     with torch.inference_mode():
         with_peft = reference(**inputs).logits
         by_worker = evaluated(**inputs).logits
@@ -151,8 +152,8 @@ def test_merge_adapters_evaluates_the_chain_as_plain_weights(merged: dict, demo:
     recipe_file = load_recipe_file(merged["recipes"])
     recipe = recipe_file.recipes[0]
     chain = resolve_chain(recipe, recipe_file.lineage)
-    unmerged, processor, _ = load_chain(chain, recipe, "cpu")
-    plain, _, loaded = load_chain(chain, recipe.model_copy(update={"merge_adapters": True}), "cpu")
+    unmerged, processor, _ = load_chain(chain, recipe, CPU)
+    plain, _, loaded = load_chain(chain, recipe.model_copy(update={"merge_adapters": True}), CPU)
     assert isinstance(unmerged, PeftModel) and not isinstance(plain, PeftModel)
     assert not [name for name, _ in plain.named_modules() if "lora" in name.lower()]
     assert loaded["model_class"] == type(plain).__name__

@@ -16,6 +16,7 @@ from helpers import only_run_dir, run_cli, write_recipes
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
+from worker.device import CPU
 from worker.generation import generate
 from worker.infer import _processor_inputs, prepare_batch
 from worker.load import load_chain
@@ -63,7 +64,7 @@ def test_a_disagreement_is_a_warning_naming_the_sample(demo: dict, tmp_path: Pat
 @pytest.fixture(scope="module")
 def base_model(demo: dict) -> tuple:
     recipe = Recipe(name="base", model=str(demo["models"]["base"]), dataset=str(demo["dataset"]))
-    model, processor, _ = load_chain([ChainLink(str(demo["models"]["base"]), "full", "quick:0", 1)], recipe, "cpu")
+    model, processor, _ = load_chain([ChainLink(str(demo["models"]["base"]), "full", "quick:0", 1)], recipe, CPU)
     return model, processor, recipe
 
 
@@ -73,19 +74,19 @@ def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, p
     ways, check_parity's verdict for each sample (teacher-forced where it can) is the one that generating every
     sample alone gives, and it forces most of them rather than generating them."""
     model, processor, recipe = base_model
-    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, "cpu").items
+    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
     processor.tokenizer.padding_side = padding_side
     try:
-        batched = generate(model, processor, _processor_inputs(processor, items, "cpu"), "cpu",
+        batched = generate(model, processor, _processor_inputs(processor, items, CPU), "cpu",
                            max_new_tokens=recipe.max_new_tokens)
     finally:
         processor.tokenizer.padding_side = "left"
-    alone = [generate(model, processor, _processor_inputs(processor, [item], "cpu"), "cpu",
+    alone = [generate(model, processor, _processor_inputs(processor, [item], CPU), "cpu",
                       max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
     expected = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
     assert bool(expected) == (padding_side == "right")  # the bug is real, and left padding has none
     every = recipe.model_copy(update={"parity_check": len(items)})
-    parity = check_parity(model, processor, items, batched, lambda item: _processor_inputs(processor, [item], "cpu"),
+    parity = check_parity(model, processor, items, batched, lambda item: _processor_inputs(processor, [item], CPU),
                           every, "cpu", len(items))
     assert {d["id"] for d in parity["disagreements"]} == expected
     assert parity["checked"] == len(items) and parity["agreed"] == len(items) - len(expected)

@@ -11,6 +11,7 @@ from helpers import write_recipes
 
 from orchestrator.plan import make_plans
 from orchestrator.recipes import load_recipe_file
+from worker.device import CPU
 from worker.errors import WorkerError
 from worker.load import check_placement, load_chain
 
@@ -19,7 +20,7 @@ def _load(demo: dict, tmp_path: Path, model: str):
     body = f'[[recipe]]\nname = "x"\nmodel = "{demo["root"] / "models" / model}"\n'
     recipe_file = load_recipe_file(write_recipes(tmp_path, body, demo))
     (plan,) = make_plans(recipe_file, recipe_file.recipes)
-    model, _processor, loaded = load_chain(plan.chain, plan.recipe, "cpu")
+    model, _processor, loaded = load_chain(plan.chain, plan.recipe, CPU)
     return model, loaded
 
 

@@ -1,5 +1,6 @@
 """The staged safetensors reader: the same tensors as safetensors' own reader, and the same model as transformers'
-from_pretrained, whatever the chunking, dtypes and sharding. (The CUDA staging path runs in scripts/gpu_check.py.)"""
+from_pretrained, whatever the chunking, dtypes and sharding. (The staging through buffers and copy streams
+runs on a simulated GPU in tests/test_gpu_wiring.py, on CUDA in tests/gpu.)"""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from contract.recipe import Recipe
+from worker.device import CPU
 from worker.errors import WorkerError
 from worker.load import _load_root, model_class
 from worker.weights import load_safetensors, plan_chunks, prestage_root, read_spans, read_through
@@ -37,7 +39,7 @@ def test_staged_tensors_equal_safetensors_reader(tmp_path: Path, chunk_bytes: in
     path = tmp_path / "model.safetensors"
     save_file(_mixed_tensors(), str(path))
     expected = load_file(str(path))
-    weights = load_safetensors([path], "cpu", torch.bfloat16, threads=threads, chunk_bytes=chunk_bytes)
+    weights = load_safetensors([path], CPU, torch.bfloat16, threads=threads, chunk_bytes=chunk_bytes)
     try:
         # floating tensors in another dtype are left to transformers as lazy slices; the rest are read here
         assert weights.lazy_names == ["b.f32", "h.f16"]
@@ -79,13 +81,13 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:-100])
     with pytest.raises(WorkerError, match="tensor 'w' lies at bytes 0-2000 of the data, but the file holds 1900"):
-        load_safetensors([path], "cpu", torch.bfloat16)
+        load_safetensors([path], CPU, torch.bfloat16)
 
 
 def _same_model(folder: Path, dtype: torch.dtype) -> None:
     link = type("Link", (), {"path": str(folder)})()
-    ref, how_ref = _load_root(link, Recipe(name="t", model="m", loader="transformers"), "cpu", dtype, "sdpa")
-    got, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), "cpu", dtype, "sdpa")
+    ref, how_ref = _load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, dtype, "sdpa")
+    got, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, dtype, "sdpa")
     assert how_ref == {"loader": "transformers"} and how["loader"] == "staged"
     expected, actual = ref.state_dict(), got.state_dict()
     assert expected.keys() == actual.keys()
@@ -128,7 +130,7 @@ def test_staged_model_sharded_and_tied(demo: dict, tmp_path: Path) -> None:
     assert len(list((tmp_path / "tied").glob("model-*.safetensors"))) >= 2
     _same_model(tmp_path / "tied", torch.bfloat16)
     link = type("Link", (), {"path": str(tmp_path / "tied")})()
-    got, _ = _load_root(link, Recipe(name="t", model="m", loader="staged"), "cpu", torch.bfloat16, "sdpa")
+    got, _ = _load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, torch.bfloat16, "sdpa")
     assert got.get_output_embeddings().weight.data_ptr() == got.get_input_embeddings().weight.data_ptr()
 
 
@@ -143,9 +145,9 @@ def test_staged_load_skips_the_allocator_warmup(demo: dict, monkeypatch: pytest.
     monkeypatch.setattr(modeling_utils, "caching_allocator_warmup",
                         lambda *a, **k: calls.append("warmup") or original(*a, **k))
     link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
-    _, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), "cpu", torch.float32, "sdpa")
+    _, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, torch.float32, "sdpa")
     assert how["loader"] == "staged" and calls == []
-    _load_root(link, Recipe(name="t", model="m", loader="transformers"), "cpu", torch.float32, "sdpa")
+    _load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, torch.float32, "sdpa")
     assert calls == ["warmup"]
     assert modeling_utils.caching_allocator_warmup is not original  # still the spy: the patch was undone
 
@@ -162,8 +164,8 @@ def test_prestaged_weights_build_the_same_model(demo: dict) -> None:
     model built from them is transformers' own, and the load says it waited for that read."""
     link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
     recipe = Recipe(name="t", model="m", loader="staged", dtype="float32")
-    ref, _ = _load_root(link, Recipe(name="t", model="m", loader="transformers"), "cpu", torch.float32, "sdpa")
-    got, how = _load_root(link, recipe, "cpu", torch.float32, "sdpa", prestage_root(link, recipe, "cpu"))
+    ref, _ = _load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, torch.float32, "sdpa")
+    got, how = _load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
     assert how["loader"] == "staged" and how["prestaged_wait_s"] is not None and how["staged_s"] > 0
     expected, actual = ref.state_dict(), got.state_dict()
     assert expected.keys() == actual.keys() and all(torch.equal(expected[n], actual[n]) for n in expected)
@@ -172,8 +174,8 @@ def test_prestaged_weights_build_the_same_model(demo: dict) -> None:
 def test_prestaged_weights_of_another_dtype_are_read_again(demo: dict) -> None:
     """Read in bfloat16 ahead of a load in float32 (the dtype resolved differently): discarded, not used."""
     link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
-    early = prestage_root(link, Recipe(name="t", model="m", dtype="bfloat16"), "cpu")
-    got, how = _load_root(link, Recipe(name="t", model="m"), "cpu", torch.float32, "sdpa", early)
+    early = prestage_root(link, Recipe(name="t", model="m", dtype="bfloat16"), CPU)
+    got, how = _load_root(link, Recipe(name="t", model="m"), CPU, torch.float32, "sdpa", early)
     assert how["prestaged_wait_s"] is None and next(got.parameters()).dtype == torch.float32
 
 
@@ -185,12 +187,12 @@ def test_a_prestaged_read_of_a_damaged_file_fails_as_the_load_would(demo: dict, 
     link = type("Link", (), {"path": str(folder)})()
     recipe = Recipe(name="t", model="m", dtype="float32")
     with pytest.raises(WorkerError) as direct:
-        _load_root(link, recipe, "cpu", torch.float32, "sdpa")
+        _load_root(link, recipe, CPU, torch.float32, "sdpa")
     with pytest.raises(WorkerError) as early:
-        _load_root(link, recipe, "cpu", torch.float32, "sdpa", prestage_root(link, recipe, "cpu"))
+        _load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
     assert str(early.value) == str(direct.value) and "file holds" in str(early.value)
 
 
 def test_nothing_is_prestaged_where_the_staged_loader_will_not_read() -> None:
     link = type("Link", (), {"path": "/nonexistent"})()
-    assert prestage_root(link, Recipe(name="t", model="m"), "cpu") is None  # no safetensors files
+    assert prestage_root(link, Recipe(name="t", model="m"), CPU) is None  # no safetensors files

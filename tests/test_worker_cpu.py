@@ -17,19 +17,19 @@ class _Torch:
         self.threads.append(count)
 
 
-@pytest.mark.parametrize("device,omp,expected", [
-    ("cuda", None, [min(4, os.cpu_count() or 1)]),
-    ("cuda", "2", []),  # the user's OMP_NUM_THREADS stands
-    ("cpu", None, []),  # inference on the CPU needs every thread
+@pytest.mark.parametrize("gpu,omp,expected", [
+    (True, None, [min(4, os.cpu_count() or 1)]),
+    (True, "2", []),  # the user's OMP_NUM_THREADS stands
+    (False, None, []),  # inference on the CPU needs every thread
 ])
-def test_gpu_workers_use_at_most_four_cpu_threads(monkeypatch, device: str, omp: str | None,
+def test_gpu_workers_use_at_most_four_cpu_threads(monkeypatch, gpu: bool, omp: str | None,
                                                   expected: list[int]) -> None:
     if omp is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     torch = _Torch()
-    _share_cpu(device, torch)
+    _share_cpu(gpu, torch)
     assert torch.threads == expected
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from contract import messages
 from contract.boxes import AUTO
@@ -25,6 +26,9 @@ from contract.spec import GPU_WORKER_THREADS, SpecError, WorkerSpec
 from . import lifeline
 from .errors import WorkerError
 from .faults import Faults
+
+if TYPE_CHECKING:  # torch is imported only once the spec is valid (its imports are a phase of their own)
+    from .device import Device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,14 +69,14 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
 
     from .weights import prestage_root  # torch only
 
-    _share_cpu(spec.device, torch)
-    device = "cuda:0" if spec.device == "cuda" else "cpu"
+    device = _select_device(spec.device)
+    _share_cpu(device.is_gpu, torch)
     # a worker started ahead may not touch the GPU before its go; any other reads its weights meanwhile
-    prestaged = None if spec.hold or not _device_usable(spec.device, torch) else prestage_root(
-        spec.chain[0], spec.recipe, device)
+    prestaged = None if spec.hold or not device.usable() else prestage_root(spec.chain[0], spec.recipe, device)
     with _unused_optional_imports_hidden():
         from contract.dataset import open_dataset
 
+        from .decode_attention import kernel_calls
         from .infer import run_inference, start_batches
         from .load import check_chain_files, load_chain, load_processor, warm_page_cache
     timings["imports"] = time.perf_counter() - started
@@ -92,7 +96,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     if spec.hold:
         held = time.perf_counter()
         timings["page_cache"] = warm_page_cache(spec.chain)
-        go = control.go.is_set if spec.device == "cuda" else lambda: True  # pinning memory would touch CUDA
+        go = control.go.is_set if device.is_gpu else lambda: True  # pinning memory would touch the GPU
         processor = load_processor(spec.chain, recipe)
         if isinstance(recipe.batch_size, int):  # the first batches get ready while the previous recipe runs
             batches = start_batches(processor, samples, recipe, device, may_pin=go)
@@ -108,7 +112,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
         processor = load_processor(spec.chain, recipe)
         batches = start_batches(processor, samples, recipe, device)
     faults.hit("load", out.write_raw)
-    if not _device_usable(spec.device, torch):
+    if not device.usable():
         raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
     model, processor, loaded = load_chain(spec.chain, recipe, device, processor, prestaged)
     timings["load"] = loaded["seconds"]
@@ -124,13 +128,9 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     counts = {"scored": stats.scored, "errors": stats.errors, "batches": stats.batches,
               "generated_tokens": stats.generated_tokens, "stopped_early": control.stop.is_set(),
               "oom_retries": stats.oom_retries, "batch_size": stats.batch_size, "decode_graph": stats.decode_graph(),
-              "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
+              "kvcache_calls": kernel_calls(), "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
               "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
     out.send("done", counts=counts, timings=timings, parity=stats.parity, **_measured_memory(device))
-
-
-def _device_usable(device: str, torch) -> bool:
-    return device != "cuda" or torch.cuda.is_available()
 
 
 @contextmanager
@@ -151,24 +151,37 @@ def _unused_optional_imports_hidden() -> Iterator[None]:
                 del sys.modules[name]
 
 
-def _share_cpu(device: str, torch) -> None:
+def _share_cpu(gpu: bool, torch: Any) -> None:
     """A GPU worker's CPU work is batch preparation (the image processor's torch ops), and up to three workers
     share the host (the running one and those started ahead). At torch's default of one thread per core they
     oversubscribe it: preparing 200 images took 1.2 s in one process and 16-17 s each in three at once on the
     16-core H100 host; at 4 threads 1.2 s alone and 1.4-1.6 s three at once. An explicit OMP_NUM_THREADS wins.
     The parent sizes how many GPU workers may share a GPU by the same number (orchestrator/scheduler.py)."""
-    if device == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+    if gpu and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(min(GPU_WORKER_THREADS, os.cpu_count() or 1))
 
 
-def _measured_memory(device: str) -> dict[str, int | None]:
-    """Peak memory as torch's allocator counted it, and this process's use as the driver (NVML) sees it: that
-    adds the CUDA context and the allocator's cache, and is what the parent's estimate is checked against."""
-    if not device.startswith("cuda"):
-        return {"peak_bytes": None, "peak_reserved_bytes": None, "nvml_used_bytes": None}
-    import torch
+def _select_device(requested: str) -> Device:
+    """The device a spec's `device` ("cpu" or "cuda") means in this process: a CUDA GPU, or the simulated one the
+    tests ask for (worker/simulated_gpu.py: CI runs the GPU's wiring on a CPU)."""
+    from .device import CPU, SIMULATED_ENV, Cuda
 
-    return {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+    if requested != "cuda":
+        return CPU
+    if os.environ.get(SIMULATED_ENV):
+        from .simulated_gpu import SimulatedGpu
+
+        return SimulatedGpu()
+    return Cuda()
+
+
+def _measured_memory(device: Device) -> dict[str, int | None]:
+    """Peak memory as the device's allocator counted it, and this process's use as the driver (NVML) sees it: that
+    adds the CUDA context and the allocator's cache, and is what the parent's estimate is checked against."""
+    if not device.is_gpu:
+        return {"peak_bytes": None, "peak_reserved_bytes": None, "nvml_used_bytes": None}
+    memory = device.memory()
+    return {"peak_bytes": memory.peak_bytes, "peak_reserved_bytes": memory.peak_reserved_bytes,
             "nvml_used_bytes": _nvml_used_bytes()}
 
 

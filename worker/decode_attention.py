@@ -30,6 +30,7 @@ KVCACHE = "kvcache"
 TRANSFORMERS = "transformers"
 
 _replaced: dict[str, Callable] = {}  # attention implementation -> transformers' own function, while routed
+_kernel_calls = 0  # layer calls that went to the kernel, recordings included (a replayed graph runs no Python)
 
 
 @dataclass
@@ -86,9 +87,10 @@ def install(implementation: str = "flash_attention_2", kernel: Callable | None =
 
     def routed(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        global _kernel_calls
         batch = _active
         if batch is not None and batch.graph is not None:
-            if query.dtype not in dtypes or not _recordable_step(batch, module, query, key, value, kwargs):
+            if query.dtype not in dtypes or not _recordable_step(batch, batch.graph, module, query, key, value, kwargs):
                 batch.graph.declined = batch.graph.declined or f"layer {getattr(module, 'layer_idx', '?')}'s attention"
                 return original(module, query, key, value, attention_mask, **kwargs)
             ends = batch.graph.ends
@@ -100,6 +102,7 @@ def install(implementation: str = "flash_attention_2", kernel: Callable | None =
         # transformers' layout is (batch, heads, tokens, dim); flash-attn's (batch, tokens, heads, dim): views.
         # One split of the keys, whatever the cache's length: the kernel's own choice depends on the cache's
         # allocated length, which differs between an eager step and a recorded one, and so would its rounding
+        _kernel_calls += 1
         out = kernel(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                      cache_seqlens=ends, cache_leftpad=batch.leftpad,
                      softmax_scale=kwargs.get("scaling"), causal=True, num_splits=1)
@@ -108,6 +111,12 @@ def install(implementation: str = "flash_attention_2", kernel: Callable | None =
     ALL_ATTENTION_FUNCTIONS[implementation] = routed
     _replaced[implementation] = original
     return True
+
+
+def kernel_calls() -> int:
+    """How many layer calls of this process attended through the kernel: where the route is installed but never
+    taken (every batch unpadded on the right, say), decode runs transformers' slower path, and this says so."""
+    return _kernel_calls
 
 
 def uninstall() -> None:
@@ -127,10 +136,10 @@ def _in_place_step(batch: _Batch, module: Any, query: torch.Tensor, key: torch.T
     return masked and _plain_step(batch, module, query, key, value, kwargs)
 
 
-def _recordable_step(batch: _Batch, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     kwargs: dict) -> bool:
+def _recordable_step(batch: _Batch, graph: _GraphStep, module: Any, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, kwargs: dict) -> bool:
     """A decode step being recorded: the keys are the whole buffer the recorded cache writes in place."""
-    return key.shape[2] == batch.graph.capacity and _plain_step(batch, module, query, key, value, kwargs)
+    return key.shape[2] == graph.capacity and _plain_step(batch, module, query, key, value, kwargs)
 
 
 def _plain_step(batch: _Batch, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

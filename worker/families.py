@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from contract.boxes import Size
+
 from .default_dtype import preparing_inputs
 from .errors import WorkerError
 
@@ -33,7 +35,7 @@ def encode(processor: Any, texts: list[str], images: list[Any]) -> Any:
     return inputs
 
 
-def input_sizes(processor: Any, inputs: Any, images: list[Any]) -> list[list[int] | None]:
+def input_sizes(processor: Any, inputs: Any, images: list[Any]) -> list[Size | None]:
     """The (width, height) of each image as the model saw it, from the processor's actual output: Qwen's patch
     grid (image_grid_thw x patch size); InternVL's tile grid (the image is resized onto columns x rows tiles); one
     fixed-size picture per image (PaliGemma, Gemma 3, LLaVA: pixel_values' shape). None where the output does not
@@ -42,16 +44,16 @@ def input_sizes(processor: Any, inputs: Any, images: list[Any]) -> list[list[int
     image_processor = getattr(processor, "image_processor", None)
     if grid is not None:
         patch = int(getattr(image_processor, "patch_size", 14))
-        return [[int(w) * patch, int(h) * patch] for _, h, w in grid.tolist()]
+        return [(int(w) * patch, int(h) * patch) for _, h, w in grid.tolist()]
     if getattr(image_processor, "crop_to_patches", False):
         return [_tiled_size(image_processor, image) for image in images]
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.dim() == 4 and pixels.shape[0] == len(images):
-        return [[int(pixels.shape[-1]), int(pixels.shape[-2])] for _ in images]
+        return [(int(pixels.shape[-1]), int(pixels.shape[-2])) for _ in images]
     return [None for _ in images]
 
 
-def _tiled_size(image_processor: Any, image: Any) -> list[int] | None:
+def _tiled_size(image_processor: Any, image: Any) -> Size | None:
     """InternVL / GOT-OCR2: the image is resized to columns x rows tiles of `size`, chosen by the processor's own
     rule (get_optimal_tiled_canvas), then cut into those tiles (plus a thumbnail of the whole)."""
     try:
@@ -61,8 +63,8 @@ def _tiled_size(image_processor: Any, image: Any) -> list[int] | None:
     size = image_processor.size
     tile_h, tile_w = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
     if image_processor.max_patches <= 1:
-        return [tile_w, tile_h]
+        return (tile_w, tile_h)
     width, height = image.size
     columns, rows = get_optimal_tiled_canvas((height, width), (tile_h, tile_w), image_processor.min_patches,
                                              image_processor.max_patches)
-    return [columns * tile_w, rows * tile_h]
+    return (columns * tile_w, rows * tile_h)

@@ -109,9 +109,9 @@ class _Recorded:
     keys: list[torch.Tensor]  # per layer (batch, heads, capacity, dim)
     values: list[torch.Tensor]
     length: int  # tokens cached, as the host counts them
-    position: torch.Tensor | None = None  # (1,) where the step writes its key: the step advances it
-    ends: torch.Tensor | None = None  # (batch,) int32, each row's keys' end: the step advances them
-    step: Callable[[], Any] | None = None  # the step as recorded, runnable eagerly
+    position: torch.Tensor  # (1,) where the step writes its key: the step advances it
+    ends: torch.Tensor  # (batch,) int32, each row's keys' end: the step advances them
+    step: Callable[[], Any]  # the step as recorded, runnable eagerly
     verified: bool = False  # a replay has been checked against the same step run eagerly
 
 
@@ -133,13 +133,14 @@ class _Session:
             finally:
                 self.outcome.record_s = time.perf_counter() - started
             return output
-        if self.recorded is None:
+        recorded = self.recorded
+        if recorded is None:
             return forward(**kwargs)
-        difference = _differs(self.recorded, kwargs, self.cache)
-        if difference or self.recorded.length >= self.recorded.keys[0].shape[2]:
-            self._decline(difference or "the cache is full")
+        difference = _differs(recorded, kwargs, self.cache)
+        if difference or recorded.length >= recorded.keys[0].shape[2]:
+            self._decline(recorded, difference or "the cache is full")
             return forward(**kwargs)
-        return self._replay(kwargs)
+        return self._replay(recorded, kwargs)
 
     def _record(self, forward: Callable[..., Any], kwargs: dict, reference: Any) -> None:
         self.done = True
@@ -153,27 +154,9 @@ class _Session:
         self.cache = cache
         last = [(layer.keys[:, :, -1:].clone(), layer.values[:, :, -1:].clone()) for layer in cache.layers]
         clock = _Clock(self.outcome.phases, cache.layers[0].keys)
-        recorded = _move_cache(cache, self.capacity_left, self.make_replay())
+        self.recorded = recorded = _recording(forward, kwargs, cache, self.capacity_left, self.make_replay())
         clock.lap("move")
-        recorded.inputs = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v) and k != "attention_mask"}
-        recorded.others = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k != "attention_mask"}
-        self.recorded = recorded
-        recorded.position = position = torch.full((1,), recorded.length - 1, dtype=torch.long,
-                                                  device=recorded.keys[0].device)
-        batch = recorded.keys[0].shape[0]
-        recorded.ends = ends = torch.full((batch,), recorded.length, dtype=torch.int32, device=position.device)
-        capacity = recorded.keys[0].shape[2]
-
-        def step() -> Any:
-            with decode_attention.graph_step(ends, capacity) as routed:
-                output = forward(**recorded.others, **recorded.inputs, attention_mask=None)
-            position.add_(1)
-            ends.add_(1)
-            if routed.declined:
-                raise _Unroutable(f"{routed.declined} is not a plain causal decode step for the kvcache kernel")
-            return output
-
-        recorded.step = step
+        position, ends, step = recorded.position, recorded.ends, recorded.step
         cache.update = _writing_in_place(recorded, position)  # the instance's, for this session only
         try:
             recorded.replay.warm_up(step)
@@ -184,43 +167,41 @@ class _Session:
             clock.lap("capture")
             output = recorded.replay.replay()  # the first step again, now from the graph
         except torch.cuda.OutOfMemoryError:
-            self._decline("out of memory while recording", last)
+            self._decline(recorded, "out of memory while recording", last)
             raise  # generate's caller halves the batch
         except _Unroutable as exc:
-            self._decline(str(exc), last)
+            self._decline(recorded, str(exc), last)
             self.outcome.inherent = True
             return
         except RuntimeError as exc:  # an operation a graph cannot record, or CUDA refusing the capture
-            self._decline(f"{type(exc).__name__}: {exc}"[:300], last)
+            self._decline(recorded, f"{type(exc).__name__}: {exc}"[:300], last)
             return
         difference = _compare(reference, output)
         clock.lap("check")
         if difference:
-            self._decline(f"the recorded step differs from the eager one ({difference})", last)
+            self._decline(recorded, f"the recorded step differs from the eager one ({difference})", last)
             return
         self.outcome.replayed = True
 
-    def _replay(self, kwargs: dict) -> Any:
-        recorded = self.recorded
+    def _replay(self, recorded: _Recorded, kwargs: dict) -> Any:
         for name, static in recorded.inputs.items():
             static.copy_(kwargs[name])
         output = recorded.replay.replay()
         recorded.length += 1
         if not recorded.verified:
             recorded.verified = True
-            again = self._run_again(output)
+            again = self._run_again(recorded, output)
             if again is not None:
                 return again
         _show_length(self.cache, recorded)
         self.outcome.steps += 1
         return output
 
-    def _run_again(self, output: Any) -> Any:
+    def _run_again(self, recorded: _Recorded, output: Any) -> Any:
         """The first replay after the checked one, run again eagerly on the same buffers: the first check cannot
         see a value the recording froze (one the host computed, such as a position read off the cache's length),
         as it is right for the step recorded; one step later it is not. Returns the eager output where the two
         differ (and the session goes on eagerly), else None."""
-        recorded = self.recorded
         replayed = {k: v.clone() for k, v in output.items() if torch.is_tensor(v)}
         recorded.position.sub_(1)
         recorded.ends.sub_(1)
@@ -228,13 +209,14 @@ class _Session:
         difference = _compare(again, replayed)
         if difference is None:
             return None
-        self._decline(f"a replayed step differs from the same step run eagerly ({difference})")
+        self._decline(recorded, f"a replayed step differs from the same step run eagerly ({difference})")
         return again
 
-    def _decline(self, reason: str, last: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    def _decline(self, recorded: _Recorded, reason: str,
+                 last: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         """Go on eagerly from the cache as the eager steps left it (`last`: the first step's own keys, which the
         warm-up and the replay overwrote)."""
-        recorded, self.recorded = self.recorded, None
+        self.recorded = None
         self.outcome.replayed = False
         self.outcome.declined = reason
         self.cache.__dict__.pop("update", None)
@@ -321,7 +303,7 @@ def session(model: Any, max_new_tokens: int, routed: bool) -> Iterator[Outcome |
     finally:
         _session = None
         current.close()
-        if current.outcome.inherent:
+        if current.outcome.inherent and current.outcome.declined:
             _inherent[id(decoder)] = current.outcome.declined
 
 
@@ -365,10 +347,33 @@ def _unrecordable(kwargs: dict, cache: Any) -> str | None:
     return None
 
 
-def _move_cache(cache: Any, extra: int, replay: Any) -> _Recorded:
+def _recording(forward: Callable[..., Any], kwargs: dict, cache: Any, capacity_left: int, replay: Any) -> _Recorded:
+    """The step to record: the cache moved into buffers as long as the answer can grow, the step's arguments as
+    given (its mask left out), and where it writes and reads, which the step itself advances."""
+    keys, values, length = _move_cache(cache, capacity_left)
+    inputs = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v) and k != "attention_mask"}
+    others = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k != "attention_mask"}
+    position = torch.full((1,), length - 1, dtype=torch.long, device=keys[0].device)
+    ends = torch.full((keys[0].shape[0],), length, dtype=torch.int32, device=keys[0].device)
+    capacity = keys[0].shape[2]
+
+    def step() -> Any:
+        with decode_attention.graph_step(ends, capacity) as routed:
+            output = forward(**others, **inputs, attention_mask=None)
+        position.add_(1)
+        ends.add_(1)
+        if routed.declined:
+            raise _Unroutable(f"{routed.declined} is not a plain causal decode step for the kvcache kernel")
+        return output
+
+    return _Recorded(replay, inputs, others, keys, values, length, position, ends, step)
+
+
+def _move_cache(cache: Any, extra: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """The cache's keys and values into buffers `extra` tokens longer, one layer at a time (so that the old and
     the new copies of the whole cache never coexist); the cache then shows views of them."""
-    keys, values = [], []
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
     length = cache.layers[0].keys.shape[2]
     for layer in cache.layers:
         for old, kept in ((layer.keys, keys), (layer.values, values)):
@@ -377,7 +382,7 @@ def _move_cache(cache: Any, extra: int, replay: Any) -> _Recorded:
             buffer[:, :, :length] = old
             kept.append(buffer)
         layer.keys, layer.values = keys[-1][:, :, :length], values[-1][:, :, :length]
-    return _Recorded(replay, {}, {}, keys, values, length)
+    return keys, values, length
 
 
 def _writing_in_place(recorded: _Recorded, position: torch.Tensor) -> Callable[..., Any]:

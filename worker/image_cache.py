@@ -68,13 +68,13 @@ class ProcessorCache:
             self._warn(f"cannot read {source} to hash it ({exc})")
             key = None
         path = self.folder / key[:2] / f"{key}.safetensors" if key else None
-        cached = read_entry(path, key) if path else None
+        cached = read_entry(path, key) if path and key else None
         if cached is not None:
             self.hits += 1
             return cached
         self.misses += 1
         computed = encode(self.processor, [text], [image])
-        if path is not None:
+        if path is not None and key is not None:
             self._store(path, key, computed)
         return computed
 

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from contract.batching import even_bounds, window_size
-from contract.boxes import InputSizeMissing, score_text
+from contract.boxes import InputSizeMissing, Size, score_text
 from contract.dataset import ImageInfo, Sample, check_gt, image_record, image_size, read_sample_image, render_prompt
 from contract.recipe import Recipe
 
+from .device import Device
 from .errors import WorkerError
 from .families import encode, input_sizes, prompt_text
 from .generation import Generated, generate
@@ -28,11 +29,12 @@ Send = Callable[..., None]
 @dataclass
 class Prepared:
     sample: Sample
+    gt: list[float]  # the sample's ground truth, checked against the image as read (contract.dataset.check_gt)
     image: Any
     text: str
     features: Any = None  # this sample's processor output from the image cache; None with the cache off
     info: ImageInfo | None = None  # the image as read: its size (upright by default) and EXIF orientation
-    input_size: list[int] | None = None  # (width, height) of the image as the model saw it, after the resize
+    input_size: Size | None = None  # (width, height) of the image as the model saw it, after the resize
 
 
 @dataclass
@@ -83,13 +85,13 @@ class PreparedBatch:
     cache_misses: int = 0
 
 
-def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, device: str,
+def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, device: Device,
                   may_pin: Callable[[], bool] = lambda: True) -> Prefetched:
     """Start preparing the recipe's batches in the background (see prefetch). `may_pin` says whether CUDA may be
     touched yet: pinning host memory creates a CUDA context, which a held worker must not have. With the recipe's
     image_cache on, each sample's processor output comes from the cache in its cache_dir (see image_cache.py).
     The samples are read as the batches are made (a set with embedded images is never held whole)."""
-    batches = _sorted_batches(samples, recipe.batch_size, recipe.exif)
+    batches = _sorted_batches(samples, recipe.requested_batch, recipe.exif)
     cache = ProcessorCache.for_recipe(processor, recipe)
     return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache,
                                                      exif=recipe.exif))
@@ -108,11 +110,11 @@ def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator
 
 
 def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefetched, recipe: Recipe,
-                  device: str, send: Send, should_stop: Callable[[], bool],
+                  device: Device, send: Send, should_stop: Callable[[], bool],
                   before_sample: Callable[[int], None], alter: Alter | None = None) -> InferenceStats:
     """Generate for every sample (or every batch already being prepared by start_batches), streaming records;
     after the first batch, check its first samples one at a time (check_parity)."""
-    stats = InferenceStats(batch_size=recipe.batch_size)
+    stats = InferenceStats(batch_size=recipe.requested_batch)
     started = time.perf_counter()
     sent = 0
     prepared_batches = samples if isinstance(samples, Prefetched) else start_batches(processor, samples, recipe,
@@ -136,7 +138,7 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             if stats.parity is None:
                 stats.parity = check_parity(model, processor, prepared.items, generated,
                                             lambda item: _processor_inputs(processor, [item], device), recipe,
-                                            device, min(len(prepared.items), stats.batch_size), alter)
+                                            device.tensors, min(len(prepared.items), stats.batch_size), alter)
             for item, text in zip(prepared.items, generated.texts, strict=True):
                 sent += 1
                 before_sample(sent)
@@ -221,16 +223,17 @@ class Prefetched:
             self.close()
 
 
-def prepare_batch(processor: Any, batch: list[Sample], template: str, device: str,
+def prepare_batch(processor: Any, batch: list[Sample], template: str, device: Device,
                   may_pin: Callable[[], bool] = lambda: True, cache: ProcessorCache | None = None,
                   exif: str = "apply") -> PreparedBatch:
-    items, errors = [], []
+    items: list[Prepared] = []
+    errors: list[tuple[Sample, str, ImageInfo | None]] = []
     for sample in batch:
-        prepared, error, info = _prepare(processor, sample, template, exif)
-        if error is not None:
-            errors.append((sample, error, info))
-        else:
+        prepared = _prepare(processor, sample, template, exif)
+        if isinstance(prepared, Prepared):
             items.append(prepared)
+        else:
+            errors.append((sample, *prepared))
     hits, misses = _cached_features(cache, items)
     inputs = _processor_inputs(processor, items, device, may_pin()) if items else None
     if items:
@@ -250,15 +253,15 @@ def _cached_features(cache: ProcessorCache | None, items: list[Prepared]) -> tup
     return cache.hits - hits, cache.misses - misses
 
 
-def _processor_inputs(processor: Any, items: list[Prepared], device: str, pin: bool = True) -> Any:
+def _processor_inputs(processor: Any, items: list[Prepared], device: Device, pin: bool = True) -> Any:
     """The batch's tensors: collated from the items' cached outputs when they have them (also for the chunks of
     an out-of-memory retry), else from one batched processor call."""
     if all(p.features is not None for p in items):
         inputs = collate([p.features for p in items], getattr(processor, "tokenizer", processor).pad_token_id)
     else:
         inputs = encode(processor, [p.text for p in items], [p.image for p in items])
-    if pin and device.startswith("cuda"):  # pinned pages copy to the device at full speed, and asynchronously
-        inputs = inputs.__class__({k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in inputs.items()})
+    if pin and device.is_gpu:  # pinned pages copy to the device at full speed, and asynchronously
+        inputs = inputs.__class__({k: device.pin(v) if torch.is_tensor(v) else v for k, v in inputs.items()})
     return inputs
 
 
@@ -269,26 +272,27 @@ def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 def _prepare(processor: Any, sample: Sample, template: str,
-             exif: str = "apply") -> tuple[Prepared | None, str | None, ImageInfo | None]:
-    """The sample's image (as read: upright by default) and chat text, or the reason it cannot be evaluated: a bad
-    row, an unreadable image, ground truth that does not fit the image, a prompt field the sample lacks."""
+             exif: str = "apply") -> Prepared | tuple[str, ImageInfo | None]:
+    """The sample's image (as read: upright by default) and chat text, or the reason it cannot be evaluated (and
+    the image as read, where it was): a bad row, an unreadable image, ground truth that does not fit the image, a
+    prompt field the sample lacks."""
     if sample.error:
-        return None, sample.error, None
+        return sample.error, None
     try:
         image, info = read_sample_image(sample, exif)
     except (OSError, ValueError) as exc:
-        return None, f"image {sample.image}: {exc}", None
+        return f"image {sample.image}: {exc}", None
     problem = check_gt(sample, info)
-    if problem is not None:
-        return None, problem, info
+    if problem is not None or sample.bbox is None:  # check_gt names a missing box too
+        return problem or f"sample {sample.id}: no ground-truth box", info
     try:
         prompt = render_prompt(template, sample)
     except (KeyError, IndexError, ValueError) as exc:
-        return None, f"prompt: {exc.args[0] if exc.args else exc}", info
-    return Prepared(sample, image, prompt_text(processor, prompt), info=info), None, None
+        return f"prompt: {exc.args[0] if exc.args else exc}", info
+    return Prepared(sample, sample.bbox, image, prompt_text(processor, prompt), info=info)
 
 
-def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: str,
+def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: Device,
                       stats: InferenceStats) -> Generated:
     """Generate the batch, in chunks of stats.batch_size; when CUDA runs out of memory, halve it (for the rest of
     the run too) and retry the chunk, down to one sample, which then fails the recipe as `cuda_oom`."""
@@ -300,7 +304,7 @@ def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recip
         whole = start == 0 and len(chunk) == len(batch)  # the prefetched tensors serve the whole batch only
         try:
             inputs = prepared.inputs if whole else _processor_inputs(processor, chunk, device)
-            result = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
+            result = generate(model, processor, inputs, device.tensors, max_new_tokens=recipe.max_new_tokens,
                               min_new_tokens=recipe.min_new_tokens)
         except torch.cuda.OutOfMemoryError as exc:
             if len(chunk) == 1:
@@ -309,7 +313,7 @@ def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recip
         if result is None:  # outside the except block, so the failed attempt's tensors are already released
             stats.oom_retries += 1
             stats.batch_size = max(1, len(chunk) // 2)
-            torch.cuda.empty_cache()
+            device.free_cached()
             continue
         parts.append(result)
         start += len(chunk)
@@ -320,10 +324,10 @@ def _joined(parts: list[Generated]) -> Generated:
     """One batch's generation from its chunks' (one chunk unless CUDA ran out of memory)."""
     if len(parts) == 1:
         return parts[0]
-    prefixes = [part.decoder_prefix for part in parts]
+    prefixes = [part.decoder_prefix for part in parts if part.decoder_prefix is not None]
     return Generated([t for part in parts for t in part.texts], [r for part in parts for r in part.rows],
                      sum(part.new_tokens for part in parts),
-                     None if None in prefixes else [p for prefix in prefixes for p in prefix],
+                     [p for prefix in prefixes for p in prefix] if len(prefixes) == len(parts) else None,
                      [graph for part in parts for graph in part.graphs])
 
 
@@ -332,14 +336,14 @@ def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -
     resize): with both, `rescore` converts any box format without the model."""
     size = item.image.size
     try:
-        scored = score_text(text, box_format, size, item.sample.bbox, item.input_size)
+        scored = score_text(text, box_format, size, item.gt, item.input_size)
     except InputSizeMissing as exc:
         raise WorkerError("config", f"{exc}: this processor's output does not say the size of the image the model "
                                     "saw; choose a box format in relative coordinates") from None
     return {
         "id": item.sample.id,
         "status": "ok",
-        "gt": item.sample.bbox,
+        "gt": item.gt,
         "text": text,
         **image_record(item.info),  # the size as read and the EXIF orientation applied
         "input_size": item.input_size,

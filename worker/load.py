@@ -17,15 +17,18 @@ from typing import Any
 import torch
 import transformers
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig, PreTrainedModel
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from contract.checkpoint import CheckpointError, check_folder, weight_files
 from contract.layout import WORKER_LOG
+from contract.messages import DECODE_GRAPH_ON
 from contract.recipe import Recipe, run_attn
 from contract.spec import ChainLink
 
 from . import decode_attention, graph_decode
 from .default_dtype import building_modules
+from .device import Device
 from .errors import WorkerError
 from .weights import Prestaged, UnstageableError, load_safetensors, read_through, resolve_dtype, root_weight_files
 
@@ -61,11 +64,11 @@ def reading(folder: str | Path, what: str) -> Iterator[None]:
                                      f"library's own report, if any, is in {WORKER_LOG})") from exc
 
 
-def resolve_attn(name: str, device: str) -> str:
+def resolve_attn(name: str, device: Device) -> str:
     """flash_attention_2 on CUDA by default, sdpa on the CPU; a missing flash-attn is a clear error."""
-    attn = run_attn(name, device)
+    attn = run_attn(name, device.settings)
     if attn == "flash_attention_2":
-        if not device.startswith("cuda"):
+        if device.settings != "cuda":
             raise WorkerError("config", "attn = 'flash_attention_2' needs a CUDA device; use 'sdpa' with --device cpu")
         if importlib.util.find_spec("flash_attn") is None:
             raise WorkerError(
@@ -76,7 +79,7 @@ def resolve_attn(name: str, device: str) -> str:
     return attn
 
 
-def model_class(config: Any) -> type:
+def model_class(config: Any) -> type[PreTrainedModel] | type[_BaseAutoModelClass]:
     """The class the checkpoint's config names, where transformers has it; else the image-text-to-text auto class."""
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
@@ -85,7 +88,7 @@ def model_class(config: Any) -> type:
     return AutoModelForImageTextToText
 
 
-def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: Any = None,
+def load_chain(chain: list[ChainLink], recipe: Recipe, device: Device, processor: Any = None,
                prestaged: Prestaged | None = None) -> tuple[Any, Any, dict]:
     """The chain's model (root, then each adapter in order), its processor (loaded here unless given: a held
     worker loads it early to prepare batches), and what the `loaded` message says. `prestaged`: the root's
@@ -94,16 +97,17 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: A
     dtype = resolve_dtype(recipe.dtype, device)
     attn = resolve_attn(recipe.attn, device)
     root, adapters = chain[0], chain[1:]
-    phases = {"cuda_init_s": _init_cuda(device)}
+    phases = {"cuda_init_s": device.start()}
     model, how = _load_root(root, recipe, device, dtype, attn, prestaged)
     phases["root_s"] = time.perf_counter() - started - phases["cuda_init_s"]
     model = _apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
     model.eval()
-    check_placement(model, device)
+    check_placement(model, device.tensors)
     phases["adapters_s"] = time.perf_counter() - started - phases["cuda_init_s"] - phases["root_s"]
     processor = processor or load_processor(chain, recipe)
-    decode = _route_decode_attention(attn, recipe.decode_attention)
+    decode = _route_decode_attention(attn, recipe.decode_attention, device)
     graphs = _attach_decode_graph(model, device, decode, recipe.decode_graph)
+    memory = device.memory()
     return model, processor, {
         **phases,
         "seconds": time.perf_counter() - started,
@@ -111,54 +115,48 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: str, processor: A
         "decode_attention": decode,
         "decode_graph": graphs,
         "dtype": str(dtype).removeprefix("torch."),
-        "device": device,
+        "device": device.tensors,
         "placement_ok": True,
         "model_class": type(_unwrap(model)).__name__,
-        "bytes_allocated": torch.cuda.memory_allocated() if device.startswith("cuda") else None,
+        "bytes_allocated": memory.allocated_bytes,
         # the load's own peak: a transient copy of the weights shows here, not in bytes_allocated
-        "peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "peak_bytes": memory.peak_bytes,
         **how,
     }
 
 
-def _route_decode_attention(attn: str, requested: str) -> str:
-    """Which way this worker's decode steps attend: flash-attn's kvcache kernel where the recipe asks for it
-    (the default) and flash attention is in use, else transformers' own function."""
-    if attn != "flash_attention_2" or requested != decode_attention.KVCACHE:
+def _route_decode_attention(attn: str, requested: str, device: Device) -> str:
+    """Which way this worker's decode steps attend: the device's kvcache kernel (flash-attn's on a GPU) where the
+    recipe asks for it (the default) and the attention in use is the one that kernel stands in for, else
+    transformers' own function."""
+    if attn != device.kvcache_attention or requested != decode_attention.KVCACHE:
         return decode_attention.TRANSFORMERS
-    if not decode_attention.install(attn):
+    kernel = device.kvcache_kernel()
+    if kernel is None or not decode_attention.install(attn, kernel, device.kvcache_dtypes):
         return f"{decode_attention.TRANSFORMERS} (this flash-attn has no kvcache kernel with cache_leftpad)"
     return decode_attention.KVCACHE
 
 
-def _attach_decode_graph(model: Any, device: str, decode: str, requested: bool) -> str:
+def _attach_decode_graph(model: Any, device: Device, decode: str, requested: bool) -> str:
     """Whether this worker's decode steps replay from CUDA graphs (worker/graph_decode.py): on a GPU, over the
     kvcache kernel's attention, unless the recipe turns it off."""
     if not requested:
         return "off (decode_graph = false)"
-    if not device.startswith("cuda") or decode != decode_attention.KVCACHE:
+    recorder = device.graph_recorder()
+    if recorder is None or decode != decode_attention.KVCACHE:
         return "off (needs a GPU and decode_attention = kvcache)"
-    reason = graph_decode.attach(model)
-    return graph_decode.GRAPH if reason is None else f"off ({reason})"
+    reason = graph_decode.attach(model, recorder)
+    return DECODE_GRAPH_ON if reason is None else f"off ({reason})"
 
 
-def _init_cuda(device: str) -> float:
-    """Create the CUDA context (a phase of its own in the timings: about 0.3-0.5 s, not weight reading)."""
-    if not device.startswith("cuda"):
-        return 0.0
-    started = time.perf_counter()
-    torch.empty(1, device=device)
-    return time.perf_counter() - started
-
-
-def _load_root(root: ChainLink, recipe: Recipe, device: str, dtype: torch.dtype, attn: str,
+def _load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtype, attn: str,
                prestaged: Prestaged | None = None) -> tuple[Any, dict]:
     """The root checkpoint on `device`, and how it was read (for the `loaded` message)."""
     trust = recipe.trust_remote_code
     with reading(root.path, "its config"):
         config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust)
     common = {"config": config, "dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust,
-              "device_map": {"": device}}  # one device, all of it: never "auto"
+              "device_map": {"": device.tensors}}  # one device, all of it: never "auto"
     files = root_weight_files(root.path)
     cls = concrete_class(model_class(config), config)
     if prestaged is not None and (cls is None or (prestaged.files, prestaged.device, prestaged.dtype)
@@ -169,23 +167,23 @@ def _load_root(root: ChainLink, recipe: Recipe, device: str, dtype: torch.dtype,
     # entries are read by transformers itself
     if recipe.loader == "staged" and files and cls is not None and not trust:
         try:
-            return _load_staged(cls, files, root.path, common, prestaged)
+            return _load_staged(cls, files, root.path, common, device, prestaged)
         except UnstageableError as exc:
             print(f"evalorch worker: staged loading not possible ({exc}); using transformers' reader", flush=True)
-    cls = model_class(config)
     with reading(root.path, "its weights"), building_modules():
-        model = cls.from_pretrained(root.path, use_safetensors=None if recipe.allow_pickle else True, **common)
+        model = model_class(config).from_pretrained(root.path, use_safetensors=None if recipe.allow_pickle else True,
+                                                    **common)
     return model, {"loader": "transformers"}
 
 
-def _load_staged(cls: type, files: list[Path], folder: str, common: dict,
+def _load_staged(cls: type[PreTrainedModel], files: list[Path], folder: str, common: dict, device: Device,
                  prestaged: Prestaged | None = None) -> tuple[Any, dict]:
     """Weights through worker/weights.py's pinned staging (read here, or already reading since the worker
     started), the model built from them by transformers."""
     started = time.perf_counter()
     with reading(folder, "its weights"):
         if prestaged is None:
-            weights = load_safetensors(files, common["device_map"][""], common["dtype"])
+            weights = load_safetensors(files, device, common["dtype"])
             read_s, waited_s = time.perf_counter() - started, None
         else:
             weights, read_s, waited_s = prestaged.take()
@@ -219,14 +217,15 @@ def without_allocator_warmup() -> Iterator[None]:
         modeling_utils.caching_allocator_warmup = original
 
 
-def concrete_class(cls: type, config: Any) -> type | None:
+def concrete_class(cls: type[PreTrainedModel] | type[_BaseAutoModelClass],
+                   config: Any) -> type[PreTrainedModel] | None:
     """The model class itself: an auto class resolves the config's class only when given a folder, and
     from_pretrained(state_dict=...) has none. None where the auto class has no entry for this config."""
-    mapping = getattr(cls, "_model_mapping", None)
-    if mapping is None:
+    if not issubclass(cls, _BaseAutoModelClass):
         return cls
+    mapping = cls._model_mapping  # each auto class's own (None only on their common base)
     try:
-        return mapping[type(config)]
+        return mapping[type(config)] if mapping is not None else None
     except KeyError:
         return None
 

@@ -69,6 +69,7 @@ def merge(spec: WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[st
     complete: it is written next to `out` and renamed, so a failed merge never leaves a half checkpoint."""
     _check_out(out)
     started = time.perf_counter()
+    from .device import CPU
     from .load import check_chain_files, load_chain  # torch: after the cheap checks
     from .weights import resolve_dtype
 
@@ -78,13 +79,13 @@ def merge(spec: WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[st
     # twice), then store in the dtype the recipe asks for, or the root's. Attention is never run: eager loads
     # every architecture.
     float32_eager = spec.recipe.model_copy(update={"dtype": "float32", "attn": "eager"})
-    model, processor, _ = load_chain(spec.chain, float32_eager, "cpu")
+    model, processor, _ = load_chain(spec.chain, float32_eager, CPU)
     adapters = sum(link.kind == "adapter" for link in spec.chain)
     if hasattr(model, "merge_and_unload"):  # the top adapter: load_chain leaves it as a PeftModel
         model = model.merge_and_unload()
     _check_no_adapter_left(model)
     dtype_name = spec.recipe.dtype
-    dtype = resolve_dtype(dtype_name if dtype_name != "auto" else _root_dtype(spec.chain[0]), "cpu")
+    dtype = resolve_dtype(dtype_name if dtype_name != "auto" else _root_dtype(spec.chain[0]), CPU)
     model = model.to(dtype)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -8,7 +8,8 @@ builds the model from that state dict (`from_pretrained(state_dict=...)`), keepi
 dtype rules. Tensors whose dtype is not the one the model is loaded in are left to transformers as lazy safetensors
 slices, so that its per-module dtype rules (e.g. modules kept in float32) apply to them exactly as before.
 
-On the CPU the same plan reads straight into the destination tensors (no staging), so CPU tests exercise it too.
+On a CPU the same plan reads straight into the destination tensors (no staging); what a GPU does differently (pinned
+buffers, copy streams, events) is worker/device.py's, so a simulated GPU runs the staging on a CPU too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from contract.checkpoint import CheckpointError, safetensors_header
 from contract.recipe import Recipe, run_dtype
 
+from .device import Device
 from .errors import WorkerError
 
 # safetensors' dtype names; anything else is left to transformers as a lazy slice
@@ -109,7 +111,7 @@ def read_spans(path: Path) -> list[Span]:
     return sorted(spans, key=lambda s: s.start)
 
 
-def load_safetensors(paths: list[Path], device: str, dtype: torch.dtype, *, threads: int = THREADS,
+def load_safetensors(paths: list[Path], device: Device, dtype: torch.dtype, *, threads: int = THREADS,
                      chunk_bytes: int = CHUNK_BYTES) -> LoadedWeights:
     """Every tensor of `paths`: those already in `dtype` (or not floating point) read onto `device` by staged
     threads, the others as safetensors slices for transformers to convert."""
@@ -121,7 +123,7 @@ def load_safetensors(paths: list[Path], device: str, dtype: torch.dtype, *, thre
             if span.dtype.is_floating_point and span.dtype != dtype:
                 lazy.setdefault(path, []).append(span.name)
                 continue
-            tensor = torch.empty(span.shape, dtype=span.dtype, device=device)
+            tensor = torch.empty(span.shape, dtype=span.dtype, device=device.tensors)
             state_dict[span.name] = tensor
             fast.append((path, span, tensor))
     chunks = list(plan_chunks(fast, chunk_bytes))
@@ -146,8 +148,8 @@ def plan_chunks(tensors: list[tuple[Path, Span, torch.Tensor]], chunk_bytes: int
         done = 0
         while done < span.nbytes:
             offset = span.start + done
-            fits = current is not None and current.path == path and current.start + current.nbytes == offset
-            if not fits or current.nbytes >= chunk_bytes:
+            if (current is None or current.path != path or current.start + current.nbytes != offset
+                    or current.nbytes >= chunk_bytes):
                 if current is not None:
                     yield current
                 current = Chunk(path, offset, 0)
@@ -159,16 +161,15 @@ def plan_chunks(tensors: list[tuple[Path, Span, torch.Tensor]], chunk_bytes: int
         yield current
 
 
-def _run_chunks(chunks: list[Chunk], device: str, threads: int, chunk_bytes: int) -> None:
-    """Read and place every chunk, `threads` at a time; on CUDA through per-thread pinned buffers and streams."""
+def _run_chunks(chunks: list[Chunk], device: Device, threads: int, chunk_bytes: int) -> None:
+    """Read and place every chunk, `threads` at a time; on a GPU through per-thread pinned buffers and streams."""
     fds = {path: os.open(path, os.O_RDONLY) for path in {c.path for c in chunks}}
     local = threading.local()
-    on_cuda = device.startswith("cuda")
     streams: list[Any] = []
     lock = threading.Lock()
 
     def place(chunk: Chunk) -> None:
-        if not on_cuda:
+        if not device.is_gpu:
             for piece in chunk.pieces:
                 _pread_into(fds[chunk.path], piece.target[piece.target_offset: piece.target_offset + piece.nbytes],
                             chunk.start + piece.chunk_offset)
@@ -193,9 +194,10 @@ def _run_chunks(chunks: list[Chunk], device: str, threads: int, chunk_bytes: int
 class _Stager:
     """One reader thread's two pinned buffers and its stream: read into one while the other's copy is in flight."""
 
-    def __init__(self, device: str, chunk_bytes: int) -> None:
-        self.stream = torch.cuda.Stream(device=device)
-        self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    def __init__(self, device: Device, chunk_bytes: int) -> None:
+        self.device = device
+        self.stream = device.copy_stream()
+        self.buffers = [device.host_buffer(chunk_bytes) for _ in range(2)]
         self.events: list[Any] = [None, None]
         self.turn = 0
 
@@ -205,17 +207,16 @@ class _Stager:
             self.events[slot].synchronize()  # that buffer's previous copy has left it
         buffer = self.buffers[slot]
         _pread_into(fd, buffer[: chunk.nbytes], chunk.start)
-        with torch.cuda.stream(self.stream):
+        with self.device.on_stream(self.stream):
             for piece in chunk.pieces:
                 target = piece.target[piece.target_offset: piece.target_offset + piece.nbytes]
                 target.copy_(buffer[piece.chunk_offset: piece.chunk_offset + piece.nbytes], non_blocking=True)
-            self.events[slot] = torch.cuda.Event()
-            self.events[slot].record(self.stream)
+        self.events[slot] = self.device.mark(self.stream)
 
 
 def _pread_into(fd: int, target: torch.Tensor, offset: int) -> None:
     """Fill a CPU uint8 tensor from the file at `offset`, however many calls the kernel needs."""
-    view = memoryview(target.numpy()).cast("B")
+    view = target.numpy().data.cast("B")
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -248,9 +249,9 @@ def read_through(paths: list[Path], *, threads: int = 8, block: int = CHUNK_BYTE
 _RUN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
+def resolve_dtype(name: str, device: Device) -> torch.dtype:
     """The torch dtype a recipe's `dtype` setting runs in on `device`."""
-    return _RUN_DTYPES[run_dtype(name, device)]
+    return _RUN_DTYPES[run_dtype(name, device.settings)]
 
 
 def root_weight_files(folder: str | Path) -> list[Path]:
@@ -264,10 +265,10 @@ class Prestaged:
     a first worker otherwise waits through before it reads a byte. `take()` waits for them; a read that failed
     raises there, where the load would have raised it."""
 
-    def __init__(self, files: list[Path], device: str, dtype: torch.dtype) -> None:
+    def __init__(self, files: list[Path], device: Device, dtype: torch.dtype) -> None:
         self.files, self.device, self.dtype = files, device, dtype
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prestage")
-        self._future = self._pool.submit(self._read)
+        self._future: Future[tuple[LoadedWeights, float]] | None = self._pool.submit(self._read)
         self._pool.shutdown(wait=False)
 
     def _read(self) -> tuple[LoadedWeights, float]:
@@ -279,6 +280,8 @@ class Prestaged:
         """The weights (this object lets go of them), the read's own seconds, and the seconds waited here."""
         started = time.perf_counter()
         future, self._future = self._future, None
+        if future is None:
+            raise RuntimeError("the prestaged weights were already taken or discarded")
         weights, read_s = future.result()
         return weights, read_s, time.perf_counter() - started
 
@@ -292,7 +295,7 @@ class Prestaged:
         weights.state_dict.clear()
 
 
-def prestage_root(root: Any, recipe: Recipe, device: str) -> Prestaged | None:
+def prestage_root(root: Any, recipe: Recipe, device: Device) -> Prestaged | None:
     """Start reading the root link's weights now, where the staged loader will read them (the conditions of
     load._load_root that need no transformers: it discards them if the class turns out not to build from a
     state dict); None where it will not stage."""

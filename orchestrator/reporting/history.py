@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 
@@ -63,6 +63,21 @@ class RunEntry:
     def name(self) -> str:
         return self.folder.name
 
+    @property
+    def finished_summary(self) -> dict[str, Any]:
+        """A finished run's summary (every finished run has one: only those are compared)."""
+        if self.summary is None:
+            raise ValueError(f"{self.folder}: {self.state}, no summary to compare")
+        return self.summary
+
+
+class _Facts(TypedDict):
+    """What run.json and the folder say of any run, finished or not."""
+
+    started: datetime | None
+    command: str | None
+    commit: str | None
+
 
 @dataclass(frozen=True)
 class Change:
@@ -93,6 +108,13 @@ class Point:
     value: float | None = None
     interval: list[float] | None = None
     change: Change | None = None
+
+    @property
+    def marked_change(self) -> Change:
+        """The change of a point Trend.marked lists (each has one)."""
+        if self.change is None:
+            raise ValueError(f"run {self.run}: not compared with an earlier run")
+        return self.change
 
 
 @dataclass(frozen=True)
@@ -157,8 +179,8 @@ def read_entry(folder: Path) -> RunEntry:
     if not run.is_run():
         return RunEntry(folder, NOT_A_RUN, "no run.json or summary.json")
     record = _read_or_empty(run.record)
-    facts = {"started": _started(folder, run), "command": _command(record.get("command")),
-             "commit": record.get("commit")}
+    facts: _Facts = {"started": _started(folder, run), "command": _command(record.get("command")),
+                     "commit": record.get("commit")}
     if not run.summary.is_file():
         return RunEntry(folder, UNFINISHED, "no summary.json (stopped before its end)", **facts)
     try:
@@ -196,15 +218,15 @@ def _command(argv: Any) -> str | None:
 
 def _metric(metric: str, runs: list[RunEntry]) -> str:
     key = metric_name(metric)
-    known = sorted({k for r in runs for row in r.summary["recipes"] for k, v in (row.get("metrics") or {}).items()
-                    if k not in ("n", "errors") and v is not None})
+    known = sorted({k for r in runs for row in r.finished_summary["recipes"]
+                    for k, v in (row.get("metrics") or {}).items() if k not in ("n", "errors") and v is not None})
     if runs and key not in known:
         raise HistoryError(f"--metric {metric}: no finished run has it (metrics: {', '.join(known) or 'none'})")
     return key
 
 
 def _recipes(wanted: Iterable[str] | None, runs: list[RunEntry]) -> list[str]:
-    names = list(dict.fromkeys(row["name"] for r in runs for row in r.summary["recipes"]))
+    names = list(dict.fromkeys(row["name"] for r in runs for row in r.finished_summary["recipes"]))
     if wanted is None:
         return names
     wanted = list(wanted)
@@ -230,9 +252,10 @@ class _Scored:
 
 
 def _trend(name: str, runs: list[RunEntry], metric: str) -> Trend:
-    points, previous = [], None
+    points: list[Point] = []
+    previous: _Scored | None = None
     for run in runs:
-        row = next((r for r in run.summary["recipes"] if r["name"] == name), None)
+        row = next((r for r in run.finished_summary["recipes"] if r["name"] == name), None)
         if row is None:
             points.append(Point(run.name, None))
             continue
@@ -249,7 +272,7 @@ def _trend(name: str, runs: list[RunEntry], metric: str) -> Trend:
 
 
 def _scored(run: RunEntry, row: dict[str, Any], metric: str) -> _Scored:
-    scoring = scoring_of(run.summary, row)
+    scoring = scoring_of(run.finished_summary, row)
     folder = RunFolder(run.folder).recipe(row["name"])
     try:
         values = sample_values(read_samples(folder.samples), metric, scoring["threshold rule"])

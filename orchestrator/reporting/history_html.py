@@ -72,7 +72,7 @@ def _changes(history: History) -> str:
         return ""
     rows = []
     for mark, trend, point in marked:
-        change = point.change
+        change = point.marked_change
         cells = (f"<td>{_mark_span(mark)}</td><td><a href=\"#{anchor(trend.recipe)}\">{escape(trend.recipe)}</a></td>"
                  f"<td><code>{escape(point.run)}</code></td><td><code>{escape(change.previous)}</code></td>")
         if change.paired is None:
@@ -124,8 +124,8 @@ def _trend_section(trend: Trend, history: History) -> str:
     has_values = any(p.value is not None and p.status == "ok" for p in trend.points)
     chart = png_img(_trend_png(trend, history), f"{history.metric} of {trend.recipe} by run", "chart") \
         if has_values else "<p>No scored run.</p>"
-    items = "".join(f"<li>{_mark_span(p.change.mark)} <code>{escape(p.run)}</code>: "
-                    f"{escape(change_text(p.change, history.metric))}</li>" for p in trend.marked)
+    items = "".join(f"<li>{_mark_span(p.marked_change.mark)} <code>{escape(p.run)}</code>: "
+                    f"{escape(change_text(p.marked_change, history.metric))}</li>" for p in trend.marked)
     marks = f'<ul class="marks">{items}</ul>' if items else '<p class="note">No marked change.</p>'
     return f'<section class="trend" id="{anchor(trend.recipe)}"><h2>{escape(trend.recipe)}</h2>{chart}{marks}</section>'
 
@@ -165,6 +165,7 @@ def _trend_png(trend: Trend, history: History) -> bytes:
             ax.axvline(x - 0.5, color=_COLOURS[NOT_COMPARED], linestyle="--", linewidth=1)
         elif mark == NEW_SETUP:  # another model from here on: the line into it is not a trend of one model
             ax.axvline(x - 0.5, color=_COLOURS[NEW_SETUP], linestyle=":", linewidth=1)
+            assert last is not None  # a change is from an earlier scored run of these points, drawn before it
             ax.plot([last[0], x], [last[1], point.value], color=_COLOURS[NEW_SETUP], linewidth=1.2, linestyle=":")
         elif last is not None:
             ax.plot([last[0], x], [last[1], point.value], color=_LINE, linewidth=1.5)

@@ -70,13 +70,13 @@ def change_text(change: Change, metric: str) -> str:
 def marked_lines(history: History) -> list[tuple[str, Trend, Point]]:
     """(mark, trend, point) of every marked change, run by run."""
     order = {r.name: i for i, r in enumerate(history.runs)}
-    found = [(p.change.mark, t, p) for t in history.trends for p in t.marked]
+    found = [(p.marked_change.mark, t, p) for t in history.trends for p in t.marked]
     return sorted(found, key=lambda item: (order.get(item[2].run, 0), item[1].recipe))
 
 
 def mark_line(trend: Trend, point: Point, metric: str) -> str:
-    mark = point.change.mark
-    return f"{SYMBOLS[mark]} {trend.recipe}, {point.run}: {change_text(point.change, metric)}"
+    change = point.marked_change
+    return f"{SYMBOLS[change.mark]} {trend.recipe}, {point.run}: {change_text(change, metric)}"
 
 
 def skipped(history: History) -> list[RunEntry]:

@@ -55,7 +55,7 @@ def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, output
     if outputs.junit is not None:
         outputs.junit.parent.mkdir(parents=True, exist_ok=True)
         outputs.junit.write_text(junit_xml(summary, gates, run_dir), encoding="utf-8")
-    logged = _track(run_dir, summary, outputs) if outputs.mlflow is not None else None
+    logged = _track(run_dir, summary, outputs.mlflow, outputs) if outputs.mlflow is not None else None
     if outputs.json_out:
         document = {**summary, "run_dir": str(run_dir), "report": str(html_path), "exit_code": code}
         if logged is not None:
@@ -100,9 +100,9 @@ def _step_summary(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir
         f.write("\n".join(parts) + "\n\n")
 
 
-def _track(run_dir: Path, summary: dict[str, Any], outputs: Outputs) -> Logged:
+def _track(run_dir: Path, summary: dict[str, Any], target: MlflowTarget, outputs: Outputs) -> Logged:
     """Last, after every file is written: a tracking server that fails changes nothing of the run's results."""
-    logged = log_run(run_dir, summary, outputs.mlflow)
+    logged = log_run(run_dir, summary, target)
     if logged.warning:
         outputs.console.print(f"Warning: {logged.warning}", markup=False, highlight=False, style="yellow",
                               soft_wrap=True)

@@ -91,12 +91,13 @@ def add_statistics(summary: dict[str, Any], samples: Samples) -> dict[str, Any]:
     """Adds to each row a 95% interval for each metric and, against the baseline, the paired IoU difference."""
     baseline = summary.get("baseline")
     base_ok = any(r["name"] == baseline and r["status"] == "ok" for r in summary["recipes"])
+    base_samples = samples.get(baseline, []) if isinstance(baseline, str) else []
     for row in summary["recipes"]:
         own = samples.get(row["name"], [])
         row["intervals"] = metric_intervals(own, thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS,
                                             rule=rule_of(row))
         paired = base_ok and row["name"] != baseline
-        row["vs_baseline_paired"] = paired_comparison(own, samples.get(baseline, [])) if paired else None
+        row["vs_baseline_paired"] = paired_comparison(own, base_samples) if paired else None
         row["vs_recorded_base_paired"] = _versus_recorded_base(row, summary, samples)
     summary["best_vs_others"] = _best_versus_others(summary, samples)
     return summary
@@ -128,7 +129,8 @@ def _versus_recorded_base(row: dict[str, Any], summary: dict[str, Any], samples:
                     and (r.get("recipe") or {}).get("model") == model), None)
     if sibling is None:
         return None
-    return {**paired_comparison(samples.get(row["name"], []), samples.get(sibling, [])), "against": sibling}
+    paired = paired_comparison(samples.get(row["name"], []), samples.get(sibling, []))
+    return {**paired, "against": sibling} if paired is not None else None  # None: no sample scored by both
 
 
 def recipe_seconds(run_dir: Path, name: str) -> float | None:
