@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .images import ImageSource
-from .samples import DatasetError, Sample, read_box, scalar_fields
+from .samples import DatasetError, Sample, read_box, read_id, scalar_fields
 
 BATCH_ROWS = 64  # rows turned into Python objects at once (with their image bytes, in the worker)
 ID_COLUMNS = ("id", "question_id", "sample_id")
@@ -185,13 +185,13 @@ class Columnar:
     def _samples(self, table: Any, row: int, index: int, values: dict[str, Any], bbox_format: str,
                  images: bool) -> Iterator[Sample]:
         where = f"{table.path.name} row {row}"
-        sample_id = str(values[self.id_column]) if self.id_column and values.get(self.id_column) is not None \
-            else f"row{index}"
+        given_id = values.get(self.id_column) if self.id_column else None
+        sample_id, id_problem = read_id(given_id, f"row{index}") if given_id is not None else (f"row{index}", None)
         image, image_problem = self._image(table, row, values, where) if images else \
             (ImageSource.deferred(partial(self._fetch, table, row), where), None)
         box, given, box_problem = read_box(values.get("bbox"), bbox_format)
         fields = scalar_fields(values)
-        problems = [p for p in (image_problem, box_problem) if p]
+        problems = [p for p in (image_problem, box_problem, id_problem) if p]
         prompts = values.get(self.prompt_column) if self.prompt_column else None
         if not self.explode:
             prompts, ids = [prompts], [sample_id]
@@ -206,7 +206,7 @@ class Columnar:
             if self.explode and self.prompt_column is not None and text is not None:  # explode implies a column
                 entry_fields = {**fields, self.prompt_column: text}
             yield Sample(entry_id, image, box, text, f"{where}: " + "; ".join(problems) if problems else None,
-                         fields=entry_fields, given_bbox=given, bbox_format=bbox_format)
+                         fields=entry_fields, given_bbox=given, bbox_format=bbox_format, where=where)
 
     def _image(self, table: Any, row: int, values: dict[str, Any], where: str) -> tuple[ImageSource | None,
                                                                                          str | None]:

@@ -52,8 +52,9 @@ _SHARD = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parqu
 class Dataset:
     """The samples a recipe evaluates, re-iterable: each pass reads the files again, in order."""
 
-    def __init__(self, reader: Any, settings: Settings | None = None, skip_ids: Iterable[str] = ()) -> None:
-        self.reader = reader
+    def __init__(self, reader: Any, settings: Settings | None = None, skip_ids: Iterable[str] = (),
+                 source: str = "the dataset") -> None:
+        self.reader, self.source = reader, source
         self.format: str = reader.format
         self.bbox_format: str = getattr(settings, "bbox_format", None) or reader.bbox_format
         self.exif: str = getattr(settings, "exif", "apply")
@@ -89,8 +90,17 @@ class Dataset:
         return sum(1 for _ in self.samples(images=False))
 
     def _candidates(self, images: bool) -> Iterator[Sample]:
+        """The rows `ids` keeps, each id once: every record, resume and comparison is keyed by the id, so a second
+        sample of one id would be evaluated and then silently dropped (a DatasetError naming both places)."""
         rows = self.reader.rows(self.bbox_format, images)
-        return rows if self.ids is None else (s for s in rows if s.id in self.ids)
+        first: dict[str, str] = {}
+        for sample in rows if self.ids is None else (s for s in rows if s.id in self.ids):
+            if sample.id in first:
+                raise DatasetError(f"{self.source}: id {sample.id!r} at {first[sample.id]} and again "
+                                   f"at {sample.where or 'a later row'}; ids must be unique (records, --resume and "
+                                   "comparisons go by them; 5 and \"5\" are the same id)")
+            first[sample.id] = sample.where or "an earlier row"
+            yield sample
 
     def _draw(self) -> frozenset[int]:
         """Which candidates `sample = N` keeps: N positions drawn with the seed (all when there are fewer)."""
@@ -104,7 +114,7 @@ def open_dataset(path: str | Path, settings: Settings | None = None, *, skip_ids
     """The dataset at `path` as the recipe's settings read it; DatasetError when it cannot be read at all."""
     fmt = getattr(settings, "dataset_format", "auto")
     root = getattr(settings, "image_root", None)
-    return Dataset(_reader(str(path), fmt, Path(root) if root else None), settings, skip_ids)
+    return Dataset(_reader(str(path), fmt, Path(root) if root else None), settings, skip_ids, str(path))
 
 
 def _reader(path: str, fmt: str, image_root: Path | None) -> Any:
@@ -245,6 +255,7 @@ def _problems(settings_json: str, _stamp: tuple) -> tuple[tuple[str, str], ...]:
         wanted = set(template_fields(settings.prompt)) - {"id"}
         known = dataset.reader.fields()
         scan = _scan(dataset, wanted if known is None else set(), dataset.ids is not None or dataset.sample is not None)
+        dataset.count()  # every sample it selects read once, without images: an id given twice is refused here
     except (DatasetError, ValueError) as exc:
         return (("dataset", str(exc)),)
     found = scan["found"] | ((known or set()) & wanted) if scan["usable"] or known is not None else wanted

@@ -8,6 +8,7 @@
     runs/<UTC time>/<recipe>/worker.log     the worker's stdout and stderr
     runs/<UTC time>/<recipe>/summary.json   metrics, lineage, timings, status
     runs/<UTC time>/rescore-<UTC time>/     a rescore, laid out like a run folder
+    runs/<UTC time>/.lock                   held (flock) by the one process writing the folder
     runs/history.md, history.html           `history runs/`: every run, oldest first (or in its --out)
 
 A merged checkpoint carries lineage.json (MERGE_LINEAGE). Run folders written by earlier versions use the same
@@ -31,6 +32,10 @@ RESCORE_PREFIX = "rescore-"
 MERGE_LINEAGE = "lineage.json"
 HISTORY_MD = "history.md"
 HISTORY_HTML = "history.html"
+LOCK = ".lock"
+MERGE_LOCK_SUFFIX = ".merge-lock"  # `merge --out DIR` holds DIR.merge-lock beside DIR while it writes
+# Names a recipe's folder may not take: the run folder's own files, with the ".tmp" each is first written as
+_RUN_FILES = (RUN_RECORD, SUMMARY, REPORT_MD, REPORT_HTML, HISTORY_MD, HISTORY_HTML, LOCK)
 _STAMP = "%Y%m%dT%H%M%SZ"
 _STAMP_LENGTH = len("20260101T000000Z")
 
@@ -84,6 +89,10 @@ class RunFolder:
     def report_html(self) -> Path:
         return self.path / REPORT_HTML
 
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK
+
     def recipe(self, name: str) -> RecipeFolder:
         return RecipeFolder(self.path / name)
 
@@ -106,6 +115,18 @@ class RunsFolder:
         return self.path / HISTORY_HTML
 
 
+def reserved_name(name: str) -> str | None:
+    """Why a recipe may not be called `name` (its folder would collide with one of the run folder's own files or
+    a rescore's folder), or None. Case does not matter: some file systems ignore it."""
+    folded = name.lower()
+    for own in _RUN_FILES:
+        if folded in (own, own + ".tmp"):
+            return f"the run folder has a file of that name ({own})"
+    if folded.startswith(RESCORE_PREFIX):
+        return f"the run folder's rescores are folders named {RESCORE_PREFIX}<UTC time>"
+    return None
+
+
 def stamp_time(name: str) -> datetime | None:
     """When a folder named by `stamped_folder` was made (UTC), read back from its name; None for another name."""
     try:
@@ -115,11 +136,15 @@ def stamp_time(name: str) -> datetime | None:
 
 
 def stamped_folder(parent: Path, prefix: str = "") -> Path:
-    """A new folder `parent/<prefix><UTC time>` (with -2, -3... for two in the same second), created."""
+    """A new folder `parent/<prefix><UTC time>` (with -2, -3... for two in the same second), created: each name is
+    taken by creating it, so processes started together never get the same folder."""
     stamp = prefix + datetime.now(UTC).strftime(_STAMP)
-    folder, suffix = parent / stamp, 1
-    while folder.exists():
-        suffix += 1
-        folder = parent / f"{stamp}-{suffix}"
-    folder.mkdir(parents=True)
-    return folder
+    parent.mkdir(parents=True, exist_ok=True)
+    for suffix in range(1, 10_000):
+        folder = parent / (stamp if suffix == 1 else f"{stamp}-{suffix}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"{parent}: no free folder name for {stamp} after 9999 tries")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from .images import ImageSource
-from .samples import DatasetError, Sample, read_box, scalar_fields
+from .samples import DatasetError, Sample, read_box, read_id, scalar_fields
 
 
 class JsonLines:
@@ -50,17 +50,17 @@ class JsonLines:
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
-            return Sample(fallback_id, None, None, None, f"line {number}: not JSON ({exc})")
+            return Sample(fallback_id, None, None, None, f"line {number}: not JSON ({exc})", where=f"line {number}")
         if not isinstance(raw, dict):
-            return Sample(fallback_id, None, None, None, f"line {number}: not a JSON object")
-        sample_id = str(raw.get("id", fallback_id))
+            return Sample(fallback_id, None, None, None, f"line {number}: not a JSON object", where=f"line {number}")
+        sample_id, id_problem = read_id(raw["id"], fallback_id) if "id" in raw else (fallback_id, None)
         prompt = None if raw.get("prompt") is None else str(raw["prompt"])
         box, given, box_problem = read_box(raw.get("bbox"), bbox_format)
         problems = [] if isinstance(raw.get("image"), str) else ["no 'image' path"]
-        problems += [box_problem] if box_problem else []
+        problems += [p for p in (box_problem, id_problem) if p]
         image = ImageSource.file(self.root / raw["image"]) if isinstance(raw.get("image"), str) else None
         return Sample(sample_id, image, box, prompt, f"line {number}: " + "; ".join(problems) if problems else None,
-                      fields=scalar_fields(raw), given_bbox=given, bbox_format=bbox_format)
+                      fields=scalar_fields(raw), given_bbox=given, bbox_format=bbox_format, where=f"line {number}")
 
 
 class Coco:
@@ -95,8 +95,9 @@ class Coco:
     def _sample(self, index: int, annotation: Any, bbox_format: str) -> Sample:
         where = f"annotation #{index + 1}"
         if not isinstance(annotation, dict):
-            return Sample(f"annotation{index + 1}", None, None, None, f"{where}: not a JSON object")
-        sample_id = str(annotation.get("id", f"annotation{index + 1}"))
+            return Sample(f"annotation{index + 1}", None, None, None, f"{where}: not a JSON object", where=where)
+        sample_id, id_problem = read_id(annotation["id"], f"annotation{index + 1}") if "id" in annotation else \
+            (f"annotation{index + 1}", None)
         image = self.images.get(annotation.get("image_id"))
         category = self.categories.get(annotation.get("category_id")) or {}
         fields = {**scalar_fields(image or {}), **scalar_fields(annotation),
@@ -108,7 +109,7 @@ class Coco:
         if isinstance(caption, str):
             fields["caption"] = caption
         box, given, box_problem = read_box(annotation.get("bbox"), bbox_format)
-        problems = [box_problem] if box_problem else []
+        problems = [p for p in (box_problem, id_problem) if p]
         file_name = image.get("file_name") if image is not None else None
         if image is None:
             problems.append(f"image_id {annotation.get('image_id')!r} is not in 'images'")
@@ -116,7 +117,7 @@ class Coco:
             problems.append(f"image {image.get('id')!r} has no 'file_name'")
         source = ImageSource.file(self.root / file_name) if isinstance(file_name, str) else None
         return Sample(sample_id, source, box, prompt, f"{where}: " + "; ".join(problems) if problems else None,
-                      fields=fields, given_bbox=given, bbox_format=bbox_format, declared_size=_size(image))
+                      fields=fields, given_bbox=given, bbox_format=bbox_format, declared_size=_size(image), where=where)
 
 
 def _size(image: dict | None) -> tuple[int, int] | None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .boxes import AUTO, BOX_FORMATS
+from .layout import reserved_name
 from .samples import template_fields
 
 # A decode step of a 7B model costs about the same at batch 1 and 256 on an H100 (30-36 ms: generate's per-step host
@@ -36,6 +37,9 @@ class Settings(BaseModel):
     batch_size: int | Literal["auto"] = Field("auto", description="samples per generate; auto: the largest the "
                                             "GPU's free memory allows (at most 256), or 8 without a GPU preflight")
     min_new_tokens: int | None = Field(None, ge=0, description="force at least this many new tokens (benchmarks)")
+    max_prompt_tokens: int = Field(4096, gt=0, le=1_000_000, description="the most tokens one sample's prompt text "
+                                   "(with its chat template, before the image's tokens) may take: a longer one is "
+                                   "that sample's error, found before any batch holds it")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     limit: int | None = Field(None, gt=0, description="evaluate only the first N samples (after ids and sample)")
@@ -92,6 +96,14 @@ class Settings(BaseModel):
                               "already runs ahead of the GPU")
     cache_dir: str | None = Field(None, description="evalorch's cache folder; default $EVALORCH_CACHE, else "
                                   "$XDG_CACHE_HOME/evalorch, else ~/.cache/evalorch")
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _at_most_the_maximum(cls, value: int | None, info: ValidationInfo) -> int | None:
+        most = info.data.get("max_new_tokens")
+        if value is not None and isinstance(most, int) and value > most:
+            raise ValueError(f"{value} is more than max_new_tokens ({most}): generation stops at the maximum")
+        return value
 
     @field_validator("box_format")
     @classmethod
@@ -152,6 +164,9 @@ class Recipe(Settings):
     def _name_is_a_folder_name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError("use letters, digits, '.', '_' and '-' (it names a folder)")
+        clash = reserved_name(value)
+        if clash is not None:
+            raise ValueError(f"{value!r} cannot name a recipe: {clash}; choose another name")
         return value
 
 

@@ -33,6 +33,7 @@ class Sample:
     given_bbox: list[float] | None = None  # the box as the dataset stores it (in bbox_format)
     bbox_format: str = "xyxy"
     declared_size: tuple[int, int] | None = None  # (width, height) the dataset says the image has (COCO)
+    where: str = ""  # where the dataset holds it ("line 3", "annotation #5", "val.parquet row 17"), for messages
 
     def __post_init__(self) -> None:
         if isinstance(self.image, str | Path):  # Sample(id, path, ...) as before image sources
@@ -48,6 +49,15 @@ class Sample:
         if self.bbox_format != "xyxy" and self.given_bbox is not None:
             text += f", from {self.bbox_format} {_numbers(self.given_bbox)}"
         return text + ")"
+
+
+def read_id(value: Any, fallback: str) -> tuple[str, str | None]:
+    """(the sample's id, the problem with the one given): a string or a whole number as written; none given, the
+    fallback (its place in the file). Any other value (null, true, 1.5, a list) is the sample's error, not an id
+    made up from its text ("None")."""
+    if (isinstance(value, str) and value.strip()) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value), None
+    return fallback, f"'id' must be a non-empty string or a whole number (got {value!r})"
 
 
 def read_box(value: Any, bbox_format: str) -> tuple[list[float] | None, list[float] | None, str | None]:

@@ -7,6 +7,7 @@ markup off, so a message that names `[defaults]` shows `[defaults]`.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
@@ -22,9 +24,11 @@ from contract.boxes import BOX_FORMATS
 from contract.exits import Exit
 from contract.layout import MERGE_LINEAGE, RunFolder
 from contract.nvml import default_device, open_nvml
+from contract.recipe import Settings
 
 from . import __version__
 from .errors import UserError
+from .folder_lock import writing
 from .lineage import describe_chain
 from .merge import merge_recipe
 from .plan import RecipePlan, make_plans
@@ -43,7 +47,7 @@ from .rescore import rescore
 from .results import ResultsWriteError, new_run_dir, write_json
 from .resume import ResumeError, differences, planned_recipe
 from .scheduler import GpuScheduler, runs_concurrently, scheduled_gpus, workers_per_gpu
-from .stats import IOU_RULE, IOU_RULES
+from .stats import IOU_RULE, IOU_RULES, fraction
 from .supervisor import Interrupts, Suite, SuiteOptions
 
 _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: the GPU with most free memory;"
@@ -60,6 +64,30 @@ def _given(parameter: str) -> bool:
     """Whether the user passed the option (its default is not a request)."""
     source = click.get_current_context().get_parameter_source(parameter)
     return source not in (click.core.ParameterSource.DEFAULT, None)
+
+
+class _RecipeSetting(click.ParamType):
+    """A value the recipe schema also takes (contract/recipe.py), checked by the schema's own rule for that field:
+    one home for each rule, so `--timeout nan` is refused as `timeout = nan` in a recipe file is."""
+
+    def __init__(self, field: str) -> None:
+        self.field = self.name = field
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return getattr(Settings.model_validate({self.field: value}), self.field)
+        except ValidationError as exc:
+            self.fail(f"{value!r}: {exc.errors()[0]['msg']}", param, ctx)
+
+
+def _names(option: str, given: str | None) -> list[str] | None:
+    """A comma-separated list of recipe names (None: not given, so all); one that names none is an error."""
+    if given is None:
+        return None
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"{option} {given!r} names no recipe: give NAME[,NAME...], or leave the option out for all")
+    return names
 
 
 class _WorkersPerGpu(click.ParamType):
@@ -148,7 +176,20 @@ def _ci(fail_under: tuple[str, ...], compare: Path | None, max_drop: tuple[str, 
     alone (human output: stderr)."""
     if json_out:
         console.file = sys.stderr
+    if junit is not None:
+        _check_writable(junit, "--junit")
     return gate_request(fail_under, compare, max_drop), Outputs(console, junit=junit, json_out=json_out)
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Before any work: a file the command will write at its end can be (its folder can be made and written; click
+    refuses a folder for the file itself), so a whole run is never lost to a typo in where its report goes."""
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    problem = (f"{folder} is not a folder" if not folder.is_dir() else
+               f"{folder} cannot be written" if not os.access(folder, os.W_OK | os.X_OK) else
+               f"{path} cannot be written" if path.exists() and not os.access(path, os.W_OK) else None)
+    if problem:
+        raise UserError(f"{option} {path}: {problem}; choose a path this user can write")
 
 
 def mlflow_options(command: Callable) -> Callable:
@@ -165,7 +206,7 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
           backend: str = "local") -> tuple[RecipeFile, list[RecipePlan]]:
     # On Ray the nodes resolve the paths (ray_node.py): one this host cannot see is theirs to find or refuse.
     recipe_file = load_recipe_file(recipes_path, paths_on_nodes=backend == "ray")
-    selected = recipe_file.select([n.strip() for n in only.split(",") if n.strip()] if only else None)
+    selected = recipe_file.select(_names("--only", only))
     return recipe_file, make_plans(recipe_file, selected, hash_weights=hash_weights)
 
 
@@ -177,7 +218,8 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: cuda where NVML sees a GPU, else cpu. cpu puts the whole model on the CPU (tests, demo);"
               " a model is never split between devices.")
-@click.option("--timeout", type=float, default=None, help="Seconds allowed for each recipe (default: none).")
+@click.option("--timeout", type=_RecipeSetting("timeout"), default=None,
+              help="Seconds allowed for each recipe, as a recipe's own `timeout` (default: none).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Continue this interrupted run folder: finished recipes are kept, the others continue.")
 @click.option("--force", is_flag=True, help="With --resume: continue even though recipes or weights changed.")
@@ -213,30 +255,34 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
     preflight = _preflight(device, gpus, required=True) if cluster is None else None
     if cluster is not None and _given("max_workers_per_gpu"):
         raise UserError("--max-workers-per-gpu is for the local backend: on Ray, --ray-lanes says how many at once")
-    run_dir = _resume_dir(resume_dir, plans, force) if resume_dir else new_run_dir(out)
-    interrupts = Interrupts()
-    # workers at once on one GPU: only where a preflight can judge its memory (a CPU run goes one at a time)
-    per_gpu = (workers_per_gpu(max_workers_per_gpu, device, len(scheduled_gpus(preflight, gpus)))
-               if preflight is not None else None)
-    options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
-                           resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth,
-                           max_workers_per_gpu=per_gpu)
-    try:
-        write_json(RunFolder(run_dir).record, {**_run_record(recipe_file, plans, device, timeout),
-                                               "backend": cluster.record() if cluster else {"name": "local"},
-                                               "max_workers_per_gpu": options.max_workers_per_gpu})
-        console.print(f"Run folder: {run_dir}")
-        interrupts.install()  # after Ray's init, which sets a SIGTERM handler of its own
-        with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
-            if cluster is not None:
-                rows = _run_on_ray(cluster, recipe_file, plans, run_dir, options, hash_weights, ray_cpus, ray_lanes,
-                                   listener, interrupts)
-            else:
-                rows = _run_suite(plans, run_dir, options, interrupts, preflight, gpus, listener)
-        baseline = recipe_file.baseline.name if recipe_file.baseline else None
-        code = publish(run_dir, run_summary(rows, baseline), request, outputs, interrupted=interrupts.stop_requested)
-    except ResultsWriteError as exc:  # a full disk, a folder made read-only: the run stops, and can continue
-        raise ResultsWriteError(exc.path, exc.reason, resume=run_dir) from None
+    run_dir = resume_dir or new_run_dir(out)
+    with writing(RunFolder(run_dir).lock, "run --resume" if resume_dir else "run"):  # the folder's one writer
+        if resume_dir is not None:
+            _check_resumable(resume_dir, plans, force)
+        interrupts = Interrupts()
+        # workers at once on one GPU: only where a preflight can judge its memory (a CPU run goes one at a time)
+        per_gpu = (workers_per_gpu(max_workers_per_gpu, device, len(scheduled_gpus(preflight, gpus)))
+                   if preflight is not None else None)
+        options = SuiteOptions(device=device, timeout=timeout, offline=not recipe_file.lineage.allow_network,
+                               resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth,
+                               max_workers_per_gpu=per_gpu)
+        try:
+            write_json(RunFolder(run_dir).record, {**_run_record(recipe_file, plans, device, timeout),
+                                                   "backend": cluster.record() if cluster else {"name": "local"},
+                                                   "max_workers_per_gpu": options.max_workers_per_gpu})
+            console.print(f"Run folder: {run_dir}")
+            interrupts.install()  # after Ray's init, which sets a SIGTERM handler of its own
+            with progress_display(console, [p.recipe.name for p in plans], run_dir) as listener:
+                if cluster is not None:
+                    rows = _run_on_ray(cluster, recipe_file, plans, run_dir, options, hash_weights, ray_cpus,
+                                       ray_lanes, listener, interrupts)
+                else:
+                    rows = _run_suite(plans, run_dir, options, interrupts, preflight, gpus, listener)
+            baseline = recipe_file.baseline.name if recipe_file.baseline else None
+            code = publish(run_dir, run_summary(rows, baseline), request, outputs,
+                           interrupted=interrupts.stop_requested)
+        except ResultsWriteError as exc:  # a full disk, a folder made read-only: the run stops, and can continue
+            raise ResultsWriteError(exc.path, exc.reason, resume=run_dir) from None
     if interrupts.stop_requested:
         err_console.print(f"Interrupted: continue with --resume {run_dir}")
     sys.exit(code)
@@ -280,13 +326,21 @@ def rescore_command(run_dir: Path, box_format: str | None, thresholds: str | Non
     """Recompute every metric of RUN_DIR from the raw texts in samples.jsonl, without a model, into a new folder
     RUN_DIR/rescore-<UTC time>/ (summary.json, report.md, report.html); the original is never overwritten."""
     request, outputs = _ci(**ci)
-    try:
-        values = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else None
-    except ValueError:
-        fail(f"--thresholds {thresholds!r}: expected numbers like 0.5,0.7,0.9")
+    values = _thresholds(thresholds) if thresholds is not None else None
     out, summary = rescore(run_dir, box_format, values, iou_rule)
     outputs.console.print(f"Rescored into {out}")
     sys.exit(publish(out, summary, request, outputs))
+
+
+def _thresholds(given: str) -> list[float]:
+    """--thresholds: IoU thresholds, each a fraction (stats.fraction's rule), at least one."""
+    try:
+        values = [fraction(float(t), "an IoU threshold") for t in given.split(",") if t.strip()]
+    except ValueError as exc:
+        raise UserError(f"--thresholds {given!r}: {exc}; expected numbers like 0.5,0.7,0.9") from None
+    if not values:
+        raise UserError(f"--thresholds {given!r} names no threshold: expected numbers like 0.5,0.7,0.9")
+    return values
 
 
 @main.command("history")
@@ -301,8 +355,7 @@ def history_command(runs_dir: Path, last: int | None, only: str | None, metric: 
     """Every run folder under RUNS_DIR, oldest first, and each recipe's METRIC in each finished run; marks each
     change from one run to the next whose paired 95% interval excludes 0, and each change of weights, settings or
     software. Reads the run folders only (no model, no GPU); writes history.md and history.html."""
-    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
-    found = read_history(runs_dir, metric=metric, recipes=names, last=last)
+    found = read_history(runs_dir, metric=metric, recipes=_names("--recipes", only), last=last)
     show_history(found, console)
     md_path, html_path = write_history(found, out or runs_dir)
     console.print(f"History: {md_path} and {html_path}", markup=False)
@@ -348,13 +401,12 @@ def _run_on_ray(cluster: Cluster, recipe_file: RecipeFile, plans: list[RecipePla
                       interrupts=interrupts, report=lambda message: console.print(f"    {message}"))
 
 
-def _resume_dir(run_dir: Path, plans: list[RecipePlan], force: bool) -> Path:
+def _check_resumable(run_dir: Path, plans: list[RecipePlan], force: bool) -> None:
     changed = differences(run_dir, plans)
     if changed and not force:
         lines = "\n".join(f"  - {c}" for c in changed)
         raise ResumeError(f"{run_dir} was started with other recipes or weights:\n{lines}\n"
                           "Results would mix two setups. Start a new run, or pass --force to continue anyway.")
-    return run_dir
 
 
 @main.command()

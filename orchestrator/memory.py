@@ -477,7 +477,8 @@ def _read_prompts(recipe_json: str, _stamp: tuple, rule: ImageRule | None) -> Pr
     try:
         for sample in open_dataset(recipe.dataset or "", recipe).samples(images=True):  # streamed
             samples += 1
-            text = max(text, _prompt_bytes(recipe.prompt, sample) + CHAT_TOKENS)
+            # a byte is at most a token; a prompt over max_prompt_tokens is its sample's error, never in a batch
+            text = max(text, min(_prompt_bytes(recipe.prompt, sample) + CHAT_TOKENS, recipe.max_prompt_tokens))
             if rule is None:
                 continue
             count = rule.count(image_size(sample.image, recipe.exif))

@@ -15,14 +15,17 @@ from typing import Any
 
 from contract import messages
 from contract.exits import Exit
-from contract.layout import SPEC, WORKER_LOG
-from contract.spec import WorkerSpec
+from contract.layout import MERGE_LOCK_SUFFIX, SPEC, WORKER_LOG
+from contract.recipe import Recipe
+from contract.spec import ChainLink, WorkerSpec
 
 from .environment import worker_env
 from .errors import UserError
+from .folder_lock import writing
 from .plan import make_plans
 from .process import WorkerProcess, describe_exit
 from .recipes import RecipeFile
+from .results import make_folder
 
 _TAIL_LINES = 20
 
@@ -48,14 +51,23 @@ def merge_recipe(recipe_file: RecipeFile, name: str, out: Path, *, hash_weights:
         raise MergeError(f"recipe '{name}' is a full checkpoint with no adapter to merge: use {chain[-1].path} "
                          "as it is", Exit.USAGE)
     out = out.resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"{out} exists and is not an empty folder: choose a new folder, or remove it", Exit.USAGE)
+    lock = make_folder(out.parent) / (out.name + MERGE_LOCK_SUFFIX)
+    with writing(lock, f"merge of recipe '{name}' into {out.name}"):  # two merges into one folder: one waits out
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise MergeError(f"{out} exists and is not an empty folder: choose a new folder, or remove it",
+                             Exit.USAGE)
+        return _merge(recipe, chain, out, hash_weights, recipe_file.lineage.allow_network, timeout)
+
+
+def _merge(recipe: Recipe, chain: list[ChainLink], out: Path, hash_weights: bool, allow_network: bool,
+           timeout: float | None) -> dict[str, Any]:
+    """The merge worker, started on the chain, writing `out`."""
     spec = WorkerSpec(recipe=recipe, chain=chain, dataset=str(recipe.dataset or ""), device="cpu")
     with tempfile.TemporaryDirectory(prefix="evalorch-merge-") as tmp:
         spec_path = Path(tmp) / SPEC
         spec_path.write_bytes(spec.to_json())
         args = ["--spec", str(spec_path), "--out", str(out), *(["--hash-weights"] if hash_weights else [])]
-        env, _ = worker_env("cpu", offline=not recipe_file.lineage.allow_network)
+        env, _ = worker_env("cpu", offline=not allow_network)
         return _supervise(WorkerProcess(args, env, Path(tmp) / WORKER_LOG, module="worker.merge"), timeout)
 
 

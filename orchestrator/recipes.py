@@ -78,7 +78,7 @@ def load_recipe_file(path: Path, *, paths_on_nodes: bool = False) -> RecipeFile:
     nodes that run the workers to resolve (ray_node.py); they refuse what they cannot find."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        raw = tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (Windows editors write one) is dropped
     except FileNotFoundError:
         raise RecipeFileError(path, ["file not found"]) from None
     except OSError as exc:

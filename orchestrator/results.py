@@ -26,6 +26,7 @@ import orjson
 
 from contract.exits import Exit
 from contract.layout import stamped_folder
+from contract.messages import REQUIRED_FIELDS
 
 from .errors import UserError
 
@@ -98,8 +99,24 @@ def write_json(path: Path, data: Any) -> None:
     write_bytes(path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
+class DamagedRunFile(UserError):
+    """A file of a run folder that is not what evalorch writes (cut short, written over, edited): the message names
+    the file, the line where there is one, and what is wrong. Nothing computed from it would be whole: exit 1."""
+
+    exit_code = Exit.RECIPE_FAILED
+
+    def __init__(self, path: Path, problem: str, line: int | None = None) -> None:
+        where = f"{path}, line {line}" if line is not None else str(path)
+        super().__init__(f"{where}: {problem}. Figures computed without it would not be whole, so none are: "
+                         "restore the file from a copy, or evaluate again into a new run folder")
+
+
 def read_json(path: Path) -> Any:
-    return orjson.loads(path.read_bytes())
+    """A JSON file of the run folder; DamagedRunFile where it is not whole JSON."""
+    try:
+        return orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise DamagedRunFile(path, f"not whole JSON ({exc})") from None
 
 
 def make_folder(path: Path) -> Path:
@@ -173,21 +190,36 @@ class SampleLog:
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
-    """Every complete record of a samples.jsonl, the first of each id; a truncated last line is ignored."""
+    """Every record of a samples.jsonl, the first of each id. What follows the last newline is a write a crash cut
+    short (SampleLog writes whole lines), and is left out (`--resume` cuts it off); any other line that is not a
+    whole sample record raises DamagedRunFile naming it."""
     if not path.exists():
         return []
+    *whole, _cut_short = path.read_bytes().split(b"\n")
     records, seen = [], set()
-    for line in path.read_bytes().split(b"\n"):
+    for number, line in enumerate(whole, 1):
         if not line.strip():
             continue
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # only a cut-off last line can be malformed: we write whole lines
-        if record.get("id") not in seen:
-            seen.add(record.get("id"))
+        record = _sample_record(path, number, line)
+        if record["id"] not in seen:
+            seen.add(record["id"])
             records.append(record)
     return records
+
+
+def _sample_record(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    """One line of a samples.jsonl as the sample message it was (contract.messages: its required fields)."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise DamagedRunFile(path, "not a whole JSON line (cut short or written over)", number) from None
+    if not isinstance(record, dict):
+        raise DamagedRunFile(path, f"a JSON {type(record).__name__} where a sample record (an object) belongs",
+                             number)
+    missing = [name for name in REQUIRED_FIELDS["sample"] if name not in record]
+    if missing:
+        raise DamagedRunFile(path, f"not a sample record (no {', '.join(missing)})", number)
+    return record
 
 
 def repair_samples(path: Path) -> list[dict[str, Any]]:

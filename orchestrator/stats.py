@@ -21,6 +21,15 @@ from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_THRESHOLDS = (0.5, 0.7)
+
+
+def fraction(value: float, what: str) -> float:
+    """`value`, where it is a fraction from 0 to 1 as every metric, IoU threshold and allowed drop is; ValueError
+    naming `what` otherwise (nan and infinities included: a gate or rate built on one would pass or fail
+    meaninglessly)."""
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"{what} must lie between 0 and 1, not {value:g}")
+    return value
 IOU_RULE = ">="  # how the rates of a new run count
 OLD_IOU_RULE = ">"  # what a row without a recorded "iou_rule" counted
 IOU_RULES = (IOU_RULE, OLD_IOU_RULE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -604,3 +605,115 @@ def test_a_refcoco_parquet_set_of_phone_photos_runs_end_to_end(refcoco_run: dict
     assert summary["metrics"]["n"] == len(scored) and summary["metrics"]["errors"] == len(errors)
     report = (run_dir / "report.html").read_text()
     assert "image not available" not in report and report.count('<figure class="card">') == 6  # read from parquet
+
+
+# ----------------------------------------------------------------------------- sample ids
+
+
+def _lines_set(folder: Path, ids: list[object]) -> Path:
+    (folder / "a.png").write_bytes(png())
+    path = folder / "set.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": "a.png", "bbox": BOX, "prompt": "p"}) + "\n"
+                            for i in ids))
+    return path
+
+
+@pytest.mark.parametrize("ids,twice", [(["a", "b", "a"], "'a' at line 1 and again at line 3"),
+                                       ([5, "x", "5"], "'5' at line 1 and again at line 3")])
+def test_an_id_given_twice_refuses_the_set_naming_both_lines(demo: dict, tmp_path: Path, ids: list[object],
+                                                            twice: str) -> None:
+    path = _lines_set(tmp_path, ids)
+    with pytest.raises(DatasetError, match=f"{path}: id {twice}; ids must be unique"):
+        list(open_dataset(path))
+    recipes = write_recipes(tmp_path, f'[[recipe]]\nname = "base"\nmodel = "{demo["models"]["base"]}"\n', demo,
+                            dataset=str(path))
+    result = run_cli("run", str(recipes), "--device", "cpu", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "recipe 'base' (#1), field 'dataset'" in result.stderr and not (tmp_path / "runs").exists()
+    assert f"id {twice}" in " ".join((result.stdout + result.stderr).split())
+
+
+@pytest.mark.parametrize("given", [None, True, 1.5, "", ["a"]])
+def test_an_id_that_is_no_string_or_whole_number_is_that_samples_error(tmp_path: Path, given: object) -> None:
+    first, second = open_dataset(_lines_set(tmp_path, ["ok", given]))
+    assert first.id == "ok" and first.error is None
+    assert second.id == "line2" and "line 2: 'id' must be a non-empty string or a whole number" in second.error
+
+
+# ----------------------------------------------------------------------------- image modes, odd files
+
+GRADIENT = np.tile(np.linspace(0, 1, 64), (8, 1))  # black to white, left to right
+
+
+def _gradient(mode: str) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray((GRADIENT * 65535).round().astype(np.uint16))
+    if mode == "I":  # 16-bit values in 32-bit integers, as some TIFF and PNG readers give them
+        return Image.fromarray((GRADIENT * 65535).round().astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(GRADIENT.astype(np.float32))
+    gray = Image.fromarray((GRADIENT * 255).round().astype(np.uint8))
+    return gray.convert("P", palette=Image.Palette.ADAPTIVE) if mode == "P" else gray.convert(mode)
+
+
+@pytest.mark.parametrize("mode,suffix", [("L", "png"), ("LA", "png"), ("P", "png"), ("RGB", "png"), ("RGBA", "png"),
+                                         ("I;16", "png"), ("I;16", "tiff"), ("I", "tiff"), ("F", "tiff"),
+                                         ("CMYK", "tiff"), ("RGB", "jpeg")])
+def test_a_gradient_in_every_mode_reaches_the_model_as_a_gradient(tmp_path: Path, mode: str, suffix: str) -> None:
+    """Pillow's convert("RGB") clips a 16-bit or 32-bit image at 255 (white from the first step on) and a float one
+    at 1 (black): read as the model sees it, each column keeps its share of the way from black to white."""
+    path = tmp_path / f"gradient.{suffix}"
+    _gradient(mode).save(path)
+    assert Image.open(path).mode == mode
+    image, info = read_sample_image(Sample("g", path, None, None), "apply")
+    assert image.mode == "RGB" and info.size == (64, 8)
+    columns = np.asarray(image, dtype=np.float64).mean(axis=(0, 2))
+    expected = np.linspace(0, 255, 64)
+    assert np.abs(columns - expected).max() <= (6 if suffix == "jpeg" else 2), np.round(columns)
+
+
+@pytest.mark.parametrize("values,says", [(np.array([[-1, 5]], dtype=np.int32), "no known scale"),
+                                         (np.array([[0.0, 2.5]], dtype=np.float32), "outside [0, 1]")])
+def test_deep_pixels_of_no_known_scale_are_the_samples_error(tmp_path: Path, values: np.ndarray, says: str) -> None:
+    path = tmp_path / "odd.tiff"
+    Image.fromarray(values).save(path)
+    with pytest.raises(ValueError, match=says.replace("[", "\\[").replace("]", "\\]")):
+        read_sample_image(Sample("o", path, None, None), "apply")
+
+
+def test_a_fifo_as_an_image_is_that_samples_error_and_nothing_waits_on_it(demo: dict, tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png())
+    os.mkfifo(tmp_path / "pipe.png")
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": image, "bbox": BOX, "prompt": "p"}) + "\n"
+                            for i, image in (("a", "a.png"), ("fifo", "pipe.png"))))
+    with pytest.raises(OSError, match="not a regular file"):
+        read_sample_image(list(open_dataset(path))[1], "apply")
+    recipes = write_recipes(tmp_path, f'[[recipe]]\nname = "base"\nmodel = "{demo["models"]["base"]}"\n', demo,
+                            dataset=str(path), max_sample_errors=1)
+    assert run_cli("plan", str(recipes), "--device", "cpu", timeout=120).returncode == 0
+    result = run_cli("run", str(recipes), "--device", "cpu", "--out", str(tmp_path / "runs"), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = {r["id"]: r for r in read_samples(only_run_dir(tmp_path / "runs") / "base" / "samples.jsonl")}
+    assert records["a"]["status"] == "ok" and records["fifo"]["status"] == "error"
+    assert "not a regular file" in records["fifo"]["error"]
+
+
+def test_an_over_long_prompt_is_that_samples_error_and_the_batch_runs(demo: dict, tmp_path: Path) -> None:
+    """A 100 KB prompt (tokenized: over the limit) and a 5 MB one (over it by its bytes alone, never tokenized) are
+    their samples' errors; the samples batched with them are scored as usual."""
+    (tmp_path / "a.png").write_bytes(png())
+    prompts = {"short": "Find the red box.", "long": "red " * 25_000, "huge": "x" * 5_000_000}
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": "a.png", "bbox": BOX, "prompt": p}) + "\n"
+                            for i, p in prompts.items()))
+    recipes = write_recipes(tmp_path, f'[[recipe]]\nname = "base"\nmodel = "{demo["models"]["base"]}"\n', demo,
+                            dataset=str(path), prompt="{prompt}", max_sample_errors=2, batch_size=3)
+    result = run_cli("run", str(recipes), "--device", "cpu", "--out", str(tmp_path / "runs"), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = {r["id"]: r for r in read_samples(only_run_dir(tmp_path / "runs") / "base" / "samples.jsonl")}
+    assert records["short"]["status"] == "ok"
+    assert records["long"]["status"] == "error" and "tokens with its chat template, more than max_prompt_tokens " \
+        "(4096)" in records["long"]["error"]
+    assert records["huge"]["status"] == "error" and "bytes, more than max_prompt_tokens (4096) tokens can hold" in \
+        records["huge"]["error"]

@@ -125,7 +125,7 @@ def test_run_takes_the_gate_and_ci_options(demo: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "none").exists()  # refused before any run folder or worker
     junit = tmp_path / "junit.xml"
     result = run_cli("run", str(recipes), "--out", str(tmp_path / "runs"), "--device", "cpu",
-                     "--fail-under", "mean_iou=1.01", "--json", "--junit", str(junit))
+                     "--fail-under", "mean_iou=1", "--json", "--junit", str(junit))
     assert result.returncode == 3, result.stdout + result.stderr
     document = json.loads(result.stdout)
     assert document["exit_code"] == 3 and document["gates"]["failures"][0]["recipe"] == "base"

@@ -51,7 +51,8 @@ def _fill(disk: Path, leave: int) -> Path:
 
 
 def _record(i: int) -> dict:
-    return {"id": f"s{i:04d}", "status": "ok", "text": "x" * 300, "iou": 0.5}
+    return {"id": f"s{i:04d}", "status": "ok", "text": "x" * 300, "iou": 0.5, "pred": None, "gt": [0, 0, 1, 1],
+            "detected": False, "seconds": 0.1}
 
 
 def test_a_full_disk_keeps_every_line_whole_and_appending_continues_once_there_is_space(small_disk: Path) -> None:

@@ -26,6 +26,25 @@ def prompt_text(processor: Any, prompt: str) -> str:
     return prompt
 
 
+_BYTES_PER_TOKEN = 64  # far more than any tokenizer's longest token: a text longer than this many bytes a token is
+# over the limit without being tokenized (a 50 MB prompt would take gigabytes to tokenize)
+
+
+def prompt_too_long(processor: Any, text: str, limit: int) -> str | None:
+    """Why the chat text `text` (prompt_text's) is over `limit` tokens, or None. One sample's over-long prompt would
+    make its whole batch's attention that long (a 100 KB prompt asked for 32 GB), so it is that sample's error."""
+    size = len(text.encode())
+    if size > limit * _BYTES_PER_TOKEN:
+        return (f"prompt: {size} bytes, more than max_prompt_tokens ({limit}) tokens can hold; shorten it, or raise "
+                "max_prompt_tokens")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if count > limit:
+        return (f"prompt: {count} tokens with its chat template, more than max_prompt_tokens ({limit}); shorten "
+                "it, or raise max_prompt_tokens")
+    return None
+
+
 def encode(processor: Any, texts: list[str], images: list[Any]) -> Any:
     """One processor call for a batch, each text with its one image (nested, so that every processor reads the
     images per sample: Gemma 3's would put a flat list all in one sample)."""

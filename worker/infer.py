@@ -18,7 +18,7 @@ from contract.recipe import Recipe
 
 from .device import Device
 from .errors import WorkerError
-from .families import encode, input_sizes, prompt_text
+from .families import encode, input_sizes, prompt_text, prompt_too_long
 from .generation import Generated, generate
 from .image_cache import ProcessorCache, collate
 from .parity import Alter, check_parity
@@ -94,7 +94,7 @@ def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, dev
     batches = _sorted_batches(samples, recipe.requested_batch, recipe.exif)
     cache = ProcessorCache.for_recipe(processor, recipe)
     return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache,
-                                                     exif=recipe.exif))
+                                                     exif=recipe.exif, max_prompt_tokens=recipe.max_prompt_tokens))
 
 
 def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator[list[Sample]]:
@@ -225,11 +225,11 @@ class Prefetched:
 
 def prepare_batch(processor: Any, batch: list[Sample], template: str, device: Device,
                   may_pin: Callable[[], bool] = lambda: True, cache: ProcessorCache | None = None,
-                  exif: str = "apply") -> PreparedBatch:
+                  exif: str = "apply", max_prompt_tokens: int | None = None) -> PreparedBatch:
     items: list[Prepared] = []
     errors: list[tuple[Sample, str, ImageInfo | None]] = []
     for sample in batch:
-        prepared = _prepare(processor, sample, template, exif)
+        prepared = _prepare(processor, sample, template, exif, max_prompt_tokens)
         if isinstance(prepared, Prepared):
             items.append(prepared)
         else:
@@ -271,11 +271,11 @@ def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
         yield samples[start:end]
 
 
-def _prepare(processor: Any, sample: Sample, template: str,
-             exif: str = "apply") -> Prepared | tuple[str, ImageInfo | None]:
+def _prepare(processor: Any, sample: Sample, template: str, exif: str = "apply",
+             max_prompt_tokens: int | None = None) -> Prepared | tuple[str, ImageInfo | None]:
     """The sample's image (as read: upright by default) and chat text, or the reason it cannot be evaluated (and
     the image as read, where it was): a bad row, an unreadable image, ground truth that does not fit the image, a
-    prompt field the sample lacks."""
+    prompt field the sample lacks, a prompt longer than `max_prompt_tokens`."""
     if sample.error:
         return sample.error, None
     try:
@@ -289,7 +289,11 @@ def _prepare(processor: Any, sample: Sample, template: str,
         prompt = render_prompt(template, sample)
     except (KeyError, IndexError, ValueError) as exc:
         return f"prompt: {exc.args[0] if exc.args else exc}", info
-    return Prepared(sample, sample.bbox, image, prompt_text(processor, prompt), info=info)
+    text = prompt_text(processor, prompt)
+    too_long = prompt_too_long(processor, text, max_prompt_tokens) if max_prompt_tokens else None
+    if too_long is not None:
+        return too_long, info
+    return Prepared(sample, sample.bbox, image, text, info=info)
 
 
 def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: Device,

@@ -23,7 +23,7 @@ from typing import Any
 from contract.exits import Exit
 
 from ..errors import UserError
-from ..stats import metric_value, metrics, parse_threshold_key, threshold_key
+from ..stats import fraction, metric_value, metrics, parse_threshold_key, threshold_key
 from .summary import ReportError, load_run
 
 _TOLERANCE = 1e-9  # 0.8 typed on the command line must pass a stored 0.8 computed as a sum / n
@@ -76,6 +76,11 @@ def parse_rules(specs: tuple[str, ...] | list[str], kind: str) -> list[Rule]:
             value = float(match["value"])
         except ValueError:
             raise GateError(f"--{kind} {spec!r}: {match['value']!r} is not a number") from None
+        try:
+            fraction(value, "the value")
+        except ValueError as exc:
+            raise GateError(f"--{kind} {spec!r}: {exc} (metrics and drops are fractions, e.g. mean_iou=0.80)") \
+                from None
         rules.append(Rule(kind, (match["recipe"] or "").strip() or None, metric_name(match["metric"]), value,
                           spec.strip()))
     return rules

@@ -19,12 +19,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypedDict
 
-import orjson
-
 from contract.layout import RunFolder, stamp_time
 
 from ..errors import UserError
-from ..results import read_json, read_samples
+from ..results import DamagedRunFile, read_json, read_samples
 from ..resume import setting_changes
 from ..stats import paired_difference, rule_of, sample_values
 from .gates import metric_name
@@ -186,7 +184,7 @@ def read_entry(folder: Path) -> RunEntry:
     try:
         summary = read_json(run.summary)
         stopped = [r["name"] for r in summary["recipes"] if r.get("status") in _STOPPED]
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, DamagedRunFile, KeyError, TypeError) as exc:
         return RunEntry(folder, UNREADABLE, f"summary.json cannot be read: {exc}", **facts)
     if stopped:
         return RunEntry(folder, UNFINISHED, f"interrupted before {', '.join(stopped)} finished", **facts)
@@ -196,7 +194,7 @@ def read_entry(folder: Path) -> RunEntry:
 def _read_or_empty(path: Path) -> dict[str, Any]:
     try:
         found = read_json(path)
-    except (OSError, orjson.JSONDecodeError):
+    except (OSError, DamagedRunFile):
         return {}
     return found if isinstance(found, dict) else {}
 

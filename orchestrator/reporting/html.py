@@ -19,7 +19,7 @@ from contract.dataset import DatasetError, ImageSource, dataset_exists, open_dat
 from contract.layout import RunFolder
 from contract.recipe import Settings
 
-from ..results import read_json
+from ..results import DamagedRunFile, read_json
 from .cells import (
     best_lead_unclear,
     best_line,
@@ -64,7 +64,7 @@ def render_html(summary: dict[str, Any], run_dir: Path, samples: dict[str, list[
 def _run_record(run_dir: Path) -> dict[str, Any]:
     try:
         return read_json(RunFolder(run_dir).record)
-    except (OSError, orjson.JSONDecodeError):
+    except (OSError, DamagedRunFile):
         return {}
 
 

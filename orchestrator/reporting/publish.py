@@ -15,7 +15,7 @@ from rich.console import Console
 
 from contract.layout import RunFolder, RunsFolder
 
-from ..results import write_bytes, write_json
+from ..results import make_folder, write_bytes, write_json
 from .cells import problems
 from .gates import GateRequest, check, exit_code
 from .history import History
@@ -53,8 +53,8 @@ def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, output
     show_results(summary, gates, outputs.console, html_path)
     _step_summary(summary, gates, run_dir)
     if outputs.junit is not None:
-        outputs.junit.parent.mkdir(parents=True, exist_ok=True)
-        outputs.junit.write_text(junit_xml(summary, gates, run_dir), encoding="utf-8")
+        make_folder(outputs.junit.parent)
+        write_bytes(outputs.junit, junit_xml(summary, gates, run_dir).encode())
     logged = _track(run_dir, summary, outputs.mlflow, outputs) if outputs.mlflow is not None else None
     if outputs.json_out:
         document = {**summary, "run_dir": str(run_dir), "report": str(html_path), "exit_code": code}

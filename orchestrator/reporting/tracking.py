@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import orjson
-
 from contract.layout import RunFolder
 
 from ..errors import UserError
-from ..results import read_json
+from ..results import DamagedRunFile, read_json
 
 RUN_KEY_TAG = "evalorch.run_key"  # <run folder name>/<recipe>: finds the MLflow run of a recipe logged before
 # An unreachable server must cost seconds, not MLflow's default minutes of retries (a user's own setting wins).
@@ -111,7 +109,7 @@ def experiment_name(run_dir: Path, record: dict[str, Any]) -> str:
 def _read_record(run_dir: Path) -> dict[str, Any]:
     try:
         return read_json(RunFolder(run_dir).record)
-    except (OSError, orjson.JSONDecodeError):
+    except (OSError, DamagedRunFile):
         return {}
 
 
