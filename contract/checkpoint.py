@@ -30,6 +30,13 @@ SHARD_INDEX = "model.safetensors.index.json"
 LOADED_JSON = (CONFIG, ADAPTER_CONFIG, SHARD_INDEX, "generation_config.json", "preprocessor_config.json",
                "processor_config.json", "video_preprocessor_config.json", "tokenizer_config.json", "tokenizer.json",
                "special_tokens_map.json", "added_tokens.json", "chat_template.json", "vocab.json")
+# The files beside the weights that change what the model is given or how it answers: its processor, tokenizer,
+# chat template and generation config. A resume compares their fingerprint (files_fingerprint) as it does the
+# weights': a processor edited between an interrupt and a resume would otherwise mix two setups in one row.
+SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
+              "video_preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "tokenizer.model",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja", "vocab.json",
+              "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 # Bytes per element of safetensors' dtypes (the sub-byte float formats are left out: their sizes are not checked)
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
@@ -221,6 +228,21 @@ def fingerprint(config_file: Path, weights: list[Path], *, hash_weights: bool = 
         except OSError as exc:
             raise CheckpointError(f"{weight}: cannot be read ({_os_reason(exc)})") from None
     return ("sha256:" if hash_weights else "quick:") + digest.hexdigest()[:16]
+
+
+def files_fingerprint(folder: Path) -> str:
+    """The identity of a link's side files (SIDE_FILES, and any additional_chat_templates/): every byte of each one
+    present, with its name; "files:none" where it has none."""
+    templates = folder / "additional_chat_templates"
+    found = [folder / name for name in SIDE_FILES if present(folder / name)]
+    found += sorted(templates.glob("*")) if templates.is_dir() else []
+    if not found:
+        return "files:none"
+    digest = hashlib.sha256()
+    for path in found:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(_read_bounded(path, MAX_HEADER_BYTES))
+    return "files:" + digest.hexdigest()[:16]
 
 
 def _sample_tensors(path: Path, header: SafetensorsHeader, digest: Any) -> None:

@@ -22,6 +22,7 @@ attempt recorded (`skip_ids`) is left out last. Samples stream: no reader holds 
 from __future__ import annotations
 
 import glob as globbing
+import hashlib
 import json
 import random
 import re
@@ -30,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from PIL import Image
 
 from .columnar import ArrowTable, Columnar, ParquetTable
@@ -305,6 +307,33 @@ def dataset_stamp(settings: Settings) -> tuple:
 
 
 # -------------------------------------------------------------------------------------- one sample
+
+INPUT_KEY = "input_key"  # a sample record's field: sample_key of what the worker read (None in older records)
+
+
+def sample_key(sample: Sample) -> str:
+    """What a sample's record depends on in the dataset, as a short hash: its id, ground truth (as read, in xyxy),
+    prompt, fields, declared size and reading error, and its image (a file by path, size and modification time; an
+    embedded image by its bytes). The worker records it with every sample; a resume computes it again from the
+    dataset as it is now, and evaluates again a sample whose key differs (contract: the same on both sides)."""
+    payload = [sample.id, _image_identity(sample.image), sample.bbox, sample.prompt, sample.fields,
+               list(sample.declared_size) if sample.declared_size else None, sample.error]
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)).hexdigest()[:16]
+
+
+def _image_identity(source: ImageSource | None) -> list[Any] | str | None:
+    if source is None:
+        return None
+    if source.path is not None:
+        try:
+            found = source.path.stat()
+        except OSError as exc:
+            return [str(source.path), exc.errno]
+        return [str(source.path), found.st_size, found.st_mtime_ns]
+    try:
+        return hashlib.sha256(source.read_bytes()).hexdigest()
+    except OSError as exc:
+        return ["unreadable", str(source), exc.errno]
 
 def check_gt(sample: Sample, info: ImageInfo) -> str | None:
     """Why the sample's ground truth cannot be scored against its image as read, or None."""

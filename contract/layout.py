@@ -9,6 +9,7 @@
     runs/<UTC time>/<recipe>/summary.json   metrics, lineage, timings, status
     runs/<UTC time>/rescore-<UTC time>/     a rescore, laid out like a run folder
     runs/<UTC time>/.lock                   held (flock) by the one process writing the folder
+    runs/<UTC time>/.replaced/<UTC time>/   what a resume set aside (recipes re-run, records of changed samples)
     runs/history.md, history.html           `history runs/`: every run, oldest first (or in its --out)
 
 A merged checkpoint carries lineage.json (MERGE_LINEAGE). Run folders written by earlier versions use the same
@@ -33,6 +34,7 @@ MERGE_LINEAGE = "lineage.json"
 HISTORY_MD = "history.md"
 HISTORY_HTML = "history.html"
 LOCK = ".lock"
+REPLACED = ".replaced"  # what a resume set aside: .replaced/<UTC time>/<recipe>/ (a recipe evaluated again...)
 MERGE_LOCK_SUFFIX = ".merge-lock"  # `merge --out DIR` holds DIR.merge-lock beside DIR while it writes
 # Names a recipe's folder may not take: the run folder's own files, with the ".tmp" each is first written as
 _RUN_FILES = (RUN_RECORD, SUMMARY, REPORT_MD, REPORT_HTML, HISTORY_MD, HISTORY_HTML, LOCK)

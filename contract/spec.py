@@ -27,6 +27,8 @@ class ChainLink:
     bytes: int
     recorded_base: str | None = None  # what an adapter's adapter_config.json names as its base
     source: str = "local"  # "local", "remap", "relative", "hub-cache", "recipe-base"
+    # checkpoint.files_fingerprint: its processor, tokenizer, chat template, generation config (None: not recorded)
+    files_fingerprint: str | None = None
 
 
 class SpecError(Exception):

@@ -26,7 +26,7 @@ from contract.layout import MERGE_LINEAGE, RunFolder
 from contract.nvml import default_device, open_nvml
 from contract.recipe import Settings
 
-from . import __version__
+from . import __version__, resume
 from .errors import UserError
 from .folder_lock import writing
 from .lineage import describe_chain
@@ -41,11 +41,11 @@ from .reporting.gates import GateRequest, gate_request, validate_for_run
 from .reporting.history import read_history
 from .reporting.history_text import show_history
 from .reporting.publish import Outputs, publish, write_history
-from .reporting.summary import load_run, run_summary
+from .reporting.summary import load_run, run_summary, with_recorded_rows
 from .reporting.tracking import mlflow_target
 from .rescore import rescore
 from .results import ResultsWriteError, new_run_dir, write_json
-from .resume import ResumeError, differences, planned_recipe
+from .resume import planned_recipe
 from .scheduler import GpuScheduler, runs_concurrently, scheduled_gpus, workers_per_gpu
 from .stats import IOU_RULE, IOU_RULES, fraction
 from .supervisor import Interrupts, Suite, SuiteOptions
@@ -222,7 +222,9 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
               help="Seconds allowed for each recipe, as a recipe's own `timeout` (default: none).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Continue this interrupted run folder: finished recipes are kept, the others continue.")
-@click.option("--force", is_flag=True, help="With --resume: continue even though recipes or weights changed.")
+@click.option("--force", is_flag=True, help="With --resume: evaluate again from scratch each recipe whose settings, "
+              "weights, processor, tokenizer or chat template changed (its earlier files are kept under .replaced/)."
+              " Without it such a resume is refused.")
 @click.option("--prestart/--no-prestart", default=True, show_default=True,
               help="Start the next recipes' workers (imports, data, page cache; no GPU) while this one runs.")
 @click.option("--prestart-depth", type=click.IntRange(1, 8), default=2, show_default=True,
@@ -257,8 +259,11 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
         raise UserError("--max-workers-per-gpu is for the local backend: on Ray, --ray-lanes says how many at once")
     run_dir = resume_dir or new_run_dir(out)
     with writing(RunFolder(run_dir).lock, "run --resume" if resume_dir else "run"):  # the folder's one writer
-        if resume_dir is not None:
-            _check_resumable(resume_dir, plans, force)
+        recorded = [planned_recipe(p) for p in plans]
+        if resume_dir is not None:  # exactly, or refused: resume.py
+            for line in resume.prepare(resume_dir, plans, force):
+                console.print(Text(line))
+            recorded = resume.merged_recipes(resume_dir, plans)
         interrupts = Interrupts()
         # workers at once on one GPU: only where a preflight can judge its memory (a CPU run goes one at a time)
         per_gpu = (workers_per_gpu(max_workers_per_gpu, device, len(scheduled_gpus(preflight, gpus)))
@@ -267,7 +272,7 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
                                resume=resume_dir is not None, prestart=prestart, prestart_depth=prestart_depth,
                                max_workers_per_gpu=per_gpu)
         try:
-            write_json(RunFolder(run_dir).record, {**_run_record(recipe_file, plans, device, timeout),
+            write_json(RunFolder(run_dir).record, {**_run_record(recipe_file, recorded, device, timeout),
                                                    "backend": cluster.record() if cluster else {"name": "local"},
                                                    "max_workers_per_gpu": options.max_workers_per_gpu})
             console.print(f"Run folder: {run_dir}")
@@ -279,6 +284,7 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
                 else:
                     rows = _run_suite(plans, run_dir, options, interrupts, preflight, gpus, listener)
             baseline = recipe_file.baseline.name if recipe_file.baseline else None
+            rows = with_recorded_rows(run_dir, recorded, rows)  # a resume's unselected recipes keep theirs
             code = publish(run_dir, run_summary(rows, baseline), request, outputs,
                            interrupted=interrupts.stop_requested)
         except ResultsWriteError as exc:  # a full disk, a folder made read-only: the run stops, and can continue
@@ -401,14 +407,6 @@ def _run_on_ray(cluster: Cluster, recipe_file: RecipeFile, plans: list[RecipePla
                       interrupts=interrupts, report=lambda message: console.print(f"    {message}"))
 
 
-def _check_resumable(run_dir: Path, plans: list[RecipePlan], force: bool) -> None:
-    changed = differences(run_dir, plans)
-    if changed and not force:
-        lines = "\n".join(f"  - {c}" for c in changed)
-        raise ResumeError(f"{run_dir} was started with other recipes or weights:\n{lines}\n"
-                          "Results would mix two setups. Start a new run, or pass --force to continue anyway.")
-
-
 @main.command()
 @click.argument("recipes", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--only", metavar="NAME[,NAME...]", help="Plan only these recipes.")
@@ -485,7 +483,7 @@ def merge_command(recipe_name: str, recipes: Path, out: Path, hash_weights: bool
                   f"({record['dtype']}, {record['fingerprint']}); its lineage is in {out / MERGE_LINEAGE}")
 
 
-def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, timeout: float | None) -> dict:
+def _run_record(recipe_file: RecipeFile, recipes: list[dict], device: str, timeout: float | None) -> dict:
     return {
         "orchestrator_version": __version__,
         "command": sys.argv,
@@ -496,5 +494,5 @@ def _run_record(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, t
         "python": platform.python_version(),
         "host": platform.node(),
         "commit": git_commit(recipe_file.path.resolve().parent, Path.cwd()),
-        "recipes": [planned_recipe(p) for p in plans],
+        "recipes": recipes,
     }

@@ -22,6 +22,7 @@ from contract.checkpoint import (
     CheckpointError,
     as_written,
     check_folder,
+    files_fingerprint,
     fingerprint,
     present,
     read_json_object,
@@ -225,6 +226,7 @@ def _make_link(located: Found, recipe: Recipe, hash_weights: bool) -> ChainLink:
         bytes=sum(w.stat().st_size for w in weights),
         recorded_base=recorded,
         source=located.source,
+        files_fingerprint=files_fingerprint(path),
     )
 
 

@@ -23,7 +23,7 @@ from contract.recipe import Recipe
 from orchestrator.plan import RecipePlan
 from orchestrator.recipes import load_recipe_file
 from orchestrator.results import read_samples
-from orchestrator.resume import differences, planned_recipe
+from orchestrator.resume import planned_recipe, recipe_changes, recorded_recipes
 from worker.device import CPU
 from worker.image_cache import ProcessorCache, collate, processor_fingerprint, read_entry
 from worker.infer import _processor_inputs, prefetch, prepare_batch
@@ -285,7 +285,8 @@ def test_resume_ignores_the_cache_settings_and_runs_recorded_before_they_existed
     def resume_with(record: dict, toml: str) -> list[str]:
         (run_dir / "run.json").write_text(json.dumps({"recipes": [record]}))
         path.write_text(toml)
-        return differences(run_dir, [RecipePlan(r, chain=[]) for r in load_recipe_file(path).recipes])
+        (plan,) = [RecipePlan(r, chain=[]) for r in load_recipe_file(path).recipes]
+        return recipe_changes(run_dir, plan, {r["name"]: r for r in recorded_recipes(run_dir)})
 
     before = planned_recipe(RecipePlan(load_recipe_file(path).recipes[0], chain=[]))
     older = {k: v for k, v in before.items() if k not in ("image_cache", "cache_dir")}
@@ -293,7 +294,7 @@ def test_resume_ignores_the_cache_settings_and_runs_recorded_before_they_existed
     assert resume_with(older, base) == []
     assert resume_with(before, base.replace('"model"\n', '"model"\nimage_cache = false\ncache_dir = "x"\n')) == []
     changed = resume_with(older, base.replace('"model"\n', '"model"\nmax_new_tokens = 9\n'))
-    assert changed == ["recipe 'a', field 'max_new_tokens': 64 -> 9"]
+    assert changed == ["field 'max_new_tokens': 64 -> 9"]
 
 
 # ----------------------------------------------------------------------------- a whole run

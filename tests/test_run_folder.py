@@ -4,6 +4,7 @@ that cannot collide with its own files."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,28 @@ def test_a_recipe_may_not_take_a_name_of_the_run_folders_own(name: str, demo: di
     result = run_cli("plan", str(recipes))
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"recipe '{name}' (#1), field 'name'" in result.stderr and "cannot name a recipe" in result.stderr
+
+
+@pytest.mark.parametrize("field,value,says", [
+    (("recipes", 0, "metrics", "mean_iou"), "high", "recipes.0.metrics.mean_iou: Input should be a valid number"),
+    (("recipes", 0, "metrics"), [1, 2], "recipes.0.metrics: Input should be a valid dictionary"),
+    (("recipes",), {"a": 1}, "recipes: Input should be a valid list"),
+    (("recipes", 0, "name"), 5, "recipes.0.name: Input should be a valid string"),
+    (("recipes", 0, "lineage"), "x", "recipes.0.lineage: Input should be a valid list"),
+])
+def test_a_summary_of_the_wrong_shape_is_named_by_its_field(tmp_path: Path, field: tuple, value: object,
+                                                            says: str) -> None:
+    run_dir = make_run(tmp_path, name="20260101T000000Z")
+    make_run(tmp_path, name="20260102T000000Z")
+    summary = json.loads(RunFolder(run_dir).summary.read_text())
+    target = summary
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    RunFolder(run_dir).summary.write_text(json.dumps(summary))
+    report = run_cli("report", str(run_dir))
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+    assert f"{RunFolder(run_dir).summary}: {says}" in " ".join(report.stderr.split())
+    history = run_cli("history", str(tmp_path / "runs"))  # the other run is still shown; this one is named
+    assert history.returncode == 0 and "Traceback" not in history.stderr, history.stdout + history.stderr
+    assert "unreadable" in history.stdout

@@ -13,7 +13,17 @@ import torch
 
 from contract.batching import even_bounds, window_size
 from contract.boxes import InputSizeMissing, Size, score_text
-from contract.dataset import ImageInfo, Sample, check_gt, image_record, image_size, read_sample_image, render_prompt
+from contract.dataset import (
+    INPUT_KEY,
+    ImageInfo,
+    Sample,
+    check_gt,
+    image_record,
+    image_size,
+    read_sample_image,
+    render_prompt,
+    sample_key,
+)
 from contract.recipe import Recipe
 
 from .device import Device
@@ -346,6 +356,7 @@ def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -
                                     "saw; choose a box format in relative coordinates") from None
     return {
         "id": item.sample.id,
+        INPUT_KEY: sample_key(item.sample),
         "status": "ok",
         "gt": item.gt,
         "text": text,
@@ -359,6 +370,7 @@ def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -
 
 def _error_record(sample: Sample, error: str, info: ImageInfo | None = None) -> dict:
     return {
-        "id": sample.id, "status": "error", "gt": sample.bbox, "text": None, **image_record(info), "input_size": None,
-        "seconds": 0.0, "error": error, "pred": None, "iou": 0.0, "detected": False,
+        "id": sample.id, INPUT_KEY: sample_key(sample), "status": "error", "gt": sample.bbox, "text": None,
+        **image_record(info), "input_size": None, "seconds": 0.0, "error": error, "pred": None, "iou": 0.0,
+        "detected": False,
     }

@@ -26,6 +26,7 @@ from ..results import DamagedRunFile, read_json, read_samples
 from ..resume import setting_changes
 from ..stats import paired_difference, rule_of, sample_values
 from .gates import metric_name
+from .summary import read_summary
 
 FINISHED, UNFINISHED, NOT_A_RUN, UNREADABLE = "finished", "did not finish", "not a run", "unreadable"
 BETTER, WORSE, NEW_SETUP, NOT_COMPARED = "better", "worse", "new setup", "not compared"
@@ -182,9 +183,9 @@ def read_entry(folder: Path) -> RunEntry:
     if not run.summary.is_file():
         return RunEntry(folder, UNFINISHED, "no summary.json (stopped before its end)", **facts)
     try:
-        summary = read_json(run.summary)
+        summary = read_summary(run.summary)
         stopped = [r["name"] for r in summary["recipes"] if r.get("status") in _STOPPED]
-    except (OSError, DamagedRunFile, KeyError, TypeError) as exc:
+    except (OSError, DamagedRunFile) as exc:
         return RunEntry(folder, UNREADABLE, f"summary.json cannot be read: {exc}", **facts)
     if stopped:
         return RunEntry(folder, UNFINISHED, f"interrupted before {', '.join(stopped)} finished", **facts)

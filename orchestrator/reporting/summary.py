@@ -6,12 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, StrictFloat, ValidationError
+
 from contract.layout import RunFolder
 
 from ..errors import UserError
-from ..results import read_json, read_samples
+from ..results import DamagedRunFile, read_json, read_samples
 from ..stats import (
     DEFAULT_THRESHOLDS,
+    IOU_RULE,
     OLD_IOU_RULE,
     metric_intervals,
     metrics,
@@ -54,24 +57,65 @@ def run_summary(rows: list[dict[str, Any]], baseline: str | None) -> dict[str, A
     }
 
 
+class _Row(BaseModel):
+    """The fields of a recipe row every reader relies on, as summary.json must hold them (issue 31 types the whole
+    row); the rest is kept as it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    status: str
+    metrics: dict[str, StrictFloat | None] | None = None  # a count is a number too (StrictFloat takes ints)
+    recipe: dict[str, Any] | None = None
+    lineage: list[dict[str, Any]] | None = None
+
+
+class _Summary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    recipes: list[_Row]
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A summary.json whose recipe rows have the shape the readers rely on; DamagedRunFile naming the first field
+    that has not (a hand-edited or foreign file: a figure read from it would be a guess)."""
+    summary = read_json(path)
+    try:
+        _Summary.model_validate(summary)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        raise DamagedRunFile(path, f"{where}: {first['msg']}") from None
+    return summary
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     """The run's summary: summary.json when the run got that far, else rebuilt from each recipe's folder
     (an interrupted parent leaves samples but no summary)."""
     folder = RunFolder(run_dir)
     if folder.summary.is_file():
-        return read_json(folder.summary)
+        return read_summary(folder.summary)
     record = folder.record
     if not record.is_file():
         raise ReportError(f"{run_dir} is not a run folder (no summary.json, no run.json)")
     run_record = read_json(record)
     planned = run_record.get("recipes", [])
     rule = run_record.get("iou_rule", OLD_IOU_RULE)  # a run.json from before the rule was recorded counted ">"
-    rows = [_rebuilt_row(run_dir, recipe, rule) for recipe in planned]
+    rows = [recorded_row(run_dir, recipe, rule) for recipe in planned]
     baseline = next((r["name"] for r in planned if r.get("baseline")), None)
     return run_summary(rows, baseline)
 
 
-def _rebuilt_row(run_dir: Path, recipe: dict[str, Any], rule: str) -> dict[str, Any]:
+def with_recorded_rows(run_dir: Path, recipes: list[dict[str, Any]],
+                       rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row for every recipe run.json records, in its order: `rows` (just evaluated) where they have one, else
+    the one the folder holds (a recipe a resume did not select keeps its row)."""
+    fresh = {row["name"]: row for row in rows}
+    return [fresh.get(recipe["name"]) or recorded_row(run_dir, recipe, IOU_RULE) for recipe in recipes]
+
+
+def recorded_row(run_dir: Path, recipe: dict[str, Any], rule: str) -> dict[str, Any]:
+    """A recipe's row from its folder: its summary.json, or rebuilt from its samples where it has none."""
     folder = RunFolder(run_dir).recipe(recipe["name"])
     if folder.summary.is_file():
         stored = read_json(folder.summary)
