@@ -19,9 +19,11 @@ from helpers import ROOT
 
 from contract.nvml import GpuState
 from orchestrator.provenance import git_commit
+from scripts.gpu_commit import checkout_digest
 
 VERIFIED = ROOT / ".gpu-verified"
-COMMIT_ENV = "EVALORCH_GPU_COMMIT"  # the commit under test, where the checkout has no .git (a copied tree)
+COMMIT_ENV = "EVALORCH_GPU_COMMIT"  # the commit under test, where the tree was copied (its .git may be another's)
+DIGEST_ENV = "EVALORCH_GPU_DIGEST"  # scripts/gpu_commit.py's digest of that commit's files
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -51,21 +53,37 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if SIMULATED or not all("gpu" in item.keywords for item in session.items):
         return  # a dry run on the CPU, or a run that mixed in CPU tests: not the GPU suite on a GPU
     state = gpu_state()
-    commit = os.environ.get(COMMIT_ENV) or git_commit(ROOT)
-    if state is None or not commit:
-        return
-    dirty = _uncommitted_changes()
-    if dirty:  # what ran is not the commit the record would name
-        print(f"\n.gpu-verified not written: the checkout differs from {commit[:10]} ({dirty})")
+    commit, problem = _verified_commit()
+    if state is None or commit is None:
+        print(f"\n{VERIFIED.name} not written: {problem or 'NVML sees no GPU'}")
         return
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     VERIFIED.write_text(f"{commit} {when} {state.name} {passed} passed\n")
     print(f"\nwrote {VERIFIED.name}: {VERIFIED.read_text().strip()}")
 
 
+def _verified_commit() -> tuple[str | None, str]:
+    """The commit whose files ran, else None and why none can be named. A copied tree (the GPU machine's) is told
+    its commit and that commit's digest (scripts/gpu_commit.py) and must hold exactly those files; a git checkout
+    must be clean."""
+    named, digest = os.environ.get(COMMIT_ENV), os.environ.get(DIGEST_ENV)
+    if named:
+        if not digest:
+            return None, f"{COMMIT_ENV} needs {DIGEST_ENV} beside it (python scripts/gpu_commit.py prints both)"
+        here = checkout_digest(ROOT)
+        if here != digest:
+            return None, f"the files here (digest {here}) are not those of {named[:10]} (digest {digest})"
+        return named, ""
+    dirty = _uncommitted_changes()
+    if dirty:
+        return None, f"the checkout differs from its commit ({dirty})"
+    commit = git_commit(ROOT)
+    return commit, "" if commit else "not a git checkout, and no commit named"
+
+
 def _uncommitted_changes() -> str | None:
     """What `git status` lists besides .gpu-verified, where the checkout is a git one; None where it is clean or
-    not a git checkout (a copied tree: EVALORCH_GPU_COMMIT names its commit)."""
+    not a git checkout."""
     try:
         done = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                               capture_output=True, text=True, timeout=10)
