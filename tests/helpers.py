@@ -38,6 +38,16 @@ def write_recipes(folder: Path, body: str, demo: dict | None = None, **defaults:
     return path
 
 
+DEMO_FOLDERS = {"base": "base", "r1-llm-only": "r1-llm-only", "r2-vision-only": "r2-vision-only",
+                "r3-two-stage": "r3-stage2", "r4-joint": "r4-joint"}  # recipe -> the demo family's folder
+
+
+def demo_recipes(models: Path, names: list[str]) -> str:
+    """[[recipe]] entries for these recipes of the demo family under `models`, the first the baseline."""
+    return "".join(f'[[recipe]]\nname = "{name}"\nmodel = "{models / DEMO_FOLDERS[name]}"\n'
+                   + ("baseline = true\n" if index == 0 else "") for index, name in enumerate(names))
+
+
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

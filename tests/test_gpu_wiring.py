@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, only_run_dir, run_cli, write_recipes
+from helpers import ROOT, demo_recipes, only_run_dir, run_cli, write_recipes
 from safetensors.torch import load_file, save_file
 
 from contract.messages import DECODE_GRAPH_ON
@@ -28,24 +28,12 @@ from worker.simulated_gpu import SimulatedGpu
 from worker.weights import load_safetensors
 
 GIB = 2**30
-RECIPES = """
-[[recipe]]
-name = "base"
-model = "{models}/base"
-baseline = true
-[[recipe]]
-name = "r1-llm-only"
-model = "{models}/r1-llm-only"
-[[recipe]]
-name = "r3-two-stage"
-model = "{models}/r3-stage2"
-"""
 NAMES = ["base", "r1-llm-only", "r3-two-stage"]
 
 
 def _run(folder: Path, demo: dict, device: str) -> dict:
     folder.mkdir()
-    recipes = write_recipes(folder, RECIPES.format(models=demo["root"] / "models"), demo, max_new_tokens=10)
+    recipes = write_recipes(folder, demo_recipes(demo["root"] / "models", NAMES), demo, max_new_tokens=10)
     env = {}
     if device == "cuda":
         write_fake_nvml(folder / "nvml.json", [{"name": "Fake H100", "uuid": "GPU-fake-0", "total_bytes": 80 * GIB,

@@ -8,35 +8,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import only_run_dir, run_cli, write_recipes
+from helpers import demo_recipes, only_run_dir, run_cli, write_recipes
 
 from orchestrator.results import read_samples
 
-DEMO_RECIPES = """
-[[recipe]]
-name = "base"
-model = "{models}/base"
-baseline = true
-[[recipe]]
-name = "r1-llm-only"
-model = "{models}/r1-llm-only"
-[[recipe]]
-name = "r2-vision-only"
-model = "{models}/r2-vision-only"
-[[recipe]]
-name = "r3-two-stage"
-model = "{models}/r3-stage2"
-[[recipe]]
-name = "r4-joint"
-model = "{models}/r4-joint"
-"""
 NAMES = ["base", "r1-llm-only", "r2-vision-only", "r3-two-stage", "r4-joint"]
 
 
 @pytest.fixture(scope="module")
 def demo_run(demo: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("suite")
-    recipes = write_recipes(folder, DEMO_RECIPES.format(models=demo["root"] / "models"), demo)
+    recipes = write_recipes(folder, demo_recipes(demo["root"] / "models", NAMES), demo)
     result = run_cli("run", str(recipes), "--out", str(folder / "runs"), "--device", "cpu")
     return {"result": result, "run_dir": only_run_dir(folder / "runs"), "recipes": recipes}
 
