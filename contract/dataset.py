@@ -37,7 +37,7 @@ from PIL import Image
 from .columnar import ArrowTable, Columnar, ParquetTable
 from .images import NO_IMAGE_RECORD, ImageInfo, ImageSource, read_header, read_image
 from .readers import Coco, JsonLines
-from .samples import DatasetError, Sample, template_fields
+from .samples import DatasetError, Sample, SampleId, id_text, template_fields
 
 if TYPE_CHECKING:
     from .recipe import Settings
@@ -54,7 +54,7 @@ _SHARD = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parqu
 class Dataset:
     """The samples a recipe evaluates, re-iterable: each pass reads the files again, in order."""
 
-    def __init__(self, reader: Any, settings: Settings | None = None, skip_ids: Iterable[str] = (),
+    def __init__(self, reader: Any, settings: Settings | None = None, skip_ids: Iterable[SampleId] = (),
                  source: str = "the dataset") -> None:
         self.reader, self.source = reader, source
         self.format: str = reader.format
@@ -63,7 +63,7 @@ class Dataset:
         self.ids = read_ids(getattr(settings, "ids", None))
         self.sample, self.seed = getattr(settings, "sample", None), getattr(settings, "seed", 0)
         self.limit: int | None = getattr(settings, "limit", None)
-        self.skip_ids = frozenset(skip_ids)
+        self.skip_ids = frozenset(id_text(i) for i in skip_ids)
         self._drawn: frozenset[int] | None = None
 
     def describe(self) -> str:
@@ -85,7 +85,7 @@ class Dataset:
             if self.limit is not None and kept >= self.limit:
                 return
             kept += 1
-            if sample.id not in self.skip_ids:
+            if id_text(sample.id) not in self.skip_ids:
                 yield sample
 
     def count(self) -> int:
@@ -96,12 +96,13 @@ class Dataset:
         sample of one id would be evaluated and then silently dropped (a DatasetError naming both places)."""
         rows = self.reader.rows(self.bbox_format, images)
         first: dict[str, str] = {}
-        for sample in rows if self.ids is None else (s for s in rows if s.id in self.ids):
-            if sample.id in first:
-                raise DatasetError(f"{self.source}: id {sample.id!r} at {first[sample.id]} and again "
-                                   f"at {sample.where or 'a later row'}; ids must be unique (records, --resume and "
+        for sample in rows if self.ids is None else (s for s in rows if id_text(s.id) in self.ids):
+            key = id_text(sample.id)
+            if key in first:
+                raise DatasetError(f"{self.source}: id {key!r} at {first[key]} and again at "
+                                   f"{sample.where or 'a later row'}; ids must be unique (records, --resume and "
                                    "comparisons go by them; 5 and \"5\" are the same id)")
-            first[sample.id] = sample.where or "an earlier row"
+            first[key] = sample.where or "an earlier row"
             yield sample
 
     def _draw(self) -> frozenset[int]:
@@ -112,7 +113,8 @@ class Dataset:
         return self._drawn
 
 
-def open_dataset(path: str | Path, settings: Settings | None = None, *, skip_ids: Iterable[str] = ()) -> Dataset:
+def open_dataset(path: str | Path, settings: Settings | None = None, *,
+                 skip_ids: Iterable[SampleId] = ()) -> Dataset:
     """The dataset at `path` as the recipe's settings read it; DatasetError when it cannot be read at all."""
     fmt = getattr(settings, "dataset_format", "auto")
     root = getattr(settings, "image_root", None)
@@ -282,8 +284,8 @@ def _scan(dataset: Dataset, wanted: set[str], rows: bool) -> dict[str, Any]:
     candidates = usable = 0
     if wanted or rows:
         for sample in dataset.reader.rows(dataset.bbox_format, images=False):
-            ids.add(sample.id)
-            candidates += dataset.ids is None or sample.id in dataset.ids
+            ids.add(id_text(sample.id))
+            candidates += dataset.ids is None or id_text(sample.id) in dataset.ids
             if sample.error is None:
                 usable += 1
                 found |= {name for name in wanted - found if _value(sample, name) is not None}
@@ -406,7 +408,7 @@ def iter_samples(path: Path | str, *, limit: int | None = None, settings: Settin
     return dataset.samples()
 
 
-def read_dataset(path: Path | str, *, limit: int | None = None, skip_ids: set[str] | None = None,
+def read_dataset(path: Path | str, *, limit: int | None = None, skip_ids: set[SampleId] | None = None,
                  settings: Settings | None = None) -> list[Sample]:
     """Every selected sample as a list: for small sets (tests, scripts); the worker streams (open_dataset)."""
     dataset = open_dataset(path, settings, skip_ids=skip_ids or ())

@@ -19,12 +19,20 @@ class DatasetError(Exception):
     names the file. A bad row is never this: it is a sample with `error` set."""
 
 
+SampleId = str | int  # as the dataset wrote it: records keep a whole number a number
+
+
+def id_text(sample_id: SampleId) -> str:
+    """The id as text: what makes two ids the same (5 and "5" are one id) and what `ids` lists and files name."""
+    return str(sample_id)
+
+
 @dataclass
 class Sample:
     """One sample. `bbox` is the ground truth in xyxy pixels, whatever the dataset stores; `error` is set when the
     row itself is unusable (the worker records it, never scores it)."""
 
-    id: str
+    id: SampleId
     image: ImageSource | None
     bbox: list[float] | None
     prompt: str | None
@@ -51,12 +59,12 @@ class Sample:
         return text + ")"
 
 
-def read_id(value: Any, fallback: str) -> tuple[str, str | None]:
-    """(the sample's id, the problem with the one given): a string or a whole number as written; none given, the
-    fallback (its place in the file). Any other value (null, true, 1.5, a list) is the sample's error, not an id
-    made up from its text ("None")."""
+def read_id(value: Any, fallback: str) -> tuple[SampleId, str | None]:
+    """(the sample's id, the problem with the one given): a string or a whole number, kept as written (the records
+    keep 5 a number and "5" a string, so they join with the dataset); none given, the fallback (its place in the
+    file). Any other value (null, true, 1.5, a list) is the sample's error, not an id made up from its text."""
     if (isinstance(value, str) and value.strip()) or (isinstance(value, int) and not isinstance(value, bool)):
-        return str(value), None
+        return value, None
     return fallback, f"'id' must be a non-empty string or a whole number (got {value!r})"
 
 

@@ -44,7 +44,7 @@ class WorkerSpec(BaseModel):
     chain: list[ChainLink] = Field(min_length=1)
     dataset: str
     device: Literal["cpu", "cuda"]
-    skip_ids: list[str] = Field(default_factory=list)  # samples already recorded (resume, retry)
+    skip_ids: list[str | int] = Field(default_factory=list)  # samples already recorded (resume, retry), as recorded
     attempt: int = Field(1, ge=1)
     # Hidden start-up: a held worker imports, reads its data and warms the page cache with its weights while
     # the previous recipe still runs, sends `ready`, and touches the device only after the parent's `go`.

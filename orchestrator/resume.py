@@ -22,6 +22,7 @@ import orjson
 from contract.dataset import INPUT_KEY, DatasetError, open_dataset, sample_key
 from contract.layout import REPLACED, RunFolder
 from contract.recipe import Recipe
+from contract.samples import id_text
 
 from .errors import UserError
 from .plan import RecipePlan
@@ -109,13 +110,14 @@ def _drop_stale_samples(run_dir: Path, plan: RecipePlan, aside: Path) -> list[st
     if not records:
         return []
     current = _sample_keys(plan.recipe)
-    stale = [r for r in records if current.get(r["id"]) != r[INPUT_KEY]]
-    changed = sum(r["id"] in current for r in stale)
-    unrecorded = set(current) - {r["id"] for r in records}
+    stale = [r for r in records if current.get(id_text(r["id"])) != r[INPUT_KEY]]
+    changed = sum(id_text(r["id"]) in current for r in stale)
+    unrecorded = set(current) - {id_text(r["id"]) for r in records}
     if stale:
         _keep_a_copy(folder.samples, aside / name)
-        stale_ids = {r["id"] for r in stale}
-        write_bytes(folder.samples, b"".join(orjson.dumps(r) + b"\n" for r in records if r["id"] not in stale_ids))
+        gone = {id_text(r["id"]) for r in stale}
+        kept = [r for r in records if id_text(r["id"]) not in gone]
+        write_bytes(folder.samples, b"".join(orjson.dumps(r) + b"\n" for r in kept))
     if (stale or unrecorded) and folder.summary.exists():
         _keep_a_copy(folder.summary, aside / name)
         folder.summary.unlink()  # not finished any more: the run continues it
@@ -130,7 +132,7 @@ def _drop_stale_samples(run_dir: Path, plan: RecipePlan, aside: Path) -> list[st
 
 def _sample_keys(recipe: Recipe) -> dict[str, str]:
     try:
-        return {sample.id: sample_key(sample) for sample in open_dataset(recipe.dataset or "", recipe)}
+        return {id_text(sample.id): sample_key(sample) for sample in open_dataset(recipe.dataset or "", recipe)}
     except (DatasetError, OSError) as exc:
         raise ResumeError(f"recipe '{recipe.name}': its dataset cannot be read to compare with what was recorded "
                           f"({exc})") from None

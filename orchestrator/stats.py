@@ -20,6 +20,8 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+from contract.samples import id_text
+
 DEFAULT_THRESHOLDS = (0.5, 0.7)
 
 
@@ -193,18 +195,18 @@ def paired_comparison(samples: Sequence[dict[str, Any]], baseline: Sequence[dict
 
 
 def sample_values(samples: Sequence[dict[str, Any]], metric: str = "mean_iou", rule: str = ">") -> dict[str, float]:
-    """Each scored sample's part of `metric` (the metric is their mean), by id: its IoU for mean_iou, 1/0 for
-    detection_rate and for the rate at t, iou_ge_<t> or iou_gt_<t> (IoU `rule` t, as the run scored it).
-    ValueError for another name."""
+    """Each scored sample's part of `metric` (the metric is their mean), by id (as text: a run recorded before ids
+    kept their type pairs with one after): its IoU for mean_iou, 1/0 for detection_rate and for the rate at t,
+    iou_ge_<t> or iou_gt_<t> (IoU `rule` t, as the run scored it). ValueError for another name."""
     scored = [s for s in samples if s.get("status") == "ok"]
     if metric == "mean_iou":
-        return {s["id"]: float(s["iou"]) for s in scored}
+        return {id_text(s["id"]): float(s["iou"]) for s in scored}
     if metric == "detection_rate":
-        return {s["id"]: 1.0 if s["detected"] else 0.0 for s in scored}
+        return {id_text(s["id"]): 1.0 if s["detected"] else 0.0 for s in scored}
     parsed = parse_threshold_key(metric)  # the rate at t, under either key name: counted by `rule`
     if parsed is not None and rule in _RULES:
         above = _RULES[rule]
-        return {s["id"]: 1.0 if above(float(s["iou"]), parsed[0]) else 0.0 for s in scored}
+        return {id_text(s["id"]): 1.0 if above(float(s["iou"]), parsed[0]) else 0.0 for s in scored}
     raise ValueError(f"unknown metric {metric!r} (or threshold rule {rule!r})")
 
 

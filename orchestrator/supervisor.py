@@ -466,7 +466,7 @@ class Suite:
         recipe = plan.recipe
         recipe_dir = make_folder(self.run_dir / recipe.name)
         settings = recipe.model_copy(update={"batch_size": _batch_size(plan, decision)})
-        done_ids = sorted({s["id"] for s in repair_samples(RecipeFolder(recipe_dir).samples)})
+        done_ids = sorted({s["id"] for s in repair_samples(RecipeFolder(recipe_dir).samples)}, key=str)
         spec = WorkerSpec(recipe=settings, chain=plan.chain or [], dataset=str(recipe.dataset),
                                    device=self.options.device, skip_ids=done_ids, attempt=attempt, hold=hold)
         env, env_record = worker_env(self.options.device, decision.gpu, offline=self.options.offline,

@@ -267,23 +267,23 @@ def test_coco_json_reads_one_sample_per_annotation_with_xywh_implied(tmp_path: P
     samples = {s.id: s for s in dataset}
     assert len(samples) == 14 and "annotation14" in samples  # every annotation, the bad ones too
     for n in range(1, 9):
-        sample = samples[str(100 + n)]
+        sample = samples[100 + n]  # COCO's ids are numbers, and stay numbers
         assert sample.error is None and sample.bbox == BOX and sample.prompt == "red box"
         assert sample.fields["supercategory"] == "shape" and sample.fields["file_name"] == f"photo{n}.jpg"
         assert check_gt(sample, read_sample_image(sample)[1]) is None
-    assert samples["200"].prompt == "the grey corner" and samples["200"].bbox == [1, 1, 11, 11]
-    assert "image_id 99 is not in 'images'" in samples["201"].error
-    assert "not four numbers" in samples["202"].error and "not four numbers" in samples["203"].error
+    assert samples[200].prompt == "the grey corner" and samples[200].bbox == [1, 1, 11, 11]
+    assert "image_id 99 is not in 'images'" in samples[201].error
+    assert "not four numbers" in samples[202].error and "not four numbers" in samples[203].error
     assert "not a JSON object" in samples["annotation14"].error
-    stored = samples["204"]  # COCO says 64x96, read upright it is 96x64: the annotator saw the stored pixels
+    stored = samples[204]  # COCO says 64x96, read upright it is 96x64: the annotator saw the stored pixels
     problem = check_gt(stored, read_sample_image(stored)[1])
     assert "says its image is 64x96, read it is 96x64, EXIF orientation 6 applied" in problem
     assert 'exif = "ignore"' in problem
     assert check_gt(stored, read_sample_image(stored, "ignore")[1]) is None
-    assert render_prompt("Find the {category} ({supercategory}), id {id}", samples["101"]) == \
+    assert render_prompt("Find the {category} ({supercategory}), id {id}", samples[101]) == \
         "Find the red box (shape), id 101"
     chosen = open_dataset(path, Settings(image_root=str(tmp_path / "images"), ids=[102, "200"]))  # COCO's ints
-    assert [s.id for s in chosen] == ["102", "200"]
+    assert [s.id for s in chosen] == [102, 200]
 
 
 def test_a_json_lines_file_named_json_is_still_json_lines(tmp_path: Path) -> None:
@@ -717,3 +717,22 @@ def test_an_over_long_prompt_is_that_samples_error_and_the_batch_runs(demo: dict
         "(4096)" in records["long"]["error"]
     assert records["huge"]["status"] == "error" and "bytes, more than max_prompt_tokens (4096) tokens can hold" in \
         records["huge"]["error"]
+
+
+def test_ids_keep_their_json_type_in_the_records_and_a_resume_skips_them(demo: dict, tmp_path: Path) -> None:
+    path = _lines_set(tmp_path, [5, "s1", 12])
+    recipes = write_recipes(tmp_path, f'[[recipe]]\nname = "base"\nmodel = "{demo["models"]["base"]}"\n', demo,
+                            dataset=str(path), batch_size=1)
+    result = run_cli("run", str(recipes), "--device", "cpu", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    samples = run_dir / "base" / "samples.jsonl"
+    assert sorted(((type(r["id"]).__name__, r["id"]) for r in read_samples(samples)), key=str) == \
+        [("int", 12), ("int", 5), ("str", "s1")]
+    lines = samples.read_bytes().splitlines(keepends=True)  # interrupted after the first record
+    samples.write_bytes(lines[0])
+    (run_dir / "base" / "summary.json").unlink()
+    resumed = run_cli("run", str(recipes), "--device", "cpu", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    ids = [r["id"] for r in read_samples(samples)]
+    assert len(ids) == 3 and {5, "s1", 12} == set(ids)

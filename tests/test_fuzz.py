@@ -188,7 +188,7 @@ def test_every_dataset_line_is_a_sample_or_a_sample_error(tmp_path_factory: pyte
     assert len(samples) == sum(1 for line in lines if line.strip())
     assert len({sample.id for sample in samples}) == len(samples)
     for sample in samples:
-        assert isinstance(sample, Sample) and isinstance(sample.id, str)
+        assert isinstance(sample, Sample) and isinstance(sample.id, str | int) and not isinstance(sample.id, bool)
         if sample.error is None:  # usable: an image path and four finite numbers
             assert isinstance(sample.image_path, Path)
             assert len(sample.bbox) == 4 and all(isinstance(v, float) and abs(v) < float("inf") for v in sample.bbox)

@@ -148,7 +148,7 @@ def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
             notes.append((True, f"{row['name']}: batch parity: {checked} of {checked} sample(s) of the first batch "
                                 f"(batch {batch}) give the same answer alone{_parity_how(parity)}"))
             continue
-        ids = ", ".join(d["id"] for d in wrong[:10]) + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+        ids = ", ".join(str(d["id"]) for d in wrong[:10]) + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
         notes.append((False, f"{row['name']}: batch parity FAILED: {len(wrong)} of {checked} sample(s) of the first "
                              f"batch (batch {batch}) answer differently when generated alone: {ids}. Batched "
                              "numbers may not be the model's (left padding, position ids): compare with "

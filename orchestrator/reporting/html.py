@@ -18,6 +18,7 @@ import orjson
 from contract.dataset import DatasetError, ImageSource, dataset_exists, open_dataset, read_image
 from contract.layout import RunFolder
 from contract.recipe import Settings
+from contract.samples import id_text
 
 from ..results import DamagedRunFile, read_json
 from .cells import (
@@ -245,7 +246,7 @@ def _gallery(row: dict[str, Any], scored: list[dict[str, Any]], run_dir: Path) -
     exif = "ignore" if recipe.get("exif") == "ignore" else "apply"  # the image as the worker read it
     cards = []
     for sample in worst:
-        source = images.get(str(sample["id"]))
+        source = images.get(id_text(sample["id"]))
         picture = _sample_png(source, exif, sample.get("gt"), sample.get("pred")) if source else None
         shown = _png(picture, f"sample {sample['id']}", "sample") if picture else \
             '<div class="noimage">image not available</div>'
@@ -289,7 +290,8 @@ def dataset_images(dataset: str, run_dir: str, reading: str = "{}") -> dict[str,
         return {}
     try:
         settings = Settings.model_validate({k: v for k, v in orjson.loads(reading).items() if v is not None})
-        return {s.id: s.image for s in open_dataset(path, settings).samples(images=False) if s.image is not None}
+        return {id_text(s.id): s.image for s in open_dataset(path, settings).samples(images=False)
+                if s.image is not None}
     except (OSError, ValueError, DatasetError):
         return {}
 
