@@ -18,16 +18,16 @@ $(VENV)/.installed: pyproject.toml
 
 # The random-weight tiny family the tests use (recipes.toml evaluates the trained one in examples/demo-family).
 demo-models: setup
-	$(PY) scripts/make_demo.py --out demo
+	$(PY) -m tools.make_demo --out demo
 
-# The main job on the committed, trained demo family (scripts/train_demo.py made it on a GPU).
+# The main job on the committed, trained demo family (tools/train_demo.py made it on a GPU).
 demo: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m orchestrator run recipes.toml
 
 test: setup
 	$(PY) -m pytest -q
 
-# ruff, the type checker (pyproject's [tool.mypy]: contract, orchestrator, worker, scripts) and the import rules
+# ruff, the type checker (pyproject's [tool.mypy]: contract, orchestrator, worker, tools, benchmarks) and the import rules
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

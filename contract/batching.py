@@ -1,5 +1,5 @@
 """How the worker cuts a recipe's samples into batches, and so how large its largest batch is: one rule, read by the
-worker (worker/infer.py) and by the parent's memory estimate, which must count the batch the worker will run, not
+worker (inference/infer.py) and by the parent's memory estimate, which must count the batch the worker will run, not
 the batch_size asked for (32 samples at batch 24 run as 16 + 16: estimated at 24, InternVL was 47% over)."""
 
 from __future__ import annotations

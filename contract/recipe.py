@@ -2,7 +2,7 @@
 worker validates again from its spec, and what each "auto" value means on a device.
 
 Reading the recipe file itself ([defaults] merged in, paths made absolute, every problem collected) is the
-parent's: orchestrator/recipes.py.
+parent's: orchestrator/planning/recipes.py.
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ class Settings(BaseModel):
         "transformers: its own from_pretrained reads (slower on a GPU; a fallback for checkpoints staging can't read)")
     decode_attention: Literal["kvcache", "transformers"] = Field(
         "kvcache", description="with flash_attention_2, how a decode step attends over the batch's left-padded "
-        "cache: kvcache, flash-attn's kvcache kernel reads it in place (worker/decode_attention.py); transformers, "
+        "cache: kvcache, flash-attn's kvcache kernel reads it in place (worker/decode/); transformers, "
         "its own path, which copies the cache without its padding at every layer and waits for the GPU twice a "
         "layer")
     decode_graph: bool = Field(
         True, description="with decode_attention = kvcache on a GPU, replay each batch's decode steps from a CUDA "
-        "graph recorded at its first step (worker/graph_decode.py): the host no longer launches every kernel of "
+        "graph recorded at its first step (worker/decode/graph_decode.py): the host no longer launches every kernel of "
         "every step; a batch whose recorded step is not bitwise the eager one goes on eagerly, and the report "
         "says so")
     merge_adapters: bool = Field(False, description="merge the top adapter into the weights too, as the lower ones "
@@ -86,7 +86,7 @@ class Settings(BaseModel):
                                            "of its samples such as 0.02; above it the recipe fails (exit 1)")
     parity_check: int = Field(8, ge=0, le=4096, description="check this many samples of the first batch again "
                               "one at a time against their batched answers (0: off): teacher-forced, and generated "
-                              "alone where that disagrees (worker/parity.py); a disagreement is a warning naming "
+                              "alone where that disagrees (inference/parity.py); a disagreement is a warning naming "
                               "the samples")
     trust_remote_code: bool = False
     allow_pickle: bool = False

@@ -13,7 +13,7 @@ from .messages import PROTOCOL_VERSION
 from .recipe import Recipe
 
 # CPU threads a GPU worker runs torch with (its CPU work is batch preparation; worker/__main__.py `_share_cpu`).
-# The parent sizes how many GPU workers a host can feed at once by it (orchestrator/scheduler.py).
+# The parent sizes how many GPU workers a host can feed at once by it (orchestrator/execution/scheduler.py).
 GPU_WORKER_THREADS = 4
 
 

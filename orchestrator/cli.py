@@ -25,30 +25,30 @@ from contract.exits import Exit
 from contract.layout import MERGE_LINEAGE, RunFolder
 from contract.nvml import default_device, open_nvml
 from contract.recipe import Settings
-
-from . import __version__, resume
-from .errors import UserError
-from .folder_lock import writing
-from .lineage import describe_chain
-from .merge import merge_recipe
-from .plan import RecipePlan, make_plans
-from .preflight import plan_lines, preflight_for
-from .progress import progress_display
-from .provenance import git_commit
-from .ray_cluster import Cluster
-from .recipes import LineageRules, RecipeFile, load_recipe_file
-from .reporting.gates import GateRequest, gate_request, validate_for_run
-from .reporting.history import read_history
-from .reporting.history_text import show_history
-from .reporting.publish import Outputs, publish, write_history
-from .reporting.summary import load_run, run_summary, with_recorded_rows
-from .reporting.tracking import mlflow_target
-from .rescore import rescore
-from .results import ResultsWriteError, new_run_dir, write_json
-from .resume import planned_recipe
-from .scheduler import GpuScheduler, runs_concurrently, scheduled_gpus, workers_per_gpu
-from .stats import IOU_RULE, IOU_RULES, fraction
-from .supervisor import Interrupts, Suite, SuiteOptions
+from orchestrator import __version__
+from orchestrator.backends.ray.cluster import Cluster
+from orchestrator.errors import UserError
+from orchestrator.execution.merge import merge_recipe
+from orchestrator.execution.progress import progress_display
+from orchestrator.execution.scheduler import GpuScheduler, runs_concurrently, scheduled_gpus, workers_per_gpu
+from orchestrator.execution.supervisor import Interrupts, Suite, SuiteOptions
+from orchestrator.gpu.preflight import plan_lines, preflight_for
+from orchestrator.planning.lineage import describe_chain
+from orchestrator.planning.plan import RecipePlan, make_plans
+from orchestrator.planning.recipes import LineageRules, RecipeFile, load_recipe_file
+from orchestrator.reporting.gates import GateRequest, gate_request, validate_for_run
+from orchestrator.reporting.history import read_history
+from orchestrator.reporting.history_text import show_history
+from orchestrator.reporting.publish import Outputs, publish, write_history
+from orchestrator.reporting.tracking import mlflow_target
+from orchestrator.results import resume
+from orchestrator.results.folder_lock import writing
+from orchestrator.results.provenance import git_commit
+from orchestrator.results.rescore import rescore
+from orchestrator.results.resume import planned_recipe
+from orchestrator.results.stats import IOU_RULE, IOU_RULES, fraction
+from orchestrator.results.store import ResultsWriteError, new_run_dir, write_json
+from orchestrator.results.summary import load_run, run_summary, with_recorded_rows
 
 _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Without it: the GPU with most free memory;"
               " with it (run): workers on every one of them at once, each recipe on a GPU that fits it.")
@@ -381,7 +381,7 @@ def _backend(backend: str, address: str | None, gpus: str | None) -> Cluster | N
         return None
     if gpus is not None:
         raise UserError("--gpus is for the local backend: with --backend ray, Ray gives each worker its GPU")
-    from .ray_cluster import open_cluster
+    from orchestrator.backends.ray.cluster import open_cluster
 
     cluster = click.get_current_context().with_resource(open_cluster(address))
     where = "a local Ray cluster (started for this command)" if cluster.started else f"the Ray cluster at {address}"
@@ -400,7 +400,7 @@ def _auto_device(cluster: Cluster | None) -> str:
 def _run_on_ray(cluster: Cluster, recipe_file: RecipeFile, plans: list[RecipePlan], run_dir: Path,
                 options: SuiteOptions, hash_weights: bool, cpus: float, lanes: int | None, listener: Any,
                 interrupts: Interrupts) -> list[dict]:
-    from .ray_backend import RaySettings, run_on_ray
+    from orchestrator.backends.ray.backend import RaySettings, run_on_ray
 
     settings = RaySettings(options.device, recipe_file.lineage, run_dir.name, cpus, hash_weights, options.offline)
     return run_on_ray(cluster, plans, run_dir, options, settings, lanes=lanes, listener=listener,
@@ -443,7 +443,7 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
 
 def _plan_on_ray(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, hash_weights: bool) -> None:
     """The lineage as the driver sees it, then what a node of the cluster says (lineage there, estimate, verdict)."""
-    from .ray_backend import RaySettings, plan_on_ray
+    from orchestrator.backends.ray.backend import RaySettings, plan_on_ray
 
     answers = plan_on_ray(plans, RaySettings(device, recipe_file.lineage, "plan", hash_weights=hash_weights))
     for item, answer in zip(plans, answers, strict=True):

@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.make_demo import build_demo
+from tools.make_demo import build_demo
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,7 +41,7 @@ def routed() -> Iterator[object]:
     the worker routes flash_attention_2's through flash-attn's on a GPU; transformers' own function back after."""
     import torch
 
-    from worker import decode_attention
+    from worker.decode import decode_attention
 
     def route(kernel: object) -> object:
         assert decode_attention.install("sdpa", kernel, dtypes=(torch.float32,))

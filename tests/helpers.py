@@ -15,9 +15,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from contract.boxes import score_text
-from orchestrator.reporting.summary import run_summary
-from orchestrator.results import read_samples
-from orchestrator.stats import metrics
+from orchestrator.results.stats import metrics
+from orchestrator.results.store import read_samples
+from orchestrator.results.summary import run_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 - `worker/` imports nothing from `orchestrator/`;
 - `contract/`, the torch-free core both sides import, imports neither side, nor torch, transformers or peft;
 - `import orchestrator.cli` leaves torch, transformers, peft and ray out of sys.modules;
-- only the Ray backend (orchestrator/ray_*.py) imports ray, an optional extra;
+- only the Ray backend (orchestrator/backends/ray/) imports ray, an optional extra;
 - no import cycles between the project's modules (imports inside functions count too);
 - every run-folder file name is spelled once, in contract/layout.py;
 - no test file imports another (shared helpers live in tests/helpers.py).
@@ -79,7 +79,8 @@ def test_the_parent_imports_no_model_stack() -> None:
     assert _offenders(_graph(*PACKAGES), "orchestrator", MODEL_STACK) == []
 
 
-RAY_BACKEND = ("orchestrator.ray_backend", "orchestrator.ray_node", "orchestrator.ray_cluster")
+RAY_BACKEND = ("orchestrator.backends.ray.backend", "orchestrator.backends.ray.node",
+               "orchestrator.backends.ray.cluster")
 
 
 def test_only_the_ray_backend_imports_ray() -> None:
@@ -127,7 +128,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycles_between_the_project_modules() -> None:
-    graph = _graph(*PACKAGES, "scripts")
+    graph = _graph(*PACKAGES, "tools", "benchmarks")
     assert len(graph) > 30  # the walk found the tree
     assert _cycles(graph) == []
 

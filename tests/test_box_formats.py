@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import IMAGE_SIZE, gt_box, make_run, run_cli, write_recipes
 
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 
 INPUT_SIZE = (56, 28)  # what a Qwen2.5-VL processor would make of the 64x48 images (multiples of 28)
 

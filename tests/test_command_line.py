@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import make_run, run_cli, write_recipes
 
-from orchestrator.recipes import RecipeFileError, load_recipe_file
+from orchestrator.planning.recipes import RecipeFileError, load_recipe_file
 
 
 @pytest.fixture(scope="module")

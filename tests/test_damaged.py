@@ -16,9 +16,9 @@ from helpers import only_run_dir, run_cli, write_recipes
 from contract.checkpoint import check_folder
 from contract.recipe import Recipe
 from contract.spec import ChainLink
-from orchestrator.memory import EstimateError, read_workload
-from orchestrator.plan import make_plans
-from orchestrator.recipes import load_recipe_file
+from orchestrator.gpu.memory import EstimateError, read_workload
+from orchestrator.planning.plan import make_plans
+from orchestrator.planning.recipes import load_recipe_file
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -191,7 +191,7 @@ def test_the_worker_checks_the_files_again_before_loading(damaged: Path) -> None
     """The worker reads through the same checks (a file may break between plan and load): a lineage error naming
     the file, before transformers is handed the folder."""
     from worker.errors import WorkerError
-    from worker.load import check_chain_files
+    from worker.loading.load import check_chain_files
 
     for name, (_, _, file, says) in DAMAGES.items():
         kind = "adapter" if (damaged / name / "adapter_config.json").exists() else "full"

@@ -31,8 +31,8 @@ from contract.dataset import (
 )
 from contract.images import read_header
 from contract.recipe import Settings
-from orchestrator.recipes import RecipeFileError, load_recipe_file
-from orchestrator.results import read_samples
+from orchestrator.planning.recipes import RecipeFileError, load_recipe_file
+from orchestrator.results.store import read_samples
 
 UPRIGHT = (96, 64)  # (width, height) of every picture as people see it
 BOX = [6.0, 4.0, 50.0, 20.0]  # the red object, xyxy in the upright picture (asymmetric: a turn moves it away)
@@ -192,7 +192,7 @@ def test_a_perfect_answer_scores_1_only_when_the_image_is_read_upright(demo: dic
     from transformers import AutoProcessor
 
     from worker.device import CPU
-    from worker.infer import _scored_record, prepare_batch
+    from worker.inference.infer import _scored_record, prepare_batch
 
     photos = write_phone_photos(tmp_path)
     (tmp_path / "set.jsonl").write_text("".join(json.dumps({"id": f"o{n}", "image": p.name, "bbox": BOX,
@@ -218,8 +218,8 @@ def test_the_image_cache_keeps_upright_and_stored_pixels_apart(demo: dict, tmp_p
     from transformers import AutoProcessor
 
     from worker.device import CPU
-    from worker.image_cache import ProcessorCache
-    from worker.infer import prepare_batch
+    from worker.inference.image_cache import ProcessorCache
+    from worker.inference.infer import prepare_batch
 
     photo = write_phone_photos(tmp_path)[6]
     (tmp_path / "set.jsonl").write_text(json.dumps({"id": "o6", "image": photo.name, "bbox": BOX, "prompt": "p"}))
@@ -415,7 +415,7 @@ def test_parquet_without_pyarrow_is_a_clear_config_error(tmp_path: Path) -> None
     recipes = tmp_path / "r.toml"
     recipes.write_text(f'[defaults]\ndataset = "{path.name}"\n[[recipe]]\nname = "a"\nmodel = "model"\n')
     code = ("import sys; sys.modules['pyarrow'] = None; sys.path.insert(0, sys.argv[2])\n"
-            "from orchestrator.recipes import RecipeFileError, load_recipe_file\n"
+            "from orchestrator.planning.recipes import RecipeFileError, load_recipe_file\n"
             "try: load_recipe_file(sys.argv[1])\n"
             "except RecipeFileError as exc: print(exc)")
     out = subprocess.run([sys.executable, "-c", code, str(recipes), str(ROOT)], capture_output=True, text=True,
@@ -528,7 +528,7 @@ def test_a_recipe_file_points_at_folders_globs_and_id_files(tmp_path: Path) -> N
 def test_the_worker_reads_the_set_as_it_makes_batches() -> None:
     """Batches come from a window of samples at a time: the first batch is ready long before a large set is read."""
     from contract.batching import MIN_WINDOW, SORT_WINDOW
-    from worker.infer import _sorted_batches
+    from worker.inference.infer import _sorted_batches
 
     pulled = []
 
@@ -548,7 +548,7 @@ def test_the_estimate_counts_the_largest_batch_the_worker_forms(count: int, size
     """The parent's memory estimate takes its batch from contract.batching; the worker's batches must agree (32
     samples at batch 24 run as 16 + 16: estimated at 24, InternVL's estimate was 47% over on the H200)."""
     from contract.batching import largest_batch
-    from worker.infer import _sorted_batches
+    from worker.inference.infer import _sorted_batches
 
     samples = (Sample(f"s{i}", None, BOX, "p" * (i % 5)) for i in range(count))
     assert largest_batch(count, size) == max(len(b) for b in _sorted_batches(samples, size, "apply"))

@@ -1,4 +1,4 @@
-"""Decode steps that attend over the left-padded cache in place (worker/decode_attention.py). flash-attn's kvcache
+"""Decode steps that attend over the left-padded cache in place (decode/decode_attention.py). flash-attn's kvcache
 kernel needs a GPU, so here a reference kernel with the same contract (row i attends to keys [cache_leftpad[i],
 cache_seqlens[i]), flash-attn's layout) is routed in for sdpa on the CPU: what is tested is the routing (which
 steps, which padding, which layout), with transformers' own path as the truth. The real kernel is checked against
@@ -12,11 +12,11 @@ import torch
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
-from worker import decode_attention
+from worker.decode import decode_attention
 from worker.device import CPU
-from worker.generation import generate
-from worker.infer import _processor_inputs, prepare_batch
-from worker.load import load_chain
+from worker.inference.generation import generate
+from worker.inference.infer import _processor_inputs, prepare_batch
+from worker.loading.load import load_chain
 from worker.simulated_gpu import ReferenceKernel
 
 

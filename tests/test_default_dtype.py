@@ -1,4 +1,4 @@
-"""torch's default dtype is one per process (worker/default_dtype.py): transformers sets it to the model's dtype
+"""torch's default dtype is one per process (worker/loading/default_dtype.py): transformers sets it to the model's dtype
 while it builds a model, and an image processor's first call caches mean and std tensors made in it. The worker's
 prefetch thread prepared batches while the main thread built a bfloat16 model, and every pixel of the run moved.
 Here: the hazard with the real processor, the guard that makes it loud, and the lock that keeps the two apart."""
@@ -17,11 +17,11 @@ from transformers.modeling_utils import local_torch_dtype
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
-from worker import default_dtype
 from worker.device import CPU
 from worker.errors import WorkerError
-from worker.infer import prepare_batch
-from worker.load import load_chain, load_processor
+from worker.inference.infer import prepare_batch
+from worker.loading import default_dtype
+from worker.loading.load import load_chain, load_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +32,9 @@ from transformers.modeling_utils import local_torch_dtype
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
-from worker.families import prompt_text
-from worker.load import load_processor
-from worker.infer import _prepare
+from worker.inference.families import prompt_text
+from worker.loading.load import load_processor
+from worker.inference.infer import _prepare
 recipe = Recipe(name="b", model={model!r}, dataset={dataset!r})
 processor = load_processor([ChainLink({model!r}, "full", "quick:0", 1)], recipe)
 items = [_prepare(processor, s, recipe.prompt) for s in list(open_dataset(recipe.dataset, recipe))[:4]]

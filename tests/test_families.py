@@ -1,4 +1,4 @@
-"""Every model family end to end on the CPU: tiny random checkpoints built offline (scripts/make_families.py), each
+"""Every model family end to end on the CPU: tiny random checkpoints built offline (tools/make_families.py), each
 with a LoRA adapter, on images that every family's processor resizes. For each family: `plan` counts its image
 tokens by its own rule (checked against the real processor), `run` evaluates it in its own box format, `merge`
 merges it, and the ground truth written as that family's answer, in its own coordinates, scores IoU >= 0.99."""
@@ -18,13 +18,13 @@ from contract.checkpoint import read_json_object
 from contract.dataset import read_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink, WorkerSpec
-from orchestrator.image_tokens import image_rule
-from orchestrator.memory import _processor_settings, read_workload
-from orchestrator.plan import make_plans
-from orchestrator.recipes import load_recipe_file
-from orchestrator.results import read_samples
-from scripts.make_families import FAMILIES, build_families
-from worker.families import encode, input_sizes, prompt_text
+from orchestrator.gpu.image_tokens import image_rule
+from orchestrator.gpu.memory import _processor_settings, read_workload
+from orchestrator.planning.plan import make_plans
+from orchestrator.planning.recipes import load_recipe_file
+from orchestrator.results.store import read_samples
+from tools.make_families import FAMILIES, build_families
+from worker.inference.families import encode, input_sizes, prompt_text
 from worker.merge import merge
 from worker.simulated_gpu import ReferenceKernel
 
@@ -73,7 +73,7 @@ def _image_token_id(processor) -> int:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_family_rule_counts_the_tokens_its_processor_makes(families: dict, name: str) -> None:
-    """The parent's torch-free rule (orchestrator/image_tokens.py) against the real processor, image by image:
+    """The parent's torch-free rule (orchestrator/gpu/image_tokens.py) against the real processor, image by image:
     the image placeholder tokens in input_ids, and the image size the worker records as the one the model saw."""
     base = families["families"][name]["base"]
     config = read_json_object(base / "config.json")
@@ -226,18 +226,18 @@ NOT_RECORDABLE = {
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_decodes_the_same_from_recorded_steps(families: dict, name: str) -> None:
-    """worker/graph_decode.py on each family, the recording replayed eagerly (no GPU here; tests/
+    """worker/decode/graph_decode.py on each family, the recording replayed eagerly (no GPU here; tests/
     test_graph_decode.py), its attention through the reference kvcache kernel: the same tokens as eager decoding
     in every family; the Qwen families and InternVL replayed; Gemma 3 and PaliGemma declined for a reason of the
     model's, once (the second batch is not attempted); the encoder-decoder, Florence-2, has no decoder to attach
     to."""
     import torch
 
-    from worker import decode_attention, graph_decode
+    from worker.decode import decode_attention, graph_decode
     from worker.device import CPU
-    from worker.generation import generate
-    from worker.infer import _processor_inputs, prepare_batch
-    from worker.load import load_chain
+    from worker.inference.generation import generate
+    from worker.inference.infer import _processor_inputs, prepare_batch
+    from worker.loading.load import load_chain
 
     built = families["families"][name]
     recipe = Recipe(name=name, model=str(built["base"]), dataset=str(families["dataset"]))

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from contract.checkpoint import CheckpointError, SafetensorsHeader, safetensors_header
 from contract.dataset import DatasetError, Sample, iter_samples
-from orchestrator.lineage import LineageError
-from orchestrator.memory import EstimateError, read_workload
-from orchestrator.plan import BoxFormatError, make_plans
-from orchestrator.recipes import RecipeFile, RecipeFileError, load_recipe_file
+from orchestrator.gpu.memory import EstimateError, read_workload
+from orchestrator.planning.lineage import LineageError
+from orchestrator.planning.plan import BoxFormatError, make_plans
+from orchestrator.planning.recipes import RecipeFile, RecipeFileError, load_recipe_file
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GOOD_RECIPES = """\
@@ -349,6 +349,6 @@ def test_the_config_fuzz_reaches_both_outcomes(chain_copy: dict) -> None:
     bad = {**chain_copy["files"]["config"], "architectures": 7}
     (folder / _PATHS["config"]).write_text(json.dumps(bad))
     with pytest.raises(LineageError, match="architectures is 7"):
-        from orchestrator.lineage import resolve_chain
+        from orchestrator.planning.lineage import resolve_chain
 
         resolve_chain(recipe_file.recipes[1], recipe_file.lineage)

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from contract.messages import DECODE_GRAPH_ON
 from contract.nvml import FAKE_ENV, write_fake_nvml
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 from worker.__main__ import _select_device
 from worker.device import SIMULATED_ENV
+from worker.loading.weights import load_safetensors
 from worker.simulated_gpu import SimulatedGpu
-from worker.weights import load_safetensors
 
 GIB = 2**30
 NAMES = ["base", "r1-llm-only", "r3-two-stage"]

@@ -1,4 +1,4 @@
-"""Decode steps replayed from a recorded step (worker/graph_decode.py). A CUDA graph needs a GPU: here the same
+"""Decode steps replayed from a recorded step (worker/decode/graph_decode.py). A CUDA graph needs a GPU: here the same
 sessions run with EagerReplay (a replay runs the recorded step again, on the same buffers), over the reference
 kvcache kernel of test_decode_attention routed in for sdpa. What is tested is everything but the recording:
 the cache moved into fixed buffers and written in place, the positions advanced by the step itself, the mask
@@ -15,11 +15,11 @@ from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from orchestrator.reporting.cells import worker_notes
-from worker import decode_attention, graph_decode
+from worker.decode import decode_attention, graph_decode
 from worker.device import CPU
-from worker.generation import generate
-from worker.infer import _processor_inputs, prepare_batch
-from worker.load import load_chain
+from worker.inference.generation import generate
+from worker.inference.infer import _processor_inputs, prepare_batch
+from worker.loading.load import load_chain
 from worker.simulated_gpu import ReferenceKernel
 
 NEW_TOKENS = 12

@@ -28,8 +28,8 @@ from orchestrator.reporting.history import (
     HistoryError,
     read_history,
 )
-from orchestrator.stats import sample_values
-from scripts.screenshot_report import find_browser, screenshot
+from orchestrator.results.stats import sample_values
+from tools.screenshot_report import find_browser, screenshot
 
 BASE, GOOD, SAME = RECIPES["base"], RECIPES["good"], RECIPES["same"]
 

@@ -20,13 +20,13 @@ from transformers import AutoProcessor
 
 from contract.dataset import Sample
 from contract.recipe import Recipe
-from orchestrator.plan import RecipePlan
-from orchestrator.recipes import load_recipe_file
-from orchestrator.results import read_samples
-from orchestrator.resume import planned_recipe, recipe_changes, recorded_recipes
+from orchestrator.planning.plan import RecipePlan
+from orchestrator.planning.recipes import load_recipe_file
+from orchestrator.results.resume import planned_recipe, recipe_changes, recorded_recipes
+from orchestrator.results.store import read_samples
 from worker.device import CPU
-from worker.image_cache import ProcessorCache, collate, processor_fingerprint, read_entry
-from worker.infer import _processor_inputs, prefetch, prepare_batch
+from worker.inference.image_cache import ProcessorCache, collate, processor_fingerprint, read_entry
+from worker.inference.infer import _processor_inputs, prefetch, prepare_batch
 
 # (width, height): multiples of 28 and not, inside the demo processor's pixel bounds and above them (resized)
 SIZES = [(112, 112), (300, 200), (56, 140), (90, 61), (140, 84)]
@@ -52,7 +52,7 @@ class CountingProcessor:
 @pytest.fixture(scope="module")
 def processor(demo: dict) -> object:
     loaded = AutoProcessor.from_pretrained(demo["models"]["base"])
-    loaded.tokenizer.padding_side = "left"  # as worker.load.load_processor sets it
+    loaded.tokenizer.padding_side = "left"  # as worker.loading.load.load_processor sets it
     return loaded
 
 
@@ -180,7 +180,7 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(processor, samples, tmp_path
 _WRITER = """
 import sys, time, torch
 from pathlib import Path
-from worker.image_cache import write_entry
+from worker.inference.image_cache import write_entry
 path, me, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 features = {"input_ids": torch.full((1, 50_000), me), "pixel_values": torch.full((256, 1176), float(me))}
 go.with_name(f"ready-{me}").touch()

@@ -21,7 +21,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from contract.spec import ChainLink
 from contract.units import format_bytes
-from orchestrator.lineage import (
+from orchestrator.planning.lineage import (
     LineageError,
     adapted_modules,
     checkpoint_modules,
@@ -29,10 +29,10 @@ from orchestrator.lineage import (
     module_key,
     resolve_chain,
 )
-from orchestrator.plan import make_plans
-from orchestrator.recipes import RecipeFile, load_recipe_file
+from orchestrator.planning.plan import make_plans
+from orchestrator.planning.recipes import RecipeFile, load_recipe_file
 from worker.device import CPU
-from worker.load import load_chain
+from worker.loading.load import load_chain
 
 TRAINING_PREFIX = "/ssd1/team/vlm_outputs"
 

@@ -15,8 +15,8 @@ from transformers import AutoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from contract.dataset import read_dataset
-from orchestrator.image_tokens import smart_resize
-from orchestrator.memory import (
+from orchestrator.gpu.image_tokens import smart_resize
+from orchestrator.gpu.memory import (
     ALLOCATOR_FIXED_BYTES,
     ALLOCATOR_SAMPLES,
     CHAT_TOKENS,
@@ -31,12 +31,12 @@ from orchestrator.memory import (
     read_workload,
     vision_bytes,
 )
-from orchestrator.plan import RecipePlan, make_plans
-from orchestrator.recipes import load_recipe_file
+from orchestrator.planning.plan import RecipePlan, make_plans
+from orchestrator.planning.recipes import load_recipe_file
 from worker.device import CPU
 from worker.errors import WorkerError
-from worker.infer import run_inference
-from worker.load import load_chain
+from worker.inference.infer import run_inference
+from worker.loading.load import load_chain
 
 PROMPT = "{prompt} Answer with its bounding box."
 

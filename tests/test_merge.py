@@ -19,11 +19,11 @@ from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from contract.checkpoint import fingerprint, weight_files
-from orchestrator.lineage import resolve_chain
-from orchestrator.memory import estimate_recipe
-from orchestrator.recipes import load_recipe_file
+from orchestrator.gpu.memory import estimate_recipe
+from orchestrator.planning.lineage import resolve_chain
+from orchestrator.planning.recipes import load_recipe_file
 from worker.device import CPU
-from worker.load import load_chain
+from worker.loading.load import load_chain
 
 # Loads the merged folder in an interpreter where `import peft` fails, and saves its logits for the inputs given.
 _WITHOUT_PEFT = """

@@ -21,16 +21,16 @@ from helpers import ROOT, only_run_dir, run_cli, write_recipes
 from rich.console import Console
 
 from contract.nvml import FAKE_ENV, FakeNvml, write_fake_nvml
-from orchestrator.memory import read_workload
-from orchestrator.plan import RecipePlan, make_plans
-from orchestrator.preflight import GpuPreflight
-from orchestrator.progress import LiveProgress, PlainProgress
-from orchestrator.recipes import load_recipe_file
+from orchestrator.execution.progress import LiveProgress, PlainProgress
+from orchestrator.execution.scheduler import GpuSlots, Job, place, runs_concurrently, workers_per_gpu
+from orchestrator.execution.supervisor import RecipeOutcome
+from orchestrator.gpu.memory import read_workload
+from orchestrator.gpu.preflight import GpuPreflight
+from orchestrator.planning.plan import RecipePlan, make_plans
+from orchestrator.planning.recipes import load_recipe_file
 from orchestrator.reporting.markdown import render_markdown
-from orchestrator.reporting.summary import run_summary
-from orchestrator.results import read_samples
-from orchestrator.scheduler import GpuSlots, Job, place, runs_concurrently, workers_per_gpu
-from orchestrator.supervisor import RecipeOutcome
+from orchestrator.results.store import read_samples
+from orchestrator.results.summary import run_summary
 
 GIB = 2**30
 TOTAL = 80 * GIB

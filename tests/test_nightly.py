@@ -18,7 +18,7 @@ from helpers import ROOT, run_cli
 
 from orchestrator.reporting.history import FINISHED, NEW_SETUP, NOT_A_RUN, UNFINISHED, read_history
 from orchestrator.reporting.tracking import experiment_name
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 
 FAMILY = ROOT / "examples" / "demo-family"
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port on loopback: nothing answers, nothing leaves the machine

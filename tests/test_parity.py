@@ -17,10 +17,10 @@ from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from worker.device import CPU
-from worker.generation import generate
-from worker.infer import _processor_inputs, prepare_batch
-from worker.load import load_chain
-from worker.parity import check_parity
+from worker.inference.generation import generate
+from worker.inference.infer import _processor_inputs, prepare_batch
+from worker.inference.parity import check_parity
+from worker.loading.load import load_chain
 
 BODY = """
 [[recipe]]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from helpers import write_recipes
 
-from orchestrator.plan import make_plans
-from orchestrator.recipes import load_recipe_file
+from orchestrator.planning.plan import make_plans
+from orchestrator.planning.recipes import load_recipe_file
 from worker.device import CPU
 from worker.errors import WorkerError
-from worker.load import check_placement, load_chain
+from worker.loading.load import check_placement, load_chain
 
 
 def _load(demo: dict, tmp_path: Path, model: str):

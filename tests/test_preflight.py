@@ -16,10 +16,10 @@ from helpers import only_run_dir, run_cli, write_recipes
 from contract.nvml import FAKE_ENV, FakeNvml, GpuState, write_fake_nvml
 from contract.recipe import AUTO_BATCH_CAP
 from contract.units import format_bytes
-from orchestrator.memory import read_workload
-from orchestrator.plan import RecipePlan, make_plans
-from orchestrator.preflight import GpuPreflight, PreflightError, largest_batch, parse_gpus
-from orchestrator.recipes import load_recipe_file
+from orchestrator.gpu.memory import read_workload
+from orchestrator.gpu.preflight import GpuPreflight, PreflightError, largest_batch, parse_gpus
+from orchestrator.planning.plan import RecipePlan, make_plans
+from orchestrator.planning.recipes import load_recipe_file
 
 GIB = 2**30
 TOTAL = 80 * GIB

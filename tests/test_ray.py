@@ -23,7 +23,7 @@ import pytest
 from helpers import ROOT, only_run_dir, run_cli, wait_for_samples, write_recipes
 
 from contract.nvml import FAKE_ENV, write_fake_nvml
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 
 GIB = 2**30
 _SLOW = ("flaky", "first")  # recipes whose workers wait half a second before each sample (worker/faults.py)
@@ -48,7 +48,7 @@ def cluster() -> Iterator[dict]:
             patch.setenv(key, value)
         from ray.cluster_utils import Cluster
 
-        from orchestrator.ray_cluster import _refresh_ray_config
+        from orchestrator.backends.ray.cluster import _refresh_ray_config
 
         _refresh_ray_config()  # this process too talks to the cluster (wait_for_nodes)
         nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
@@ -260,9 +260,9 @@ def test_ray_options_need_the_ray_backend(demo: dict, tmp_path: Path) -> None:
 
 
 def test_a_node_whose_weights_differ_from_the_drivers_refuses_naming_both(demo: dict, tmp_path: Path) -> None:
-    from orchestrator.plan import make_plans
-    from orchestrator.ray_node import NodeTask, resolve_here
-    from orchestrator.recipes import load_recipe_file
+    from orchestrator.backends.ray.node import NodeTask, resolve_here
+    from orchestrator.planning.plan import make_plans
+    from orchestrator.planning.recipes import load_recipe_file
 
     recipe_file = load_recipe_file(_recipes(tmp_path, demo, {"r3": "r3-stage2"}))
     (plan,) = make_plans(recipe_file, recipe_file.recipes)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from orchestrator.recipes import RecipeFileError, load_recipe_file
+from orchestrator.planning.recipes import RecipeFileError, load_recipe_file
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from helpers import IMAGE_SIZE, RECIPES, gt_box, make_dataset, make_run, run_cli
 from PIL import Image
 from rich.console import Console
 
-from orchestrator.progress import LiveProgress, PlainProgress, expected_samples
+from orchestrator.execution.progress import LiveProgress, PlainProgress, expected_samples
+from orchestrator.execution.supervisor import RecipeOutcome
 from orchestrator.reporting.html import _GT_COLOUR, _PRED_COLOUR, GALLERY_SIZE
-from orchestrator.results import read_samples
-from orchestrator.supervisor import RecipeOutcome
+from orchestrator.results.store import read_samples
 
 
 @pytest.fixture
@@ -261,7 +261,7 @@ def test_a_base_override_is_compared_with_the_same_adapter_on_its_recorded_base(
     """The seed's bug, measured: the overridden row is paired with the row that loads the same adapter on the
     base it records, and the report says how much the wrong base costs."""
     from orchestrator.reporting.cells import override_notes
-    from orchestrator.reporting.summary import add_statistics
+    from orchestrator.results.summary import add_statistics
 
     def rows(name: str, override: bool) -> dict:
         return {"name": name, "status": "ok", "base_override": override, "metrics": {"mean_iou": 0.5},
@@ -283,7 +283,7 @@ def test_the_best_recipe_is_paired_with_each_other_one_so_a_win_by_noise_is_said
     the line says which, with each paired interval, in the terminal's and report.md's words alike."""
     from orchestrator.reporting.cells import best_versus_others_line
     from orchestrator.reporting.markdown import markdown_table
-    from orchestrator.reporting.summary import add_statistics, run_summary
+    from orchestrator.results.summary import add_statistics, run_summary
 
     best = [0.6 + 0.3 * (i % 2) for i in range(40)]
     ious = {"base": [0.1] * 40, "r4": best, "r1": [v - 0.2 for v in best],

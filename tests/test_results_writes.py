@@ -16,7 +16,7 @@ import orjson
 import pytest
 from helpers import only_run_dir, run_cli, write_recipes
 
-from orchestrator.results import ResultsWriteError, SampleLog, read_samples, write_json
+from orchestrator.results.store import ResultsWriteError, SampleLog, read_samples, write_json
 
 
 def _mount(folder: Path, *options: str) -> None:

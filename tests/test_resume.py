@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from contract.layout import REPLACED, RunFolder
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 
 NAMES = ("base", "r1-llm-only")
 BODY = "".join(f'[[recipe]]\nname = "{n}"\nmodel = "{{models}}/{n}"\n' for n in NAMES)

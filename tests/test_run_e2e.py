@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import demo_recipes, only_run_dir, run_cli, write_recipes
 
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 
 NAMES = ["base", "r1-llm-only", "r2-vision-only", "r3-two-stage", "r4-joint"]
 

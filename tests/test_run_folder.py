@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from contract.layout import RunFolder, stamped_folder
 from contract.recipe import Recipe
-from orchestrator.folder_lock import FolderBusy, writing
-from orchestrator.results import DamagedRunFile, read_samples, repair_samples
+from orchestrator.results.folder_lock import FolderBusy, writing
+from orchestrator.results.store import DamagedRunFile, read_samples, repair_samples
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -93,7 +93,7 @@ def test_a_second_writer_is_refused_naming_the_first(demo: dict, tmp_path: Path)
 
 def test_a_writer_that_dies_leaves_no_lock(tmp_path: Path) -> None:
     lock = tmp_path / ".lock"
-    holder = ("import os, signal, sys; from pathlib import Path; from orchestrator.folder_lock import writing\n"
+    holder = ("import os, signal, sys; from pathlib import Path; from orchestrator.results.folder_lock import writing\n"
               f"with writing(Path({str(lock)!r}), 'doomed'):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", holder], cwd=Path(__file__).parent.parent, timeout=60)
     assert done.returncode == -9 and "doomed" in lock.read_text()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import only_run_dir, run_cli, write_recipes
 
-from orchestrator.recipes import RecipeFileError, load_recipe_file
+from orchestrator.planning.recipes import RecipeFileError, load_recipe_file
 from orchestrator.reporting.cells import status_text
-from orchestrator.stats import sample_error_verdict
+from orchestrator.results.stats import sample_error_verdict
 
 
 def _samples(scored: int, errored: int) -> list[dict]:

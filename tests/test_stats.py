@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from orchestrator.stats import (
+from orchestrator.results.stats import (
     bootstrap_interval,
     metric_intervals,
     metric_value,

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from helpers import ROOT, only_run_dir, run_cli, wait_for_samples, write_recipes
 
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 
 
 def _recipes(tmp_path: Path, demo: dict, names: list[str], extra: str = "", **defaults: object) -> Path:
@@ -164,7 +164,7 @@ def test_a_killed_parent_takes_no_worker_with_it_and_resume_matches_a_clean_run(
 
 
 def test_a_cuda_worker_grows_its_allocator_segments_in_place_unless_the_user_chose() -> None:
-    from orchestrator.environment import worker_env
+    from orchestrator.execution.environment import worker_env
 
     env, record = worker_env("cuda", gpu="1", base={"PATH": "/bin"})
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

@@ -16,8 +16,8 @@ from transformers import AutoConfig
 from contract.recipe import Recipe
 from worker.device import CPU
 from worker.errors import WorkerError
-from worker.load import _load_root, model_class
-from worker.weights import load_safetensors, plan_chunks, prestage_root, read_spans, read_through
+from worker.loading.load import _load_root, model_class
+from worker.loading.weights import load_safetensors, plan_chunks, prestage_root, read_spans, read_through
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -160,7 +160,7 @@ def test_read_through_reads_every_byte_of_every_file(tmp_path: Path) -> None:
 
 
 def test_prestaged_weights_build_the_same_model(demo: dict) -> None:
-    """The first worker starts reading its root's weights beside its imports (worker/weights.py, Prestaged): the
+    """The first worker starts reading its root's weights beside its imports (worker/loading/weights.py, Prestaged): the
     model built from them is transformers' own, and the load says it waited for that read."""
     link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
     recipe = Recipe(name="t", model="m", loader="staged", dtype="float32")

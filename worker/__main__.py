@@ -22,13 +22,12 @@ from contract.boxes import AUTO
 from contract.exits import WorkerExit
 from contract.samples import DatasetError
 from contract.spec import GPU_WORKER_THREADS, SpecError, WorkerSpec
-
-from . import lifeline
-from .errors import WorkerError
-from .faults import Faults
+from worker import lifeline
+from worker.errors import WorkerError
+from worker.faults import Faults
 
 if TYPE_CHECKING:  # torch is imported only once the spec is valid (its imports are a phase of their own)
-    from .device import Device
+    from worker.device import Device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +66,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
-    from .weights import prestage_root  # torch only
+    from worker.loading.weights import prestage_root  # torch only
 
     device = _select_device(spec.device)
     _share_cpu(device.is_gpu, torch)
@@ -75,10 +74,9 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     prestaged = None if spec.hold or not device.usable() else prestage_root(spec.chain[0], spec.recipe, device)
     with _unused_optional_imports_hidden():
         from contract.dataset import open_dataset
-
-        from .decode_attention import kernel_calls
-        from .infer import run_inference, start_batches
-        from .load import check_chain_files, load_chain, load_processor, warm_page_cache
+        from worker.decode.decode_attention import kernel_calls
+        from worker.inference.infer import run_inference, start_batches
+        from worker.loading.load import check_chain_files, load_chain, load_processor, warm_page_cache
     timings["imports"] = time.perf_counter() - started
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
@@ -156,7 +154,7 @@ def _share_cpu(gpu: bool, torch: Any) -> None:
     share the host (the running one and those started ahead). At torch's default of one thread per core they
     oversubscribe it: preparing 200 images took 1.2 s in one process and 16-17 s each in three at once on the
     16-core H100 host; at 4 threads 1.2 s alone and 1.4-1.6 s three at once. An explicit OMP_NUM_THREADS wins.
-    The parent sizes how many GPU workers may share a GPU by the same number (orchestrator/scheduler.py)."""
+    The parent sizes how many GPU workers may share a GPU by the same number (orchestrator/execution/scheduler.py)."""
     if gpu and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(min(GPU_WORKER_THREADS, os.cpu_count() or 1))
 
@@ -164,12 +162,12 @@ def _share_cpu(gpu: bool, torch: Any) -> None:
 def _select_device(requested: str) -> Device:
     """The device a spec's `device` ("cpu" or "cuda") means in this process: a CUDA GPU, or the simulated one the
     tests ask for (worker/simulated_gpu.py: CI runs the GPU's wiring on a CPU)."""
-    from .device import CPU, SIMULATED_ENV, Cuda
+    from worker.device import CPU, SIMULATED_ENV, Cuda
 
     if requested != "cuda":
         return CPU
     if os.environ.get(SIMULATED_ENV):
-        from .simulated_gpu import SimulatedGpu
+        from worker.simulated_gpu import SimulatedGpu
 
         return SimulatedGpu()
     return Cuda()

@@ -2,9 +2,9 @@
 acts on it.
 
 A worker runs on one device (DESIGN.md, rule 2). Everything that differs on a GPU is a method here: creating its
-context, the pinned buffers and copy streams the staged weights go through (worker/weights.py), pinning a batch's
-inputs, the kernel decode steps attend with (worker/decode_attention.py), the recorder of decode steps
-(worker/graph_decode.py) and the memory readings the `loaded` and `done` messages carry. The rest of the worker
+context, the pinned buffers and copy streams the staged weights go through (loading/weights.py), pinning a batch's
+inputs, the kernel decode steps attend with (worker/decode/decode_attention.py), the recorder of decode steps
+(worker/decode/graph_decode.py) and the memory readings the `loaded` and `done` messages carry. The rest of the worker
 asks `device.is_gpu` and these methods, never "cuda" in a string, so the same wiring runs wherever the device
 comes from:
 
@@ -114,12 +114,12 @@ class Cuda(Device):
         return torch.cuda.is_available()
 
     def kvcache_kernel(self) -> Callable[..., Any] | None:
-        from .decode_attention import flash_kvcache_kernel
+        from worker.decode.decode_attention import flash_kvcache_kernel
 
         return flash_kvcache_kernel()
 
     def graph_recorder(self) -> Callable[[], Any] | None:
-        from .graph_decode import CudaGraphReplay
+        from worker.decode.graph_decode import CudaGraphReplay
 
         return CudaGraphReplay
 

@@ -15,7 +15,7 @@ import orjson
 from contract import messages
 from contract.exits import WorkerExit
 
-# The parent sends this before it kills a worker that timed out (orchestrator/process.py TRACEBACK_SIGNAL).
+# The parent sends this before it kills a worker that timed out (orchestrator/execution/process.py TRACEBACK_SIGNAL).
 TRACEBACK_SIGNAL = signal.SIGUSR1
 
 

@@ -1,11 +1,11 @@
 """`python -m worker.merge --spec SPEC --out DIR`: a recipe's resolved chain merged into one standalone checkpoint.
 
-The chain is loaded on the CPU exactly as an evaluation loads it (worker/load.py: the root, then each adapter in
+The chain is loaded on the CPU exactly as an evaluation loads it (worker/loading/load.py: the root, then each adapter in
 order, every lower adapter merged before the next is applied), then the top adapter is merged too
 (`merge_and_unload`). What is saved is a plain transformers checkpoint (safetensors) with the processor, and
 `lineage.json` naming the chain it came from, so it loads without peft and can still be traced to its weights.
 
-It is started like an evaluation worker (orchestrator/process.py: its own process group, the stdin lifeline, a
+It is started like an evaluation worker (orchestrator/execution/process.py: its own process group, the stdin lifeline, a
 result pipe) and answers on the result pipe with one message: `merged` (the record) or `error` (kind config
 for a problem with what was asked, else internal). Its stdout and stderr are the log.
 """
@@ -29,10 +29,9 @@ from contract.checkpoint import CONFIG, CheckpointError, fingerprint, read_json_
 from contract.exits import WorkerExit
 from contract.layout import MERGE_LINEAGE
 from contract.spec import ChainLink, SpecError, WorkerSpec
-
-from . import lifeline
-from .errors import WorkerError
-from .faults import Faults
+from worker import lifeline
+from worker.errors import WorkerError
+from worker.faults import Faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +68,9 @@ def merge(spec: WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[st
     complete: it is written next to `out` and renamed, so a failed merge never leaves a half checkpoint."""
     _check_out(out)
     started = time.perf_counter()
-    from .device import CPU
-    from .load import check_chain_files, load_chain  # torch: after the cheap checks
-    from .weights import resolve_dtype
+    from worker.device import CPU
+    from worker.loading.load import check_chain_files, load_chain  # torch: after the cheap checks
+    from worker.loading.weights import resolve_dtype
 
     check_chain_files(spec.chain, spec.recipe)
 

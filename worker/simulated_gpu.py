@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import torch
 
-from .device import Device, MemoryReading
+from worker.device import Device, MemoryReading
 
 
 class SimulatedGpu(Device):
@@ -32,7 +32,7 @@ class SimulatedGpu(Device):
         return ReferenceKernel()
 
     def graph_recorder(self) -> Callable[[], Any] | None:
-        from .graph_decode import EagerReplay
+        from worker.decode.graph_decode import EagerReplay
 
         return EagerReplay
 

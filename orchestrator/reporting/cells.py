@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..stats import DEFAULT_THRESHOLDS, IOU_RULE, parse_threshold_key, threshold_key, threshold_title
+from orchestrator.results.stats import DEFAULT_THRESHOLDS, IOU_RULE, parse_threshold_key, threshold_key, threshold_title
 
 
 def metric_columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -157,7 +157,7 @@ def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
 
 
 def _parity_how(parity: dict[str, Any]) -> str:
-    """How the samples were checked alone (worker/parity.py); run folders from before the forced check lack it."""
+    """How the samples were checked alone (inference/parity.py); run folders from before the forced check lack it."""
     if "forced_agreed" not in parity:
         return ""
     return (f" ({parity['forced_agreed']} by teacher forcing, {parity['generated_alone']} generated; "

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from contract.exits import Exit
-
-from ..errors import UserError
-from ..stats import fraction, metric_value, metrics, parse_threshold_key, threshold_key
-from .summary import ReportError, load_run
+from orchestrator.errors import UserError
+from orchestrator.results.stats import fraction, metric_value, metrics, parse_threshold_key, threshold_key
+from orchestrator.results.summary import ReportError, load_run
 
 _TOLERANCE = 1e-9  # 0.8 typed on the command line must pass a stored 0.8 computed as a sum / n
 

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from contract.layout import RunFolder, stamp_time
-
-from ..errors import UserError
-from ..results import DamagedRunFile, read_json, read_samples
-from ..resume import setting_changes
-from ..stats import paired_difference, rule_of, sample_values
-from .gates import metric_name
-from .summary import read_summary
+from orchestrator.errors import UserError
+from orchestrator.reporting.gates import metric_name
+from orchestrator.results.resume import setting_changes
+from orchestrator.results.stats import paired_difference, rule_of, sample_values
+from orchestrator.results.store import DamagedRunFile, read_json, read_samples
+from orchestrator.results.summary import read_summary
 
 FINISHED, UNFINISHED, NOT_A_RUN, UNREADABLE = "finished", "did not finish", "not a run", "unreadable"
 BETTER, WORSE, NEW_SETUP, NOT_COMPARED = "better", "worse", "new setup", "not compared"

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cells import interval_text
-from .history import BETTER, FINISHED, NEW_SETUP, NOT_COMPARED, WORSE, History, RunEntry, Trend
-from .history_text import (
+from orchestrator.reporting.cells import interval_text
+from orchestrator.reporting.history import BETTER, FINISHED, NEW_SETUP, NOT_COMPARED, WORSE, History, RunEntry, Trend
+from orchestrator.reporting.history_text import (
     LEGEND,
     SYMBOLS,
     bounds_text,
@@ -21,7 +21,7 @@ from .history_text import (
     time_text,
     value_text,
 )
-from .page import anchor, escape, figure, page, png_bytes, png_img
+from orchestrator.reporting.page import anchor, escape, figure, page, png_bytes, png_img
 
 _COLOURS = {BETTER: "#16a34a", WORSE: "#dc2626", NEW_SETUP: "#d97706", NOT_COMPARED: "#6b7280"}
 _LINE = "#2563eb"

@@ -9,8 +9,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .cells import interval_text, metric_format
-from .history import BETTER, FINISHED, NEW_SETUP, NOT_COMPARED, WORSE, Change, History, Point, RunEntry, Trend
+from orchestrator.reporting.cells import interval_text, metric_format
+from orchestrator.reporting.history import (
+    BETTER,
+    FINISHED,
+    NEW_SETUP,
+    NOT_COMPARED,
+    WORSE,
+    Change,
+    History,
+    Point,
+    RunEntry,
+    Trend,
+)
 
 SYMBOLS = {BETTER: "▲", WORSE: "▼", NEW_SETUP: "⚑", NOT_COMPARED: "✕"}
 LEGEND = ("▲ better, ▼ worse: the paired 95% interval of the per-sample difference from the recipe's previous run,"

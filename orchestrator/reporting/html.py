@@ -19,9 +19,7 @@ from contract.dataset import DatasetError, ImageSource, dataset_exists, open_dat
 from contract.layout import RunFolder
 from contract.recipe import Settings
 from contract.samples import id_text
-
-from ..results import DamagedRunFile, read_json
-from .cells import (
+from orchestrator.reporting.cells import (
     best_lead_unclear,
     best_line,
     best_versus_others_line,
@@ -35,12 +33,13 @@ from .cells import (
     status_text,
     worker_notes,
 )
-from .page import anchor as _anchor
-from .page import escape as _e
-from .page import figure as _figure
-from .page import page
-from .page import png_bytes as _save
-from .page import png_img as _png
+from orchestrator.reporting.page import anchor as _anchor
+from orchestrator.reporting.page import escape as _e
+from orchestrator.reporting.page import figure as _figure
+from orchestrator.reporting.page import page
+from orchestrator.reporting.page import png_bytes as _save
+from orchestrator.reporting.page import png_img as _png
+from orchestrator.results.store import DamagedRunFile, read_json
 
 GALLERY_SIZE = 6  # worst samples shown per recipe
 _THUMB_MIN, _THUMB_MAX = 224, 320  # longer side of a gallery picture, in pixels

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from .summary import recipe_seconds
+from orchestrator.results.summary import recipe_seconds
 
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 

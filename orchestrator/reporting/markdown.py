@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cells import (
+from orchestrator.reporting.cells import (
     best_line,
     best_versus_others_line,
     change_cell,

@@ -14,17 +14,16 @@ import orjson
 from rich.console import Console
 
 from contract.layout import RunFolder, RunsFolder
-
-from ..results import make_folder, write_bytes, write_json
-from .cells import problems
-from .gates import GateRequest, check, exit_code
-from .history import History
-from .history_text import render_history_markdown
-from .junit import junit_xml
-from .markdown import gates_markdown, markdown_table, render_markdown
-from .summary import Samples, add_statistics, load_samples
-from .terminal import show_results
-from .tracking import Logged, MlflowTarget, log_run
+from orchestrator.reporting.cells import problems
+from orchestrator.reporting.gates import GateRequest, check, exit_code
+from orchestrator.reporting.history import History
+from orchestrator.reporting.history_text import render_history_markdown
+from orchestrator.reporting.junit import junit_xml
+from orchestrator.reporting.markdown import gates_markdown, markdown_table, render_markdown
+from orchestrator.reporting.terminal import show_results
+from orchestrator.reporting.tracking import Logged, MlflowTarget, log_run
+from orchestrator.results.store import make_folder, write_bytes, write_json
+from orchestrator.results.summary import Samples, add_statistics, load_samples
 
 
 @dataclass
@@ -67,7 +66,7 @@ def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, output
 
 def write_reports(run_dir: Path, summary: dict[str, Any], samples: Samples, out_dir: Path | None = None) -> Path:
     """report.md and report.html into `out_dir` (the run folder by default); returns the HTML's path."""
-    from .html import render_html  # matplotlib and Pillow load only when a report is written
+    from orchestrator.reporting.html import render_html  # matplotlib and Pillow load only when a report is written
 
     out = RunFolder(out_dir or run_dir)
     write_bytes(out.report_md, render_markdown(summary).encode())
@@ -78,7 +77,7 @@ def write_reports(run_dir: Path, summary: dict[str, Any], samples: Samples, out_
 
 def write_history(history: History, out: Path) -> tuple[Path, Path]:
     """history.md and history.html into `out`; returns their paths."""
-    from .history_html import render_history_html  # matplotlib loads only when a page is drawn
+    from orchestrator.reporting.history_html import render_history_html  # matplotlib loads only when a page is drawn
 
     out.mkdir(parents=True, exist_ok=True)
     folder = RunsFolder(out)

@@ -12,8 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from contract.layout import RunFolder
-
-from .cells import (
+from orchestrator.reporting.cells import (
     best_line,
     best_versus_others_line,
     change_cell,

@@ -23,9 +23,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from contract.layout import RunFolder
-
-from ..errors import UserError
-from ..results import DamagedRunFile, read_json
+from orchestrator.errors import UserError
+from orchestrator.results.store import DamagedRunFile, read_json
 
 RUN_KEY_TAG = "evalorch.run_key"  # <run folder name>/<recipe>: finds the MLflow run of a recipe logged before
 # An unreachable server must cost seconds, not MLflow's default minutes of retries (a user's own setting wins).

@@ -18,12 +18,12 @@ from gpu_helpers import SIMULATED, gpu_state
 from helpers import ROOT
 
 from contract.nvml import GpuState
-from orchestrator.provenance import git_commit
-from scripts.gpu_commit import checkout_digest
+from orchestrator.results.provenance import git_commit
+from tools.gpu_commit import checkout_digest
 
 VERIFIED = ROOT / ".gpu-verified"
 COMMIT_ENV = "EVALORCH_GPU_COMMIT"  # the commit under test, where the tree was copied (its .git may be another's)
-DIGEST_ENV = "EVALORCH_GPU_DIGEST"  # scripts/gpu_commit.py's digest of that commit's files
+DIGEST_ENV = "EVALORCH_GPU_DIGEST"  # tools/gpu_commit.py's digest of that commit's files
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -64,12 +64,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _verified_commit() -> tuple[str | None, str]:
     """The commit whose files ran, else None and why none can be named. A copied tree (the GPU machine's) is told
-    its commit and that commit's digest (scripts/gpu_commit.py) and must hold exactly those files; a git checkout
+    its commit and that commit's digest (tools/gpu_commit.py) and must hold exactly those files; a git checkout
     must be clean."""
     named, digest = os.environ.get(COMMIT_ENV), os.environ.get(DIGEST_ENV)
     if named:
         if not digest:
-            return None, f"{COMMIT_ENV} needs {DIGEST_ENV} beside it (python scripts/gpu_commit.py prints both)"
+            return None, f"{COMMIT_ENV} needs {DIGEST_ENV} beside it (python -m tools.gpu_commit prints both)"
         here = checkout_digest(ROOT)
         if here != digest:
             return None, f"the files here (digest {here}) are not those of {named[:10]} (digest {digest})"

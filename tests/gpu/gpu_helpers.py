@@ -15,7 +15,7 @@ from pathlib import Path
 from helpers import ROOT, only_run_dir, run_cli
 
 from contract.nvml import FAKE_ENV, GpuState, open_nvml
-from orchestrator.results import read_samples
+from orchestrator.results.store import read_samples
 
 SIMULATED = bool(os.environ.get("EVALORCH_SIMULATED_GPU")) and bool(os.environ.get(FAKE_ENV))
 # (attention, dtype, device) a recipe's "auto" settings load as: flash-attn in bfloat16 on the GPU; on the simulated

@@ -1,4 +1,4 @@
-"""Every tested family through the GPU path: tiny random checkpoints (scripts/make_families.py, built in a child
+"""Every tested family through the GPU path: tiny random checkpoints (tools/make_families.py, built in a child
 process: this one never touches CUDA), each with a LoRA adapter, evaluated with `--device cuda`. The decoder-only
 families whose decode steps can be recorded replay them from CUDA graphs over the kvcache kernel; the others say
 why not, as a note. Random weights: no figure to meet, only every recipe evaluated and the route each took."""
@@ -13,7 +13,7 @@ from gpu_helpers import LOADED_AS, run_on_gpu
 from helpers import ROOT, write_recipes
 
 from contract.messages import DECODE_GRAPH_ON
-from scripts.make_families import FAMILIES
+from tools.make_families import FAMILIES
 
 pytestmark = pytest.mark.gpu
 REPLAYED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")  # flash_attention_2, kvcache kernel, CUDA graphs
@@ -26,7 +26,7 @@ CACHED = ("internvl", "paligemma")  # batches collated from the image cache
 @pytest.fixture(scope="module")
 def families_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("families")
-    subprocess.run([sys.executable, "scripts/make_families.py", "--out", str(folder / "models"), "--samples", "8"],
+    subprocess.run([sys.executable, "tools/make_families.py", "--out", str(folder / "models"), "--samples", "8"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     body = ""
     for name in FAMILIES:

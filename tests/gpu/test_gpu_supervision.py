@@ -15,8 +15,8 @@ import pytest
 from gpu_helpers import SIMULATED, our_workers_on_the_gpu, run_on_gpu, wait_for_release
 from helpers import ROOT, write_recipes
 
+from benchmarks.gpu_check import Holder
 from contract.nvml import FAKE_ENV
-from scripts.gpu_check import Holder
 
 pytestmark = pytest.mark.gpu
 DEMO = ROOT / "examples" / "demo-family"
@@ -30,7 +30,7 @@ def _recipes(folder: Path, **settings: object) -> Path:
 
 @contextmanager
 def _holding(leave: int) -> Iterator[Holder]:
-    """A second process that holds all but `leave` bytes of the GPU (scripts/gpu_check.py's); on the simulated GPU a
+    """A second process that holds all but `leave` bytes of the GPU (benchmarks/gpu_check.py's); on the simulated GPU a
     process the fake NVML says holds them, the fake's file put back afterwards."""
     fake = Path(os.environ[FAKE_ENV]) if SIMULATED else None
     before = fake.read_bytes() if fake is not None else None

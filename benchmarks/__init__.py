@@ -1,0 +1,1 @@
+"""Measurements, not pass/fail: speed, memory estimate against NVML, Ray, datasets."""

@@ -1,0 +1,521 @@
+"""Where a worker's load and inference time goes on the GPU, piece by piece (issue 7's targets).
+
+    python3 -m benchmarks.profile_gpu --work /tmp/prof --out "$OUT" [--part PART]   # on the GPU machine
+
+One process per part (a measurement, not the orchestrator); the parts that need models first build
+benchmarks/bench_gpu.py's random-weight 7B family, and a 256-sample set:
+  load       (in "all") the staged reader alone (worker/loading/weights.py) over threads x chunk sizes; the worker's
+             _load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter;
+  inference  (in "all") the worker's batch preparation and generate at batch 64, 128 and 256, and batch 1;
+  cold       a fresh process's first CUDA work step by step, cProfile of the first and of a warm generate, and
+             the decode step with sdpa instead of flash_attention_2;
+  prep       batch preparation of 200 samples alone and in three processes at once, by torch thread count
+             (no models needed);
+  lora       r1 at batch 200 with its adapter unmerged (as evaluated) and merged (merge_adapters);
+  decode     decode attention: flash-attn's kvcache kernel over the padded cache against transformers'
+             unpadding path (worker/decode/decode_attention.py), the call alone and in generate;
+  graph      decode steps replayed from CUDA graphs (worker/decode/graph_decode.py) against the eager kvcache steps:
+             base at batch 200 and 1, r1 (LoRA unmerged) at batch 200; a replay alone; generate's host time.
+Figures go to OUT/profile.json (prep: OUT/prep.json) and stdout. BENCHMARKS.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_T0 = time.time()
+T = TypeVar("T")
+
+
+def _recipe(**settings: object):
+    """The typed recipe the worker's loaders take; only the settings given matter to this profile."""
+    from contract.recipe import Recipe
+
+    return Recipe(name="profile", model="profile", **settings)
+
+
+def log(message: str) -> None:
+    print(f"[+{time.time() - _T0:6.1f}s] {message}", flush=True)
+
+
+def timed(fn: Callable[..., T], torch: Any) -> tuple[float, T]:
+    """fn()'s seconds on the GPU (synchronized before and after), and its value. `fn` is called with no arguments:
+    a lambda that binds the loop's values as its parameters' defaults."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    value = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, value
+
+
+def profile_loads(models: Path, figures: dict) -> None:
+    import torch
+
+    from worker.device import Cuda
+    from worker.loading.load import _apply_adapters, _load_root
+    from worker.loading.weights import load_safetensors
+
+    files = sorted((models / "base").glob("model*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    for f in files:  # the page cache, as a held worker leaves it
+        f.read_bytes()
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    reader = []
+    for threads in (8, 16, 32):
+        for chunk_mb in (16, 32):
+            seconds, weights = timed(lambda t=threads, c=chunk_mb: load_safetensors(
+                files, Cuda(), torch.bfloat16, threads=t, chunk_bytes=c << 20), torch)
+            reader.append({"threads": threads, "chunk_mb": chunk_mb, "seconds": seconds, "GBps": total / seconds / 1e9})
+            log(f"staged reader threads={threads} chunk={chunk_mb} MB: {seconds:.2f} s, {reader[-1]['GBps']:.1f} GB/s")
+            weights.close()
+            del weights
+            torch.cuda.empty_cache()
+    figures["reader"] = reader
+    link = type("Link", (), {"path": str(models / "base")})()
+    loads: dict = {}
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    for loader in ("staged", "transformers", "staged"):
+        seconds, (model, how) = timed(lambda ld=loader: _load_root(
+            link, _recipe(loader=ld), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
+        loads.setdefault(loader, []).append({"seconds": seconds, "GBps": total / seconds / 1e9, **how})
+        log(f"_load_root loader={loader}: {seconds:.2f} s = {total / seconds / 1e9:.1f} GB/s {how}")
+        if loader == "transformers":
+            reference = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
+        else:
+            staged = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
+        seconds, model = timed(lambda m=model: _apply_adapters(m, [adapter]), torch)
+        loads.setdefault(f"{loader}+r1 adapter", []).append({"seconds": seconds})
+        del model
+        torch.cuda.empty_cache()
+    figures["loads"] = loads
+    figures["same_tensors"] = reference == staged
+    log(f"staged and transformers loads give the same tensors (checksums of {len(staged)}): {reference == staged}")
+
+
+def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
+    import torch
+
+    from contract.dataset import read_dataset
+    from worker.device import Cuda
+    from worker.inference.generation import generate
+    from worker.inference.infer import prepare_batch
+    from worker.loading.load import _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    processor = load_processor([link], _recipe())
+    figures["image_processor"] = type(processor.image_processor).__name__
+    samples = read_dataset(dataset)
+    model, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    template = "{prompt} Answer with its bounding box."
+    rows = []
+    for batch in (64, 64, 64, 128, 256):
+        started = time.perf_counter()
+        prepared = prepare_batch(processor, samples[:batch], template, Cuda())
+        prepare_s = time.perf_counter() - started
+        seconds, _ = timed(lambda p=prepared: generate(
+            model, processor, p.inputs, "cuda:0", max_new_tokens=32, min_new_tokens=32), torch)
+        one, _ = timed(lambda p=prepared: generate(
+            model, processor, p.inputs, "cuda:0", max_new_tokens=1, min_new_tokens=1), torch)
+        row = {"batch": batch, "prepare_s": prepare_s, "generate32_s": seconds, "generate1_s": one,
+               "decode_step_ms": (seconds - one) / 31 * 1e3, "per_sample_ms": seconds / batch * 1e3,
+               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        rows.append(row)
+        log("inference " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    figures["inference"] = rows
+    small = prepare_batch(processor, samples[:1], template, Cuda())
+    seconds, _ = timed(lambda: generate(model, processor, small.inputs, "cuda:0", max_new_tokens=32,
+                                        min_new_tokens=32), torch)
+    one, _ = timed(lambda: generate(model, processor, small.inputs, "cuda:0", max_new_tokens=1,
+                                    min_new_tokens=1), torch)
+    figures["batch1_decode_step_ms"] = (seconds - one) / 31 * 1e3
+    log(f"batch 1: decode step {(seconds - one) / 31 * 1e3:.2f} ms (host overhead bound)")
+
+
+def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
+    """A fresh process's first CUDA work, step by step: which of the first generate's extra seconds are one-off
+    (kernel and library loading, whatever the shapes) and which come with each new batch shape; then the decode
+    step with sdpa instead of flash_attention_2 (flash-attn's padded path syncs with the host in every layer)."""
+    steps: dict[str, float] = {}
+    started = time.perf_counter()
+    import torch
+
+    from contract.dataset import read_dataset
+    from worker.device import Cuda
+    from worker.inference.generation import generate
+    from worker.inference.infer import prepare_batch
+    from worker.loading.load import _load_root, load_processor
+
+    steps["import torch, worker"] = time.perf_counter() - started
+    started = time.perf_counter()
+    import flash_attn  # noqa: F401
+    from flash_attn import flash_attn_varlen_func  # noqa: F401
+
+    steps["import flash_attn"] = time.perf_counter() - started
+    steps["cuda context"], _ = timed(lambda: torch.empty(1, device="cuda"), torch)
+    link = type("Link", (), {"path": str(models / "base")})()
+    steps["load (staged)"], (model, _) = timed(lambda: _load_root(
+        link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
+    processor = load_processor([link], _recipe())
+    samples = read_dataset(dataset)
+    template = "{prompt} Answer with its bounding box."
+    one = prepare_batch(processor, samples[:1], template, Cuda()).inputs
+    big = prepare_batch(processor, samples[:64], template, Cuda()).inputs
+
+    def run(inputs, tokens):
+        return timed(lambda: generate(model, processor, inputs, "cuda:0", max_new_tokens=tokens,
+                                      min_new_tokens=tokens), torch)[0]
+
+    steps["first generate: batch 1, 2 tokens"] = _profiled(lambda: run(one, 2), "first generate, batch 1")
+    steps["again: batch 1, 2 tokens"] = run(one, 2)
+    steps["first batch-64 prefill (1 token)"] = run(big, 1)
+    steps["again: batch-64 prefill"] = run(big, 1)
+    steps["first batch-64 generate 32"] = run(big, 32)
+    steps["again: batch-64 generate 32"] = _profiled(lambda: run(big, 32), "warm generate, batch 64, 32 tokens")
+    warm = steps["again: batch-64 generate 32"] - steps["again: batch-64 prefill"]
+    steps["fa2 decode step ms, batch 64"] = warm / 31 * 1e3
+    model.set_attn_implementation("sdpa")
+    run(big, 2)
+    prefill = run(big, 1)
+    steps["sdpa: batch-64 generate 32"] = run(big, 32)
+    steps["sdpa decode step ms, batch 64"] = (steps["sdpa: batch-64 generate 32"] - prefill) / 31 * 1e3
+    for name, value in steps.items():
+        log(f"cold: {name}: {value:.3f}")
+    figures["cold"] = steps
+
+
+def prep_one(work: Path, threads: int, count: int) -> None:
+    """(child) prepare_batch of `count` samples with torch limited to `threads` (0: its default), on the CPU."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from contract.dataset import read_dataset
+    from worker.device import CPU
+    from worker.inference.infer import prepare_batch
+    from worker.loading.load import load_processor
+
+    link = type("Link", (), {"path": str(work / "processor")})()
+    processor = load_processor([link], _recipe())
+    samples = read_dataset(work / "data" / "grounding.jsonl")[:count]
+    started = time.perf_counter()
+    prepare_batch(processor, samples, "{prompt}", CPU)
+    print(json.dumps({"threads": threads or torch.get_num_threads(), "count": count,
+                      "backend": getattr(processor.image_processor, "backend", None),
+                      "seconds": time.perf_counter() - started}), flush=True)
+
+
+def profile_prep(work: Path, figures: dict) -> None:
+    """Batch preparation of 200 samples (the worker's processor path): alone, and three processes at once (a
+    running worker and two held ones), at torch's default thread count and at fewer threads."""
+    from benchmarks.gpu_check import SHAPES, _configs
+
+    processor, _, _ = _configs(SHAPES["7b"])
+    processor.save_pretrained(work / "processor")
+    rows = []
+    for threads in (0, 4, 1):
+        for together in (1, 3):
+            procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.profile_gpu", "--work", str(work),
+                                       "--out", "/tmp", "--part", "prep-one", "--threads", str(threads)], cwd=ROOT,
+                                      stdout=subprocess.PIPE, text=True) for _ in range(together)]
+            results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+            row = {"threads": results[0]["threads"], "processes": together, "backend": results[0]["backend"],
+                   "seconds": [round(r["seconds"], 2) for r in results]}
+            rows.append(row)
+            log(f"prepare 200: {row}")
+    figures["prep"] = rows
+
+
+def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
+    """r1 (LoRA on the language model) at batch 200, as the worker runs it (top adapter unmerged) and with
+    merge_adapters: prefill (generate of 1 token) and generate of 32 tokens, second call of each."""
+    import torch
+
+    from contract.dataset import read_dataset
+    from worker.device import Cuda
+    from worker.inference.generation import generate
+    from worker.inference.infer import prepare_batch
+    from worker.loading.load import _apply_adapters, _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    processor = load_processor([link], _recipe())
+    inputs = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", Cuda()).inputs
+    base, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    rows = {}
+    for merge in (False, True):
+        model = _apply_adapters(base, [adapter], merge_top=merge)
+        row: dict[int | str, float] = {}  # seconds by new tokens, and the decode step
+        for tokens in (1, 1, 32, 32):
+            row[tokens], _ = timed(lambda t=tokens, m=model: generate(
+                m, processor, inputs, "cuda:0", max_new_tokens=t, min_new_tokens=t), torch)
+        row["decode_step_ms"] = (row[32] - row[1]) / 31 * 1e3
+        rows["merged" if merge else "unmerged"] = row
+        log(f"r1 at batch 200, {'merged' if merge else 'unmerged'}: {row}")
+        if not merge:
+            base = model.unload()  # the plain base back, for the merged round
+    figures["lora"] = rows
+
+
+def _decode_setup(models: Path, dataset: Path) -> tuple:
+    """The decode parts' common start: the processor, the base model on the GPU (flash_attention_2, bf16), r1's
+    adapter link, the bench's samples (one prompt) and the same images with prompts of different lengths."""
+    import torch
+
+    from benchmarks.bench_gpu import build_dataset
+    from contract.dataset import read_dataset
+    from worker.device import Cuda
+    from worker.loading.load import _load_root, load_processor
+
+    link = type("Link", (), {"path": str(models / "base")})()
+    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    processor = load_processor([link], _recipe())
+    uniform = read_dataset(dataset)
+    varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
+    base, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    return processor, base, adapter, uniform, varied
+
+
+def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
+    """Decode attention (worker/decode/decode_attention.py): flash-attn's kvcache kernel over the left-padded cache
+    against transformers' unpadding path. The attention call alone on the 7B's decode shapes (error against a
+    float32 reference, bitwise agreement, time), then base and r1 (LoRA unmerged) at batch 200 and base at batch
+    1, each way: prefill, 32 tokens, the decode step, and how many texts agree."""
+    import torch
+
+    from worker.decode import decode_attention
+    from worker.device import Cuda
+    from worker.inference.generation import generate
+    from worker.inference.infer import prepare_batch
+    from worker.loading.load import _apply_adapters
+
+    figures["attention_call"] = _decode_attention_call(torch, decode_attention)
+    processor, base, adapter, uniform, varied = _decode_setup(models, dataset)
+    runs = {}
+    for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
+                                 ("r1-llm-only", 200, varied)):
+        model = _apply_adapters(base, [adapter]) if name != "base" else base
+        inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
+        name = f"{name} {'varied' if samples is varied else 'uniform'}"
+        row: dict = {}
+        for way in ("transformers", "kvcache", "transformers", "kvcache"):
+            if way == "kvcache":
+                decode_attention.install()
+            else:
+                decode_attention.uninstall()
+            times = {t: timed(lambda t=t, m=model, i=inputs: generate(m, processor, i, "cuda:0", max_new_tokens=t,
+                                                                      min_new_tokens=t), torch) for t in (1, 32)}
+            row[way] = {"prefill_s": times[1][0], "generate32_s": times[32][0],
+                        "decode_step_ms": (times[32][0] - times[1][0]) / 31 * 1e3, "texts": times[32][1].texts}
+        equal = sum(a == b for a, b in zip(row["transformers"]["texts"], row["kvcache"]["texts"], strict=True))
+        runs[f"{name} batch {batch}"] = {"texts_equal": equal, "of": batch, **{
+            way: {k: v for k, v in figures_of.items() if k != "texts"} for way, figures_of in row.items()}}
+        log(f"decode {name} batch {batch}: " + json.dumps(runs[f"{name} batch {batch}"]))
+        if model is not base:
+            base = model.unload()
+    decode_attention.uninstall()
+    figures["decode"] = runs
+
+
+def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
+    """Each configuration eagerly (kvcache decode attention) and replayed from graphs, twice each way alternating:
+    prefill (1 token), 32 tokens, the decode step, the recording's cost, and rows of token ids equal to the eager
+    run's ("texts_equal")."""
+    import torch
+
+    from worker.decode import decode_attention, graph_decode
+    from worker.device import Cuda
+    from worker.inference.generation import generate
+    from worker.inference.infer import prepare_batch
+    from worker.loading.load import _apply_adapters
+
+    processor, base, adapter, uniform, varied = _decode_setup(models, dataset)
+    decode_attention.install()
+    runs = {}
+    for name, batch, samples in (("base", 200, uniform), ("base", 1, uniform), ("r1-llm-only", 200, varied)):
+        model = _apply_adapters(base, [adapter]) if name != "base" else base
+        inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
+        label = f"{name} {'varied' if samples is varied else 'uniform'} batch {batch}"
+        row: dict = {}
+        for way in ("kvcache", "graph", "kvcache", "graph"):
+            if way == "graph":
+                graph_decode.attach(model)
+            else:
+                graph_decode.detach(model)
+            torch.cuda.reset_peak_memory_stats()
+            times = {t: timed(lambda t=t, m=model, i=inputs: generate(m, processor, i, "cuda:0", max_new_tokens=t,
+                                                                      min_new_tokens=t), torch) for t in (1, 32)}
+            graphs = times[32][1].graphs
+            row[way] = {"prefill_s": times[1][0], "generate32_s": times[32][0],
+                        "decode_step_ms": (times[32][0] - times[1][0]) / 31 * 1e3,
+                        "peak_GB": torch.cuda.max_memory_allocated() / 1e9,
+                        "outcome": [vars(g) for g in graphs],
+                        # token ids, not texts: a random-weight model's texts are mostly empty after its first
+                        # end-of-turn token, its 32 token ids are not
+                        "texts": [tuple(r) for r in times[32][1].rows]}
+        row["graph"] |= _replay_alone(torch, graph_decode, model, processor, inputs, generate)
+        graph_decode.detach(model)
+        equal = sum(a == b for a, b in zip(row["kvcache"]["texts"], row["graph"]["texts"], strict=True))
+        runs[label] = {"texts_equal": equal, "of": batch, **{
+            way: {k: v for k, v in figures_of.items() if k != "texts"} for way, figures_of in row.items()}}
+        log(f"graph {label}: " + json.dumps(runs[label]))
+        if model is not base:
+            base = model.unload()
+    decode_attention.uninstall()
+    figures["graph"] = runs
+
+
+def _replay_alone(torch, graph_decode, model, processor, inputs, generate) -> dict:
+    """The recorded step replayed 20 times back to back (the GPU's time for a step, without generate's loop),
+    and where the host's time goes in one generate of 32 tokens (cProfile, the top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    kept = []
+    close = graph_decode._Session.close
+
+    def keep(session):
+        kept.append(session.recorded)
+        close(session)
+
+    graph_decode._Session.close = keep
+    profile = cProfile.Profile()
+    try:
+        profile.enable()
+        generate(model, processor, inputs, "cuda:0", max_new_tokens=32, min_new_tokens=32)
+        profile.disable()
+    finally:
+        graph_decode._Session.close = close
+    recorded = kept[0]
+    with torch.inference_mode():  # its buffers are inference tensors
+        recorded.position.fill_(recorded.length - 20)
+        recorded.ends.fill_(recorded.length - 19)
+        seconds, _ = timed(lambda: [recorded.replay.replay() for _ in range(20)], torch)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+    log("host profile of one graph generate:\n" + text.getvalue()[-6000:])
+    return {"replay_alone_ms": seconds / 20 * 1e3}
+
+
+def _decode_attention_call(torch, decode_attention) -> dict:
+    """One layer's decode attention at the 7B's shapes (batch 200, 28 query and 4 key heads of 128, a cache of
+    about 330 tokens with 0-40 pads a row), both ways, against float32 sdpa over the same unpadded keys."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, heads, kv_heads, dim, length = 200, 28, 4, 128, 330
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = rand(batch, heads, 1, dim), rand(batch, kv_heads, length, dim), rand(batch, kv_heads, length, dim)
+    pads = torch.randint(0, 41, (batch,), generator=generator, device="cuda")
+    mask = (torch.arange(length, device="cuda")[None] >= pads[:, None]).long()
+    module = type("Layer", (), {"is_causal": True, "layer_idx": 0,
+                                "config": type("C", (), {"_attn_implementation": "flash_attention_2"})()})()
+    kernel = decode_attention.flash_kvcache_kernel()
+
+    def unpadding():
+        return flash_attention_forward(module, q, k, v, mask, scaling=dim ** -0.5)[0]
+
+    def in_place():
+        return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=dim ** -0.5,
+                      cache_seqlens=torch.full_like(pads, length, dtype=torch.int32),
+                      cache_leftpad=pads.int(), causal=True)
+
+    keep = mask.bool()[:, None, None]
+    groups = heads // kv_heads
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1),
+        attn_mask=keep).transpose(1, 2)
+    result: dict[str, dict[str, float] | float] = {}
+    outputs = {}
+    for name, fn in (("transformers", unpadding), ("kvcache", in_place)):
+        outputs[name] = fn()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(28 * 10):  # ten decode steps of 28 layers, host time until queued, then until done
+            fn()
+        queued = time.perf_counter() - started
+        torch.cuda.synchronize()
+        done = time.perf_counter() - started
+        result[name] = {"max_abs_error": float((outputs[name].float() - reference).abs().max()),
+                        "host_us_per_call": queued / 280 * 1e6, "us_per_call": done / 280 * 1e6}
+    result["bitwise_equal_fraction"] = float((outputs["transformers"] == outputs["kvcache"]).float().mean())
+    log("decode attention call: " + json.dumps(result))
+    return result
+
+
+def _profiled(fn, title: str):
+    """fn() under cProfile; prints the 30 costliest calls by cumulative and by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    value = profiler.runcall(fn)
+    for order in ("cumulative", "tottime"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
+        log(f"profile of {title} by {order}:\n{text.getvalue()}")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--part", default="all",
+                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora", "decode", "graph"))
+    args = parser.parse_args()
+    from benchmarks.bench_gpu import build_dataset
+
+    if args.part == "prep-one":
+        prep_one(args.work, args.threads, 200)
+        return 0
+    if args.part == "prep":
+        build_dataset(args.work / "data", 256)
+        figures_prep: dict = {}
+        profile_prep(args.work, figures_prep)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "prep.json").write_text(json.dumps(figures_prep, indent=1))
+        return 0
+    models = args.work / "models"
+    if not (models / "r1-llm-only").exists():
+        subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "build", "--models", str(models)], check=True,
+                       cwd=ROOT)
+        log("models built")
+    dataset = build_dataset(args.work / "data", 256)
+    figures: dict = {}
+    if args.part in ("all", "load"):
+        profile_loads(models, figures)
+    if args.part == "cold":
+        profile_cold(models, dataset, figures)
+    if args.part == "lora":
+        profile_lora(models, dataset, figures)
+    if args.part == "decode":
+        profile_decode(models, dataset, figures)
+    if args.part == "graph":
+        profile_graph(models, dataset, figures)
+    if args.part in ("all", "inference"):
+        profile_inference(models, dataset, figures)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Ray backend: a local or remote cluster runs the same workers, one per GPU lane."""

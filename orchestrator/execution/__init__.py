@@ -1,0 +1,1 @@
+"""Workers as processes: their environment, supervision, lanes, progress and merges."""

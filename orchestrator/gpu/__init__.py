@@ -1,0 +1,1 @@
+"""GPU memory from files: the estimate, the image tokens it counts, and the preflight that refuses."""

@@ -1,0 +1,107 @@
+"""The verdict for each recipe before anything runs: its resolved chain, or why it cannot run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from contract.boxes import AUTO, BOX_FORMATS, native_format
+from contract.checkpoint import CONFIG, CheckpointError, read_json_object
+from contract.recipe import Recipe
+from contract.spec import ChainLink
+from orchestrator.errors import UserError
+from orchestrator.planning.lineage import LineageError, resolve_chain
+from orchestrator.planning.recipes import RecipeFile
+
+
+class BoxFormatError(UserError):
+    """box_format = "auto" for a model family with no single native convention: a config error (exit code 2)."""
+
+
+@dataclass
+class RecipePlan:
+    recipe: Recipe
+    chain: list[ChainLink] | None = None
+    problem: str | None = None  # set when the recipe must not run
+    box_format_from: str = "recipe"  # how recipe.box_format was chosen: "recipe", or auto's reading of config.json
+
+    @property
+    def runnable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def overridden_base(self) -> bool:
+        """The recipe loads its adapter on a base other than the one the adapter records."""
+        return self.chain is not None and any(link.source == "recipe-base" for link in self.chain)
+
+
+def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: bool = False,
+               box_formats: bool = True) -> list[RecipePlan]:
+    """Resolve every recipe's lineage up front, so every problem is known before the first worker starts, and
+    (with `box_formats`) each "auto" box format from the root checkpoint's model family. A family without one
+    native convention under "auto" raises BoxFormatError naming every such recipe."""
+    plans, unresolved = [], []
+    for recipe in recipes:
+        try:
+            chain = resolve_chain(recipe, recipe_file.lineage, hash_weights=hash_weights)
+        except LineageError as exc:
+            plans.append(RecipePlan(recipe, problem=f"lineage: {exc}"))
+            continue
+        plan = RecipePlan(recipe, chain=chain)
+        if box_formats and recipe.box_format == AUTO:
+            try:
+                plan = _with_native_format(plan)
+            except BoxFormatError as exc:
+                unresolved.append(str(exc))
+        plans.append(plan)
+    if unresolved:
+        raise BoxFormatError("\n".join(unresolved) + f"\nSet box_format to one of: {', '.join(BOX_FORMATS)} (README: "
+                             "Box formats); evalorch never guesses it from the numbers.")
+    return plans
+
+
+def _with_native_format(plan: RecipePlan) -> RecipePlan:
+    """The plan with box_format = the native format of its root checkpoint's family (config.json model_type). A
+    config that cannot say its family (damaged: unreadable, no model_type) fails its own recipe; a family with no
+    single native convention raises BoxFormatError (the recipe file must name a format)."""
+    config_file = Path((plan.chain or [])[0].path) / CONFIG
+    try:
+        model_type = read_json_object(config_file).get("model_type")
+    except CheckpointError as exc:
+        return RecipePlan(plan.recipe, plan.chain, f"config: box_format = \"auto\" cannot read the family: {exc}")
+    if not isinstance(model_type, str) or not model_type:
+        return RecipePlan(plan.recipe, plan.chain, f"config: {config_file}: model_type is {model_type!r}, so "
+                          "box_format = \"auto\" cannot tell the family; restore the file, or set box_format")
+    found = native_format(model_type)
+    if found is None:
+        raise BoxFormatError(f"recipe '{plan.recipe.name}': box_format = \"auto\", but model_type {model_type!r} "
+                             f"({config_file}) has no single native box convention")
+    recipe = plan.recipe.model_copy(update={"box_format": found})
+    return RecipePlan(recipe, plan.chain, plan.problem, f"auto: model_type {model_type!r} in {config_file}")
+
+
+
+@dataclass
+class LaunchDecision:
+    """The preflight's verdict just before a recipe's worker starts (see Preflight)."""
+
+    ok: bool
+    message: str = ""
+    gpu: str | None = None  # the CUDA_VISIBLE_DEVICES value for the worker
+    batch_size: int | None = None  # set when the preflight lowered the recipe's batch size to fit
+    record: dict = field(default_factory=dict)  # estimate, free memory, holders...: kept in the recipe's summary
+
+
+class Preflight(Protocol):
+    """Decides, before each launch, whether and where a recipe runs; told when each worker has exited."""
+
+    def before_launch(self, plan: RecipePlan, gpu: int | None = None) -> LaunchDecision:
+        """The verdict for `plan`; on `gpu` only when the scheduler placed it there (several GPUs at once)."""
+        ...
+
+    def after_exit(self, plan: RecipePlan, pid: int | None) -> None: ...
+
+    def expected_batch(self, plan: RecipePlan, gpu: int | None = None) -> int | None:
+        """The batch size `plan` will most likely be given once the GPU is free again (None: unknown)."""
+        ...

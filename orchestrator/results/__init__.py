@@ -1,0 +1,1 @@
+"""The run folder: its files, lock, summaries, statistics, resume and rescore."""

@@ -1,0 +1,93 @@
+"""Batch parity: the first batch's first samples checked one at a time against their batched answers. Batched,
+left-padded generation must give what the model gives a sample alone (position ids under left padding and stale
+rope deltas break this in the transformers and Qwen trackers).
+
+Each sample is first checked by teacher forcing (generation.forced_check: one forward pass of the sample alone
+over its prompt and its batched tokens, generate's logits processors applied at every step). Where greedy alone
+would pick every batched token, the two agree exactly (up to the rounding of a pass over the whole sequence
+against a cached step-by-step decode, which the recorded closest margin measures). Where it would not, or where
+the forced check cannot model this model's inputs, the sample is generated alone, token by token, and its text
+decides: a disagreement is always one that generation alone produced. One forward pass per sample instead of
+one decode step per token: the trained demo family's 8 samples in 0.24-0.42 s a recipe on an H200, where
+generating 8 samples of a 7B recipe alone took 12.6-19.9 s (BENCHMARKS.md, 2026-12-02)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from contract.recipe import Recipe
+from worker.inference.generation import Generated, Unforceable, forced_check, generate
+
+Alter = Callable[[int, str], str]  # (n-th parity sample, its text alone) -> the text to compare; faults only
+InputsFor = Callable[[Any], Any]  # one prepared sample -> its processor tensors alone
+
+
+def check_parity(model: Any, processor: Any, items: list[Any], batched: Generated, inputs_for: InputsFor,
+                 recipe: Recipe, device: str, batch_size: int, alter: Alter | None = None) -> dict:
+    """Check the first `recipe.parity_check` of `items` (the first batch, whose generation is `batched`) one at a
+    time. `alter` is the test-only fault switch's hook (worker/faults.py: alter@parity:N)."""
+    if recipe.parity_check == 0:
+        return {"enabled": False}
+    if batch_size <= 1:
+        return {"enabled": True, "checked": 0, "batch_size": batch_size,
+                "note": "the first batch had one sample: nothing to compare"}
+    started = time.perf_counter()
+    count = min(recipe.parity_check, len(items))
+    tally = _Tally()
+    disagreements = []
+    for number, item in enumerate(items[:count], 1):
+        text = batched.texts[number - 1]
+        alone = _alone(model, processor, inputs_for(item), batched, number - 1, item.sample.id, recipe, device, tally)
+        alone = alter(number, alone) if alter else alone
+        if alone != text:
+            disagreements.append({"id": item.sample.id, "batched": text, "alone": alone})
+    return {"enabled": True, "checked": count, "agreed": count - len(disagreements), "batch_size": batch_size,
+            "disagreements": disagreements, "seconds": time.perf_counter() - started, **tally.record()}
+
+
+@dataclass
+class _Tally:
+    """How the samples were settled, and whether the forced pass is still worth trying in this worker."""
+
+    forced_agreed: int = 0
+    generated_alone: int = 0
+    margins: list[float] = field(default_factory=list)
+    unforced: list[dict] = field(default_factory=list)  # samples the forced pass could not model, and why
+    stop_forcing: str | None = None
+
+    def record(self) -> dict:
+        return {"forced_agreed": self.forced_agreed, "generated_alone": self.generated_alone,
+                "closest_margin": min(self.margins) if self.margins else None,
+                "generated_alone_because": self.unforced, "forcing_stopped": self.stop_forcing}
+
+
+def _alone(model: Any, processor: Any, inputs: Any, batched: Generated, index: int, sample_id: str, recipe: Recipe,
+           device: str, tally: _Tally) -> str:
+    """What the model answers this sample alone: the batched text where the forced pass confirms it, else the
+    text generated alone. A forced disagreement that generation does not confirm means this model's logits are
+    too close to call for a differently rounded pass (random weights: ties in bf16); the pass then stops being
+    tried, so such a model pays for one pass, not one per sample."""
+    forced = None
+    if tally.stop_forcing is None:
+        prefix = batched.decoder_prefix[index] if batched.decoder_prefix else None
+        try:
+            forced = forced_check(model, processor, inputs, batched.rows[index], prefix, device,
+                                  max_new_tokens=recipe.max_new_tokens, min_new_tokens=recipe.min_new_tokens)
+        except Unforceable as exc:  # this sample only, or every sample (generate's helpers differ)
+            tally.unforced.append({"id": sample_id, "reason": str(exc)})
+            tally.stop_forcing = str(exc) if exc.whole_check else None
+        else:
+            tally.margins.append(forced.closest_margin)
+            if forced.agrees:
+                tally.forced_agreed += 1
+                return batched.texts[index]
+    (alone,) = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
+                        min_new_tokens=recipe.min_new_tokens).texts
+    tally.generated_alone += 1
+    if forced is not None and alone == batched.texts[index]:
+        tally.stop_forcing = (f"{sample_id}: the forced pass differed at token {forced.first_difference} (closest "
+                              f"margin {forced.closest_margin:.3g}) where generation alone agreed")
+    return alone

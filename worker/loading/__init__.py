@@ -1,0 +1,1 @@
+"""The chain onto the device: weights, dtype and the adapter lineage, as one model."""
