@@ -4,6 +4,8 @@ the batch_size asked for (32 samples at batch 24 run as 16 + 16: estimated at 24
 
 from __future__ import annotations
 
+from collections import Counter
+
 SORT_WINDOW = 4  # batches' worth of samples sorted together: padding stays low, memory bounded
 MIN_WINDOW = 256
 
@@ -20,11 +22,18 @@ def even_bounds(count: int, size: int) -> list[tuple[int, int]]:
     return [(index * count // batches, (index + 1) * count // batches) for index in range(batches)]
 
 
+def batch_counts(samples: int, size: int) -> dict[int, int]:
+    """How many batches of each size the worker forms for `samples` samples at batch_size `size`: full windows,
+    then what is left (200 at 199: {100: 2}, the batch that runs, not the size asked for)."""
+    full_windows, rest = divmod(samples, window_size(size))
+    counts: Counter[int] = Counter()
+    for count, times in ((window_size(size), full_windows), (rest, 1)):
+        for start, end in even_bounds(count, size) if times else []:
+            counts[end - start] += times
+    return dict(counts)
+
+
 def largest_batch(samples: int, size: int) -> int:
     """The largest batch the worker forms for `samples` samples at batch_size `size` (size itself when the count
-    is unknown, 0): full windows, then what is left."""
-    if samples <= 0:
-        return size
-    window = window_size(size)
-    counts = [min(samples, window)] + ([samples % window] if samples > window and samples % window else [])
-    return max(end - start for count in counts for start, end in even_bounds(count, size))
+    is unknown, 0)."""
+    return max(batch_counts(samples, size)) if samples > 0 else size

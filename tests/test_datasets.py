@@ -543,15 +543,19 @@ def test_the_worker_reads_the_set_as_it_makes_batches() -> None:
     assert sum(len(b) for b in batches) + len(first) == 10_000 and len(pulled) == 10_000
 
 
-@pytest.mark.parametrize("count,size", [(32, 24), (32, 32), (200, 64), (1000, 24), (1030, 256), (7, 1), (300, 100)])
+@pytest.mark.parametrize("count,size", [(32, 24), (32, 32), (200, 64), (1000, 24), (1030, 256), (7, 1), (300, 100),
+                                        (200, 199), (2048, 256)])
 def test_the_estimate_counts_the_largest_batch_the_worker_forms(count: int, size: int) -> None:
     """The parent's memory estimate takes its batch from contract.batching; the worker's batches must agree (32
     samples at batch 24 run as 16 + 16: estimated at 24, InternVL's estimate was 47% over on the H200)."""
-    from contract.batching import largest_batch
+    from collections import Counter
+
+    from contract.batching import batch_counts, largest_batch
     from worker.inference.infer import _sorted_batches
 
     samples = (Sample(f"s{i}", None, BOX, "p" * (i % 5)) for i in range(count))
-    assert largest_batch(count, size) == max(len(b) for b in _sorted_batches(samples, size, "apply"))
+    formed = Counter(len(b) for b in _sorted_batches(samples, size, "apply"))
+    assert batch_counts(count, size) == formed and largest_batch(count, size) == max(formed)
 
 
 # ---------------------------------------------------------------------------------- end to end, through the CLI

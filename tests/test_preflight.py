@@ -98,6 +98,22 @@ def test_when_the_weights_fit_but_the_batch_does_not_the_batch_is_lowered(plan: 
     assert "lowered from 4 to 2" in decision.message
 
 
+def test_a_lowered_batch_is_told_as_the_batches_that_run(demo: dict, tmp_path: Path) -> None:
+    """10 samples do not fit at batch 10; at 9 they run as 5 + 5 (contract/batching.py), so the message names
+    the batches of 5 the worker forms, not a batch of 9 that never runs."""
+    body = f'[[recipe]]\nname = "r3"\nmodel = "{demo["root"] / "models" / "r3-stage2"}"\n'
+    recipe_file = load_recipe_file(write_recipes(tmp_path, body, demo, batch_size=10, limit=10))
+    (plan,) = make_plans(recipe_file, recipe_file.recipes)
+    workload = _workload(plan)
+    free = workload.estimate(9).total_bytes
+    assert workload.prompts.samples == 10 and workload.estimate(10).total_bytes > free
+    decision = GpuPreflight(_fake(tmp_path, [_gpu(free)])).before_launch(plan)
+    assert decision.ok and decision.batch_size == 9 and decision.record["estimate_used"]["batch_size"] == 5
+    assert (f"batch size lowered from 10 to 9 to fit {format_bytes(free)} free, so its 10 samples run as "
+            "2 batches of 5 (a batch of 10 needs") in decision.message
+    assert "one of 5 needs" in decision.message and "batch 9" not in decision.message
+
+
 def test_weights_that_fit_without_room_for_one_sample_are_refused(plan: RecipePlan, tmp_path: Path) -> None:
     workload = _workload(plan)
     fixed = workload.estimate(1).fixed_bytes
@@ -244,20 +260,23 @@ def test_cli_refuses_a_recipe_that_does_not_fit_and_starts_no_worker(demo: dict,
 
 
 def test_cli_lowers_the_batch_and_the_real_worker_runs_with_it(demo: dict, tmp_path: Path) -> None:
-    recipes = _cli_recipes(tmp_path, demo, limit=3)
+    """4 samples that do not fit at batch 4 fit at 3, which the worker runs as 2 + 2: the printed message says so,
+    and the worker's own count of batches agrees."""
+    recipes = _cli_recipes(tmp_path, demo, limit=4)
     (plan,) = make_plans(load_recipe_file(recipes), load_recipe_file(recipes).recipes)
     fake = tmp_path / "nvml.json"
     # --device cpu with the fake: the decisions are made on the CPU's sizes (float32) and a real worker runs.
-    write_fake_nvml(fake, [_gpu(_workload(plan, "cpu").estimate(1).total_bytes)])
+    write_fake_nvml(fake, [_gpu(_workload(plan, "cpu").estimate(3).total_bytes)])
     result = run_cli("run", str(recipes), "--out", str(tmp_path / "runs"), "--device", "cpu",
                      env={FAKE_ENV: str(fake)})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "batch size lowered from 4 to 1" in _words(result.stdout)
+    assert "batch size lowered from 4 to 3" in _words(result.stdout)
+    assert "so its 4 samples run as 2 batches of 2 (a batch of 4 needs" in _words(result.stdout)
     run_dir = only_run_dir(tmp_path / "runs")
     summary = json.loads((run_dir / "r3" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["preflight"]["batch_lowered"]
-    assert json.loads((run_dir / "r3" / "spec.json").read_text())["recipe"]["batch_size"] == 1
-    assert summary["done"]["counts"]["batch_size"] == 1 and summary["done"]["counts"]["batches"] == 3
+    assert json.loads((run_dir / "r3" / "spec.json").read_text())["recipe"]["batch_size"] == 3
+    assert summary["done"]["counts"]["batch_size"] == 3 and summary["done"]["counts"]["batches"] == 2
 
 
 def test_cli_plan_shows_the_estimate_and_the_verdict(demo: dict, tmp_path: Path, holder: subprocess.Popen) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from contract.batching import batch_counts
 from contract.dataset import DatasetError, open_dataset
 from contract.nvml import FAKE_ENV, GpuProcess, GpuState, Nvml, NvmlUnavailable, open_nvml
 from contract.units import format_bytes
@@ -335,10 +336,20 @@ def _verdict(name: str, workload: Workload, batch_size: int, state: GpuState, fr
         return LaunchDecision(ok=True, gpu=gpu, message=message, record=record)
     lowered = workload.estimate(fitting)
     record |= {"batch_size": fitting, "batch_lowered": True, "estimate_used": lowered.record()}
-    message = (f"GPU {state.index}: batch size lowered from {batch_size} to {fitting} to fit "
-               f"{free_text} (batch {batch_size} needs {format_bytes(requested.total_bytes)}; "
-               f"batch {fitting} needs {lowered.describe()})")
+    message = (f"GPU {state.index}: batch size lowered from {batch_size} to {fitting} to fit {free_text}"
+               f"{_runs_as(workload.prompts.samples, fitting)} (a batch of {requested.batch_size} needs "
+               f"{format_bytes(requested.total_bytes)}; one of {lowered.batch_size} needs {lowered.describe()})")
     return LaunchDecision(ok=True, gpu=gpu, batch_size=fitting, message=message, record=record)
+
+
+def _runs_as(samples: int, batch_size: int) -> str:
+    """", so its 12 samples run as 2 batches of 6": the batches the worker forms at `batch_size`
+    (contract/batching.py), which can be smaller than the size itself; empty when the count is unknown."""
+    if samples <= 0:
+        return ""
+    counts = sorted(batch_counts(samples, batch_size).items(), reverse=True)
+    batches = " and ".join(f"{count} batch{'es' if count > 1 else ''} of {size}" for size, count in counts)
+    return f", so its {samples} samples run as {batches}"
 
 
 def _aimed_batch(plan: RecipePlan, workload: Workload) -> int:
