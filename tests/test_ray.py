@@ -1,8 +1,9 @@
 """`--backend ray` on a real Ray cluster on this machine: one two-node cluster (ray.cluster_utils.Cluster, token
 authentication on, the fake NVML on its nodes) for the whole module; the CLI connects to it with --address, as a
 user's driver does. Real workers, real tiny models, real files: the same per-sample results as the local backend,
-recipes placed on both nodes, a Ray worker killed mid-recipe retried with the missing samples, Ctrl-C leaving no
-worker behind, the node's refusal naming the holders, `plan` asking the cluster, a local cluster of its own."""
+recipes placed on both nodes, the same through Ray Client (`ray://`), a Ray worker killed mid-recipe retried with the
+missing samples, Ctrl-C leaving no worker behind, the node's refusal naming the holders, `plan` asking the cluster,
+a local cluster of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,9 +36,9 @@ _ROOMY = [{"name": "Fake H100", "uuid": "GPU-fake-0", "total_bytes": 80 * GIB, "
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict]:
     """A head node and a second node of 2 CPUs each, token authentication on (a token of its own, as a cluster's
-    admin sets up). The nodes' environment is theirs, not the driver's: it holds EVALORCH_FAKE_NVML (a roomy GPU;
-    a test may rewrite the file) and the fault switch of the recipes that must run slowly (`_SLOW`). Its folder
-    is short: Ray's socket paths must fit in 107 bytes."""
+    admin sets up), the head serving Ray Client (`client`: its ray:// address). The nodes' environment is theirs,
+    not the driver's: it holds EVALORCH_FAKE_NVML (a roomy GPU; a test may rewrite the file) and the fault switch
+    of the recipes that must run slowly (`_SLOW`). Its folder is short: Ray's socket paths must fit in 107 bytes."""
     folder = Path(tempfile.mkdtemp(prefix="evalorch-test-ray-", dir="/tmp"))
     token = folder / "auth_token"
     token.write_text("0123456789abcdef" * 4)
@@ -51,17 +53,26 @@ def cluster() -> Iterator[dict]:
         from orchestrator.backends.ray.cluster import _refresh_ray_config
 
         _refresh_ray_config()  # this process too talks to the cluster (wait_for_nodes)
+        client_port = _free_port()
         nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
-                                                              "object_store_memory": 128 * 2**20})
+                                                              "object_store_memory": 128 * 2**20,
+                                                              "ray_client_server_port": client_port})
         nodes.add_node(num_cpus=2, object_store_memory=128 * 2**20)
         nodes.wait_for_nodes()
         try:
-            yield {"address": nodes.address, "fake": fake, "token": token,
+            yield {"address": nodes.address, "client": f"ray://127.0.0.1:{client_port}", "fake": fake, "token": token,
                    "node_ids": {node.node_id for node in nodes.list_all_nodes()}}
         finally:
             nodes.shutdown()
             _refresh_ray_config()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (the OS's pick), for the head's Ray Client server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _recipes(tmp_path: Path, demo: dict, names: dict[str, str], **defaults: object) -> Path:
@@ -128,6 +139,27 @@ def test_the_suite_on_two_nodes_gives_the_local_backends_results(cluster: dict, 
     assert summaries["r3-two-stage"]["lineage"][0]["source"] == "remap"  # resolved on the node, remap applied
     run_record = json.loads((ray_dir / "run.json").read_text())
     assert run_record["backend"]["name"] == "ray" and len(run_record["backend"]["nodes"]) == 2
+    assert not _none_left(ray_dir)
+
+
+def test_ray_client_reaches_the_cluster_and_gives_the_local_backends_results(cluster: dict, demo: dict,
+                                                                             tmp_path: Path) -> None:
+    """`--address ray://HOST:PORT`, as README shows it: the driver connects through Ray Client (what
+    `pip install evalorch[ray]` must bring, `ray[client]`), the recipe runs on a node, the results are the local
+    backend's."""
+    recipes = _recipes(tmp_path, demo, {"base": "base"}, limit=2)
+    local = run_cli("run", str(recipes), "--out", str(tmp_path / "local"), "--device", "cpu")
+    assert local.returncode == 0, local.stdout + local.stderr
+    result = run_cli("run", str(recipes), "--out", str(tmp_path / "ray"), "--device", "cpu", "--backend", "ray",
+                     "--address", cluster["client"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    local_dir, ray_dir = only_run_dir(tmp_path / "local"), only_run_dir(tmp_path / "ray")
+    assert _results(ray_dir, "base") == _results(local_dir, "base") and len(_results(ray_dir, "base")) == 2
+    summary = _summary(ray_dir, "base")
+    assert summary["status"] == "ok" and summary["ran_on"]["backend"] == "ray"
+    assert summary["ran_on"]["node_id"] in cluster["node_ids"]
+    run_record = json.loads((ray_dir / "run.json").read_text())
+    assert run_record["backend"]["address"] == cluster["client"] and len(run_record["backend"]["nodes"]) == 2
     assert not _none_left(ray_dir)
 
 
