@@ -41,7 +41,7 @@ from orchestrator.reporting.history import read_history
 from orchestrator.reporting.history_text import show_history
 from orchestrator.reporting.publish import Outputs, publish, write_history
 from orchestrator.reporting.tracking import mlflow_target
-from orchestrator.results import resume
+from orchestrator.results import resume, write_faults
 from orchestrator.results.folder_lock import writing
 from orchestrator.results.provenance import git_commit
 from orchestrator.results.rescore import rescore
@@ -137,6 +137,7 @@ class _Cli(click.Group):
 @click.version_option(__version__, prog_name="evalorch")
 def main() -> None:
     """Evaluate fine-tuned vision-language models, each in a fresh worker process."""
+    write_faults.install_from_env()  # test-only: none unless EVALORCH_WRITE_FAULT plans one
 
 
 def ci_options(command: Callable) -> Callable:

@@ -22,9 +22,8 @@ from contract.boxes import AUTO
 from contract.exits import WorkerExit
 from contract.samples import DatasetError
 from contract.spec import GPU_WORKER_THREADS, SpecError, WorkerSpec
-from worker import lifeline
+from worker import faults, lifeline
 from worker.errors import WorkerError
-from worker.faults import Faults
 
 if TYPE_CHECKING:  # torch is imported only once the spec is valid (its imports are a phase of their own)
     from worker.device import Device
@@ -39,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     control = lifeline.start()
     try:
         spec = _read_spec(args.spec)
-        _evaluate(spec, out, control, Faults.from_env(spec.recipe.name, spec.attempt))
+        faults.install_from_env(spec.recipe.name, spec.attempt, out.write_raw)
+        _evaluate(spec, out, control)
     except WorkerError as exc:
         out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
         return WorkerExit.FAILED
@@ -61,7 +61,7 @@ def _read_spec(path: Path) -> WorkerSpec:
         raise WorkerError("config", f"{path}: {exc}") from None
 
 
-def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.Control, faults: Faults) -> None:
+def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.Control) -> None:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
@@ -109,17 +109,14 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     if processor is None:  # not held: the first batches get ready while the weights load
         processor = load_processor(spec.chain, recipe)
         batches = start_batches(processor, samples, recipe, device)
-    faults.hit("load", out.write_raw)
+    faults.points().before_load()
     if not device.usable():
         raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
     model, processor, loaded = load_chain(spec.chain, recipe, device, processor, prestaged)
     timings["load"] = loaded["seconds"]
     timings["loaded_at"] = time.perf_counter() - started  # from the first import: spawn to loaded, less the exec
     out.send("loaded", **loaded)
-    stats = run_inference(
-        model, processor, batches or samples, recipe, device, out.send, control.stop.is_set,
-        before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw), alter=faults.alter_parity,
-    )
+    stats = run_inference(model, processor, batches or samples, recipe, device, out.send, control.stop.is_set)
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
                 "batch_wait": stats.wait_s, "generate": stats.generate_s,
                 "total": time.perf_counter() - started}

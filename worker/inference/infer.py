@@ -25,12 +25,13 @@ from contract.dataset import (
     sample_key,
 )
 from contract.recipe import Recipe
+from worker import faults
 from worker.device import Device
 from worker.errors import WorkerError
 from worker.inference.families import encode, input_sizes, prompt_text, prompt_too_long
 from worker.inference.generation import Generated, generate
 from worker.inference.image_cache import ProcessorCache, collate
-from worker.inference.parity import Alter, check_parity
+from worker.inference.parity import check_parity
 
 Send = Callable[..., None]
 
@@ -119,8 +120,7 @@ def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator
 
 
 def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefetched, recipe: Recipe,
-                  device: Device, send: Send, should_stop: Callable[[], bool],
-                  before_sample: Callable[[int], None], alter: Alter | None = None) -> InferenceStats:
+                  device: Device, send: Send, should_stop: Callable[[], bool]) -> InferenceStats:
     """Generate for every sample (or every batch already being prepared by start_batches), streaming records;
     after the first batch, check its first samples one at a time (check_parity)."""
     stats = InferenceStats(batch_size=recipe.requested_batch)
@@ -133,7 +133,7 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
         stats.cache_misses += prepared.cache_misses
         for sample, error, info in prepared.errors:
             sent += 1
-            before_sample(sent)
+            faults.points().before_sample(sent)
             send("sample", **_error_record(sample, error, info))
             stats.errors += 1
         if prepared.items:
@@ -147,10 +147,10 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             if stats.parity is None:
                 stats.parity = check_parity(model, processor, prepared.items, generated,
                                             lambda item: _processor_inputs(processor, [item], device), recipe,
-                                            device.tensors, min(len(prepared.items), stats.batch_size), alter)
+                                            device.tensors, min(len(prepared.items), stats.batch_size))
             for item, text in zip(prepared.items, generated.texts, strict=True):
                 sent += 1
-                before_sample(sent)
+                faults.points().before_sample(sent)
                 send("sample", **_scored_record(item, text, recipe.box_format, seconds))
                 stats.scored += 1
                 if stats.first_sample_s is None:
