@@ -90,7 +90,7 @@ def _names(option: str, given: str | None) -> list[str] | None:
     return names
 
 
-class _WorkersPerGpu(click.ParamType):
+class WorkersPerGpu(click.ParamType):
     """A count of 1 to 64, or "auto" (None: workers_per_gpu decides)."""
 
     name = "N|auto"
@@ -232,7 +232,7 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
               help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
-@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=_WorkersPerGpu(), default="auto", metavar="N|auto",
+@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=WorkersPerGpu(), default="auto", metavar="N|auto",
               help=_WORKERS_HELP)
 @backend_options
 @click.option("--ray-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
