@@ -5,7 +5,7 @@
 Writes a RefCOCO-layout parquet of `rows` noise JPEGs (incompressible, about 11 kB each, in row groups of 100 as
 `datasets` writes image sets), then, each in a fresh interpreter, reports the time, the growth of anonymous memory
 at its peak, pyarrow's pool peak and the peak resident size (which counts the memory-mapped file's pages) of:
-- worker:   the worker's batch making (_sorted_batches at batch 64), every image decoded upright, as prepare does;
+- worker:   the worker's batch making (sorted_batches at batch 64), every image decoded upright, as prepare does;
 - count:    the progress display's count (no image bytes read);
 - estimate: the memory estimate's pass (every image's header, from its bytes);
 - gallery:  the report's id -> image map, then 6 images read on demand;
@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = {
     "baseline": "pass",
-    "worker": "from worker.inference.infer import _sorted_batches\n"
+    "worker": "from worker.inference.infer import sorted_batches\n"
               "from contract.dataset import read_sample_image\n"
-              "for batch in _sorted_batches(open_dataset(path), 64, 'apply'):\n"
+              "for batch in sorted_batches(open_dataset(path), 64, 'apply'):\n"
               "    for s in batch: read_sample_image(s)",
     "count": "assert open_dataset(path).count() > 0",
     "estimate": "from contract.dataset import image_size\n"

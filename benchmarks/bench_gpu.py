@@ -55,11 +55,11 @@ from benchmarks.gpu_check import (
     LORA_TARGETS,
     SHAPES,
     SMALL_SHAPES,
-    _configs,
-    _hub_name,
-    _random,
-    _write_lora,
+    hub_name,
+    qwen2vl_configs,
+    random_tensor,
     shard_groups,
+    write_lora,
 )
 from tools.synthetic import red_rectangles
 
@@ -90,7 +90,7 @@ def build_family(folder: Path, device: str, small: bool) -> None:
     from transformers import Qwen2VLForConditionalGeneration
 
     shape = SMALL_SHAPES["tiny-b"] if small else SHAPES["7b"]
-    processor, config, generation = _configs(shape)
+    processor, config, generation = qwen2vl_configs(shape)
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -120,16 +120,16 @@ def build_family(folder: Path, device: str, small: bool) -> None:
                 shutil.copy2(item, target / item.name)
         _write_shard(target / files[0], vision, device)
         log(f"{name} written (vision shard {files[0]} new, {len(files) - 1} language-model shard(s) hard-linked)")
-    _write_lora(model, folder / "r1-llm-only", base, LORA_TARGETS, device)
-    _write_lora(model, folder / "r4-joint", base, JOINT_TARGETS, device)
-    _write_lora(model, folder / "r3-stage2", Path(R3_TRAINING_PREFIX) / "r3-stage1", LORA_TARGETS, device)
+    write_lora(model, folder / "r1-llm-only", base, LORA_TARGETS, device)
+    write_lora(model, folder / "r4-joint", base, JOINT_TARGETS, device)
+    write_lora(model, folder / "r3-stage2", Path(R3_TRAINING_PREFIX) / "r3-stage1", LORA_TARGETS, device)
     log("adapters written: r1-llm-only, r3-stage2 (on r3-stage1), r4-joint")
 
 
 def _write_shard(path: Path, shapes: dict[str, tuple], device: str) -> dict[str, str]:
     from safetensors.torch import save_file
 
-    tensors = {_hub_name(n): _random(s, n, device) for n, s in shapes.items()}
+    tensors = {hub_name(n): random_tensor(s, n, device) for n, s in shapes.items()}
     save_file(tensors, path, metadata={"format": "pt"})
     return dict.fromkeys(tensors, path.name)
 

@@ -68,7 +68,7 @@ def build(shape_name: str, folder: Path, device: str, small: bool) -> None:
     from transformers import Qwen2VLForConditionalGeneration
 
     shape = (SMALL_SHAPES if small else SHAPES)[shape_name]
-    processor, config, generation = _configs(shape)
+    processor, config, generation = qwen2vl_configs(shape)
     with torch.device("meta"):  # names and shapes only; the tensors are made one shard at a time
         model = Qwen2VLForConditionalGeneration(config)
     full = folder / shape_name
@@ -80,10 +80,11 @@ def build(shape_name: str, folder: Path, device: str, small: bool) -> None:
     generation.save_pretrained(full)
     processor.save_pretrained(full)
     targets = JOINT_TARGETS if shape["joint"] else LORA_TARGETS  # the 7B's adapter also adapts the vision tower
-    _write_lora(model, folder / f"{shape_name}-lora", full, targets, device)
+    write_lora(model, folder / f"{shape_name}-lora", full, targets, device)
 
 
-def _configs(shape: dict):
+def qwen2vl_configs(shape: dict):
+    """A Qwen2-VL processor, model config and generation config of `shape`'s sizes (weights are written apart)."""
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     from tools.make_demo import CHAT_TEMPLATE, build_generation_config, build_tokenizer, token_ids
@@ -112,12 +113,13 @@ def _configs(shape: dict):
     return processor, config, build_generation_config(ids)
 
 
-def _hub_name(name: str) -> str:
+def hub_name(name: str) -> str:
     """The key a hub checkpoint uses (transformers maps it back when loading)."""
     return name.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
 
 
-def _random(shape: tuple, name: str, device: str):
+def random_tensor(shape: tuple, name: str, device: str):
+    """A bfloat16 tensor for the weight `name`: zero biases, unit norms, small random matrices."""
     import torch
 
     if name.endswith("bias"):
@@ -152,7 +154,7 @@ def _write_sharded(shapes: dict[str, tuple], folder: Path, device: str, shard_by
     total = 0
     for number, names in enumerate(groups, 1):
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {_hub_name(n): _random(shapes[n], n, device) for n in names}
+        tensors = {hub_name(n): random_tensor(shapes[n], n, device) for n in names}
         total += sum(t.numel() * 2 for t in tensors.values())
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map |= {key: file for key in tensors}
@@ -161,7 +163,7 @@ def _write_sharded(shapes: dict[str, tuple], folder: Path, device: str, shard_by
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def _write_lora(model, folder: Path, base: Path, targets: str, device: str, rank: int = 16) -> None:
+def write_lora(model, folder: Path, base: Path, targets: str, device: str, rank: int = 16) -> None:
     """A LoRA adapter as peft saves one, stored in bfloat16 (peft upcasts it to float32 when loading)."""
     import torch
     from safetensors.torch import save_file
@@ -172,8 +174,8 @@ def _write_lora(model, folder: Path, base: Path, targets: str, device: str, rank
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name):
             prefix = f"base_model.model.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = _random((rank, module.in_features), "a", device)
-            tensors[f"{prefix}.lora_B.weight"] = _random((module.out_features, rank), "b", device)
+            tensors[f"{prefix}.lora_A.weight"] = random_tensor((rank, module.in_features), "a", device)
+            tensors[f"{prefix}.lora_B.weight"] = random_tensor((module.out_features, rank), "b", device)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
               "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "inference_mode": True,
@@ -315,7 +317,7 @@ class Check:
                            f'max_new_tokens = {NEW_TOKENS}\nbatch_size = {BATCH}\nattn = "{self.attn}"\n{body}')
         result = self.cli("suite.log", "run", str(recipes), "--device", self.device, "--out", str(self.work / "runs"),
                           timeout=420)
-        rows = _summaries(result.stdout)
+        rows = recipe_summaries(result.stdout)
         self.emit(f"## (a) Estimate vs measured, {SAMPLES} samples, batch {BATCH}, {NEW_TOKENS} new tokens "
                   f"(exit code {result.returncode})", "",
                   "| recipe | status | estimate (no margin) | estimate + margin | measured (NVML, process) | "
@@ -337,7 +339,7 @@ class Check:
                               "--out", str(self.work / "runs-refused"))
         finally:
             holder.close()
-        row = _summaries(result.stdout)[0]
+        row = recipe_summaries(result.stdout)[0]
         detail = " ".join(row["detail"].split())
         self.emit(f"## (b) A second process (pid {holder.pid}) holds all but {leave / GIB:.2f} GiB", "",
                   f"- exit code {result.returncode}; status `{row['status']}`; worker started: "
@@ -360,7 +362,7 @@ class Check:
                               "--out", str(self.work / "runs-lowered"))
         finally:
             holder.close()
-        row = _summaries(result.stdout)[0]
+        row = recipe_summaries(result.stdout)[0]
         done = row.get("done") or {}
         record = row.get("preflight") or {}
         self.emit(f"## (b) A second process (pid {holder.pid}) leaves {leave / GIB:.2f} GiB: room for {big}'s "
@@ -368,7 +370,7 @@ class Check:
                   f"- exit code {result.returncode}; status `{row['status']}`; batch "
                   f"{record.get('requested_batch_size')} -> {record.get('batch_size')} "
                   f"(lowered: {bool(record.get('batch_lowered'))}); "
-                  f"free at launch {_gib(record.get('free_bytes'))}; measured {_gib(done.get('nvml_used_bytes'))}; "
+                  f"free at launch {in_gib(record.get('free_bytes'))}; measured {in_gib(done.get('nvml_used_bytes'))}; "
                   f"oom retries {(done.get('counts') or {}).get('oom_retries')}; "
                   f"placement ok: {(row.get('loaded') or {}).get('placement_ok')}", "")
 
@@ -411,7 +413,8 @@ def _table_of(stdout: str) -> list[str]:
     return lines[start:end]
 
 
-def _summaries(stdout: str) -> list[dict]:
+def recipe_summaries(stdout: str) -> list[dict]:
+    """Each recipe's summary.json from the run folder the CLI's output names, in the run's order."""
     match = re.search(r"Run folder: (\S+)", stdout)
     if not match:
         raise SystemExit(f"no run folder in the CLI's output:\n{stdout[-3000:]}")
@@ -420,7 +423,8 @@ def _summaries(stdout: str) -> list[dict]:
     return [json.loads((run_dir / n / "summary.json").read_text()) for n in names]
 
 
-def _gib(value: int | None) -> str:
+def in_gib(value: int | None) -> str:
+    """Bytes as "1.23 GiB" for a table, "n/a" where there is no figure."""
     return f"{value / GIB:.2f} GiB" if isinstance(value, int) else "n/a"
 
 
@@ -430,9 +434,9 @@ def _estimate_row(row: dict) -> str:
     needed, measured = estimate.get("needed_bytes"), done.get("nvml_used_bytes")
     error = f"{(needed - measured) / measured:+.1%}" if isinstance(needed, int) and measured else "n/a"
     counts = done.get("counts") or {}
-    return (f"| {row['name']} | {row['status']} | {_gib(needed)} | {_gib(estimate.get('total_bytes'))} | "
-            f"{_gib(measured)} | {error} | {_gib(done.get('peak_bytes'))} | {_gib(done.get('peak_reserved_bytes'))} "
-            f"| {counts.get('batch_size')} | {counts.get('oom_retries')} |")
+    return (f"| {row['name']} | {row['status']} | {in_gib(needed)} | {in_gib(estimate.get('total_bytes'))} | "
+            f"{in_gib(measured)} | {error} | {in_gib(done.get('peak_bytes'))} | "
+            f"{in_gib(done.get('peak_reserved_bytes'))} | {counts.get('batch_size')} | {counts.get('oom_retries')} |")
 
 
 def _release_row(row: dict) -> str:
@@ -440,7 +444,7 @@ def _release_row(row: dict) -> str:
     wait = record.get("release_wait") or {}
     base, free = record.get("baseline_free_bytes"), record.get("free_bytes")
     diff = f"{(free - base) / 2**20:+.0f} MiB" if isinstance(base, int) and isinstance(free, int) else "n/a"
-    return (f"| {row['name']} | {_gib(base)} | {_gib(free)} | {diff} | {wait.get('waited_s', 0):.2f} s | "
+    return (f"| {row['name']} | {in_gib(base)} | {in_gib(free)} | {diff} | {wait.get('waited_s', 0):.2f} s | "
             f"{wait.get('previous_pid', '-')} |")
 
 

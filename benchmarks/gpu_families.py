@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.gpu_check import Check, _gib, _summaries
+from benchmarks.gpu_check import Check, in_gib, recipe_summaries
 from orchestrator.gpu.memory import read_workload
 from orchestrator.planning.plan import make_plans
 from orchestrator.planning.recipes import load_recipe_file
@@ -119,12 +119,12 @@ def _row(summary: dict, estimate: dict) -> str:
     load_peak = (summary.get("loaded") or {}).get("peak_bytes")
     agreed = f"{parity.get('agreed')}/{parity.get('checked')}" if parity.get("checked") else "-"
     return (f"| {summary['name']} | {summary['status']} | {summary['recipe']['box_format']} | "
-            f"{estimate['image_tokens']} | {_gib(estimate['weights_bytes'])} | {_gib(estimate['adapter_bytes'])} | "
-            f"{_gib(estimate['kv_cache_bytes'])} | {_gib(estimate['vision_bytes'])} | "
-            f"{_gib(estimate['prefill_bytes'] + estimate['lora_bytes'])} | {_gib(estimate['allocator_bytes'])} | "
-            f"{_gib(needed)} | {_gib(measured)} | "
-            f"**{error}** | {_gib(load_peak)} | {_gib(done.get('peak_bytes'))} | "
-            f"{_gib(done.get('peak_reserved_bytes'))} | {agreed} |")
+            f"{estimate['image_tokens']} | {in_gib(estimate['weights_bytes'])} | {in_gib(estimate['adapter_bytes'])} | "
+            f"{in_gib(estimate['kv_cache_bytes'])} | {in_gib(estimate['vision_bytes'])} | "
+            f"{in_gib(estimate['prefill_bytes'] + estimate['lora_bytes'])} | {in_gib(estimate['allocator_bytes'])} | "
+            f"{in_gib(needed)} | {in_gib(measured)} | "
+            f"**{error}** | {in_gib(load_peak)} | {in_gib(done.get('peak_bytes'))} | "
+            f"{in_gib(done.get('peak_reserved_bytes'))} | {agreed} |")
 
 
 def check(work: Path, out: Path, small: bool, batches: tuple[int, ...] | None = None, lora: bool = True,
@@ -148,7 +148,7 @@ def check(work: Path, out: Path, small: bool, batches: tuple[int, ...] | None = 
     estimates = _estimates(recipes)
     result = runner.cli("run.log", "run", str(recipes), "--device", runner.device, "--out", str(work / "runs"),
                         timeout=480)
-    rows = _summaries(result.stdout)
+    rows = recipe_summaries(result.stdout)
     runner.emit(f"## Estimate vs measured: {samples} samples, {NEW_TOKENS} new tokens, "
                 f"{runner.attn} (exit code {result.returncode})", "",
                 "| recipe | status | box format | image tokens (most) | weights | adapter | KV | vision | prefill "

@@ -5,7 +5,7 @@
 One process per part (a measurement, not the orchestrator); the parts that need models first build
 benchmarks/bench_gpu.py's random-weight 7B family, and a 256-sample set:
   load       (in "all") the staged reader alone (worker/loading/weights.py) over threads x chunk sizes; the worker's
-             _load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter;
+             load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter;
   inference  (in "all") the worker's batch preparation and generate at batch 64, 128 and 256, and batch 1;
   cold       a fresh process's first CUDA work step by step, cProfile of the first and of a warm generate, and
              the decode step with sdpa instead of flash_attention_2;
@@ -61,7 +61,7 @@ def profile_loads(models: Path, figures: dict) -> None:
     import torch
 
     from worker.device import Cuda
-    from worker.loading.load import _apply_adapters, _load_root
+    from worker.loading.load import apply_adapters, load_root
     from worker.loading.weights import load_safetensors
 
     files = sorted((models / "base").glob("model*.safetensors"))
@@ -85,15 +85,15 @@ def profile_loads(models: Path, figures: dict) -> None:
     loads: dict = {}
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
     for loader in ("staged", "transformers", "staged"):
-        seconds, (model, how) = timed(lambda ld=loader: _load_root(
+        seconds, (model, how) = timed(lambda ld=loader: load_root(
             link, _recipe(loader=ld), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
         loads.setdefault(loader, []).append({"seconds": seconds, "GBps": total / seconds / 1e9, **how})
-        log(f"_load_root loader={loader}: {seconds:.2f} s = {total / seconds / 1e9:.1f} GB/s {how}")
+        log(f"load_root loader={loader}: {seconds:.2f} s = {total / seconds / 1e9:.1f} GB/s {how}")
         if loader == "transformers":
             reference = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
         else:
             staged = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
-        seconds, model = timed(lambda m=model: _apply_adapters(m, [adapter]), torch)
+        seconds, model = timed(lambda m=model: apply_adapters(m, [adapter]), torch)
         loads.setdefault(f"{loader}+r1 adapter", []).append({"seconds": seconds})
         del model
         torch.cuda.empty_cache()
@@ -109,13 +109,13 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import _load_root, load_processor
+    from worker.loading.load import load_processor, load_root
 
     link = type("Link", (), {"path": str(models / "base")})()
     processor = load_processor([link], _recipe())
     figures["image_processor"] = type(processor.image_processor).__name__
     samples = read_dataset(dataset)
-    model, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    model, _ = load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
     template = "{prompt} Answer with its bounding box."
     rows = []
     for batch in (64, 64, 64, 128, 256):
@@ -153,7 +153,7 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import _load_root, load_processor
+    from worker.loading.load import load_processor, load_root
 
     steps["import torch, worker"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -163,7 +163,7 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     steps["import flash_attn"] = time.perf_counter() - started
     steps["cuda context"], _ = timed(lambda: torch.empty(1, device="cuda"), torch)
     link = type("Link", (), {"path": str(models / "base")})()
-    steps["load (staged)"], (model, _) = timed(lambda: _load_root(
+    steps["load (staged)"], (model, _) = timed(lambda: load_root(
         link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
     processor = load_processor([link], _recipe())
     samples = read_dataset(dataset)
@@ -217,9 +217,9 @@ def prep_one(work: Path, threads: int, count: int) -> None:
 def profile_prep(work: Path, figures: dict) -> None:
     """Batch preparation of 200 samples (the worker's processor path): alone, and three processes at once (a
     running worker and two held ones), at torch's default thread count and at fewer threads."""
-    from benchmarks.gpu_check import SHAPES, _configs
+    from benchmarks.gpu_check import SHAPES, qwen2vl_configs
 
-    processor, _, _ = _configs(SHAPES["7b"])
+    processor, _, _ = qwen2vl_configs(SHAPES["7b"])
     processor.save_pretrained(work / "processor")
     rows = []
     for threads in (0, 4, 1):
@@ -244,16 +244,16 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import _apply_adapters, _load_root, load_processor
+    from worker.loading.load import apply_adapters, load_processor, load_root
 
     link = type("Link", (), {"path": str(models / "base")})()
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
     processor = load_processor([link], _recipe())
     inputs = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", Cuda()).inputs
-    base, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    base, _ = load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
     rows = {}
     for merge in (False, True):
-        model = _apply_adapters(base, [adapter], merge_top=merge)
+        model = apply_adapters(base, [adapter], merge_top=merge)
         row: dict[int | str, float] = {}  # seconds by new tokens, and the decode step
         for tokens in (1, 1, 32, 32):
             row[tokens], _ = timed(lambda t=tokens, m=model: generate(
@@ -274,14 +274,14 @@ def _decode_setup(models: Path, dataset: Path) -> tuple:
     from benchmarks.bench_gpu import build_dataset
     from contract.dataset import read_dataset
     from worker.device import Cuda
-    from worker.loading.load import _load_root, load_processor
+    from worker.loading.load import load_processor, load_root
 
     link = type("Link", (), {"path": str(models / "base")})()
     adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
     processor = load_processor([link], _recipe())
     uniform = read_dataset(dataset)
     varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))
-    base, _ = _load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    base, _ = load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
     return processor, base, adapter, uniform, varied
 
 
@@ -296,14 +296,14 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import _apply_adapters
+    from worker.loading.load import apply_adapters
 
     figures["attention_call"] = _decode_attention_call(torch, decode_attention)
     processor, base, adapter, uniform, varied = _decode_setup(models, dataset)
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
                                  ("r1-llm-only", 200, varied)):
-        model = _apply_adapters(base, [adapter]) if name != "base" else base
+        model = apply_adapters(base, [adapter]) if name != "base" else base
         inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
         name = f"{name} {'varied' if samples is varied else 'uniform'}"
         row: dict = {}
@@ -336,13 +336,13 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import _apply_adapters
+    from worker.loading.load import apply_adapters
 
     processor, base, adapter, uniform, varied = _decode_setup(models, dataset)
     decode_attention.install()
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 1, uniform), ("r1-llm-only", 200, varied)):
-        model = _apply_adapters(base, [adapter]) if name != "base" else base
+        model = apply_adapters(base, [adapter]) if name != "base" else base
         inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
         label = f"{name} {'varied' if samples is varied else 'uniform'} batch {batch}"
         row: dict = {}
@@ -382,20 +382,20 @@ def _replay_alone(torch, graph_decode, model, processor, inputs, generate) -> di
     import pstats
 
     kept = []
-    close = graph_decode._Session.close
+    close = graph_decode.Session.close
 
     def keep(session):
         kept.append(session.recorded)
         close(session)
 
-    graph_decode._Session.close = keep
+    graph_decode.Session.close = keep
     profile = cProfile.Profile()
     try:
         profile.enable()
         generate(model, processor, inputs, "cuda:0", max_new_tokens=32, min_new_tokens=32)
         profile.disable()
     finally:
-        graph_decode._Session.close = close
+        graph_decode.Session.close = close
     recorded = kept[0]
     with torch.inference_mode():  # its buffers are inference tensors
         recorded.position.fill_(recorded.length - 20)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .messages import PROTOCOL_VERSION
 from .recipe import Recipe
 
-# CPU threads a GPU worker runs torch with (its CPU work is batch preparation; worker/__main__.py `_share_cpu`).
+# CPU threads a GPU worker runs torch with (its CPU work is batch preparation; worker/startup.py `share_cpu`).
 # The parent sizes how many GPU workers a host can feed at once by it (orchestrator/execution/scheduler.py).
 GPU_WORKER_THREADS = 4
 

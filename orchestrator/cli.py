@@ -41,7 +41,7 @@ from orchestrator.reporting.history import read_history
 from orchestrator.reporting.history_text import show_history
 from orchestrator.reporting.publish import Outputs, publish, write_history
 from orchestrator.reporting.tracking import mlflow_target
-from orchestrator.results import resume
+from orchestrator.results import resume, write_faults
 from orchestrator.results.folder_lock import writing
 from orchestrator.results.provenance import git_commit
 from orchestrator.results.rescore import rescore
@@ -90,7 +90,7 @@ def _names(option: str, given: str | None) -> list[str] | None:
     return names
 
 
-class _WorkersPerGpu(click.ParamType):
+class WorkersPerGpu(click.ParamType):
     """A count of 1 to 64, or "auto" (None: workers_per_gpu decides)."""
 
     name = "N|auto"
@@ -137,6 +137,7 @@ class _Cli(click.Group):
 @click.version_option(__version__, prog_name="evalorch")
 def main() -> None:
     """Evaluate fine-tuned vision-language models, each in a fresh worker process."""
+    write_faults.install_from_env()  # test-only: none unless EVALORCH_WRITE_FAULT plans one
 
 
 def ci_options(command: Callable) -> Callable:
@@ -231,7 +232,7 @@ def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
               help="How many recipes ahead to start workers with --prestart.")
 @click.option("--hash-weights", is_flag=True, help=_HASH_WEIGHTS_HELP)
 @click.option("--gpus", metavar="I[,I...]", help=_GPUS_HELP)
-@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=_WorkersPerGpu(), default="auto", metavar="N|auto",
+@click.option("--max-workers-per-gpu", "max_workers_per_gpu", type=WorkersPerGpu(), default="auto", metavar="N|auto",
               help=_WORKERS_HELP)
 @backend_options
 @click.option("--ray-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,

@@ -192,7 +192,7 @@ def test_a_perfect_answer_scores_1_only_when_the_image_is_read_upright(demo: dic
     from transformers import AutoProcessor
 
     from worker.device import CPU
-    from worker.inference.infer import _scored_record, prepare_batch
+    from worker.inference.infer import prepare_batch, scored_record
 
     photos = write_phone_photos(tmp_path)
     (tmp_path / "set.jsonl").write_text("".join(json.dumps({"id": f"o{n}", "image": p.name, "bbox": BOX,
@@ -204,7 +204,7 @@ def test_a_perfect_answer_scores_1_only_when_the_image_is_read_upright(demo: dic
         batch = prepare_batch(processor, samples, "{prompt}", CPU, exif=exif)
         assert not batch.errors  # 96x64 and 64x96 both hold the box: nothing tells them apart but the pixels
         for item in batch.items:
-            record = _scored_record(item, qwen_answer(red_box(item.image), item.image.size), "qwen2vl", 0.0)
+            record = scored_record(item, qwen_answer(red_box(item.image), item.image.size), "qwen2vl", 0.0)
             n = int(item.sample.id[1:])
             assert record["gt"] == BOX and record["exif_orientation"] == n
             if exif == "apply" or n == 1:
@@ -528,7 +528,7 @@ def test_a_recipe_file_points_at_folders_globs_and_id_files(tmp_path: Path) -> N
 def test_the_worker_reads_the_set_as_it_makes_batches() -> None:
     """Batches come from a window of samples at a time: the first batch is ready long before a large set is read."""
     from contract.batching import MIN_WINDOW, SORT_WINDOW
-    from worker.inference.infer import _sorted_batches
+    from worker.inference.infer import sorted_batches
 
     pulled = []
 
@@ -537,7 +537,7 @@ def test_the_worker_reads_the_set_as_it_makes_batches() -> None:
             pulled.append(i)
             yield Sample(f"s{i}", None, BOX, "p" * (i % 7))
 
-    batches = _sorted_batches(samples(), 8, "apply")
+    batches = sorted_batches(samples(), 8, "apply")
     first = next(batches)
     assert len(first) == 8 and len(pulled) == max(MIN_WINDOW, 8 * SORT_WINDOW)
     assert sum(len(b) for b in batches) + len(first) == 10_000 and len(pulled) == 10_000
@@ -551,10 +551,10 @@ def test_the_estimate_counts_the_largest_batch_the_worker_forms(count: int, size
     from collections import Counter
 
     from contract.batching import batch_counts, largest_batch
-    from worker.inference.infer import _sorted_batches
+    from worker.inference.infer import sorted_batches
 
     samples = (Sample(f"s{i}", None, BOX, "p" * (i % 5)) for i in range(count))
-    formed = Counter(len(b) for b in _sorted_batches(samples, size, "apply"))
+    formed = Counter(len(b) for b in sorted_batches(samples, size, "apply"))
     assert batch_counts(count, size) == formed and largest_batch(count, size) == max(formed)
 
 

@@ -15,7 +15,7 @@ from contract.spec import ChainLink
 from worker.decode import decode_attention
 from worker.device import CPU
 from worker.inference.generation import generate
-from worker.inference.infer import _processor_inputs, prepare_batch
+from worker.inference.infer import prepare_batch, processor_inputs
 from worker.loading.load import load_chain
 from worker.simulated_gpu import ReferenceKernel
 
@@ -32,7 +32,7 @@ def _generate(base_batch: tuple, padding_side: str = "left") -> list[str]:
     model, processor, recipe, items = base_batch
     processor.tokenizer.padding_side = padding_side
     try:
-        inputs = _processor_inputs(processor, items, CPU)
+        inputs = processor_inputs(processor, items, CPU)
         return generate(model, processor, inputs, "cpu", max_new_tokens=recipe.max_new_tokens).texts
     finally:
         processor.tokenizer.padding_side = "left"
@@ -40,7 +40,7 @@ def _generate(base_batch: tuple, padding_side: str = "left") -> list[str]:
 
 def test_routed_decode_steps_answer_as_transformers_does(base_batch: tuple, routed: callable) -> None:
     model, processor, _, items = base_batch
-    mask = _processor_inputs(processor, items, CPU)["attention_mask"]
+    mask = processor_inputs(processor, items, CPU)["attention_mask"]
     pads = decode_attention.left_padding(mask)
     assert pads is not None and pads.max() > 0 and pads.min() == 0  # rows of several lengths: the padding matters
     expected = _generate(base_batch)

@@ -34,10 +34,10 @@ from contract.recipe import Recipe
 from contract.spec import ChainLink
 from worker.inference.families import prompt_text
 from worker.loading.load import load_processor
-from worker.inference.infer import _prepare
+from worker.inference.infer import prepare_sample
 recipe = Recipe(name="b", model={model!r}, dataset={dataset!r})
 processor = load_processor([ChainLink({model!r}, "full", "quick:0", 1)], recipe)
-items = [_prepare(processor, s, recipe.prompt) for s in list(open_dataset(recipe.dataset, recipe))[:4]]
+items = [prepare_sample(processor, s, recipe.prompt) for s in list(open_dataset(recipe.dataset, recipe))[:4]]
 def call():  # the processor itself, without the worker's guard
     return processor(text=[i.text for i in items], images=[[i.image] for i in items], return_tensors="pt",
                      padding=True)["pixel_values"]
@@ -87,7 +87,7 @@ def test_every_default_dtype_change_of_a_load_happens_under_the_lock(demo: dict,
     calls: list[tuple[torch.dtype, bool]] = []
 
     def spy(dtype: torch.dtype) -> None:
-        calls.append((dtype, default_dtype._LOCK._is_owned()))
+        calls.append((dtype, default_dtype.lock_held()))
         original(dtype)
 
     monkeypatch.setattr(torch, "set_default_dtype", spy)

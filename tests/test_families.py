@@ -19,7 +19,7 @@ from contract.dataset import read_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink, WorkerSpec
 from orchestrator.gpu.image_tokens import image_rule
-from orchestrator.gpu.memory import _processor_settings, read_workload
+from orchestrator.gpu.memory import processor_settings, read_workload
 from orchestrator.planning.plan import make_plans
 from orchestrator.planning.recipes import load_recipe_file
 from orchestrator.results.store import read_samples
@@ -77,7 +77,7 @@ def test_each_family_rule_counts_the_tokens_its_processor_makes(families: dict, 
     the image placeholder tokens in input_ids, and the image size the worker records as the one the model saw."""
     base = families["families"][name]["base"]
     config = read_json_object(base / "config.json")
-    rule = image_rule(config, _processor_settings([_link(base)]))
+    rule = image_rule(config, processor_settings([_link(base)]))
     processor = AutoProcessor.from_pretrained(base)
     image_id = _image_token_id(processor)
     most_tokens = most_patches = 0
@@ -236,7 +236,7 @@ def test_every_family_decodes_the_same_from_recorded_steps(families: dict, name:
     from worker.decode import decode_attention, graph_decode
     from worker.device import CPU
     from worker.inference.generation import generate
-    from worker.inference.infer import _processor_inputs, prepare_batch
+    from worker.inference.infer import prepare_batch, processor_inputs
     from worker.loading.load import load_chain
 
     built = families["families"][name]
@@ -246,7 +246,7 @@ def test_every_family_decodes_the_same_from_recorded_steps(families: dict, name:
     assert decode_attention.install("sdpa", ReferenceKernel(), dtypes=(torch.float32,))
 
     def run() -> object:
-        inputs = _processor_inputs(processor, items, CPU)
+        inputs = processor_inputs(processor, items, CPU)
         return generate(model, processor, inputs, "cpu", max_new_tokens=8, min_new_tokens=8)
 
     try:

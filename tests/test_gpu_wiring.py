@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from contract.messages import DECODE_GRAPH_ON
 from contract.nvml import FAKE_ENV, write_fake_nvml
 from orchestrator.results.store import read_samples
-from worker.__main__ import _select_device
 from worker.device import SIMULATED_ENV
 from worker.loading.weights import load_safetensors
 from worker.simulated_gpu import SimulatedGpu
+from worker.startup import select_device
 
 GIB = 2**30
 NAMES = ["base", "r1-llm-only", "r3-two-stage"]
@@ -93,9 +93,9 @@ def test_the_cpu_path_takes_none_of_them(runs: dict) -> None:
 
 def test_the_simulated_gpu_is_chosen_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(SIMULATED_ENV, raising=False)
-    assert not _select_device("cpu").is_gpu and type(_select_device("cuda")).__name__ == "Cuda"
+    assert not select_device("cpu").is_gpu and type(select_device("cuda")).__name__ == "Cuda"
     monkeypatch.setenv(SIMULATED_ENV, "1")
-    assert isinstance(_select_device("cuda"), SimulatedGpu) and not _select_device("cpu").is_gpu
+    assert isinstance(select_device("cuda"), SimulatedGpu) and not select_device("cpu").is_gpu
 
 
 class _CountingGpu(SimulatedGpu):

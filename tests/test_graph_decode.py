@@ -18,7 +18,7 @@ from orchestrator.reporting.cells import worker_notes
 from worker.decode import decode_attention, graph_decode
 from worker.device import CPU
 from worker.inference.generation import generate
-from worker.inference.infer import _processor_inputs, prepare_batch
+from worker.inference.infer import prepare_batch, processor_inputs
 from worker.loading.load import load_chain
 from worker.simulated_gpu import ReferenceKernel
 
@@ -47,7 +47,7 @@ def attached(batch: tuple) -> Iterator[None]:
 
 def _generate(batch: tuple, rows: slice = slice(None)):
     model, processor, items = batch
-    inputs = _processor_inputs(processor, items[rows], CPU)
+    inputs = processor_inputs(processor, items[rows], CPU)
     return generate(model, processor, inputs, "cpu", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
 
@@ -154,7 +154,7 @@ def test_a_decline_midway_goes_on_eagerly_from_the_replayed_cache(batch: tuple, 
         calls.append(1)
         return "changed (test)" if len(calls) == 5 else None
 
-    monkeypatch.setattr(graph_decode, "_differs", differs_at_the_fifth)
+    monkeypatch.setattr(graph_decode, "step_difference", differs_at_the_fifth)
     midway = _generate(batch)
     (outcome,) = midway.graphs
     assert outcome.declined == "changed (test)" and outcome.steps == 4

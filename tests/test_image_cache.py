@@ -26,7 +26,7 @@ from orchestrator.results.resume import planned_recipe, recipe_changes, recorded
 from orchestrator.results.store import read_samples
 from worker.device import CPU
 from worker.inference.image_cache import ProcessorCache, collate, processor_fingerprint, read_entry
-from worker.inference.infer import _processor_inputs, prefetch, prepare_batch
+from worker.inference.infer import prefetch, prepare_batch, processor_inputs
 
 # (width, height): multiples of 28 and not, inside the demo processor's pixel bounds and above them (resized)
 SIZES = [(112, 112), (300, 200), (56, 140), (90, 61), (140, 84)]
@@ -234,9 +234,9 @@ def test_prepare_batch_uses_the_cache_and_is_unchanged_without_it(processor, sam
     assert counting.calls == 0
     _assert_same(first.inputs, plain.inputs)
     _assert_same(second.inputs, plain.inputs)
-    chunk = _processor_inputs(counting, second.items[1:4], CPU)  # the out-of-memory path's chunks
+    chunk = processor_inputs(counting, second.items[1:4], CPU)  # the out-of-memory path's chunks
     assert counting.calls == 0
-    _assert_same(chunk, _processor_inputs(processor, plain.items[1:4], CPU))
+    _assert_same(chunk, processor_inputs(processor, plain.items[1:4], CPU))
 
 
 def test_prefetch_prepares_each_batch_once_while_the_device_is_busy() -> None:

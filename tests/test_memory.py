@@ -202,8 +202,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_it_halved(loaded, demo: dict, 
     monkeypatch.setattr(model, "generate", limit)
     samples = read_dataset(Path(demo["dataset"]))  # 12 at a batch size of 8: two batches of 6
     sent: list[dict] = []
-    stats = run_inference(model, processor, samples, recipe, CPU, lambda _type, **m: sent.append(m),
-                          lambda: False, lambda _n: None)
+    stats = run_inference(model, processor, samples, recipe, CPU, lambda _type, **m: sent.append(m), lambda: False)
     assert recipe.batch_size == 8 and len(samples) == 12
     assert limit.sizes == [6, 3, 3, 3, 3]  # 6 fails, 3 fits: the rest of that batch and the next one at 3
     assert stats.oom_retries == 1 and stats.batch_size == 3
@@ -215,7 +214,7 @@ def test_out_of_memory_with_one_sample_fails_as_cuda_oom(loaded, demo: dict, mon
     monkeypatch.setattr(model, "generate", _GpuLimit(model, most=0))
     with pytest.raises(WorkerError, match="batch of 1") as caught:
         run_inference(model, processor, read_dataset(Path(demo["dataset"]), limit=2), recipe, CPU,
-                      lambda *_a, **_m: None, lambda: False, lambda _n: None)
+                      lambda *_a, **_m: None, lambda: False)
     assert caught.value.kind == "cuda_oom"
 
 

@@ -90,9 +90,9 @@ def test_max_workers_per_gpu_takes_a_count_or_auto_and_defaults_to_auto() -> Non
     race was fixed: BENCHMARKS.md, 2026-12-02, later); a bad value is a usage error."""
     from click.testing import CliRunner
 
-    from orchestrator.cli import _WorkersPerGpu, main
+    from orchestrator.cli import WorkersPerGpu, main
 
-    kind = _WorkersPerGpu()
+    kind = WorkersPerGpu()
     assert kind.convert("auto", None, None) is None and kind.convert("3", None, None) == 3
     option = next(p for p in main.commands["run"].params if p.name == "max_workers_per_gpu")
     assert kind.convert(option.default, None, None) is None
@@ -401,7 +401,7 @@ def test_the_live_display_keeps_one_line_per_gpu(tmp_path: Path) -> None:
                                                         "device": "cpu", "gpu": 1})
         done = RecipeOutcome("c", "ok", pid=12)
         listener("finished", done, {"gpu": 2})
-        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener._render())
+        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener.render())
     shown = frame.getvalue()
     assert "GPU 0 · 1/3 a · starting" in shown and "GPU 1 · 2/3 b · inferring" in shown
     assert "GPU 2 · idle" in shown and "waiting" not in shown  # no line for the one-recipe bar
@@ -415,7 +415,7 @@ def test_the_live_display_keeps_a_line_per_worker_of_a_shared_gpu(tmp_path: Path
             listener("started", RecipeOutcome(name, pid=pid), {"pid": pid, "gpu": 0})
         listener("finished", RecipeOutcome("a", "ok", pid=10), {"gpu": 0})
         listener("started", RecipeOutcome("c", pid=12), {"pid": 12, "gpu": 0})  # takes a's line
-        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener._render())
+        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener.render())
     shown = frame.getvalue()
     assert "GPU 0 · 2/3 b · starting" in shown and "GPU 0 · 3/3 c · starting" in shown
     assert shown.count("GPU 0 ·") == 2

@@ -18,7 +18,7 @@ from contract.recipe import Recipe
 from contract.spec import ChainLink
 from worker.device import CPU
 from worker.inference.generation import generate
-from worker.inference.infer import _processor_inputs, prepare_batch
+from worker.inference.infer import prepare_batch, processor_inputs
 from worker.inference.parity import check_parity
 from worker.loading.load import load_chain
 
@@ -77,16 +77,16 @@ def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, p
     items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
     processor.tokenizer.padding_side = padding_side
     try:
-        batched = generate(model, processor, _processor_inputs(processor, items, CPU), "cpu",
+        batched = generate(model, processor, processor_inputs(processor, items, CPU), "cpu",
                            max_new_tokens=recipe.max_new_tokens)
     finally:
         processor.tokenizer.padding_side = "left"
-    alone = [generate(model, processor, _processor_inputs(processor, [item], CPU), "cpu",
+    alone = [generate(model, processor, processor_inputs(processor, [item], CPU), "cpu",
                       max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
     expected = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
     assert bool(expected) == (padding_side == "right")  # the bug is real, and left padding has none
     every = recipe.model_copy(update={"parity_check": len(items)})
-    parity = check_parity(model, processor, items, batched, lambda item: _processor_inputs(processor, [item], CPU),
+    parity = check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
                           every, "cpu", len(items))
     assert {d["id"] for d in parity["disagreements"]} == expected
     assert parity["checked"] == len(items) and parity["agreed"] == len(items) - len(expected)

@@ -50,9 +50,9 @@ def cluster() -> Iterator[dict]:
             patch.setenv(key, value)
         from ray.cluster_utils import Cluster
 
-        from orchestrator.backends.ray.cluster import _refresh_ray_config
+        from orchestrator.backends.ray.cluster import refresh_ray_config
 
-        _refresh_ray_config()  # this process too talks to the cluster (wait_for_nodes)
+        refresh_ray_config()  # this process too talks to the cluster (wait_for_nodes)
         client_port = _free_port()
         nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                               "object_store_memory": 128 * 2**20,
@@ -64,7 +64,7 @@ def cluster() -> Iterator[dict]:
                    "node_ids": {node.node_id for node in nodes.list_all_nodes()}}
         finally:
             nodes.shutdown()
-            _refresh_ray_config()
+            refresh_ray_config()
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from orchestrator.execution.progress import LiveProgress, PlainProgress, expected_samples
 from orchestrator.execution.supervisor import RecipeOutcome
-from orchestrator.reporting.html import _GT_COLOUR, _PRED_COLOUR, GALLERY_SIZE
+from orchestrator.reporting.html import GALLERY_SIZE, GT_COLOUR, PRED_COLOUR
 from orchestrator.results.store import read_samples
 
 
@@ -77,15 +77,15 @@ def test_gallery_pictures_carry_truth_and_prediction_where_they_are(stored_run: 
     index = int(sid[1:])
     scale = picture.width / IMAGE_SIZE[0]
     assert picture.width >= 224
-    truth = _colour_bbox(picture, _GT_COLOUR)
+    truth = _colour_bbox(picture, GT_COLOUR)
     expected = [v * scale for v in gt_box(index)]
     assert truth is not None
     assert truth[:2] == pytest.approx(expected[:2], abs=2) and truth[2:] == pytest.approx(expected[2:], abs=3)
-    assert _colour_bbox(picture, _PRED_COLOUR) is not None
+    assert _colour_bbox(picture, PRED_COLOUR) is not None
     undetected = [s for s in read_samples(stored_run / "blind" / "samples.jsonl") if not s["detected"]]
     shown = [blind[s["id"]] for s in undetected if s["id"] in blind]
-    assert shown and all(_colour_bbox(p, _PRED_COLOUR) is None for p in shown)  # no box: nothing red drawn
-    assert all(_colour_bbox(p, _GT_COLOUR) is not None for p in shown)
+    assert shown and all(_colour_bbox(p, PRED_COLOUR) is None for p in shown)  # no box: nothing red drawn
+    assert all(_colour_bbox(p, GT_COLOUR) is not None for p in shown)
 
 
 def test_raw_model_text_is_escaped(stored_run: Path) -> None:
@@ -247,7 +247,7 @@ def test_live_progress_shows_recipe_phase_bar_and_finished_rows(stored_run: Path
         listener("loaded", outcome, {"seconds": 0.4, "dtype": "float32", "attn": "sdpa", "device": "cpu"})
         for sample in read_samples(stored_run / "same" / "samples.jsonl")[:5]:
             listener("sample", outcome, sample)
-        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener._render())
+        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener.render())
     shown = frame.getvalue()
     assert "Recipe 3/3 same · inferring" in shown
     assert "5/20" in shown and "samples/s" in shown and "ETA" in shown

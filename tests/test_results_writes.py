@@ -126,3 +126,30 @@ def test_a_write_that_fails_mid_run_stops_it_and_resume_continues(demo: dict, tm
         samples = (run_dir / name / "samples.jsonl").read_bytes().splitlines()
         assert len(samples) == 4 and len({orjson.loads(s)["id"] for s in samples}) == 4, name
         assert json.loads((run_dir / name / "summary.json").read_text())["status"] == "ok"
+
+
+def test_write_faults_act_only_once_the_entry_point_installed_them(tmp_path: Path, monkeypatch) -> None:
+    """The writer asks the installed write faults, which EVALORCH_WRITE_FAULT sets only through the CLI's entry
+    point: a library caller with the variable set writes normally; once installed, the planned write fails with
+    the planned errno, and the file keeps the whole line before it."""
+    from orchestrator.results import write_faults
+
+    monkeypatch.setenv(write_faults.ENV_VAR, "samples.jsonl:2:EROFS")
+    (tmp_path / "plain").mkdir()
+    plain = SampleLog(tmp_path / "plain" / "samples.jsonl")
+    for n in range(3):
+        plain.append({"id": f"s{n}"})
+    plain.close()
+    assert len(plain.path.read_bytes().splitlines()) == 3  # not installed: the variable alone fails nothing
+
+    write_faults.install_from_env()
+    try:
+        failing = SampleLog(tmp_path / "samples.jsonl")
+        failing.append({"id": "s0"})
+        with pytest.raises(ResultsWriteError, match="Read-only file system"):
+            failing.append({"id": "s1"})
+        failing.close()
+        assert failing.path.read_bytes() == b'{"id":"s0"}\n'  # the failed line cut back off, the first whole
+    finally:
+        monkeypatch.delenv(write_faults.ENV_VAR)
+        write_faults.install_from_env()

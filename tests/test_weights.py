@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from contract.recipe import Recipe
 from worker.device import CPU
 from worker.errors import WorkerError
-from worker.loading.load import _load_root, model_class
+from worker.loading.load import load_root, model_class
 from worker.loading.weights import load_safetensors, plan_chunks, prestage_root, read_spans, read_through
 
 
@@ -86,8 +86,8 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def _same_model(folder: Path, dtype: torch.dtype) -> None:
     link = type("Link", (), {"path": str(folder)})()
-    ref, how_ref = _load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, dtype, "sdpa")
-    got, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, dtype, "sdpa")
+    ref, how_ref = load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, dtype, "sdpa")
+    got, how = load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, dtype, "sdpa")
     assert how_ref == {"loader": "transformers"} and how["loader"] == "staged"
     expected, actual = ref.state_dict(), got.state_dict()
     assert expected.keys() == actual.keys()
@@ -130,7 +130,7 @@ def test_staged_model_sharded_and_tied(demo: dict, tmp_path: Path) -> None:
     assert len(list((tmp_path / "tied").glob("model-*.safetensors"))) >= 2
     _same_model(tmp_path / "tied", torch.bfloat16)
     link = type("Link", (), {"path": str(tmp_path / "tied")})()
-    got, _ = _load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, torch.bfloat16, "sdpa")
+    got, _ = load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, torch.bfloat16, "sdpa")
     assert got.get_output_embeddings().weight.data_ptr() == got.get_input_embeddings().weight.data_ptr()
 
 
@@ -145,9 +145,9 @@ def test_staged_load_skips_the_allocator_warmup(demo: dict, monkeypatch: pytest.
     monkeypatch.setattr(modeling_utils, "caching_allocator_warmup",
                         lambda *a, **k: calls.append("warmup") or original(*a, **k))
     link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
-    _, how = _load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, torch.float32, "sdpa")
+    _, how = load_root(link, Recipe(name="t", model="m", loader="staged"), CPU, torch.float32, "sdpa")
     assert how["loader"] == "staged" and calls == []
-    _load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, torch.float32, "sdpa")
+    load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, torch.float32, "sdpa")
     assert calls == ["warmup"]
     assert modeling_utils.caching_allocator_warmup is not original  # still the spy: the patch was undone
 
@@ -164,8 +164,8 @@ def test_prestaged_weights_build_the_same_model(demo: dict) -> None:
     model built from them is transformers' own, and the load says it waited for that read."""
     link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
     recipe = Recipe(name="t", model="m", loader="staged", dtype="float32")
-    ref, _ = _load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, torch.float32, "sdpa")
-    got, how = _load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
+    ref, _ = load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, torch.float32, "sdpa")
+    got, how = load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
     assert how["loader"] == "staged" and how["prestaged_wait_s"] is not None and how["staged_s"] > 0
     expected, actual = ref.state_dict(), got.state_dict()
     assert expected.keys() == actual.keys() and all(torch.equal(expected[n], actual[n]) for n in expected)
@@ -175,7 +175,7 @@ def test_prestaged_weights_of_another_dtype_are_read_again(demo: dict) -> None:
     """Read in bfloat16 ahead of a load in float32 (the dtype resolved differently): discarded, not used."""
     link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
     early = prestage_root(link, Recipe(name="t", model="m", dtype="bfloat16"), CPU)
-    got, how = _load_root(link, Recipe(name="t", model="m"), CPU, torch.float32, "sdpa", early)
+    got, how = load_root(link, Recipe(name="t", model="m"), CPU, torch.float32, "sdpa", early)
     assert how["prestaged_wait_s"] is None and next(got.parameters()).dtype == torch.float32
 
 
@@ -187,9 +187,9 @@ def test_a_prestaged_read_of_a_damaged_file_fails_as_the_load_would(demo: dict, 
     link = type("Link", (), {"path": str(folder)})()
     recipe = Recipe(name="t", model="m", dtype="float32")
     with pytest.raises(WorkerError) as direct:
-        _load_root(link, recipe, CPU, torch.float32, "sdpa")
+        load_root(link, recipe, CPU, torch.float32, "sdpa")
     with pytest.raises(WorkerError) as early:
-        _load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
+        load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
     assert str(early.value) == str(direct.value) and "file holds" in str(early.value)
 
 

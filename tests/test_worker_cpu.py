@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from worker.__main__ import _share_cpu
+from worker.startup import share_cpu
 
 
 class _Torch:
@@ -29,7 +29,7 @@ def test_gpu_workers_use_at_most_four_cpu_threads(monkeypatch, gpu: bool, omp: s
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     torch = _Torch()
-    _share_cpu(gpu, torch)
+    share_cpu(gpu, torch)
     assert torch.threads == expected
 
 
@@ -39,10 +39,10 @@ def test_sklearn_is_hidden_only_while_transformers_is_imported() -> None:
     import importlib.util
     import sys
 
-    from worker.__main__ import _unused_optional_imports_hidden
+    from worker.startup import unused_optional_imports_hidden
 
     before = "sklearn" in sys.modules
-    with _unused_optional_imports_hidden():
+    with unused_optional_imports_hidden():
         assert importlib.util.find_spec("sklearn") is None or before
         if not before:
             with pytest.raises(ImportError):

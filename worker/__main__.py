@@ -11,20 +11,18 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from contract import messages
 from contract.boxes import AUTO
 from contract.exits import WorkerExit
 from contract.samples import DatasetError
-from contract.spec import GPU_WORKER_THREADS, SpecError, WorkerSpec
-from worker import lifeline
+from contract.spec import SpecError, WorkerSpec
+from worker import faults, lifeline
 from worker.errors import WorkerError
-from worker.faults import Faults
+from worker.startup import select_device, share_cpu, unused_optional_imports_hidden
 
 if TYPE_CHECKING:  # torch is imported only once the spec is valid (its imports are a phase of their own)
     from worker.device import Device
@@ -39,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     control = lifeline.start()
     try:
         spec = _read_spec(args.spec)
-        _evaluate(spec, out, control, Faults.from_env(spec.recipe.name, spec.attempt))
+        faults.install_from_env(spec.recipe.name, spec.attempt, out.write_raw)
+        _evaluate(spec, out, control)
     except WorkerError as exc:
         out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())
         return WorkerExit.FAILED
@@ -61,18 +60,18 @@ def _read_spec(path: Path) -> WorkerSpec:
         raise WorkerError("config", f"{path}: {exc}") from None
 
 
-def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.Control, faults: Faults) -> None:
+def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.Control) -> None:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
     from worker.loading.weights import prestage_root  # torch only
 
-    device = _select_device(spec.device)
-    _share_cpu(device.is_gpu, torch)
+    device = select_device(spec.device)
+    share_cpu(device.is_gpu, torch)
     # a worker started ahead may not touch the GPU before its go; any other reads its weights meanwhile
     prestaged = None if spec.hold or not device.usable() else prestage_root(spec.chain[0], spec.recipe, device)
-    with _unused_optional_imports_hidden():
+    with unused_optional_imports_hidden():
         from contract.dataset import open_dataset
         from worker.decode.decode_attention import kernel_calls
         from worker.inference.infer import run_inference, start_batches
@@ -109,17 +108,14 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     if processor is None:  # not held: the first batches get ready while the weights load
         processor = load_processor(spec.chain, recipe)
         batches = start_batches(processor, samples, recipe, device)
-    faults.hit("load", out.write_raw)
+    faults.points().before_load()
     if not device.usable():
         raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
     model, processor, loaded = load_chain(spec.chain, recipe, device, processor, prestaged)
     timings["load"] = loaded["seconds"]
     timings["loaded_at"] = time.perf_counter() - started  # from the first import: spawn to loaded, less the exec
     out.send("loaded", **loaded)
-    stats = run_inference(
-        model, processor, batches or samples, recipe, device, out.send, control.stop.is_set,
-        before_sample=lambda n: faults.hit(f"sample:{n}", out.write_raw), alter=faults.alter_parity,
-    )
+    stats = run_inference(model, processor, batches or samples, recipe, device, out.send, control.stop.is_set)
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
                 "batch_wait": stats.wait_s, "generate": stats.generate_s,
                 "total": time.perf_counter() - started}
@@ -129,48 +125,6 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
               "kvcache_calls": kernel_calls(), "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
               "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
     out.send("done", counts=counts, timings=timings, parity=stats.parity, **_measured_memory(device))
-
-
-@contextmanager
-def _unused_optional_imports_hidden() -> Iterator[None]:
-    """transformers imports scikit-learn where it is installed, for assisted generation's candidate threshold,
-    which evaluation never uses: 2.15 s of the 17.5 s `python -X importtime` gave the worker's imports on the
-    H200 host (transformers 5.17's candidate_generator imports sklearn.metrics at import time; later versions
-    import it lazily). Hidden while transformers is imported (an entry of None in sys.modules makes it look
-    absent), importable again afterwards."""
-    hidden = [name for name in ("sklearn",) if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        for name in hidden:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
-
-
-def _share_cpu(gpu: bool, torch: Any) -> None:
-    """A GPU worker's CPU work is batch preparation (the image processor's torch ops), and up to three workers
-    share the host (the running one and those started ahead). At torch's default of one thread per core they
-    oversubscribe it: preparing 200 images took 1.2 s in one process and 16-17 s each in three at once on the
-    16-core H100 host; at 4 threads 1.2 s alone and 1.4-1.6 s three at once. An explicit OMP_NUM_THREADS wins.
-    The parent sizes how many GPU workers may share a GPU by the same number (orchestrator/execution/scheduler.py)."""
-    if gpu and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(GPU_WORKER_THREADS, os.cpu_count() or 1))
-
-
-def _select_device(requested: str) -> Device:
-    """The device a spec's `device` ("cpu" or "cuda") means in this process: a CUDA GPU, or the simulated one the
-    tests ask for (worker/simulated_gpu.py: CI runs the GPU's wiring on a CPU)."""
-    from worker.device import CPU, SIMULATED_ENV, Cuda
-
-    if requested != "cuda":
-        return CPU
-    if os.environ.get(SIMULATED_ENV):
-        from worker.simulated_gpu import SimulatedGpu
-
-        return SimulatedGpu()
-    return Cuda()
 
 
 def _measured_memory(device: Device) -> dict[str, int | None]:

@@ -10,10 +10,10 @@ comes from:
 
 - `Cpu`: none of it (a plain CPU run: tensors read straight into place, transformers' attention, no graphs);
 - `Cuda`: the real thing (on the GPU machine: tests/gpu);
-- `worker.simulated_gpu.SimulatedGpu` (tests only, `EVALORCH_SIMULATED_GPU=1` with `--device cuda`; the worker's
-  __main__ chooses among the three): CPU tensors
-  through every GPU branch, with the CPU stand-ins of what cannot exist there (a recorder that replays eagerly, a
-  reference kvcache kernel, unpinned staging), so CI runs the GPU's wiring end to end.
+- `worker.simulated_gpu.SimulatedGpu` (tests only, `EVALORCH_SIMULATED_GPU=1` with `--device cuda`;
+  worker/startup.py's select_device chooses among the three): CPU tensors through every GPU branch, with the CPU
+  stand-ins of what cannot exist there (a recorder that replays eagerly, a reference kvcache kernel, unpinned
+  staging), so CI runs the GPU's wiring end to end.
 """
 
 from __future__ import annotations

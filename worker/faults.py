@@ -1,4 +1,10 @@
-"""Test-only fault injection, read from EVALORCH_FAULT by the worker alone.
+"""Test-only fault injection: one object the worker's entry point installs, whose named points the product calls.
+
+The entry points (worker/__main__.py, worker/merge.py) call `install_from_env` once, with the recipe, the attempt
+and the result stream; everything else asks `points()` for the installed object and calls a named point
+(`before_load`, `before_merge`, `before_sample`, `parity_text`). Without EVALORCH_FAULT (and in any process whose
+entry point installed nothing: a test calling the inference in-process) the object is `NoFaults`, which does
+nothing, so no product signature carries a test hook.
 
     EVALORCH_FAULT="raise@sample:2,garbage-stdout"
     EVALORCH_FAULT="r1-llm-only:raise@sample:2"      (only the worker of that recipe)
@@ -22,16 +28,52 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 ENV_VAR = "EVALORCH_FAULT"
 GATE_ENV = "EVALORCH_FAULT_GATE"
 GATE_TIMEOUT_S = 120.0
 
+WriteRaw = Callable[[bytes], None]  # writes bytes onto the result stream as they are (a bad-line fault's line)
+
+
+class FaultPoints(Protocol):
+    """The points where the worker lets a test's fault in; each returns normally unless a fault is planned there."""
+
+    def before_load(self) -> None: ...
+
+    def before_merge(self) -> None: ...
+
+    def before_sample(self, number: int) -> None:
+        """Before the `number`-th sample of this attempt (counting from 1) is sent."""
+
+    def parity_text(self, number: int, text: str) -> str:
+        """The text the batch-parity check compares for its `number`-th sample, given the text generated alone."""
+
+
+class NoFaults:
+    """The product's points: nothing happens at any of them."""
+
+    def before_load(self) -> None:
+        pass
+
+    def before_merge(self) -> None:
+        pass
+
+    def before_sample(self, number: int) -> None:
+        pass
+
+    def parity_text(self, number: int, text: str) -> str:
+        return text
+
 
 class Faults:
-    def __init__(self, spec: str, recipe: str = "", attempt: int = 1) -> None:
+    """The faults an EVALORCH_FAULT spec plans for one recipe's attempt; `write_raw` takes a bad-line fault's line."""
+
+    def __init__(self, spec: str, recipe: str, attempt: int, write_raw: WriteRaw) -> None:
         self.rules: dict[str, str] = {}
         self.garbage = False
+        self.write_raw = write_raw
         for item in filter(None, (s.strip() for s in spec.split(","))):
             target, colon, rest = item.partition(":")
             if colon and "@" not in target:  # "recipe:action@point" applies to that recipe only
@@ -47,15 +89,21 @@ class Faults:
             action, _, point = item.partition("@")
             self.rules[point] = action
 
-    @classmethod
-    def from_env(cls, recipe: str, attempt: int) -> Faults:
-        return cls(os.environ.get(ENV_VAR, ""), recipe, attempt)
+    def before_load(self) -> None:
+        self.hit("load")
 
-    def alter_parity(self, number: int, text: str) -> str:
-        """The parity check's text for its `number`-th sample, changed where `alter@parity:N` says."""
+    def before_merge(self) -> None:
+        self.hit("merge")
+
+    def before_sample(self, number: int) -> None:
+        self.hit(f"sample:{number}")
+
+    def parity_text(self, number: int, text: str) -> str:
+        """Changed where `alter@parity:N` says."""
         return text + " (altered by EVALORCH_FAULT)" if self.rules.get(f"parity:{number}") == "alter" else text
 
-    def hit(self, point: str, write_raw: Callable[[bytes], None]) -> None:
+    def hit(self, point: str) -> None:
+        """Carry out what is planned at `point` (a hang's stack names this function: tests look for it)."""
         if self.garbage:
             print('{"type": "sample", "id": "fake"} <- garbage on stdout', flush=True)
             sys.stdout.write("\x00\xff not json\n")
@@ -77,9 +125,26 @@ class Faults:
         if action == "exit":
             os._exit(0)
         if action == "bad-line":
-            write_raw(b"{this is not json\n")
+            self.write_raw(b"{this is not json\n")
         if action in ("gate", "open-gate"):
             _gate(action, point)
+
+
+_installed: FaultPoints = NoFaults()
+
+
+def install_from_env(recipe: str, attempt: int, write_raw: WriteRaw) -> FaultPoints:
+    """Install the faults EVALORCH_FAULT plans for this recipe's attempt (none where it is unset); return them.
+    Called once, by the worker's entry point."""
+    global _installed
+    spec = os.environ.get(ENV_VAR, "")
+    _installed = Faults(spec, recipe, attempt, write_raw) if spec else NoFaults()
+    return _installed
+
+
+def points() -> FaultPoints:
+    """The installed fault points (NoFaults unless the entry point installed EVALORCH_FAULT's)."""
+    return _installed
 
 
 def _gate(action: str, point: str) -> None:

@@ -29,9 +29,8 @@ from contract.checkpoint import CONFIG, CheckpointError, fingerprint, read_json_
 from contract.exits import WorkerExit
 from contract.layout import MERGE_LINEAGE
 from contract.spec import ChainLink, SpecError, WorkerSpec
-from worker import lifeline
+from worker import faults, lifeline
 from worker.errors import WorkerError
-from worker.faults import Faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = WorkerSpec.from_json(args.spec.read_bytes())
         except (OSError, SpecError) as exc:
             raise WorkerError("config", f"{args.spec}: {exc}") from None
-        Faults.from_env(spec.recipe.name, spec.attempt).hit("merge", out.write_raw)
+        faults.install_from_env(spec.recipe.name, spec.attempt, out.write_raw).before_merge()
         record = merge(spec, args.out, hash_weights=args.hash_weights)
     except WorkerError as exc:
         out.send("error", kind=exc.kind, message=str(exc), traceback=traceback.format_exc())

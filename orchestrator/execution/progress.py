@@ -159,7 +159,7 @@ class LiveProgress(_Listener):
         self.bar_of: dict[str, TaskID] = {}  # the bar of each recipe running now
         self.lock = threading.Lock()  # the recipes' threads (scheduler.py) report at once
         # transient: the final table (with intervals) replaces the live one when the run ends
-        self.live = Live(console=console, get_renderable=self._render, refresh_per_second=4, transient=True)
+        self.live = Live(console=console, get_renderable=self.render, refresh_per_second=4, transient=True)
 
     def __enter__(self) -> LiveProgress:
         self.live.start()
@@ -229,7 +229,8 @@ class LiveProgress(_Listener):
         self.recipes.setdefault(name, _Recipe(name)).status = "starting"
         self.bar.reset(self.task, total=expected_samples(self.run_dir / name), description=escape(name))
 
-    def _render(self) -> RenderableType:
+    def render(self) -> RenderableType:
+        """The live display's frame: the recipes' table, the lanes' bars where there are any."""
         parts: list[RenderableType] = [self._table()]
         if self.lanes:
             parts.append(self.bar)

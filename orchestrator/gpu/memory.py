@@ -238,7 +238,7 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     shape = model_shape(config, str(Path(root.path) / CONFIG))
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
-    processor = _processor_settings(chain)
+    processor = processor_settings(chain)
     try:  # the rules read many processor and vision settings: a mistyped one is the checkpoint's damage
         rule = image_rule(config, processor)
         if rule is not None:
@@ -499,7 +499,7 @@ def _prompt_bytes(template: str, sample: Sample) -> int:
         return len(template.encode())
 
 
-def _processor_settings(chain: list[ChainLink]) -> dict:
+def processor_settings(chain: list[ChainLink]) -> dict:
     """The processor's settings from the nearest link (top first) that has processor files, as the worker picks
     its processor: processor_config.json's keys (image_seq_length), then preprocessor_config.json's or the image
     processor nested in processor_config.json (transformers 5 saves it there), flattened into one dict."""

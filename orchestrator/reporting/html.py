@@ -43,7 +43,7 @@ from orchestrator.results.store import DamagedRunFile, read_json
 
 GALLERY_SIZE = 6  # worst samples shown per recipe
 _THUMB_MIN, _THUMB_MAX = 224, 320  # longer side of a gallery picture, in pixels
-_GT_COLOUR, _PRED_COLOUR, _EDGE = (34, 197, 94), (239, 68, 68), (17, 24, 39)
+GT_COLOUR, PRED_COLOUR, _EDGE = (34, 197, 94), (239, 68, 68), (17, 24, 39)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -312,7 +312,7 @@ def _sample_png(source: ImageSource, exif: str, gt: Any, pred: Any) -> bytes | N
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(image)
-    for box, colour in ((gt, _GT_COLOUR), (pred, _PRED_COLOUR)):
+    for box, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
         if box and len(box) == 4:
             x1, y1, x2, y2 = (float(v) * scale for v in box)
             corners = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]

@@ -4,18 +4,12 @@ Sample lines are written whole or not at all (a write cut short by a full disk i
 they arrive, and fsynced at least once a second, so a crash of the worker or of the parent loses nothing already
 received, and what is on disk always reads back. JSON files and reports are replaced atomically. A write that
 fails (a full disk, a read-only or unwritable run folder) raises ResultsWriteError naming the path: the run stops
-there, and `--resume` continues it once the folder can be written again.
-
-Test-only fault switch, read by the parent alone (as worker/faults.py's EVALORCH_FAULT is by the worker):
-
-    EVALORCH_WRITE_FAULT="samples.jsonl:5"         the 5th write to a file of that name writes half its bytes,
-                                                   then fails with ENOSPC (no space left on device)
-    EVALORCH_WRITE_FAULT="summary.json:1:EROFS"    another errno
+there, and `--resume` continues it once the folder can be written again. Every write passes the test-only write
+faults (orchestrator/results/write_faults.py: EVALORCH_WRITE_FAULT), which fail none unless a test planned one.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from contextlib import suppress
@@ -28,10 +22,9 @@ from contract.exits import Exit
 from contract.layout import stamped_folder
 from contract.messages import REQUIRED_FIELDS
 from orchestrator.errors import UserError
+from orchestrator.results import write_faults
 
 _FSYNC_EVERY_S = 1.0
-FAULT_ENV = "EVALORCH_WRITE_FAULT"
-_writes: dict[str, int] = {}  # file name -> writes so far in this process (for the fault switch)
 
 
 class ResultsWriteError(UserError):
@@ -55,26 +48,12 @@ class ResultsWriteError(UserError):
 def _write_all(fd: int, data: bytes, path: Path) -> None:
     """Write every byte of `data` (the kernel may take fewer per call); OSError when it cannot."""
     view, done = memoryview(data), 0
-    fail_at = _planned_fault(path, len(data))
+    failure = write_faults.installed().planned(path, len(data))
     while done < len(view):
-        if fail_at is not None and done >= fail_at[0]:
-            raise OSError(fail_at[1], os.strerror(fail_at[1]), str(path))
-        end = len(view) if fail_at is None else fail_at[0]
+        if failure is not None and done >= failure.written:
+            raise OSError(failure.code, os.strerror(failure.code), str(path))
+        end = len(view) if failure is None else failure.written
         done += os.write(fd, view[done:end])
-
-
-def _planned_fault(path: Path, size: int) -> tuple[int, int] | None:
-    """(bytes to write first, errno) when EVALORCH_WRITE_FAULT says this write fails; else None."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    _writes[path.name] = count = _writes.get(path.name, 0) + 1
-    for rule in spec.split(","):
-        name, _, rest = rule.strip().partition(":")
-        number, _, code = rest.partition(":")
-        if name == path.name and number.isdigit() and int(number) == count:
-            return size // 2, getattr(errno, code or "ENOSPC")
-    return None
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -116,7 +116,10 @@ class _Recorded:
 
 
 @dataclass
-class _Session:
+class Session:
+    """One generate call's decode steps: the first recorded (or declined), the later ones replayed while they
+    match it (step_difference), else run eagerly."""
+
     capacity_left: int  # tokens the answer may still add after the prompt (generate's max_new_tokens)
     make_replay: Callable[[], Any]
     outcome: Outcome = field(default_factory=Outcome)
@@ -136,7 +139,7 @@ class _Session:
         recorded = self.recorded
         if recorded is None:
             return forward(**kwargs)
-        difference = _differs(recorded, kwargs, self.cache)
+        difference = step_difference(recorded, kwargs, self.cache)
         if difference or recorded.length >= recorded.keys[0].shape[2]:
             self._decline(recorded, difference or "the cache is full")
             return forward(**kwargs)
@@ -251,7 +254,7 @@ class _Unroutable(Exception):
     """A layer's attention did not take the kvcache kernel while the step was recorded."""
 
 
-_session: _Session | None = None
+_session: Session | None = None
 _attached: dict[int, Callable[[], Any]] = {}  # id(decoder) -> the replay factory of its sessions, while attached
 _inherent: dict[int, str] = {}  # id(decoder) -> why its steps cannot be recorded, once a session found out
 
@@ -297,7 +300,7 @@ def session(model: Any, max_new_tokens: int, routed: bool) -> Iterator[Outcome |
     if id(decoder) in _inherent:
         yield Outcome(declined=_inherent[id(decoder)], inherent=True)
         return
-    current = _session = _Session(max_new_tokens, replay)
+    current = _session = Session(max_new_tokens, replay)
     try:
         yield current.outcome
     finally:
@@ -403,7 +406,7 @@ def _show_length(cache: Any, recorded: _Recorded) -> None:
         layer.keys, layer.values = keys[:, :, :recorded.length], values[:, :, :recorded.length]
 
 
-def _differs(recorded: _Recorded, kwargs: dict, cache: Any) -> str | None:
+def step_difference(recorded: _Recorded, kwargs: dict, cache: Any) -> str | None:
     """How this step's arguments differ from the recorded step's, or None."""
     tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v) and k != "attention_mask"}
     if tensors.keys() != recorded.inputs.keys():

@@ -25,12 +25,13 @@ from contract.dataset import (
     sample_key,
 )
 from contract.recipe import Recipe
+from worker import faults
 from worker.device import Device
 from worker.errors import WorkerError
 from worker.inference.families import encode, input_sizes, prompt_text, prompt_too_long
 from worker.inference.generation import Generated, generate
 from worker.inference.image_cache import ProcessorCache, collate
-from worker.inference.parity import Alter, check_parity
+from worker.inference.parity import check_parity
 
 Send = Callable[..., None]
 
@@ -100,13 +101,13 @@ def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, dev
     touched yet: pinning host memory creates a CUDA context, which a held worker must not have. With the recipe's
     image_cache on, each sample's processor output comes from the cache in its cache_dir (see image_cache.py).
     The samples are read as the batches are made (a set with embedded images is never held whole)."""
-    batches = _sorted_batches(samples, recipe.requested_batch, recipe.exif)
+    batches = sorted_batches(samples, recipe.requested_batch, recipe.exif)
     cache = ProcessorCache.for_recipe(processor, recipe)
     return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache,
                                                      exif=recipe.exif, max_prompt_tokens=recipe.max_prompt_tokens))
 
 
-def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator[list[Sample]]:
+def sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator[list[Sample]]:
     """The samples read a window at a time (SORT_WINDOW batches, at least MIN_WINDOW samples: a small set in one),
     each window sorted by prompt length and cut into even batches."""
     window: list[Sample] = []
@@ -119,8 +120,7 @@ def _sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator
 
 
 def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefetched, recipe: Recipe,
-                  device: Device, send: Send, should_stop: Callable[[], bool],
-                  before_sample: Callable[[int], None], alter: Alter | None = None) -> InferenceStats:
+                  device: Device, send: Send, should_stop: Callable[[], bool]) -> InferenceStats:
     """Generate for every sample (or every batch already being prepared by start_batches), streaming records;
     after the first batch, check its first samples one at a time (check_parity)."""
     stats = InferenceStats(batch_size=recipe.requested_batch)
@@ -133,7 +133,7 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
         stats.cache_misses += prepared.cache_misses
         for sample, error, info in prepared.errors:
             sent += 1
-            before_sample(sent)
+            faults.points().before_sample(sent)
             send("sample", **_error_record(sample, error, info))
             stats.errors += 1
         if prepared.items:
@@ -146,12 +146,12 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
             stats.batches += 1
             if stats.parity is None:
                 stats.parity = check_parity(model, processor, prepared.items, generated,
-                                            lambda item: _processor_inputs(processor, [item], device), recipe,
-                                            device.tensors, min(len(prepared.items), stats.batch_size), alter)
+                                            lambda item: processor_inputs(processor, [item], device), recipe,
+                                            device.tensors, min(len(prepared.items), stats.batch_size))
             for item, text in zip(prepared.items, generated.texts, strict=True):
                 sent += 1
-                before_sample(sent)
-                send("sample", **_scored_record(item, text, recipe.box_format, seconds))
+                faults.points().before_sample(sent)
+                send("sample", **scored_record(item, text, recipe.box_format, seconds))
                 stats.scored += 1
                 if stats.first_sample_s is None:
                     stats.first_sample_s = time.perf_counter() - started
@@ -238,13 +238,13 @@ def prepare_batch(processor: Any, batch: list[Sample], template: str, device: De
     items: list[Prepared] = []
     errors: list[tuple[Sample, str, ImageInfo | None]] = []
     for sample in batch:
-        prepared = _prepare(processor, sample, template, exif, max_prompt_tokens)
+        prepared = prepare_sample(processor, sample, template, exif, max_prompt_tokens)
         if isinstance(prepared, Prepared):
             items.append(prepared)
         else:
             errors.append((sample, *prepared))
     hits, misses = _cached_features(cache, items)
-    inputs = _processor_inputs(processor, items, device, may_pin()) if items else None
+    inputs = processor_inputs(processor, items, device, may_pin()) if items else None
     if items:
         for item, size in zip(items, input_sizes(processor, inputs, [p.image for p in items]), strict=True):
             item.input_size = size
@@ -262,7 +262,7 @@ def _cached_features(cache: ProcessorCache | None, items: list[Prepared]) -> tup
     return cache.hits - hits, cache.misses - misses
 
 
-def _processor_inputs(processor: Any, items: list[Prepared], device: Device, pin: bool = True) -> Any:
+def processor_inputs(processor: Any, items: list[Prepared], device: Device, pin: bool = True) -> Any:
     """The batch's tensors: collated from the items' cached outputs when they have them (also for the chunks of
     an out-of-memory retry), else from one batched processor call."""
     if all(p.features is not None for p in items):
@@ -280,8 +280,8 @@ def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
         yield samples[start:end]
 
 
-def _prepare(processor: Any, sample: Sample, template: str, exif: str = "apply",
-             max_prompt_tokens: int | None = None) -> Prepared | tuple[str, ImageInfo | None]:
+def prepare_sample(processor: Any, sample: Sample, template: str, exif: str = "apply",
+                   max_prompt_tokens: int | None = None) -> Prepared | tuple[str, ImageInfo | None]:
     """The sample's image (as read: upright by default) and chat text, or the reason it cannot be evaluated (and
     the image as read, where it was): a bad row, an unreadable image, ground truth that does not fit the image, a
     prompt field the sample lacks, a prompt longer than `max_prompt_tokens`."""
@@ -316,7 +316,7 @@ def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recip
         chunk = batch[start : start + stats.batch_size]
         whole = start == 0 and len(chunk) == len(batch)  # the prefetched tensors serve the whole batch only
         try:
-            inputs = prepared.inputs if whole else _processor_inputs(processor, chunk, device)
+            inputs = prepared.inputs if whole else processor_inputs(processor, chunk, device)
             result = generate(model, processor, inputs, device.tensors, max_new_tokens=recipe.max_new_tokens,
                               min_new_tokens=recipe.min_new_tokens)
         except torch.cuda.OutOfMemoryError as exc:
@@ -344,7 +344,7 @@ def _joined(parts: list[Generated]) -> Generated:
                      [graph for part in parts for graph in part.graphs])
 
 
-def _scored_record(item: Prepared, text: str, box_format: str, seconds: float) -> dict:
+def scored_record(item: Prepared, text: str, box_format: str, seconds: float) -> dict:
     """`image_size` is the original's (as read), `input_size` the image the model saw (after the processor's
     resize): with both, `rescore` converts any box format without the model."""
     size = item.image.size

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.recipe import Recipe
+from worker import faults
 from worker.inference.generation import Generated, Unforceable, forced_check, generate
 
-Alter = Callable[[int, str], str]  # (n-th parity sample, its text alone) -> the text to compare; faults only
 InputsFor = Callable[[Any], Any]  # one prepared sample -> its processor tensors alone
 
 
 def check_parity(model: Any, processor: Any, items: list[Any], batched: Generated, inputs_for: InputsFor,
-                 recipe: Recipe, device: str, batch_size: int, alter: Alter | None = None) -> dict:
+                 recipe: Recipe, device: str, batch_size: int) -> dict:
     """Check the first `recipe.parity_check` of `items` (the first batch, whose generation is `batched`) one at a
-    time. `alter` is the test-only fault switch's hook (worker/faults.py: alter@parity:N)."""
+    time. The text generated alone passes the `parity_text` fault point (worker/faults.py: alter@parity:N)."""
     if recipe.parity_check == 0:
         return {"enabled": False}
     if batch_size <= 1:
@@ -41,7 +41,7 @@ def check_parity(model: Any, processor: Any, items: list[Any], batched: Generate
     for number, item in enumerate(items[:count], 1):
         text = batched.texts[number - 1]
         alone = _alone(model, processor, inputs_for(item), batched, number - 1, item.sample.id, recipe, device, tally)
-        alone = alter(number, alone) if alter else alone
+        alone = faults.points().parity_text(number, alone)
         if alone != text:
             disagreements.append({"id": item.sample.id, "batched": text, "alone": alone})
     return {"enabled": True, "checked": count, "agreed": count - len(disagreements), "batch_size": batch_size,

@@ -39,3 +39,8 @@ def preparing_inputs() -> Iterator[None]:
             raise WorkerError("internal", f"torch's default dtype is {torch.get_default_dtype()} outside a model's "
                                           "construction; the processor's arithmetic would take it")
         yield
+
+
+def lock_held() -> bool:
+    """Whether this thread is inside building_modules or preparing_inputs (holds the lock the two share)."""
+    return bool(_LOCK._is_owned())  # type: ignore[attr-defined]  # RLock's own check; typeshed omits it

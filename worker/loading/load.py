@@ -104,9 +104,9 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: Device, processor
     attn = resolve_attn(recipe.attn, device)
     root, adapters = chain[0], chain[1:]
     phases = {"cuda_init_s": device.start()}
-    model, how = _load_root(root, recipe, device, dtype, attn, prestaged)
+    model, how = load_root(root, recipe, device, dtype, attn, prestaged)
     phases["root_s"] = time.perf_counter() - started - phases["cuda_init_s"]
-    model = _apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
+    model = apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
     model.eval()
     check_placement(model, device.tensors)
     phases["adapters_s"] = time.perf_counter() - started - phases["cuda_init_s"] - phases["root_s"]
@@ -155,8 +155,8 @@ def _attach_decode_graph(model: Any, device: Device, decode: str, requested: boo
     return DECODE_GRAPH_ON if reason is None else f"off ({reason})"
 
 
-def _load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtype, attn: str,
-               prestaged: Prestaged | None = None) -> tuple[Any, dict]:
+def load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtype, attn: str,
+              prestaged: Prestaged | None = None) -> tuple[Any, dict]:
     """The root checkpoint on `device`, and how it was read (for the `loaded` message)."""
     trust = recipe.trust_remote_code
     with reading(root.path, "its config"):
@@ -242,7 +242,7 @@ def _attach_generation_config(model: Any, folder: str) -> None:
         model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
-def _apply_adapters(model: Any, adapters: list[ChainLink], *, merge_top: bool = False) -> Any:
+def apply_adapters(model: Any, adapters: list[ChainLink], *, merge_top: bool = False) -> Any:
     """Apply adapters bottom-up. Each lower adapter is merged into the weights before the next one is applied:
     the upper adapter was trained on a model whose weights included the lower one, and merging reproduces
     exactly that, while keeping one PEFT wrapper (stacked wrappers would need named multi-adapter handling).

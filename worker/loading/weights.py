@@ -296,7 +296,7 @@ class Prestaged:
 
 def prestage_root(root: Any, recipe: Recipe, device: Device) -> Prestaged | None:
     """Start reading the root link's weights now, where the staged loader will read them (the conditions of
-    load._load_root that need no transformers: it discards them if the class turns out not to build from a
+    load.load_root that need no transformers: it discards them if the class turns out not to build from a
     state dict); None where it will not stage."""
     files = root_weight_files(root.path)
     if recipe.loader != "staged" or not files or recipe.trust_remote_code:

@@ -128,7 +128,7 @@ def _local_environment() -> Iterator[tuple[Path, str]]:
             changes["RAY_AUTH_TOKEN_PATH"] = str(token)
     saved = {key: os.environ.get(key) for key in changes}
     os.environ.update(changes)
-    _refresh_ray_config()
+    refresh_ray_config()
     try:
         yield folder, auth
     finally:
@@ -137,11 +137,11 @@ def _local_environment() -> Iterator[tuple[Path, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        _refresh_ray_config()
+        refresh_ray_config()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _refresh_ray_config() -> None:
+def refresh_ray_config() -> None:
     """Ray reads RAY_AUTH_MODE into its config when it is imported; after a change, have it read it again (what
     Ray's own `_enable_token_auth` does). Nothing to do when Ray is not imported yet."""
     if "ray" in sys.modules:
