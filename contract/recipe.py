@@ -16,9 +16,9 @@ from .boxes import AUTO, BOX_FORMATS
 from .layout import reserved_name
 from .samples import template_fields
 
-# A decode step of a 7B model costs about the same at batch 1 and 256 on an H100 (30-36 ms: generate's per-step host
-# work and syncs, not the GPU, set it), so per-sample time keeps falling with the batch: 29 ms at 64, 22 ms at 128,
-# 18 ms at 256 (BENCHMARKS.md). The preflight lowers it to what fits, and to the dataset's size.
+# A decode step of a 7B model costs about the same at batch 1 and 256 on a GPU (generate's per-step host work and
+# syncs, not the GPU, set it), so per-sample time keeps falling with the batch up to 256. The preflight lowers it to
+# what fits, and to the dataset's size.
 AUTO_BATCH_CAP = 256
 UNCHECKED_AUTO_BATCH = 8  # "auto" without a GPU preflight to size it (CPU runs, no estimate)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

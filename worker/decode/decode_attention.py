@@ -3,9 +3,9 @@
 transformers' flash_attention_2 handles a padded batch by unpadding it: at every layer of every decode step it
 finds the cache's real tokens (torch.nonzero), reads their longest length back to the host (.item()), gathers
 every cached key and value into a packed copy and scatters the output back. The two reads make the host wait for
-the GPU twice a layer, so host and GPU take turns instead of overlapping (the 7B's decode step at batch 200 with
-prompts of different lengths: 67 ms, 33 ms this way, BENCHMARKS.md 2026-12-02; a batch without padding takes
-transformers' dense path either way). flash-attn's kvcache kernel reads the padded cache as it lies:
+the GPU twice a layer, so host and GPU take turns instead of overlapping (this way halves a 7B's decode step at a large
+batch of prompts of different lengths; a batch without padding takes transformers' dense path either way). flash-attn's
+kvcache kernel reads the padded cache as it lies:
 row i attends to keys [cache_leftpad[i], cache_seqlens[i]). A prompt padded on the left stays so through decoding
 (generate appends ones to the mask), so the pads are counted once, before the first step, from the prompt's mask.
 

@@ -1,7 +1,7 @@
 """Decode steps replayed from a CUDA graph, each batch's first one checked bit for bit against the eager step.
 
 A 7B's decode step was more of the host's time than of the GPU's: Python and about a thousand kernel launches a
-step (BENCHMARKS.md: 18-20 ms eagerly, 10.2 ms of GPU time at batch 200, 6.5 ms at batch 1). Recorded once as a
+step, about twice the GPU's own time. Recorded once as a
 CUDA graph, a step is one launch. A graph replays fixed addresses and shapes, so the step must not grow its cache
 by concatenation, nor read anything back to the host: within a `session` (one generate call) the decoder's first
 decode step runs eagerly, as always; its cache is then moved into buffers as long as the answer can grow
@@ -53,8 +53,8 @@ class CudaGraphReplay:
         """capture_begin/end rather than torch.cuda.graph, which empties the device's and the pinned host
         memory's caches before each capture: the next prefill would allocate its memory again, and the prefetch
         thread its pinned buffers. thread_local: that thread pins the next batch's memory meanwhile
-        (cudaHostAlloc), which in the default global mode invalidates the capture (1 batch of 96 on the H200,
-        BENCHMARKS.md); it never uses the stream being captured."""
+        (cudaHostAlloc), which in the default global mode invalidates the capture (seen on an H200); it never uses the
+        stream being captured."""
         self._graph = torch.cuda.CUDAGraph()
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())

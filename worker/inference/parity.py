@@ -8,8 +8,8 @@ would pick every batched token, the two agree exactly (up to the rounding of a p
 against a cached step-by-step decode, which the recorded closest margin measures). Where it would not, or where
 the forced check cannot model this model's inputs, the sample is generated alone, token by token, and its text
 decides: a disagreement is always one that generation alone produced. One forward pass per sample instead of
-one decode step per token: the trained demo family's 8 samples in 0.24-0.42 s a recipe on an H200, where
-generating 8 samples of a 7B recipe alone took 12.6-19.9 s (BENCHMARKS.md, 2026-12-02)."""
+one decode step per token, so the check costs a fraction of generating the samples again (docs/benchmarks-history.md
+has the figures)."""
 
 from __future__ import annotations
 

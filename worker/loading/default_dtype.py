@@ -5,9 +5,9 @@ bfloat16 on a GPU). The image processors take it too: their fused rescale-and-no
 tensors with `torch.tensor` on the first call and caches them for the process (`lru_cache`). A worker's first
 batch, prepared in the prefetch thread while the main thread built the model, made them bfloat16 for every later
 batch of the run: every pixel of every image off by up to 0.01 (reproduced on the CPU: tests/test_default_dtype.py).
-On the H200 that changed 2-14 of 256 answers of the trained demo family's adapter recipes, depending only on
-whether the worker had prepared its first batch before loading (started ahead) or during it (BENCHMARKS.md,
-2026-12-02). So building modules and running the processor exclude each other, and a processor call checks that
+On a GPU that changed a few answers of the trained demo family's adapter recipes, depending only on whether the
+worker had prepared its first batch before loading (started ahead) or during it. So building modules and running the
+processor exclude each other, and a processor call checks that
 the default is torch's own float32.
 """
 

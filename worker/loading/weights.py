@@ -37,8 +37,8 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-# H100 host, 16.6 GB from the page cache (BENCHMARKS.md): 4 threads 11-15 GB/s, 8 threads 16-20 GB/s, 16 threads
-# 21-22 GB/s at 16-32 MB chunks (64 MB chunks are slower: fewer chunks to spread over the threads)
+# Reading from the page cache scales with threads up to about 16 at 16-32 MB chunks (larger chunks are slower: fewer
+# chunks to spread over the threads); docs/benchmarks-history.md has the measurement
 THREADS = min(16, os.cpu_count() or 4)
 CHUNK_BYTES = 16 << 20  # one staging read; two per thread, so a thread reads one while the other copies
 
