@@ -7,7 +7,7 @@ resume, reports) is that of a local run:
 - a lane is a placement group of one bundle: one GPU and --ray-cpus CPUs (CPUs alone with --device cpu), on
   whichever node Ray finds them. Ray's accounting keeps that GPU the lane's for the whole run, between two
   recipes too, so no other job takes it while the next worker gets ready;
-- before each launch, `before_launch` creates the recipe's actor (ray_node.RecipeNode) in the bundle and asks it
+- before each launch, `before_launch` creates the recipe's actor (node.RecipeNode) in the bundle and asks it
   for the node's verdict (lineage there, NVML there, the same estimate and refusal); `launch` then starts the
   worker through that actor, and the supervisor drives a `RayWorkerProcess`, whose methods call the actor;
 - with one lane, the next recipes' workers are started ahead, held off the GPU, as locally: their actors share
@@ -335,7 +335,7 @@ class RayLane:
 
     def launch(self, spec: WorkerSpec, spec_path: Path, env: dict[str, str], log_path: Path) -> RayWorkerProcess:
         """The worker of `spec` on the lane's node: in the actor its preflight ran in, a new one for a worker
-        started ahead. (`env` is the driver's: the node builds its own, ray_node.RecipeNode.start.)"""
+        started ahead. (`env` is the driver's: the node builds its own, node.RecipeNode.start.)"""
         name = spec.recipe.name
         plan = RecipePlan(spec.recipe, chain=spec.chain)
         with self._lock:
@@ -440,7 +440,7 @@ class _FreeLanes:
 
 
 def plan_on_ray(plans: list[RecipePlan], settings: RaySettings) -> list[dict[str, Any]]:
-    """`plan --backend ray`: for each recipe, what a node says (ray_node.plan_here), in order. On cuda the task
+    """`plan --backend ray`: for each recipe, what a node says (node.plan_here), in order. On cuda the task
     asks a sliver of a GPU, so that it runs on a GPU node and NVML there has a GPU to judge."""
     gpus = _GPU_SLIVER if settings.device == "cuda" else 0
     refs = [_PLAN.options(num_cpus=0, num_gpus=gpus).remote(settings.task(plan)) for plan in plans]

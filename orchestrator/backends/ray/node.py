@@ -1,4 +1,4 @@
-"""What runs on a Ray node for one recipe; ray_backend.py drives it from the driver.
+"""What runs on a Ray node for one recipe; backend.py drives it from the driver.
 
 `RecipeNode` becomes a Ray actor, one per attempt of a recipe, killed after it. On its node it:
 
