@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,7 @@ from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from contract.checkpoint import fingerprint, weight_files
+from orchestrator.execution.merge import MergeError, merge_recipe
 from orchestrator.gpu.memory import estimate_recipe
 from orchestrator.planning.lineage import resolve_chain
 from orchestrator.planning.recipes import load_recipe_file
@@ -180,5 +182,19 @@ def test_a_failing_merge_worker_is_reported_through_the_launcher(merged: dict, f
     if fault == "segv":
         assert "Segmentation fault" in result.stderr  # the log's tail: faulthandler's report
     assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "worker.merge" in " ".join(p.info["cmdline"] or [])
+                and str(out) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_merge_worker_past_its_timeout_is_stopped_and_the_merge_fails(merged: dict,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge worker is read through the supervisor's pump: past `timeout` it is stopped, none of it is left."""
+    monkeypatch.setenv("EVALORCH_FAULT", "stacked:hang@merge")
+    out = merged["folder"] / "never-timeout"
+    started = time.monotonic()
+    with pytest.raises(MergeError, match="merging took longer than 3s and was stopped"):
+        merge_recipe(load_recipe_file(merged["recipes"]), "stacked", out, timeout=3)
+    assert time.monotonic() - started < 60
+    assert not out.exists() or not any(out.iterdir())
     assert not [p for p in psutil.process_iter(["cmdline"]) if "worker.merge" in " ".join(p.info["cmdline"] or [])
                 and str(out) in " ".join(p.info["cmdline"] or [])]

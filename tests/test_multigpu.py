@@ -21,6 +21,7 @@ from helpers import ROOT, only_run_dir, run_cli, write_recipes
 from rich.console import Console
 
 from contract.nvml import FAKE_ENV, FakeNvml, write_fake_nvml
+from orchestrator.execution.lanes import Lane
 from orchestrator.execution.progress import LiveProgress, PlainProgress
 from orchestrator.execution.scheduler import GpuSlots, Job, place, runs_concurrently, workers_per_gpu
 from orchestrator.execution.supervisor import RecipeOutcome
@@ -382,10 +383,11 @@ def test_plain_progress_names_the_gpu_of_each_line(tmp_path: Path) -> None:
     text = io.StringIO()
     listener = PlainProgress(Console(file=text, width=200), ["a", "b"], tmp_path)
     outcome = RecipeOutcome("b", pid=7)
-    listener("started", outcome, {"pid": 7, "gpu": 3})
-    listener("loaded", outcome, {"seconds": 0.4, "dtype": "float32", "attn": "sdpa", "device": "cpu", "gpu": 3})
+    listener("started", outcome, {"pid": 7, "lane": Lane.gpu(3)})
+    listener("loaded", outcome, {"seconds": 0.4, "dtype": "float32", "attn": "sdpa", "device": "cpu",
+                                 "lane": Lane.gpu(3)})
     outcome.status = "ok"
-    listener("finished", outcome, {"gpu": 3})
+    listener("finished", outcome, {"lane": Lane.gpu(3)})
     lines = text.getvalue().splitlines()
     assert lines[0] == "[2/2] b: worker pid 7 starting on GPU 3"
     assert lines[1] == "    [GPU 3] b: loaded in 0.4s (float32, sdpa, cpu)"
@@ -396,11 +398,11 @@ def test_the_live_display_keeps_one_line_per_gpu(tmp_path: Path) -> None:
     console = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
     with LiveProgress(console, ["a", "b", "c"], tmp_path) as listener:
         for name, gpu in (("a", 0), ("b", 1), ("c", 2)):
-            listener("started", RecipeOutcome(name, pid=gpu + 10), {"pid": gpu + 10, "gpu": gpu})
+            listener("started", RecipeOutcome(name, pid=gpu + 10), {"pid": gpu + 10, "lane": Lane.gpu(gpu)})
         listener("loaded", RecipeOutcome("b", pid=11), {"seconds": 0.1, "dtype": "float32", "attn": "sdpa",
-                                                        "device": "cpu", "gpu": 1})
+                                                        "device": "cpu", "lane": Lane.gpu(1)})
         done = RecipeOutcome("c", "ok", pid=12)
-        listener("finished", done, {"gpu": 2})
+        listener("finished", done, {"lane": Lane.gpu(2)})
         Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener.render())
     shown = frame.getvalue()
     assert "GPU 0 · 1/3 a · starting" in shown and "GPU 1 · 2/3 b · inferring" in shown
@@ -412,9 +414,9 @@ def test_the_live_display_keeps_a_line_per_worker_of_a_shared_gpu(tmp_path: Path
     console = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
     with LiveProgress(console, ["a", "b", "c"], tmp_path) as listener:
         for name, pid in (("a", 10), ("b", 11)):
-            listener("started", RecipeOutcome(name, pid=pid), {"pid": pid, "gpu": 0})
-        listener("finished", RecipeOutcome("a", "ok", pid=10), {"gpu": 0})
-        listener("started", RecipeOutcome("c", pid=12), {"pid": 12, "gpu": 0})  # takes a's line
+            listener("started", RecipeOutcome(name, pid=pid), {"pid": pid, "lane": Lane.gpu(0)})
+        listener("finished", RecipeOutcome("a", "ok", pid=10), {"lane": Lane.gpu(0)})
+        listener("started", RecipeOutcome("c", pid=12), {"pid": 12, "lane": Lane.gpu(0)})  # takes a's line
         Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener.render())
     shown = frame.getvalue()
     assert "GPU 0 · 2/3 b · starting" in shown and "GPU 0 · 3/3 c · starting" in shown

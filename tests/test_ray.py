@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -122,6 +123,8 @@ def test_the_suite_on_two_nodes_gives_the_local_backends_results(cluster: dict, 
                      "--address", cluster["address"], "--ray-lanes", "2", "--ray-cpus", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 node(s)" in result.stderr and "2 lane(s) of 2 CPU" in result.stdout
+    assert set(re.findall(r"starting on (lane \d)", result.stdout)) == {"lane 0", "lane 1"}  # Ray lanes, no GPU
+    assert "[GPU" not in result.stdout and "on GPU" not in result.stdout  # (the node's preflight names its GPU)
     local_dir, ray_dir = only_run_dir(tmp_path / "local"), only_run_dir(tmp_path / "ray")
     for name in ("base", "r3-two-stage"):
         assert _results(ray_dir, name) == _results(local_dir, name), name

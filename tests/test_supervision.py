@@ -175,3 +175,11 @@ def test_a_cuda_worker_grows_its_allocator_segments_in_place_unless_the_user_cho
         assert "expandable_segments" not in env.get("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb")
     env, _ = worker_env("cpu", base={"PATH": "/bin"})
     assert "PYTORCH_CUDA_ALLOC_CONF" not in env
+
+
+def test_the_worker_finds_the_project_uninstalled() -> None:
+    """The worker's PYTHONPATH starts at the folder that holds `worker/`, wherever the parent's modules lie."""
+    from orchestrator.execution.environment import worker_env
+
+    env, _ = worker_env("cpu", base={"PATH": "/bin"})
+    assert (Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "worker" / "__main__.py").is_file()

@@ -39,7 +39,7 @@ def worker_env(device: str, gpu: str | None = None, offline: bool = True, pinned
         chosen |= EXPANDABLE_SEGMENTS
     if offline:
         chosen |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    project_root = str(Path(__file__).resolve().parent.parent)  # `-m worker` works uninstalled too
+    project_root = str(Path(__file__).resolve().parents[2])  # `-m worker` works uninstalled too
     chosen["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
     env |= chosen
     return env, {"set": chosen, "removed": removed}

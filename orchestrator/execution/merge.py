@@ -2,8 +2,9 @@
 
 The chain is resolved here, torch-free, with the same checks as `plan` and `run`; the weights are merged by a
 fresh `python -m worker.merge` process on the CPU (see worker/merge.py), started and stopped through the same
-launcher as an evaluation worker (process.py: process group, lifeline, result pipe, escalating stop), which
-answers with one protocol message: `merged` with what lineage.json records, or `error`.
+launcher as an evaluation worker (process.py: process group, lifeline, result pipe, escalating stop) and read
+through the same pump (pump.py). It answers with one protocol message: `merged` with what lineage.json records,
+or `error`.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contract import messages
 from contract.exits import Exit
 from contract.layout import MERGE_LOCK_SUFFIX, SPEC, WORKER_LOG
 from contract.recipe import Recipe
 from contract.spec import ChainLink, WorkerSpec
 from orchestrator.errors import UserError
 from orchestrator.execution.environment import worker_env
-from orchestrator.execution.process import WorkerProcess, describe_exit
+from orchestrator.execution.process import WorkerProcess, describe_exit, log_tail
+from orchestrator.execution.pump import pump
 from orchestrator.planning.plan import make_plans
 from orchestrator.planning.recipes import RecipeFile
 from orchestrator.results.folder_lock import writing
 from orchestrator.results.store import make_folder
 
-_TAIL_LINES = 20
+_TAIL_LINES = 20  # how much of the merge worker's log its failure shows
 
 
 class MergeError(UserError):
@@ -72,22 +73,14 @@ def _merge(recipe: Recipe, chain: list[ChainLink], out: Path, hash_weights: bool
 
 def _supervise(proc: WorkerProcess, timeout: float | None) -> dict[str, Any]:
     """Read the merge worker's messages to its end; its `merged` record, else MergeError."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    splitter, answer = messages.LineSplitter(), None
+    reader = _MergeReader(proc, timeout)
     try:
-        while (chunk := proc.read_results(wait=0.5)) is not None:
-            for line in splitter.feed(chunk):
-                try:
-                    answer = messages.decode(line)
-                except messages.ProtocolError as exc:
-                    answer = {"type": "error", "kind": "internal", "message": f"protocol: {exc}"}
-            if deadline is not None and time.monotonic() > deadline:
-                proc.stop("merge timeout")
-                raise MergeError(f"merging took longer than {timeout:g}s and was stopped; raise --timeout")
+        pump(proc, reader, time.monotonic())  # a last line cut mid-way is no answer: the exit tells what happened
         returncode = proc.wait(10.0)
-        log = _tail(proc.log_path)
+        log = log_tail(proc.log_path, lines=_TAIL_LINES)
     finally:
         proc.cleanup()
+    answer = reader.answer
     if answer is not None and answer["type"] == "merged" and returncode == 0:
         return answer["record"]
     if answer is not None and answer["type"] == "error":
@@ -97,8 +90,23 @@ def _supervise(proc: WorkerProcess, timeout: float | None) -> dict[str, Any]:
                      f"last output:\n{log}")
 
 
-def _tail(path: Path) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-_TAIL_LINES:])
-    except OSError:
-        return ""
+class _MergeReader:
+    """The merge worker's stream (pump.StreamReader): its last message is its answer (a line that is none, an
+    internal error); past `timeout` seconds it is stopped and the merge fails."""
+
+    def __init__(self, proc: WorkerProcess, timeout: float | None) -> None:
+        self.proc = proc
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.answer: dict[str, Any] | None = None
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        self.answer = message
+
+    def on_unreadable(self, problem: str) -> None:
+        self.answer = {"type": "error", "kind": "internal", "message": f"protocol: {problem}"}
+
+    def on_tick(self, now: float, last_message: float) -> None:
+        if self.deadline is not None and now > self.deadline:
+            self.proc.stop("merge timeout")
+            raise MergeError(f"merging took longer than {self.timeout:g}s and was stopped; raise --timeout")

@@ -1,4 +1,5 @@
-"""Mechanics of one worker process: start it, read its result pipe, signal it, reap it. No policy here.
+"""Mechanics of one worker process: start it, read its result pipe, signal it, reap it, read its log's end. No
+policy here.
 
 The worker runs in its own session (process group), so a signal meant for the group reaches everything it
 started, and the terminal's Ctrl-C reaches only the parent, which decides what the workers do.
@@ -27,6 +28,8 @@ from typing import IO, Protocol
 # The worker registers faulthandler on this signal (worker/lifeline.py): it dumps the stacks and carries on.
 TRACEBACK_SIGNAL = signal.SIGUSR1
 TRACEBACK_GRACE_S = 2.0  # after the dump, how long a worker may take to exit by itself before SIGKILL
+LOG_TAIL_BYTES = 4000  # how much of the end of a worker's log its record keeps
+_LINES_SPAN_BYTES = 1 << 16  # how far back from the end of a log its last lines are looked for
 
 _SIGNAL_HINTS: dict[int, str] = {  # keyed by number: a Popen returncode is an int
     signal.SIGKILL: "killed by SIGKILL: perhaps the kernel's out-of-memory killer (see dmesg)",
@@ -57,9 +60,12 @@ def describe_exit(returncode: int) -> ExitInfo:
     return ExitInfo(None, sig, _SIGNAL_HINTS.get(sig, f"killed by {name}"))
 
 
-class Worker(Protocol):
-    """What the supervisor drives a worker through: a local WorkerProcess, or ray_backend.RayWorkerProcess for
-    one on a Ray node (whose pid, placement and environment come from its node, and may never come)."""
+class WorkerHandle(Protocol):
+    """What the parent drives a worker through, wherever it runs: a local WorkerProcess, or
+    backends/ray/backend.RayWorkerProcess for one on a Ray node (whose pid, placement and environment come from its
+    node, and may never come). Its life: started by a launcher (supervisor.Launcher), read to the end of its result
+    pipe (`read_results`, through pump.py), told to go (`send` a control line, `kill`, `stop`), reaped (`wait`,
+    `poll`: the returncode), then `cleanup`."""
 
     @property
     def pid(self) -> int | None: ...
@@ -81,7 +87,7 @@ class Worker(Protocol):
 class WorkerProcess:
     """A `python -m worker` (or `-m worker.merge`...) child with a result pipe, a lifeline and a log file.
 
-    The supervisor drives a worker through this interface only (Worker, above); ray_backend.RayWorkerProcess
+    The parent drives a worker through this interface only (WorkerHandle, above); backends/ray's RayWorkerProcess
     implements it for a worker on a Ray node. What such a backend knows beyond it, a local process leaves None:"""
 
     where: dict | None = None  # the node and GPU the worker runs on
@@ -187,6 +193,19 @@ class WorkerProcess:
 def _step(reason: str, action: str, sig: int, started: float, exited: bool) -> dict:
     return {"reason": reason, "action": action, "signal": signal.Signals(sig).name,
             "at_s": round(time.monotonic() - started, 3), "exited": exited}
+
+
+def log_tail(path: Path, *, lines: int | None = None) -> str:
+    """The end of a worker's log, for its record or an error message: its last `lines` lines, else its last
+    LOG_TAIL_BYTES bytes; "" when the log cannot be read."""
+    span = LOG_TAIL_BYTES if lines is None else _LINES_SPAN_BYTES
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - span))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return text if lines is None else "\n".join(text.splitlines()[-lines:])
 
 
 def kill_step(reason: str) -> dict:

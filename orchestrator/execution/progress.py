@@ -1,8 +1,9 @@
 """Live progress of a run: which recipe of how many, its phase, a sample bar with rate and ETA, and each
 finished recipe's row as it completes. On a terminal it is a rich live display; otherwise (CI logs, pipes) a
-few plain lines per recipe, so logs stay readable. With several workers at once (scheduler.py) each event's data
-names its GPU: the live display keeps a line per worker a GPU runs at once (one per GPU with one worker each), and
-plain lines say which GPU and recipe they are about.
+few plain lines per recipe, so logs stay readable. With several workers at once (lanes.py: on the GPUs of this
+host, or on Ray lanes) each event's data names its lane (data["lane"], a lanes.Lane): the live display keeps a
+line per worker a lane runs at once (one per lane with one worker each), and plain lines say which lane ("GPU 2",
+"lane 1") and recipe they are about.
 
 Both are supervisor listeners, `listener(event, outcome, data)`, used as context managers around the run:
 
@@ -40,6 +41,7 @@ from contract.dataset import DatasetError, open_dataset
 from contract.layout import RecipeFolder, RunFolder
 from contract.messages import DECODE_GRAPH_ON
 from contract.recipe import Settings
+from orchestrator.execution.lanes import Lane
 from orchestrator.results.stats import DEFAULT_THRESHOLDS, metrics, threshold_key, threshold_title
 from orchestrator.results.store import read_json, read_samples
 
@@ -109,12 +111,12 @@ class PlainProgress(_Listener):
 
     def __call__(self, event: str, outcome: Any, data: dict[str, Any]) -> None:
         print_ = self._print
-        gpu = data.get("gpu")  # set when several GPUs run at once: lines of different recipes interleave
-        who = f"[GPU {gpu}] {outcome.name}: " if gpu is not None else ""
+        lane: Lane | None = data.get("lane")  # set when several run at once: lines of different recipes interleave
+        who = f"[{lane.label}] {outcome.name}: " if lane is not None else ""
         if event == "started":
             total = expected_samples(self.run_dir / outcome.name)
             count = f", {total} samples to evaluate" if total is not None else ""
-            where = f" on GPU {gpu}" if gpu is not None else ""
+            where = f" on {lane.label}" if lane is not None else ""
             print_(f"[{self.position(outcome.name)}] {outcome.name}: worker pid {data['pid']} starting{where}{count}")
         elif event == "loaded":
             attn = data["attn"] + (" + kvcache decode" if data.get("decode_attention") == "kvcache" else "")
@@ -129,7 +131,7 @@ class PlainProgress(_Listener):
             took = f" in {state.seconds:.1f}s" if state.seconds else ""
             extra = f" ({state.note})" if state.note else ""
             prefix = "" if outcome.pid is not None else f"[{self.position(outcome.name)}] "
-            prefix += f"[GPU {gpu}] " if gpu is not None else ""
+            prefix += f"[{lane.label}] " if lane is not None else ""
             print_(f"    {prefix}{outcome.name}: {outcome.status}, {state.metrics.get('n', 0)} samples{score}"
                    f"{took}{extra}")
 
@@ -154,10 +156,10 @@ class LiveProgress(_Listener):
                             _RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
                             console=console)
         self.task = self.bar.add_task("waiting", total=None)
-        # several workers at once: bars per GPU, one per worker it runs at once, each described by its recipe
-        self.lanes: dict[int, list[TaskID]] = {}
+        # several workers at once: bars per lane, one per worker it runs at once, each described by its recipe
+        self.lanes: dict[Lane, list[TaskID]] = {}
         self.bar_of: dict[str, TaskID] = {}  # the bar of each recipe running now
-        self.lock = threading.Lock()  # the recipes' threads (scheduler.py) report at once
+        self.lock = threading.Lock()  # the recipes' threads (lanes.py) report at once
         # transient: the final table (with intervals) replaces the live one when the run ends
         self.live = Live(console=console, get_renderable=self.render, refresh_per_second=4, transient=True)
 
@@ -171,9 +173,9 @@ class LiveProgress(_Listener):
 
     def __call__(self, event: str, outcome: Any, data: dict[str, Any]) -> None:
         name = outcome.name
-        if data.get("gpu") is not None:
+        if data.get("lane") is not None:
             with self.lock:
-                self._lane_event(data["gpu"], event, outcome, data)
+                self._lane_event(data["lane"], event, outcome, data)
             self.live.refresh()
             return
         if event == "started":
@@ -194,30 +196,30 @@ class LiveProgress(_Listener):
             self.current = None
         self.live.refresh()
 
-    def _lane_event(self, gpu: int, event: str, outcome: Any, data: dict[str, Any]) -> None:
-        """The same events from a recipe placed on a GPU: a bar of that GPU's (an idle one, or a new one), whose
+    def _lane_event(self, lane: Lane, event: str, outcome: Any, data: dict[str, Any]) -> None:
+        """The same events from a recipe placed on a lane: a bar of that lane's (an idle one, or a new one), whose
         description carries recipe and phase."""
         name = outcome.name
-        task = self._bar(gpu, name)
+        task = self._bar(lane, name)
         if event == "started":
             self.bar.reset(task, total=expected_samples(self.run_dir / name))
         elif event == "sample":
             self.bar.advance(task)
         if event in _PHASES:
             self.recipes.setdefault(name, _Recipe(name)).status = _PHASES[event]
-            self.bar.update(task, description=f"GPU {gpu} · {self.position(name)} {escape(name)} · {_PHASES[event]}")
+            self.bar.update(task, description=f"{lane.label} · {self.position(name)} {escape(name)} · {_PHASES[event]}")
         if event == "finished":
             state = self.finish(outcome)
             took = f" in {state.seconds:.1f}s" if state.seconds else ""
-            self.console.print(f"[{self.position(name)}] [GPU {gpu}] {name}: {outcome.status}{took}"
+            self.console.print(f"[{self.position(name)}] [{lane.label}] {name}: {outcome.status}{took}"
                                + (f" ({state.note})" if state.note else ""), markup=False, highlight=False)
-            self.bar.update(task, description=f"GPU {gpu} · idle")
+            self.bar.update(task, description=f"{lane.label} · idle")
             del self.bar_of[name]
 
-    def _bar(self, gpu: int, name: str) -> TaskID:
+    def _bar(self, lane: Lane, name: str) -> TaskID:
         if name not in self.bar_of:
             self.bar.update(self.task, visible=False)  # the one-recipe bar has nothing to show here
-            bars = self.lanes.setdefault(gpu, [])
+            bars = self.lanes.setdefault(lane, [])
             idle = [t for t in bars if t not in self.bar_of.values()]
             if not idle:
                 bars.append(self.bar.add_task("", total=None))

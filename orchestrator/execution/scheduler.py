@@ -2,17 +2,16 @@
 GPU where its memory takes them (`--max-workers-per-gpu`), or both.
 
 Each recipe still runs in its own fresh worker with its own CUDA context, supervised by a Suite pinned to its GPU
-(supervisor.py) in a thread of its own: the same preflight (asked for that GPU), release wait, timeouts, retries
-and records as one worker at a time. Supervising a worker is waiting on its pipe, so threads suffice, and signal
-handlers stay in the main thread, where they only set the flags every RecipeRun already reads.
+(supervisor.py) in a thread of its own, each GPU a lane of lanes.LaneDriver: the same preflight (asked for that
+GPU), release wait, timeouts, retries and records as one worker at a time.
 
 Placement, each tick (see `place`): the largest estimate first. A GPU with no worker of this run takes a recipe
 whose smallest footprint fits what it will have free (there its preflight may lower the batch, or refuse naming
 the holders); a GPU with workers of this run and a free slot takes one more when its free memory less what those
 workers will still take (GpuPreflight.room) fits the recipe's estimate at its full batch. A GPU of its own is
-preferred to a shared one. The scheduler's thread admits each placed recipe to the preflight before its thread
-starts, so two placements never count on the same memory. Rows come back in the recipe file's order, whatever
-order the recipes finished in; each names the recipes whose workers ran at the same time (`concurrent_with`).
+preferred to a shared one. The main thread admits each placed recipe to the preflight before its thread starts,
+so two placements never count on the same memory. Each row names the recipes whose workers ran at the same time
+(`concurrent_with`).
 
 With one GPU, the next recipes' workers are started ahead while it is full (held: imports, data, page cache, no
 device), as Suite does with one worker at a time, and released when their recipe is placed.
@@ -21,19 +20,16 @@ device), as Suite does with one worker at a time, and released when their recipe
 from __future__ import annotations
 
 import os
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from contract.spec import GPU_WORKER_THREADS
+from orchestrator.execution.lanes import Lane, LaneDriver, tagged
 from orchestrator.execution.supervisor import Interrupts, Listener, Overlaps, RecipeOutcome, Suite, SuiteOptions
 from orchestrator.gpu.preflight import GpuPreflight
 from orchestrator.planning.plan import RecipePlan
-
-_TICK_S = 0.1  # how often the main thread looks at the running recipes (and lets signal handlers run)
 
 
 @dataclass(frozen=True)
@@ -122,107 +118,67 @@ def scheduled_gpus(preflight: GpuPreflight, gpus_option: str | None) -> list[int
     return [max(preflight.gpus, key=lambda g: (preflight.expected_free(g), -g))]
 
 
-class _Running:
-    """One recipe placed on a GPU, supervised in its thread."""
-
-    def __init__(self, gpu: int, suite: Suite, plan: RecipePlan) -> None:
-        self.gpu = gpu
-        self.row: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(suite, plan), daemon=True,
-                                       name=f"evalorch-gpu{gpu}-{plan.recipe.name}")
-        self.thread.start()
-
-    def _run(self, suite: Suite, plan: RecipePlan) -> None:
-        try:
-            self.row = suite.run_recipe(plan)
-        except BaseException as exc:  # raised again in the main thread, once the other recipes are done
-            self.error = exc
-
-    def finished(self) -> bool:
-        return not self.thread.is_alive()
-
-
 class GpuScheduler:
-    """Runs the suite with several workers at once on the scheduled GPUs; the same outputs as Suite.run()."""
+    """Runs the suite with several workers at once on the scheduled GPUs, a lane each (lanes.LaneDriver); the same
+    outputs as Suite.run(). It is the driver's Placer: `place` above, with the preflight's admissions."""
 
     def __init__(self, plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, *, preflight: GpuPreflight,
                  gpus: list[int] | None = None, listener: Listener | None = None,
                  interrupts: Interrupts | None = None) -> None:
-        self.plans = plans
+        self.plans = {plan.recipe.name: plan for plan in plans}
         self.preflight = preflight
-        self.listener = listener or (lambda *_: None)
-        self.interrupts = interrupts or Interrupts()
+        listener = listener or (lambda *_: None)
+        interrupts = interrupts or Interrupts()
+        self.interrupts = interrupts
         self.gpus = gpus if gpus is not None else list(preflight.gpus)
         self.per_gpu = workers_per_gpu(options.max_workers_per_gpu, options.device, len(self.gpus))
-        self.overlaps = Overlaps()
+        overlaps = Overlaps()
         # Recipes that need no GPU (kept by --resume, a lineage error, skipped) are recorded by a plain Suite.
-        self.suite = Suite(plans, run_dir, options, listener=self.listener, preflight=preflight,
-                           interrupts=self.interrupts, overlaps=self.overlaps)
+        recorder = Suite(plans, run_dir, options, listener=listener, preflight=preflight, interrupts=interrupts,
+                         overlaps=overlaps)
         # A worker started ahead must be released on the GPU it was started for: with one GPU that is known, so
         # the scheduler starts them (start_ahead); a Suite would start them for the recipes that follow its own.
         self.ahead = options.prestart_depth if options.prestart and len(self.gpus) == 1 else 0
         suite_options = replace(options, prestart=False)
-        self.suites = {gpu: Suite(plans, run_dir, suite_options, preflight=preflight, interrupts=self.interrupts,
-                                  gpu=gpu, overlaps=self.overlaps, listener=_tagged(self.listener, gpu, self._started))
+        self.suites = {Lane.gpu(gpu): Suite(plans, run_dir, suite_options, preflight=preflight, interrupts=interrupts,
+                                            gpu=gpu, overlaps=overlaps,
+                                            listener=tagged(listener, Lane.gpu(gpu), self._started))
                        for gpu in self.gpus}
         self.free = {gpu: preflight.expected_free(gpu) for gpu in self.gpus}  # as each was when last idle
-        self.running: dict[str, _Running] = {}
+        self.jobs: dict[str, Job] = {}  # each waiting recipe's, once asked for
+        self.driver = LaneDriver(plans, self.suites, recorder, self, interrupts)
 
     def run(self) -> list[dict[str, Any]]:
-        rows: dict[str, dict[str, Any]] = {}
-        waiting: list[Job] = []
-        for plan in self.plans:
-            if plan.runnable and not self.suite.finished_before(plan):
-                footprint = self.preflight.footprint(plan)
-                waiting.append(Job(plan.recipe.name, footprint.alone, footprint.full) if footprint
-                               else Job(plan.recipe.name, 0))
-            else:
-                rows[plan.recipe.name] = self.suite.run_recipe(plan)
-        try:
-            errors = self._drive(waiting, rows)
-        finally:
-            for suite in self.suites.values():
-                suite.abandon_held()
-        if errors:
-            raise errors[0]
-        return [rows[plan.recipe.name] for plan in self.plans]
+        return self.driver.run()
 
-    def _drive(self, waiting: list[Job], rows: dict[str, dict[str, Any]]) -> list[BaseException]:
-        """Place recipes and collect finished ones until none waits or runs. After an interrupt nothing new starts
-        (the waiting recipes are recorded as skipped); after a recipe thread's exception neither."""
-        plans = {plan.recipe.name: plan for plan in self.plans}
-        errors: list[BaseException] = []
-        while waiting or self.running:
-            for name, running in list(self.running.items()):
-                if running.finished():
-                    del self.running[name]
-                    self.preflight.dismiss(name)
-                    if running.error is not None:
-                        errors.append(running.error)
-                    else:
-                        assert running.row is not None  # its thread ended without an exception: it has the row
-                        rows[name] = running.row
-            if self.interrupts.stop_requested and not errors:
-                for job in waiting:
-                    self._abandon_ahead(job.name)
-                    rows[job.name] = self.suite.run_recipe(plans[job.name])  # recorded as skipped
-            if self.interrupts.stop_requested or errors:
-                waiting = []
-            for job, gpu in self._placements(waiting):
-                waiting.remove(job)
-                self.preflight.admit(plans[job.name], gpu, job.share)  # before its thread: no double counting
-                self.running[job.name] = _Running(gpu, self.suites[gpu], plans[job.name])
-            self._start_ahead(waiting, plans)
-            time.sleep(_TICK_S)
-        return errors
+    def place(self, waiting: list[str], running: Mapping[str, Lane]) -> list[tuple[str, Lane]]:
+        """`place` on the GPUs as they are now; each recipe placed admitted to the preflight before its thread
+        starts, so two placements never count on the same memory. Then, with one GPU, workers started ahead for
+        the first recipes still in line."""
+        jobs = [self._job(name) for name in waiting]
+        placed = []
+        for job, gpu in self._placements(jobs, running):
+            self.preflight.admit(self.plans[job.name], gpu, job.share)
+            jobs.remove(job)
+            placed.append((job.name, Lane.gpu(gpu)))
+        self._start_ahead(jobs)
+        return placed
 
-    def _placements(self, waiting: list[Job]) -> list[tuple[Job, int]]:
-        if not waiting:
-            return []
+    def ended(self, name: str) -> None:
+        self.preflight.dismiss(name)
+        for suite in self.suites.values():
+            suite.abandon_held(name)  # started ahead, for a recipe skipped after all
+
+    def _job(self, name: str) -> Job:
+        if name not in self.jobs:
+            footprint = self.preflight.footprint(self.plans[name])
+            self.jobs[name] = Job(name, footprint.alone, footprint.full) if footprint else Job(name, 0)
+        return self.jobs[name]
+
+    def _placements(self, jobs: list[Job], running: Mapping[str, Lane]) -> list[tuple[Job, int]]:
         gpus = {}
         for gpu in self.gpus:
-            placed = sum(1 for running in self.running.values() if running.gpu == gpu)
+            placed = sum(1 for lane in running.values() if lane == Lane.gpu(gpu))
             if not placed:
                 self.free[gpu] = self.preflight.expected_free(gpu)
             # room from NVML's free memory now, even on a GPU of none of ours: memory an exited worker has not
@@ -230,36 +186,19 @@ class GpuScheduler:
             gpus[gpu] = GpuSlots(self.free[gpu], self.preflight.room(gpu), placed, self.per_gpu)
         if all(slots.placed >= slots.slots for slots in gpus.values()):
             return []
-        return place(waiting, gpus)
+        return place(jobs, gpus)
 
-    def _start_ahead(self, waiting: list[Job], plans: dict[str, RecipePlan]) -> None:
+    def _start_ahead(self, waiting: list[Job]) -> None:
         """With one GPU: the first recipes in line (the order `place` takes them) get their workers started, held,
         while the GPU cannot take them."""
         if not self.ahead or self.interrupts.stop_requested:
             return
         gpu = self.gpus[0]
-        suite = self.suites[gpu]
+        suite = self.suites[Lane.gpu(gpu)]
         held = suite.held()
         for job in sorted(waiting, key=lambda j: -j.need)[: self.ahead]:
             if job.name not in held:
-                suite.start_ahead(plans[job.name], gpu, self.preflight.device_id(gpu))
-
-    def _abandon_ahead(self, name: str) -> None:
-        for suite in self.suites.values():
-            suite.abandon_held(name)
+                suite.start_ahead(self.plans[job.name], gpu, self.preflight.device_id(gpu))
 
     def _started(self, outcome: RecipeOutcome, data: dict[str, Any]) -> None:
         self.preflight.worker_started(outcome.name, data.get("pid"))
-
-
-def _tagged(listener: Listener, gpu: int,
-            on_start: Callable[[RecipeOutcome, dict[str, Any]], None] | None = None) -> Listener:
-    """The listener, told which GPU each event comes from (the progress display shows a line per worker); and
-    `on_start` told each worker's pid as it starts."""
-
-    def tagged(event: str, outcome: RecipeOutcome, data: dict[str, Any]) -> None:
-        if event == "started" and on_start is not None:
-            on_start(outcome, data)
-        listener(event, outcome, {**data, "gpu": gpu})
-
-    return tagged

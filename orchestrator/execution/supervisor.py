@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import signal
 import sys
 import threading
@@ -23,7 +22,8 @@ from contract.layout import RecipeFolder, RunFolder
 from contract.recipe import UNCHECKED_AUTO_BATCH, Recipe
 from contract.spec import WorkerSpec
 from orchestrator.execution.environment import worker_env
-from orchestrator.execution.process import Worker, WorkerProcess, describe_exit, kill_step
+from orchestrator.execution.process import WorkerHandle, WorkerProcess, describe_exit, kill_step, log_tail
+from orchestrator.execution.pump import pump
 from orchestrator.planning.plan import LaunchDecision, Preflight, RecipePlan
 from orchestrator.results.stats import IOU_RULE, metrics, sample_error_verdict
 from orchestrator.results.store import (
@@ -37,7 +37,7 @@ from orchestrator.results.store import (
 )
 
 _EXIT_GRACE_S = 10.0  # after the result pipe closes, how long a worker may take to exit
-_LOG_TAIL_BYTES = 4000
+TICK_S = 0.1  # how often a waiting loop (the drivers of lanes.py, a retry's back-off) looks at the interrupt flags
 
 
 @dataclass
@@ -73,9 +73,9 @@ class RecipeOutcome:
 
 
 Listener = Callable[[str, RecipeOutcome, dict[str, Any]], None]
-# Starts one worker: (spec, the spec file written in the run folder, environment, log file) -> the process. The
-# default is a local `python -m worker`; ray_backend.py starts it on a Ray node behind the same interface.
-Launcher = Callable[[WorkerSpec, Path, dict[str, str], Path], Worker]
+# Starts one worker: (spec, the spec file written in the run folder, environment, log file) -> its handle. The
+# default is a local `python -m worker`; backends/ray starts it on a Ray node behind the same interface.
+Launcher = Callable[[WorkerSpec, Path, dict[str, str], Path], WorkerHandle]
 
 
 def local_worker(spec: WorkerSpec, spec_path: Path, env: dict[str, str], log_path: Path) -> WorkerProcess:
@@ -136,11 +136,11 @@ class RecipeRun:
         self.interrupts = interrupts
         self.listener = listener or (lambda *_: None)
         self.outcome = RecipeOutcome(name=spec.recipe.name)
-        self._splitter = messages.LineSplitter()
         self._phase = "startup"
         self._expired: str | None = None  # the phase whose time ran out
         self._done_at: float | None = None
         self._interrupted = False
+        self._stop_sent = self._killed = False
 
     def start(self) -> None:
         """Spawn the worker. A held one (spec.hold) prepares but waits for release() to touch the device."""
@@ -162,7 +162,7 @@ class RecipeRun:
 
     def run(self) -> RecipeOutcome:
         """Supervise the (started, released) worker to its end and classify the outcome."""
-        started = time.monotonic()
+        self._started = started = time.monotonic()
         self.outcome.timings["hidden_startup"] = started - self._spawned
         self.outcome.pid = self.proc.pid
         self.outcome.ran_on = self.proc.where
@@ -170,7 +170,9 @@ class RecipeRun:
             self.outcome.env_set = self.proc.env_record
         self._emit("started", {"pid": self.proc.pid})
         try:
-            self._pump(self.proc, started)
+            cut = pump(self.proc, self, started)
+            if cut:
+                self.outcome.protocol_errors.append(f"stream cut mid-line: {cut[:200]!r}")
             returncode = self._reap(self.proc)
             if self._done_at is not None:  # from `done` to the process reaped: interpreter and CUDA shutdown
                 self.outcome.timings["teardown"] = time.monotonic() - self._done_at
@@ -179,48 +181,39 @@ class RecipeRun:
             self.samples.close()
         self.outcome.seconds = time.monotonic() - started
         self._classify(returncode)
-        self.outcome.log_tail = _tail(RecipeFolder(self.dir).log)
+        self.outcome.log_tail = log_tail(RecipeFolder(self.dir).log)
         self._emit("finished", {})
         return self.outcome
 
-    def _pump(self, proc: Worker, started: float) -> None:
-        """Read messages until the pipe closes, acting on interrupts and expired phases once a tick."""
-        stop_sent = killed = False
-        last_message = started
-        while (chunk := proc.read_results(wait=0.5)) is not None:
-            now = time.monotonic()
-            if chunk:
-                last_message = now
-                for line in self._splitter.feed(chunk):
-                    self._handle(line)
-            if self.interrupts.kill_now and not killed:  # a second Ctrl-C after a first: kill now
-                self._interrupted = killed = True
-                proc.kill()
-                self.outcome.shutdown.append(kill_step("interrupted twice"))
-            elif self.interrupts.stop_requested and not stop_sent:
-                stop_sent = proc.send(messages.control(messages.CONTROL_STOP))
-                self._interrupted = True
-            if self._expired is None and (phase := self._expired_phase(now, started, last_message)):
-                self._expired = phase
-                self.outcome.shutdown += proc.stop(f"{phase} timeout")
-        if self._splitter.pending.strip():
-            self.outcome.protocol_errors.append(f"stream cut mid-line: {self._splitter.pending[:200]!r}")
+    # ------------------------------------------------------------------ the worker's stream (pump.StreamReader)
 
-    def _expired_phase(self, now: float, started: float, last_message: float) -> str | None:
+    def on_tick(self, now: float, last_message: float) -> None:
+        """Act on interrupts and expired phases, once a read of the pipe."""
+        if self.interrupts.kill_now and not self._killed:  # a second Ctrl-C after a first: kill now
+            self._interrupted = self._killed = True
+            self.proc.kill()
+            self.outcome.shutdown.append(kill_step("interrupted twice"))
+        elif self.interrupts.stop_requested and not self._stop_sent:
+            self._stop_sent = self.proc.send(messages.control(messages.CONTROL_STOP))
+            self._interrupted = True
+        if self._expired is None and (phase := self._expired_phase(now, last_message)):
+            self._expired = phase
+            self.outcome.shutdown += self.proc.stop(f"{phase} timeout")
+
+    def on_unreadable(self, problem: str) -> None:
+        self.outcome.protocol_errors.append(problem)
+
+    def _expired_phase(self, now: float, last_message: float) -> str | None:
         limits = self.limits
-        if limits.total is not None and now - started > limits.total:
+        if limits.total is not None and now - self._started > limits.total:
             return "recipe"
         limit = {"startup": limits.startup, "load": limits.load, "inference": limits.stall}[self._phase]
         if limit is not None and now - last_message > limit:
             return {"inference": "stall"}.get(self._phase, self._phase)
         return None
 
-    def _handle(self, line: bytes) -> None:
-        try:
-            message = messages.decode(line)
-        except messages.ProtocolError as exc:
-            self.outcome.protocol_errors.append(str(exc))
-            return
+    def on_message(self, message: dict[str, Any]) -> None:
+        """Record a message of the worker's (samples to samples.jsonl, the rest on the outcome) and pass it on."""
         kind = message.pop("type")
         if kind == "hello" and not self.spec.hold:  # a held worker's pipe is read only once released
             self.outcome.timings["spawn_to_hello"] = time.monotonic() - self._spawned
@@ -236,7 +229,7 @@ class RecipeRun:
         self._phase = {"hello": "load", "loaded": "inference"}.get(kind, self._phase)
         self._emit(kind, message)
 
-    def _reap(self, proc: Worker) -> int:
+    def _reap(self, proc: WorkerHandle) -> int:
         if proc.lost is not None:  # nothing left to wait for or to stop: the node or its Ray worker is gone
             return -9
         returncode = proc.wait(_EXIT_GRACE_S)
@@ -286,15 +279,6 @@ class RecipeRun:
             self.listener(event, self.outcome, data)
         except Exception as exc:  # a display problem must never cost a result
             print(f"evalorch: progress display failed: {exc!r}", file=sys.stderr)
-
-
-def _tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 Span = tuple[float, float | None]  # a worker's time on its device: (begin, end), end None while it is there
@@ -537,7 +521,7 @@ class Suite:
         while time.monotonic() < deadline:
             if self.interrupts.stop_requested:
                 return False
-            time.sleep(0.1)
+            time.sleep(TICK_S)
         return True
 
     def _record(self, plan: RecipePlan, recipe_dir: Path, outcome: RecipeOutcome, decision: LaunchDecision,

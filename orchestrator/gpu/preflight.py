@@ -48,6 +48,10 @@ class PreflightError(UserError):
     """The preflight cannot work with what it was given (no GPU, a bad --gpus); the message says what to do."""
 
 
+class NoGpuDriver(PreflightError):
+    """--device cuda where NVML finds no NVIDIA driver."""
+
+
 def parse_gpus(value: str | None) -> list[int] | None:
     """`--gpus 0,1` -> [0, 1]; None or "all" -> None (every GPU)."""
     if value is None or value.strip() in ("", "all"):
@@ -411,22 +415,33 @@ def _holder(process: GpuProcess) -> dict:
 # ----------------------------------------------------------------------------- what the CLI uses
 
 
-def preflight_for(device: str, gpus: str | None, *, required: bool = True,
-                  report: Callable[[str], None] | None = None) -> GpuPreflight | None:
-    """The preflight for `run` (required: a CUDA run without NVML is an error) or `plan` (no GPU, no verdict).
-    On cuda always; with the fake NVML (EVALORCH_FAKE_NVML) on cpu too, so that CPU tests drive the
-    decisions through the real CLI and real workers."""
+def nvml_for(device: str, where: str = "here") -> Nvml | None:
+    """NVML for the preflight of a run on `device`, here or on a Ray node (`where`, for the message): on cuda
+    always; with the fake NVML (EVALORCH_FAKE_NVML) on cpu too, so that CPU tests drive the decisions through the
+    real CLI and real workers; else None. PreflightError when NVML fails to start, NoGpuDriver when cuda finds no
+    driver."""
     if device != "cuda" and not os.environ.get(FAKE_ENV):
         return None
     try:
         nvml = open_nvml()
     except NvmlUnavailable as exc:
         raise PreflightError(str(exc)) from exc
-    if nvml is None:
+    if nvml is None:  # the fake is never None: this is cuda
+        raise NoGpuDriver(f"--device cuda, but NVML finds no NVIDIA driver {where}")
+    return nvml
+
+
+def preflight_for(device: str, gpus: str | None, *, required: bool = True,
+                  report: Callable[[str], None] | None = None) -> GpuPreflight | None:
+    """The preflight for `run` (required: a CUDA run without NVML is an error) or `plan` (no GPU, no verdict)."""
+    try:
+        nvml = nvml_for(device)
+    except NoGpuDriver as exc:
         if not required:
             return None
-        raise PreflightError("--device cuda, but NVML finds no NVIDIA driver here: run on a GPU machine, "
-                             "or use --device cpu")
+        raise NoGpuDriver(f"{exc}: run on a GPU machine, or use --device cpu") from None
+    if nvml is None:
+        return None
     return GpuPreflight(nvml, device=device, gpus=parse_gpus(gpus), report=report)
 
 

@@ -7,7 +7,7 @@ resume, reports) is that of a local run:
 - a lane is a placement group of one bundle: one GPU and --ray-cpus CPUs (CPUs alone with --device cpu), on
   whichever node Ray finds them. Ray's accounting keeps that GPU the lane's for the whole run, between two
   recipes too, so no other job takes it while the next worker gets ready;
-- before each launch, `before_launch` creates the recipe's actor (ray_node.RecipeNode) in the bundle and asks it
+- before each launch, `before_launch` creates the recipe's actor (node.RecipeNode) in the bundle and asks it
   for the node's verdict (lineage there, NVML there, the same estimate and refusal); `launch` then starts the
   worker through that actor, and the supervisor drives a `RayWorkerProcess`, whose methods call the actor;
 - with one lane, the next recipes' workers are started ahead, held off the GPU, as locally: their actors share
@@ -17,11 +17,11 @@ resume, reports) is that of a local run:
   not yet received (supervisor.LOST_RETRIES), in a new actor, on whichever node has the lane's bundle then.
 
 Several lanes (one per GPU of the cluster by default, --ray-lanes) run at once, each a Suite whose current recipe
-is supervised in a thread, as scheduler.py does for the GPUs of one host; the main thread keeps the signal
-handlers, which only set flags. A double Ctrl-C kills each worker's process group on its node, then its actor
-(`ray.kill`); Ray itself kills every actor of the driver when the driver dies, and each worker's stdin lifeline
-ends it then. Actor tasks cannot be force-cancelled (`ray.cancel(force=True)` is for tasks): killing the actor is
-how they end.
+is supervised in a thread, by the driver of the local GPUs (execution/lanes.py): a placed lane with no recipe
+takes the next in file order; the main thread keeps the signal handlers, which only set flags. A double Ctrl-C
+kills each worker's process group on its node, then its actor (`ray.kill`); Ray itself kills every actor of the
+driver when the driver dies, and each worker's stdin lifeline ends it then. Actor tasks cannot be force-cancelled
+(`ray.cancel(force=True)` is for tasks): killing the actor is how they end.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,15 +41,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from contract.spec import ChainLink, WorkerSpec
 from orchestrator.backends.ray.cluster import Cluster, RayBackendError
-from orchestrator.backends.ray.node import NodeTask, RecipeNode, plan_here, resolve_task
+from orchestrator.backends.ray.node import GONE_ANSWERS, NodeTask, RecipeNode, plan_here, resolve_task
+from orchestrator.execution.lanes import Lane, LaneDriver, tagged
 from orchestrator.execution.process import TRACEBACK_GRACE_S
-from orchestrator.execution.supervisor import Interrupts, Listener, Overlaps, RecipeOutcome, Suite, SuiteOptions
+from orchestrator.execution.supervisor import Interrupts, Listener, Overlaps, Suite, SuiteOptions
 from orchestrator.gpu.preflight import RELEASE_TIMEOUT_S, expected_batch
 from orchestrator.planning.plan import LaunchDecision, RecipePlan
 from orchestrator.planning.recipes import LineageRules
 
 _CALL_TIMEOUT_S = 120.0  # an actor call that takes longer than this (beyond its own wait) means the node is gone
-_TICK_S = 0.1
 _SLICE_S = 0.05  # how long the driver blocks in Ray at a time (see _get)
 _PLACEMENT_NOTICE_S = 10.0  # how long a lane may wait for Ray to place it before the run says so
 _GPU_SLIVER = 0.01  # what a small look-up task asks of a GPU: enough to be sent to a GPU node, next to a run
@@ -103,9 +102,10 @@ def _kill(actor: Any) -> None:
 
 
 class RayWorkerProcess:
-    """process.WorkerProcess's interface for a worker on a Ray node: each call is a call of its actor. The log
-    comes back in chunks with the results and is appended to the run folder's worker.log, so nothing of it is lost
-    with the node. Any Ray error makes it `lost`: from then on it reads as a closed pipe and does nothing."""
+    """The WorkerHandle (process.py) of a worker on a Ray node: each call is a call of its actor, which drives the
+    worker's own WorkerProcess there (node.RecipeNode.call). The log comes back in chunks with the results and is
+    appended to the run folder's worker.log, so nothing of it is lost with the node. Any Ray error makes it
+    `lost`: from then on it reads as a closed pipe and does nothing."""
 
     def __init__(self, actor: Any, spec: WorkerSpec, log_path: Path, forget: Callable[[Any], None]) -> None:
         self.actor = actor
@@ -140,16 +140,21 @@ class RayWorkerProcess:
     def env_record(self) -> dict | None:
         return self._start_info().get("env_record")
 
-    def _call(self, method: str, *args: Any, wait: float = 0.0, default: Any = None) -> Any:
+    def _ask(self, call: Callable[[], Any], wait: float, default: Any) -> Any:
+        """The answer of an actor call (`call` makes it), `default` once the worker is lost."""
         if self.lost is None:
             self._start_info()
         if self.lost is not None:
             return default
         try:
-            return _get(getattr(self.actor, method).remote(*args), wait + _CALL_TIMEOUT_S)
+            return _get(call(), wait + _CALL_TIMEOUT_S)
         except RayError as exc:
             self._lose(exc)
             return default
+
+    def _call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
+        """The worker's WorkerHandle `method`, called on its node; once it is lost, what a gone worker answers."""
+        return self._ask(lambda: self.actor.call.remote(method, *args), wait, GONE_ANSWERS[method])
 
     def _lose(self, exc: BaseException) -> None:
         self._lose_with(f"the Ray actor on node {(self._info or {}).get('where', {}).get('host', '?')} was lost "
@@ -166,7 +171,7 @@ class RayWorkerProcess:
                 f.write(data)
 
     def read_results(self, wait: float = 0.0) -> bytes | None:
-        answer = self._call("read", wait, wait=wait)
+        answer = self._ask(lambda: self.actor.read.remote(wait), wait, None)
         if answer is None:
             return None
         chunk, log = answer
@@ -174,7 +179,7 @@ class RayWorkerProcess:
         return chunk
 
     def send(self, line: bytes) -> bool:
-        return bool(self._call("send", line, default=False))
+        return bool(self._call("send", line))
 
     def poll(self) -> int | None:
         if self._returncode is None:
@@ -186,14 +191,11 @@ class RayWorkerProcess:
             self._returncode = self._call("wait", timeout, wait=timeout)
         return self._returncode
 
-    def signal_group(self, sig: int) -> None:
-        self._call("signal_group", sig)
-
     def kill(self) -> None:
         self._call("kill")
 
     def stop(self, reason: str, grace: float = TRACEBACK_GRACE_S) -> list[dict]:
-        return self._call("stop", reason, grace, wait=grace + 10.0, default=[])
+        return list(self._call("stop", reason, grace, wait=grace + 10.0))
 
     def cleanup(self) -> None:
         """The worker's group killed on its node (by the actor, before it dies: ray-project/ray#31451), the rest
@@ -218,13 +220,14 @@ class RayLane:
     launcher (supervisor.py) of one Suite."""
 
     def __init__(self, index: int, settings: RaySettings, depth: int, report: Report) -> None:
-        self.index = index
+        self.lane = Lane.ray(index)
         self.settings = settings
         self.report = report
         self.share = 1.0 / (1 + depth)  # of the bundle, for each actor: the running worker and `depth` held ones
         bundle = {"CPU": settings.cpus} | ({"GPU": 1.0} if settings.device == "cuda" else {})
         self.bundle = bundle
         self.group = placement_group([bundle], strategy="STRICT_PACK")
+        self._ready, self._since, self._placed, self._noticed = self.group.ready(), time.monotonic(), False, False
         self._held: dict[str, Any] = {}  # recipe -> the actor of its worker started ahead
         self._reserved: dict[str, Any] = {}  # recipe -> the actor its preflight ran in, for the launch that follows
         self._procs: dict[str, RayWorkerProcess] = {}
@@ -232,17 +235,21 @@ class RayLane:
         self._gpu_of: dict[str, str] = {}  # recipe -> the GPU UUID its last verdict was for
         self._lock = threading.Lock()
 
+    def placed(self, wait: float = 0.0) -> bool:
+        """Whether Ray has placed the bundle, waiting up to `wait` seconds; a lane that waits long says so once."""
+        if not self._placed:
+            self._placed = bool(ray.wait([self._ready], timeout=wait)[0])
+        if not self._placed and not self._noticed and time.monotonic() - self._since > _PLACEMENT_NOTICE_S:
+            self._noticed = True
+            self.report(f"Ray: {self.lane.label} waits for a node with {self.bundle} free "
+                        f"(cluster now: {ray.available_resources()})")
+        return self._placed
+
     def wait_placed(self, give_up: Callable[[], bool]) -> bool:
         """Wait until Ray has placed the bundle; False if `give_up()` first."""
-        started, ready = time.monotonic(), self.group.ready()
-        noticed = False
-        while not ray.wait([ready], timeout=_SLICE_S)[0]:
+        while not self.placed(wait=_SLICE_S):
             if give_up():
                 return False
-            if not noticed and time.monotonic() - started > _PLACEMENT_NOTICE_S:
-                noticed = True
-                self.report(f"Ray: lane {self.index} waits for a node with {self.bundle} free "
-                            f"(cluster now: {ray.available_resources()})")
         return True
 
     def close(self) -> None:
@@ -328,7 +335,7 @@ class RayLane:
 
     def launch(self, spec: WorkerSpec, spec_path: Path, env: dict[str, str], log_path: Path) -> RayWorkerProcess:
         """The worker of `spec` on the lane's node: in the actor its preflight ran in, a new one for a worker
-        started ahead. (`env` is the driver's: the node builds its own, ray_node.RecipeNode.start.)"""
+        started ahead. (`env` is the driver's: the node builds its own, node.RecipeNode.start.)"""
         name = spec.recipe.name
         plan = RecipePlan(spec.recipe, chain=spec.chain)
         with self._lock:
@@ -408,47 +415,32 @@ def run_on_ray(cluster: Cluster, plans: list[RecipePlan], run_dir: Path, options
 
 def _run_lanes(lanes: list[RayLane], plans: list[RecipePlan], run_dir: Path, options: SuiteOptions,
                listener: Listener, interrupts: Interrupts) -> list[dict[str, Any]]:
-    """Each lane takes the next recipe in file order when it is free, in a thread of its own."""
-    waiting = deque(plans)
-    rows: dict[str, dict[str, Any]] = {}
-    errors: list[BaseException] = []
-    lock = threading.Lock()
+    """Each lane a Suite of its own, driven by lanes.LaneDriver: a placed lane with no recipe takes the next."""
     overlaps = Overlaps()  # shared: each recipe's row names those that ran at the same time
-
-    def next_plan() -> RecipePlan | None:
-        with lock:
-            return waiting.popleft() if waiting else None
-
-    def work(lane: RayLane) -> None:
-        suite = Suite(plans, run_dir, options, listener=_tagged(listener, lane.index), preflight=lane,
-                      interrupts=interrupts, launcher=lane.launch, overlaps=overlaps)
-        try:
-            placed = lane.wait_placed(lambda: interrupts.stop_requested or not waiting)
-            while (plan := next_plan() if placed or interrupts.stop_requested else None) is not None:
-                rows[plan.recipe.name] = suite.run_recipe(plan)
-        except BaseException as exc:  # raised again in the main thread once the other lanes are done
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(lane,), name=f"evalorch-ray-lane{lane.index}", daemon=True)
-               for lane in lanes]
-    for thread in threads:
-        thread.start()
-    while any(thread.is_alive() for thread in threads):  # the main thread stays free for the signal handlers
-        time.sleep(_TICK_S)
-    if errors:
-        raise errors[0]
-    return [rows[plan.recipe.name] for plan in plans]
+    suites = {lane.lane: Suite(plans, run_dir, options, listener=tagged(listener, lane.lane), preflight=lane,
+                               interrupts=interrupts, launcher=lane.launch, overlaps=overlaps)
+              for lane in lanes}
+    recorder = Suite(plans, run_dir, options, listener=listener, interrupts=interrupts, overlaps=overlaps)
+    return LaneDriver(plans, suites, recorder, _FreeLanes(lanes), interrupts).run()
 
 
-def _tagged(listener: Listener, lane: int) -> Listener:
-    def tagged(event: str, outcome: RecipeOutcome, data: dict[str, Any]) -> None:
-        listener(event, outcome, {**data, "gpu": lane})
+class _FreeLanes:
+    """The Placer (lanes.py) of Ray lanes: each placed lane with no recipe takes the next one in file order."""
 
-    return tagged
+    def __init__(self, lanes: list[RayLane]) -> None:
+        self.lanes = lanes
+
+    def place(self, waiting: list[str], running: Mapping[str, Lane]) -> list[tuple[str, Lane]]:
+        busy = set(running.values())
+        free = [lane.lane for lane in self.lanes if lane.lane not in busy and lane.placed()]
+        return list(zip(waiting, free, strict=False))
+
+    def ended(self, name: str) -> None:
+        """Nothing to release: a lane's actors go with each recipe (RayLane.after_exit)."""
 
 
 def plan_on_ray(plans: list[RecipePlan], settings: RaySettings) -> list[dict[str, Any]]:
-    """`plan --backend ray`: for each recipe, what a node says (ray_node.plan_here), in order. On cuda the task
+    """`plan --backend ray`: for each recipe, what a node says (node.plan_here), in order. On cuda the task
     asks a sliver of a GPU, so that it runs on a GPU node and NVML there has a GPU to judge."""
     gpus = _GPU_SLIVER if settings.device == "cuda" else 0
     refs = [_PLAN.options(num_cpus=0, num_gpus=gpus).remote(settings.task(plan)) for plan in plans]

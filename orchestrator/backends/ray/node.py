@@ -1,4 +1,4 @@
-"""What runs on a Ray node for one recipe; ray_backend.py drives it from the driver.
+"""What runs on a Ray node for one recipe; backend.py drives it from the driver.
 
 `RecipeNode` becomes a Ray actor, one per attempt of a recipe, killed after it. On its node it:
 
@@ -31,17 +31,28 @@ import psutil
 import ray
 
 from contract.layout import RecipeFolder
-from contract.nvml import FAKE_ENV, GpuProcess, Nvml, NvmlUnavailable, open_nvml
+from contract.nvml import GpuProcess, Nvml
 from contract.recipe import Recipe
 from contract.spec import ChainLink, WorkerSpec
 from orchestrator.execution.environment import worker_env
-from orchestrator.execution.process import TRACEBACK_GRACE_S, WorkerProcess
-from orchestrator.gpu.preflight import POLL_S, RELEASE_TIMEOUT_S, GpuPreflight, PreflightError, plan_lines
+from orchestrator.execution.process import WorkerProcess
+from orchestrator.gpu.preflight import (
+    POLL_S,
+    RELEASE_TIMEOUT_S,
+    GpuPreflight,
+    PreflightError,
+    nvml_for,
+    plan_lines,
+)
 from orchestrator.planning.lineage import LineageError, resolve_chain
 from orchestrator.planning.plan import RecipePlan
 from orchestrator.planning.recipes import LineageRules
 
 _LOG_CHUNK = 1 << 20  # the most worker-log bytes one `read` hands back
+# The WorkerHandle methods (process.py) the driver's RayWorkerProcess has the actor call on the worker here
+# (RecipeNode.call), each with what it answers when there is no worker to ask: none was started on this node, or
+# (on the driver) the node or the actor is lost.
+GONE_ANSWERS: dict[str, Any] = {"send": False, "poll": None, "wait": None, "kill": None, "stop": ()}
 # What Ray 2.60 sets in its workers' environment besides RAY_*, dropped when the raylet's own environment (the
 # node's, as the cluster was started) cannot be read to tell exactly.
 _RAY_SETS = {"PYTHONBREAKPOINT": "ray.util.rpdb.set_trace", "SPT_NOENV": "1"}
@@ -88,17 +99,11 @@ def resolve_here(task: NodeTask, host: str) -> tuple[list[ChainLink] | None, str
 
 
 def node_nvml(device: str) -> tuple[Nvml | None, str | None]:
-    """NVML on this node (the fake one where EVALORCH_FAKE_NVML is set, as locally), or None on cpu; for cuda,
-    a missing driver is a problem."""
-    if device != "cuda" and not os.environ.get(FAKE_ENV):
-        return None, None
+    """NVML on this node as a local run opens it (preflight.nvml_for), or why it cannot be had."""
     try:
-        nvml = open_nvml()
-    except NvmlUnavailable as exc:
+        return nvml_for(device, where=f"on node {socket.gethostname()}"), None
+    except PreflightError as exc:
         return None, str(exc)
-    if nvml is None and device == "cuda":
-        return None, f"--device cuda, but NVML finds no NVIDIA driver on node {socket.gethostname()}"
-    return nvml, None
 
 
 def assigned_gpu(nvml: Nvml) -> int | None:
@@ -243,8 +248,9 @@ def resolve_task(task: NodeTask) -> dict[str, Any]:
 
 
 class RecipeNode:
-    """One attempt of one recipe on its node (a Ray actor: see the module's docstring). Its methods mirror
-    process.WorkerProcess, which it drives; ray_backend.RayWorkerProcess calls them from the driver."""
+    """One attempt of one recipe on its node (a Ray actor: see the module's docstring): its preflight, then the
+    worker's WorkerProcess (process.py), driven from the driver by backend.RayWorkerProcess through `start`,
+    `read`, `call` and `cleanup`."""
 
     def __init__(self, task: NodeTask) -> None:
         self.task = task
@@ -283,25 +289,13 @@ class RecipeNode:
         chunk = self.proc.read_results(wait) if self.proc is not None else None
         return chunk, self._new_log(_LOG_CHUNK)
 
-    def send(self, line: bytes) -> bool:
-        return self.proc is not None and self.proc.send(line)
-
-    def poll(self) -> int | None:
-        return self.proc.poll() if self.proc is not None else None
-
-    def wait(self, timeout: float) -> int | None:
-        return self.proc.wait(timeout) if self.proc is not None else None
-
-    def signal_group(self, sig: int) -> None:
-        if self.proc is not None:
-            self.proc.signal_group(sig)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-
-    def stop(self, reason: str, grace: float = TRACEBACK_GRACE_S) -> list[dict]:
-        return self.proc.stop(reason, grace) if self.proc is not None else []
+    def call(self, method: str, *args: Any) -> Any:
+        """The worker's WorkerHandle `method` (one of GONE_ANSWERS); before it started, what a gone one answers."""
+        if method not in GONE_ANSWERS:
+            raise ValueError(f"{method!r} is not a worker method the driver may call")
+        if self.proc is None:
+            return GONE_ANSWERS[method]
+        return getattr(self.proc, method)(*args)
 
     def cleanup(self) -> bytes:
         """Kill what is left of the worker's group and reap it, before this actor is killed; the rest of its log.
