@@ -205,7 +205,7 @@ def mlflow_options(command: Callable) -> Callable:
 
 def _load(recipes_path: Path, only: str | None, hash_weights: bool = False,
           backend: str = "local") -> tuple[RecipeFile, list[RecipePlan]]:
-    # On Ray the nodes resolve the paths (ray_node.py): one this host cannot see is theirs to find or refuse.
+    # On Ray the nodes resolve the paths (backends/ray/node.py): one this host cannot see is theirs to find or refuse.
     recipe_file = load_recipe_file(recipes_path, paths_on_nodes=backend == "ray")
     selected = recipe_file.select(_names("--only", only))
     return recipe_file, make_plans(recipe_file, selected, hash_weights=hash_weights)

@@ -53,7 +53,7 @@ def test_the_live_display_keeps_a_line_per_ray_lane(tmp_path: Path) -> None:
         listener("started", RecipeOutcome("a", pid=10), {"pid": 10, "lane": Lane.ray(0)})
         listener("started", RecipeOutcome("b", pid=11), {"pid": 11, "lane": Lane.ray(1)})
         listener("finished", RecipeOutcome("b", "ok", pid=11), {"lane": Lane.ray(1)})
-        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener._render())
+        Console(file=(frame := io.StringIO()), width=200, color_system=None).print(listener.render())
     shown = frame.getvalue()
     assert "lane 0 · 1/2 a · starting" in shown and "lane 1 · idle" in shown and "GPU" not in shown
     assert "[2/2] [lane 1] b: ok" in console.file.getvalue()

@@ -66,7 +66,7 @@ class RecipeOutcome:
     shutdown: list[dict[str, Any]] = field(default_factory=list)  # how the parent stopped it (process.stop)
     log_tail: str = ""
     sample_errors: dict[str, Any] | None = None  # the verdict on its errored samples (stats.sample_error_verdict)
-    ran_on: dict[str, Any] | None = None  # a remote backend's node and GPU (ray_backend.py); None when local
+    ran_on: dict[str, Any] | None = None  # a remote backend's node and GPU (backends/ray/backend.py); None when local
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

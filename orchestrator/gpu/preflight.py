@@ -216,7 +216,7 @@ class GpuPreflight:
     def carry_over(self, gpu: int, baseline: dict | None, last_pid: int | None, last_recipe: str = "") -> None:
         """What an earlier preflight knew of `gpu`: its memory before this run's first worker there (`baseline`,
         as `baseline_of` gives it) and the last worker started on it, whose memory must come back before the
-        next launch. A Ray actor's preflight is new for every recipe (ray_node.py); the driver keeps these."""
+        next launch. A Ray actor's preflight is new for every recipe (backends/ray/node.py); the driver keeps these."""
         if baseline is not None:
             self._baseline[gpu] = dict(baseline)
         if last_pid is not None:

@@ -74,7 +74,7 @@ class RecipeFile(BaseModel):
 def load_recipe_file(path: Path, *, paths_on_nodes: bool = False) -> RecipeFile:
     """Read, merge defaults into each recipe, validate everything; raise RecipeFileError with every problem.
     `paths_on_nodes` (--backend ray): a model or dataset path missing here is kept, made absolute, for the
-    nodes that run the workers to resolve (ray_node.py); they refuse what they cannot find."""
+    nodes that run the workers to resolve (backends/ray/node.py); they refuse what they cannot find."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (Windows editors write one) is dropped

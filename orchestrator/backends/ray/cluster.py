@@ -9,7 +9,7 @@ here instead gets a fresh token in its own temporary folder (`RAY_AUTH_MODE=toke
 goes away with the cluster; an explicit `RAY_AUTH_MODE` (or a token of the user's, `RAY_AUTH_TOKEN` or
 `RAY_AUTH_TOKEN_PATH`) is left as it is. Connecting to an existing cluster that uses tokens needs the cluster's
 token where Ray looks for it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): without it the
-connection is refused, and the error says so. The worker never sees any of these: ray_node.py strips RAY_*.
+connection is refused, and the error says so. The worker never sees any of these: backends/ray/node.py strips RAY_*.
 """
 
 from __future__ import annotations
