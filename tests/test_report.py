@@ -16,6 +16,7 @@ from helpers import IMAGE_SIZE, RECIPES, gt_box, make_dataset, make_run, run_cli
 from PIL import Image
 from rich.console import Console
 
+from contract.run_row import RecipeRow, RunSummary, Status
 from orchestrator.execution.progress import LiveProgress, PlainProgress, expected_samples
 from orchestrator.execution.supervisor import RecipeOutcome
 from orchestrator.reporting.html import _GT_COLOUR, _PRED_COLOUR, GALLERY_SIZE
@@ -263,17 +264,17 @@ def test_a_base_override_is_compared_with_the_same_adapter_on_its_recorded_base(
     from orchestrator.reporting.cells import override_notes
     from orchestrator.results.summary import add_statistics
 
-    def rows(name: str, override: bool) -> dict:
-        return {"name": name, "status": "ok", "base_override": override, "metrics": {"mean_iou": 0.5},
-                "recipe": {"model": "/m/r3-stage2"}}
+    def rows(name: str, override: bool) -> RecipeRow:
+        return RecipeRow(name=name, status=Status.OK, base_override=override, metrics={"mean_iou": 0.5},
+                         recipe={"model": "/m/r3-stage2"})
 
-    summary = {"baseline": None, "recipes": [rows("r3", False), rows("r3-wrong", True)]}
+    summary = RunSummary(recipes=[rows("r3", False), rows("r3-wrong", True)])
     samples = {"r3": [{"id": f"s{i}", "status": "ok", "iou": 0.9, "detected": True} for i in range(30)],
                "r3-wrong": [{"id": f"s{i}", "status": "ok", "iou": 0.4, "detected": True} for i in range(30)]}
     add_statistics(summary, samples)
-    paired = summary["recipes"][1]["vs_recorded_base_paired"]
-    assert paired["against"] == "r3" and paired["difference"] == pytest.approx(-0.5)
-    assert paired["verdict"] == "worse" and summary["recipes"][0]["vs_recorded_base_paired"] is None
+    paired = summary.recipes[1].vs_recorded_base_paired
+    assert paired is not None and paired["against"] == "r3" and paired["difference"] == pytest.approx(-0.5)
+    assert paired["verdict"] == "worse" and summary.recipes[0].vs_recorded_base_paired is None
     (note,) = override_notes(summary)
     assert note.startswith("r3-wrong loads its adapter on a base it was not trained on; against r3") and "worse" in note
 
@@ -288,13 +289,13 @@ def test_the_best_recipe_is_paired_with_each_other_one_so_a_win_by_noise_is_said
     best = [0.6 + 0.3 * (i % 2) for i in range(40)]
     ious = {"base": [0.1] * 40, "r4": best, "r1": [v - 0.2 for v in best],
             "r3": [v + (0.04 if i % 2 else -0.05) for i, v in enumerate(best)]}
-    rows = [{"name": n, "status": "ok", "metrics": {"mean_iou": sum(v) / len(v)}} for n, v in ious.items()]
+    rows = [RecipeRow(name=n, status=Status.OK, metrics={"mean_iou": sum(v) / len(v)}) for n, v in ious.items()]
     summary = run_summary(rows, "base")
     samples = {n: [{"id": f"s{i}", "status": "ok", "iou": v, "detected": True} for i, v in enumerate(values)]
                for n, values in ious.items()}
     add_statistics(summary, samples)
-    assert summary["best"] == "r4"
-    versus = {c["against"]: c for c in summary["best_vs_others"]}
+    assert summary.best == "r4"
+    versus = {c["against"]: c for c in summary.best_vs_others}
     assert set(versus) == {"r1", "r3"}  # neither the best itself nor the baseline
     assert versus["r1"]["verdict"] == "better" and versus["r1"]["difference"] == pytest.approx(0.2)
     assert versus["r3"]["verdict"] == "no clear difference"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from contract.run_row import RecipeRow
 from contract.spec import GPU_WORKER_THREADS
 from orchestrator.execution.supervisor import Interrupts, Listener, Overlaps, RecipeOutcome, Suite, SuiteOptions
 from orchestrator.gpu.preflight import GpuPreflight
@@ -127,7 +128,7 @@ class _Running:
 
     def __init__(self, gpu: int, suite: Suite, plan: RecipePlan) -> None:
         self.gpu = gpu
-        self.row: dict[str, Any] | None = None
+        self.row: RecipeRow | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(suite, plan), daemon=True,
                                        name=f"evalorch-gpu{gpu}-{plan.recipe.name}")
@@ -169,8 +170,8 @@ class GpuScheduler:
         self.free = {gpu: preflight.expected_free(gpu) for gpu in self.gpus}  # as each was when last idle
         self.running: dict[str, _Running] = {}
 
-    def run(self) -> list[dict[str, Any]]:
-        rows: dict[str, dict[str, Any]] = {}
+    def run(self) -> list[RecipeRow]:
+        rows: dict[str, RecipeRow] = {}
         waiting: list[Job] = []
         for plan in self.plans:
             if plan.runnable and not self.suite.finished_before(plan):
@@ -188,7 +189,7 @@ class GpuScheduler:
             raise errors[0]
         return [rows[plan.recipe.name] for plan in self.plans]
 
-    def _drive(self, waiting: list[Job], rows: dict[str, dict[str, Any]]) -> list[BaseException]:
+    def _drive(self, waiting: list[Job], rows: dict[str, RecipeRow]) -> list[BaseException]:
         """Place recipes and collect finished ones until none waits or runs. After an interrupt nothing new starts
         (the waiting recipes are recorded as skipped); after a recipe thread's exception neither."""
         plans = {plan.recipe.name: plan for plan in self.plans}
