@@ -107,6 +107,42 @@ def test_report_md_has_intervals_and_paired_verdicts(stored_run: Path) -> None:
     assert "**Best recipe: good" in "\n".join(lines)
 
 
+def _vs_baseline_cells(report_md: str) -> dict[str, tuple[str, str]]:
+    """Each recipe's 'vs baseline' and 'Paired Δ' cells in report.md's table."""
+    lines = [line.split("|")[1:-1] for line in report_md.splitlines() if line.startswith("| ")]
+    head = [cell.strip() for cell in lines[0]]
+    change, paired = head.index("vs baseline"), head.index("Paired Δ IoU vs baseline (95% CI)")
+    return {cells[0].strip(): (cells[change].strip(), cells[paired].strip()) for cells in lines[1:]}
+
+
+def test_the_change_relative_to_a_baseline_near_zero_is_left_out_and_the_paired_difference_kept(
+        tmp_path: Path) -> None:
+    """A baseline that scores almost nothing (mean IoU under MIN_BASELINE_FOR_RELATIVE) makes "+9000% over base"
+    out of noise: the report leaves the relative change out, even where summary.json recorded one (a folder written
+    before the rule), and gives the paired Δ; over a baseline that scores, the relative change is shown."""
+    from orchestrator.results.stats import MIN_BASELINE_FOR_RELATIVE
+
+    weak = make_run(tmp_path, {"base": lambda i: None if i % 10 else 25, "good": RECIPES["good"]}, name="weak")
+    summary = json.loads((weak / "summary.json").read_text())
+    base_mean = summary["recipes"][0]["metrics"]["mean_iou"]
+    assert 0 < base_mean < MIN_BASELINE_FOR_RELATIVE
+    summary["best_change_vs_baseline"] = summary["recipes"][1]["change_vs_baseline"] = 90.0  # as once recorded
+    (weak / "summary.json").write_text(json.dumps(summary))
+    result = run_cli("report", str(weak))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "over base" not in result.stdout and "Best recipe: good" in result.stdout
+    assert re.search(r"paired difference \+0\.\d{4} \[\+0\.\d{3}, \+0\.\d{3}\] better", result.stdout)
+    change, paired = _vs_baseline_cells((weak / "report.md").read_text())["good"]
+    assert change == "" and paired.endswith("better")
+    assert "over base" not in (weak / "report.html").read_text()
+
+    scoring = make_run(tmp_path, {"base": RECIPES["base"], "good": RECIPES["good"]}, name="scoring")
+    assert run_cli("report", str(scoring)).returncode == 0
+    change, paired = _vs_baseline_cells((scoring / "report.md").read_text())["good"]
+    assert re.fullmatch(r"\+\d+\.\d%", change) and paired.endswith("better")
+    assert f"{change} over base" in (scoring / "report.md").read_text()
+
+
 def test_report_rebuilds_an_interrupted_run_from_its_folders(stored_run: Path) -> None:
     (stored_run / "summary.json").unlink()
     (stored_run / "blind" / "summary.json").unlink()  # the parent died while this recipe ran

@@ -9,11 +9,13 @@ import pytest
 
 from contract.run_row import IouRule, RecipeRow, Status
 from orchestrator.results.stats import (
+    MIN_BASELINE_FOR_RELATIVE,
     bootstrap_interval,
     metric_intervals,
     metric_value,
     metrics,
     paired_comparison,
+    relative_change,
     thresholds_of,
     verdict,
 )
@@ -147,3 +149,9 @@ def test_the_rule_of_a_row_is_the_recorded_one_else_read_from_its_keys() -> None
     assert metric_value({"iou_gt_0.5": 0.25}, "iou_ge_0.5") == 0.25  # either name finds the rate at 0.5
     assert metric_value({"iou_ge_0.5": 0.5}, "iou_gt_0.5") == 0.5 and metric_value({}, "iou_ge_0.5") is None
 
+
+def test_a_relative_change_is_given_only_over_a_baseline_that_carries_one() -> None:
+    assert relative_change(0.8636, 0.0981) == pytest.approx(7.803, abs=1e-3)  # README's "+780.3% over base"
+    assert relative_change(0.2, MIN_BASELINE_FOR_RELATIVE) == pytest.approx(3.0)
+    assert relative_change(0.86, 0.004) is None  # "+21400%": noise, not a figure
+    assert relative_change(0.86, 0.0) is None and relative_change(None, 0.5) is None

@@ -6,7 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from contract.run_row import NEW_RUN_RULE, RecipeRow, RunSummary, Status, parse_threshold_key
-from orchestrator.results.stats import DEFAULT_THRESHOLDS, VERDICT_BETTER
+from orchestrator.results.stats import DEFAULT_THRESHOLDS, MIN_BASELINE_FOR_RELATIVE, VERDICT_BETTER
+
+# What the "vs baseline" column and the best line's "% over" hold, for the notes under the tables.
+RELATIVE_CHANGE_NOTE = (f"vs baseline: the change in mean IoU relative to the baseline's, given only where the "
+                        f"baseline's mean IoU is at least {MIN_BASELINE_FOR_RELATIVE:g} (below it the ratio is noise)")
 
 
 def metric_columns(summary: RunSummary) -> list[tuple[str, str, str]]:
@@ -45,6 +49,7 @@ def interval_text(bounds: list[float], *, percent: bool = False, signed: bool = 
 
 
 def change_cell(row: RecipeRow) -> str:
+    """'+12.3%', or nothing where no relative change is given (stats.relative_change)."""
     change = row.change_vs_baseline
     return f"{change:+.1%}" if change is not None else ""
 
@@ -83,7 +88,8 @@ def problems(summary: RunSummary) -> list[str]:
 
 
 def best_line(summary: RunSummary) -> str:
-    """Which recipe is best, by how much, and whether the difference is more than noise."""
+    """Which recipe is best, by how much (the relative change where the baseline carries one, the paired Δ
+    always), and whether the difference is more than noise."""
     row = summary.row(summary.best)
     if row is None:
         return "Best recipe: none (no recipe finished with scored samples)"

@@ -21,6 +21,7 @@ from contract.recipe import Settings
 from contract.run_row import RecipeRow, RunSummary
 from contract.samples import id_text
 from orchestrator.reporting.cells import (
+    RELATIVE_CHANGE_NOTE,
     best_lead_unclear,
     best_line,
     best_versus_others_line,
@@ -110,7 +111,7 @@ def _headline(summary: RunSummary) -> str:
 
 _NOTE = ("Intervals are 95% percentile-bootstrap intervals (2000 resamples, fixed seed). Paired Δ is the mean of"
          " (recipe IoU - baseline IoU) over the samples both scored; it is called better or worse only when its"
-         " interval excludes 0.")
+         f" interval excludes 0. {RELATIVE_CHANGE_NOTE}.")
 
 
 def _table(summary: RunSummary) -> str:

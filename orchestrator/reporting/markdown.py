@@ -6,6 +6,7 @@ from typing import Any
 
 from contract.run_row import RunSummary
 from orchestrator.reporting.cells import (
+    RELATIVE_CHANGE_NOTE,
     best_line,
     best_versus_others_line,
     change_cell,
@@ -63,7 +64,7 @@ def render_markdown(summary: RunSummary) -> str:
 
 _INTERVALS_NOTE = ("Brackets: 95% bootstrap intervals (2000 resamples). Paired Δ: the mean per-sample IoU difference"
                    " from the baseline on the samples both scored; \"better\"/\"worse\" only when its interval"
-                   " excludes 0.")
+                   f" excludes 0. {RELATIVE_CHANGE_NOTE}.")
 
 
 def gates_markdown(gates: dict[str, Any]) -> str:

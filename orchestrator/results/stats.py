@@ -93,9 +93,16 @@ def metric_value(metric_values: dict[str, Any], name: str) -> Any:
                 None)
 
 
+# The smallest baseline mean IoU a change relative to it is given for ("+780.3% over base"). Below it the baseline
+# barely overlaps its targets: the ratio grows without bound as the baseline nears 0 (0.004 -> 0.86 reads
+# "+21367.9%") and tells noise, not size. The paired Δ IoU, absolute and with its interval, is given always.
+MIN_BASELINE_FOR_RELATIVE = 0.05
+
+
 def relative_change(value: float | None, baseline: float | None) -> float | None:
-    """The seed's "+780.0% over base": (value - baseline) / baseline."""
-    if value is None or baseline is None or baseline == 0:
+    """(value - baseline) / baseline, where the baseline's mean IoU is at least MIN_BASELINE_FOR_RELATIVE; else
+    None (no relative figure is shown)."""
+    if value is None or baseline is None or baseline < MIN_BASELINE_FOR_RELATIVE:
         return None
     return (value - baseline) / baseline
 

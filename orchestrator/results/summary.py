@@ -27,18 +27,12 @@ class ReportError(UserError):
 
 
 def run_summary(rows: list[RecipeRow], baseline: str | None) -> RunSummary:
-    """Side-by-side summary of a run's rows: adds each row's change over the baseline, and picks the best."""
-    summary = RunSummary(recipes=rows, baseline=baseline)
-    base_row = summary.row(baseline)
-    base_iou = base_row.mean_iou if base_row is not None and base_row.ok else None
-    for row in rows:
-        row.change_vs_baseline = None if row.name == baseline else relative_change(row.mean_iou, base_iou)
+    """Side-by-side summary of a run's rows, with the best recipe: the finished one with the highest mean IoU,
+    other than the baseline where another finished (add_statistics adds how each compares)."""
     finished = [r for r in rows if r.ok and r.mean_iou is not None]
     candidates = [r for r in finished if r.name != baseline] or finished
     best = max(candidates, key=lambda r: r.mean_iou or 0.0, default=None)
-    summary.best = best.name if best else None
-    summary.best_change_vs_baseline = best.change_vs_baseline if best else None
-    return summary
+    return RunSummary(recipes=rows, baseline=baseline, best=best.name if best else None)
 
 
 def read_summary(path: Path) -> RunSummary:
@@ -102,17 +96,23 @@ def load_samples(run_dir: Path, summary: RunSummary) -> Samples:
 
 
 def add_statistics(summary: RunSummary, samples: Samples) -> RunSummary:
-    """Adds to each row a 95% interval for each metric and, against the baseline, the paired IoU difference."""
+    """Adds to each row a 95% interval for each metric and, against the baseline, the change in mean IoU relative
+    to the baseline's (where its mean carries one: stats.relative_change) and the paired IoU difference. Made
+    again from the samples each time a summary is published, so a re-rendered report follows today's rules."""
     baseline = summary.baseline
     base_row = summary.row(baseline)
+    base_iou = base_row.mean_iou if base_row is not None and base_row.ok else None
     base_samples = samples.get(baseline, []) if baseline is not None else []
     for row in summary.recipes:
+        row.change_vs_baseline = None if row.name == baseline else relative_change(row.mean_iou, base_iou)
         own = samples.get(row.name, [])
         row.intervals = metric_intervals(own, thresholds_of(row.metrics or {}) or DEFAULT_THRESHOLDS,
                                          rule=row.iou_rule)
         paired = base_row is not None and base_row.ok and row.name != baseline
         row.vs_baseline_paired = paired_comparison(own, base_samples) if paired else None
         row.vs_recorded_base_paired = _versus_recorded_base(row, summary, samples)
+    best = summary.row(summary.best)
+    summary.best_change_vs_baseline = best.change_vs_baseline if best is not None else None
     summary.best_vs_others = _best_versus_others(summary, samples)
     return summary
 
