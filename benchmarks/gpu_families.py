@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu_check import Check, in_gib, recipe_summaries
+from contract.run_row import Status
 from orchestrator.gpu.memory import read_workload
 from orchestrator.planning.plan import make_plans
 from orchestrator.planning.recipes import load_recipe_file
@@ -161,7 +162,7 @@ def check(work: Path, out: Path, small: bool, batches: tuple[int, ...] | None = 
                 "preflight adds memory_margin (10%) before comparing with free memory. Target: error +0% to +15%.",
                 "")
     for row in rows:
-        if row["status"] != "ok":
+        if row["status"] != Status.OK:
             runner.emit(f"- {row['name']}: {row['status']}: {' '.join(str(row.get('detail')).split())[:600]}")
     return 0 if result.returncode == 0 and rows else 1
 

@@ -9,6 +9,7 @@
     samples     one sample, its box in xyxy       images    where an image is, read upright (EXIF), its size
     checkpoint  checkpoint files: configs, safetensors headers, weight files, fingerprints
     layout      the run folder: every file name, once
+    run_row     what a run records of its results: each recipe's row, its Status, the IoU rule, the run's summary
     nvml        what the NVIDIA driver says about GPU memory (the parent decides with it, the worker measures)
     exits       exit codes
     units       bytes for people

@@ -25,6 +25,7 @@ from contract.exits import Exit
 from contract.layout import MERGE_LINEAGE, RunFolder
 from contract.nvml import default_device, open_nvml
 from contract.recipe import Settings
+from contract.run_row import NEW_RUN_RULE, IouRule, RecipeRow
 from orchestrator import __version__
 from orchestrator.backends.ray.cluster import Cluster
 from orchestrator.errors import UserError
@@ -46,7 +47,7 @@ from orchestrator.results.folder_lock import writing
 from orchestrator.results.provenance import git_commit
 from orchestrator.results.rescore import rescore
 from orchestrator.results.resume import planned_recipe
-from orchestrator.results.stats import IOU_RULE, IOU_RULES, fraction
+from orchestrator.results.stats import fraction
 from orchestrator.results.store import ResultsWriteError, new_run_dir, write_json
 from orchestrator.results.summary import load_run, run_summary, with_recorded_rows
 
@@ -296,7 +297,7 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
 
 
 def _run_suite(plans: list[RecipePlan], run_dir: Path, options: SuiteOptions, interrupts: Interrupts, preflight,
-               gpus: str | None, listener: Any) -> list[dict]:
+               gpus: str | None, listener: Any) -> list[RecipeRow]:
     """Every recipe on this host, one worker at a time, or several at once (on several GPUs, several on a GPU);
     their rows."""
     if runs_concurrently(preflight, gpus, options.max_workers_per_gpu or 1):
@@ -324,7 +325,7 @@ def report_command(run_dir: Path, mlflow_uri: str | None, mlflow_experiment: str
               help="Read every recipe's texts in this box format (default: each recipe's declared one).")
 @click.option("--thresholds", metavar="T[,T...]", help="IoU thresholds for the IoU≥t rates, e.g. 0.5,0.7,0.9"
               " (default: those of the run).")
-@click.option("--iou-rule", type=click.Choice(list(IOU_RULES)),
+@click.option("--iou-rule", type=click.Choice([rule.value for rule in IouRule]),
               help="How a rate at t counts: >= (IoU >= t, every new run's) or > (run folders from before the rule "
               "was recorded). Default: each recipe's own rule, so an old folder is reproduced as it was.")
 @ci_options
@@ -400,7 +401,7 @@ def _auto_device(cluster: Cluster | None) -> str:
 
 def _run_on_ray(cluster: Cluster, recipe_file: RecipeFile, plans: list[RecipePlan], run_dir: Path,
                 options: SuiteOptions, hash_weights: bool, cpus: float, lanes: int | None, listener: Any,
-                interrupts: Interrupts) -> list[dict]:
+                interrupts: Interrupts) -> list[RecipeRow]:
     from orchestrator.backends.ray.backend import RaySettings, run_on_ray
 
     settings = RaySettings(options.device, recipe_file.lineage, run_dir.name, cpus, hash_weights, options.offline)
@@ -491,7 +492,7 @@ def _run_record(recipe_file: RecipeFile, recipes: list[dict], device: str, timeo
         "recipe_file": str(recipe_file.path),
         "device": device,
         "timeout": timeout,
-        "iou_rule": IOU_RULE,
+        "iou_rule": NEW_RUN_RULE,
         "python": platform.python_version(),
         "host": platform.node(),
         "commit": git_commit(recipe_file.path.resolve().parent, Path.cwd()),

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from contract.boxes import score_text
+from contract.run_row import IouRule, RecipeRow
 from orchestrator.results.stats import metrics
 from orchestrator.results.store import read_samples
 from orchestrator.results.summary import run_summary
@@ -162,7 +163,7 @@ def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str =
         status, detail = ("error", (failed or {})[recipe]) if recipe in (failed or {}) else ("ok", "")
         rule = {} if legacy else {"iou_rule": ">="}
         row = {"name": recipe, "status": status, "detail": detail, **rule,
-               "metrics": metrics(samples, rule=">" if legacy else ">="),
+               "metrics": metrics(samples, rule=IouRule.ABOVE if legacy else IouRule.AT_LEAST),
                "lineage": [{"kind": "full", "path": f"/models/{recipe}",
                             "fingerprint": (fingerprints or {}).get(recipe, f"quick:{recipe}")}],
                "base_override": False, "preflight": None, "attempts": [],
@@ -172,5 +173,8 @@ def make_run(root: Path, recipes: dict[str, Shift] | None = None, *, name: str =
         rows.append(row)
     (run_dir / "run.json").write_text(json.dumps({"device": "cpu", "host": "test",
                                                   "recipes": [r["recipe"] for r in rows]}))
-    (run_dir / "summary.json").write_text(json.dumps({**run_summary(rows, "base"), **(extra or {})}))
+    summary = run_summary([RecipeRow.model_validate(row) for row in rows], "base").to_json()
+    if legacy:  # no rule recorded in the rows: readers tell it from their iou_gt_ keys
+        summary["recipes"] = [{k: v for k, v in row.items() if k != "iou_rule"} for row in summary["recipes"]]
+    (run_dir / "summary.json").write_text(json.dumps({**summary, **(extra or {})}))
     return run_dir

@@ -13,6 +13,7 @@ import pytest
 
 from contract.dataset import open_dataset
 from contract.recipe import Recipe
+from contract.run_row import RecipeRow, RunSummary, Status
 from contract.spec import ChainLink
 from orchestrator.reporting.cells import worker_notes
 from worker.decode import decode_attention, graph_decode
@@ -131,10 +132,13 @@ def test_right_padding_is_not_attempted(batch: tuple, routed: callable, attached
 
 
 def test_a_declined_batch_is_a_warning_in_the_report_and_a_model_that_cannot_be_recorded_a_note() -> None:
-    row = {"name": "r1", "decode_graph": {"replayed": 3, "declined": 1, "steps": 90, "record_s": 0.2,
-                                          "reasons": {"the recorded step differs from the eager one (x)": 1}}}
-    model = {"name": "g3", "decode_graph": {"reasons": {}, "not_recordable": "the cache is not a plain dynamic cache"}}
-    notes = worker_notes({"recipes": [row, {"name": "base", "decode_graph": {"reasons": {}}}, model]})
+    row = RecipeRow(name="r1", status=Status.OK,
+                    decode_graph={"replayed": 3, "declined": 1, "steps": 90, "record_s": 0.2,
+                                  "reasons": {"the recorded step differs from the eager one (x)": 1}})
+    model = RecipeRow(name="g3", status=Status.OK,
+                      decode_graph={"reasons": {}, "not_recordable": "the cache is not a plain dynamic cache"})
+    base = RecipeRow(name="base", status=Status.OK, decode_graph={"reasons": {}})
+    notes = worker_notes(RunSummary(recipes=[row, base, model]))
     assert notes == [(True, "r1: 1 batch(es) decoded eagerly instead of from a CUDA graph (same answers, slower): "
                             "the recorded step differs from the eager one (x) (1)"),
                      (False, "g3: decoded eagerly, not from CUDA graphs: the cache is not a plain dynamic cache")]

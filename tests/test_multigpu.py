@@ -21,6 +21,7 @@ from helpers import ROOT, only_run_dir, run_cli, write_recipes
 from rich.console import Console
 
 from contract.nvml import FAKE_ENV, FakeNvml, write_fake_nvml
+from contract.run_row import RecipeRow, Status
 from orchestrator.execution.lanes import Lane
 from orchestrator.execution.progress import LiveProgress, PlainProgress
 from orchestrator.execution.scheduler import GpuSlots, Job, place, runs_concurrently, workers_per_gpu
@@ -371,8 +372,8 @@ def test_workers_that_fit_together_run_at_once_on_one_gpu_and_the_next_waits_for
 
 
 def test_the_report_shows_cuda_out_of_memory_retries() -> None:
-    row = {"name": "r1", "status": "ok", "metrics": {"mean_iou": 0.5}, "preflight": {"gpu": 0, "batch_size": 8},
-           "oom_retries": 2, "final_batch_size": 2, "concurrent_with": []}
+    row = RecipeRow(name="r1", status=Status.OK, metrics={"mean_iou": 0.5}, preflight={"gpu": 0, "batch_size": 8},
+                    oom_retries=2, final_batch_size=2)
     text = render_markdown(run_summary([row], None))
     assert "## Workers" in text
     assert "r1 (GPU 0): CUDA ran out of memory 2 time(s); each time the batch was halved and retried, from 8 to 2" \
@@ -386,7 +387,7 @@ def test_plain_progress_names_the_gpu_of_each_line(tmp_path: Path) -> None:
     listener("started", outcome, {"pid": 7, "lane": Lane.gpu(3)})
     listener("loaded", outcome, {"seconds": 0.4, "dtype": "float32", "attn": "sdpa", "device": "cpu",
                                  "lane": Lane.gpu(3)})
-    outcome.status = "ok"
+    outcome.status = Status.OK
     listener("finished", outcome, {"lane": Lane.gpu(3)})
     lines = text.getvalue().splitlines()
     assert lines[0] == "[2/2] b: worker pid 7 starting on GPU 3"

@@ -16,6 +16,7 @@ from helpers import IMAGE_SIZE, RECIPES, gt_box, make_dataset, make_run, run_cli
 from PIL import Image
 from rich.console import Console
 
+from contract.run_row import RecipeRow, RunSummary, Status
 from orchestrator.execution.progress import LiveProgress, PlainProgress, expected_samples
 from orchestrator.execution.supervisor import RecipeOutcome
 from orchestrator.reporting.html import GALLERY_SIZE, GT_COLOUR, PRED_COLOUR
@@ -104,6 +105,42 @@ def test_report_md_has_intervals_and_paired_verdicts(stored_run: Path) -> None:
     assert "no clear difference" not in row["good"]
     assert row["base (baseline)"].count("difference") == 0
     assert "**Best recipe: good" in "\n".join(lines)
+
+
+def _vs_baseline_cells(report_md: str) -> dict[str, tuple[str, str]]:
+    """Each recipe's 'vs baseline' and 'Paired Δ' cells in report.md's table."""
+    lines = [line.split("|")[1:-1] for line in report_md.splitlines() if line.startswith("| ")]
+    head = [cell.strip() for cell in lines[0]]
+    change, paired = head.index("vs baseline"), head.index("Paired Δ IoU vs baseline (95% CI)")
+    return {cells[0].strip(): (cells[change].strip(), cells[paired].strip()) for cells in lines[1:]}
+
+
+def test_the_change_relative_to_a_baseline_near_zero_is_left_out_and_the_paired_difference_kept(
+        tmp_path: Path) -> None:
+    """A baseline that scores almost nothing (mean IoU under MIN_BASELINE_FOR_RELATIVE) makes "+9000% over base"
+    out of noise: the report leaves the relative change out, even where summary.json recorded one (a folder written
+    before the rule), and gives the paired Δ; over a baseline that scores, the relative change is shown."""
+    from orchestrator.results.stats import MIN_BASELINE_FOR_RELATIVE
+
+    weak = make_run(tmp_path, {"base": lambda i: None if i % 10 else 25, "good": RECIPES["good"]}, name="weak")
+    summary = json.loads((weak / "summary.json").read_text())
+    base_mean = summary["recipes"][0]["metrics"]["mean_iou"]
+    assert 0 < base_mean < MIN_BASELINE_FOR_RELATIVE
+    summary["best_change_vs_baseline"] = summary["recipes"][1]["change_vs_baseline"] = 90.0  # as once recorded
+    (weak / "summary.json").write_text(json.dumps(summary))
+    result = run_cli("report", str(weak))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "over base" not in result.stdout and "Best recipe: good" in result.stdout
+    assert re.search(r"paired difference \+0\.\d{4} \[\+0\.\d{3}, \+0\.\d{3}\] better", result.stdout)
+    change, paired = _vs_baseline_cells((weak / "report.md").read_text())["good"]
+    assert change == "" and paired.endswith("better")
+    assert "over base" not in (weak / "report.html").read_text()
+
+    scoring = make_run(tmp_path, {"base": RECIPES["base"], "good": RECIPES["good"]}, name="scoring")
+    assert run_cli("report", str(scoring)).returncode == 0
+    change, paired = _vs_baseline_cells((scoring / "report.md").read_text())["good"]
+    assert re.fullmatch(r"\+\d+\.\d%", change) and paired.endswith("better")
+    assert f"{change} over base" in (scoring / "report.md").read_text()
 
 
 def test_report_rebuilds_an_interrupted_run_from_its_folders(stored_run: Path) -> None:
@@ -263,17 +300,17 @@ def test_a_base_override_is_compared_with_the_same_adapter_on_its_recorded_base(
     from orchestrator.reporting.cells import override_notes
     from orchestrator.results.summary import add_statistics
 
-    def rows(name: str, override: bool) -> dict:
-        return {"name": name, "status": "ok", "base_override": override, "metrics": {"mean_iou": 0.5},
-                "recipe": {"model": "/m/r3-stage2"}}
+    def rows(name: str, override: bool) -> RecipeRow:
+        return RecipeRow(name=name, status=Status.OK, base_override=override, metrics={"mean_iou": 0.5},
+                         recipe={"model": "/m/r3-stage2"})
 
-    summary = {"baseline": None, "recipes": [rows("r3", False), rows("r3-wrong", True)]}
+    summary = RunSummary(recipes=[rows("r3", False), rows("r3-wrong", True)])
     samples = {"r3": [{"id": f"s{i}", "status": "ok", "iou": 0.9, "detected": True} for i in range(30)],
                "r3-wrong": [{"id": f"s{i}", "status": "ok", "iou": 0.4, "detected": True} for i in range(30)]}
     add_statistics(summary, samples)
-    paired = summary["recipes"][1]["vs_recorded_base_paired"]
-    assert paired["against"] == "r3" and paired["difference"] == pytest.approx(-0.5)
-    assert paired["verdict"] == "worse" and summary["recipes"][0]["vs_recorded_base_paired"] is None
+    paired = summary.recipes[1].vs_recorded_base_paired
+    assert paired is not None and paired["against"] == "r3" and paired["difference"] == pytest.approx(-0.5)
+    assert paired["verdict"] == "worse" and summary.recipes[0].vs_recorded_base_paired is None
     (note,) = override_notes(summary)
     assert note.startswith("r3-wrong loads its adapter on a base it was not trained on; against r3") and "worse" in note
 
@@ -288,13 +325,13 @@ def test_the_best_recipe_is_paired_with_each_other_one_so_a_win_by_noise_is_said
     best = [0.6 + 0.3 * (i % 2) for i in range(40)]
     ious = {"base": [0.1] * 40, "r4": best, "r1": [v - 0.2 for v in best],
             "r3": [v + (0.04 if i % 2 else -0.05) for i, v in enumerate(best)]}
-    rows = [{"name": n, "status": "ok", "metrics": {"mean_iou": sum(v) / len(v)}} for n, v in ious.items()]
+    rows = [RecipeRow(name=n, status=Status.OK, metrics={"mean_iou": sum(v) / len(v)}) for n, v in ious.items()]
     summary = run_summary(rows, "base")
     samples = {n: [{"id": f"s{i}", "status": "ok", "iou": v, "detected": True} for i, v in enumerate(values)]
                for n, values in ious.items()}
     add_statistics(summary, samples)
-    assert summary["best"] == "r4"
-    versus = {c["against"]: c for c in summary["best_vs_others"]}
+    assert summary.best == "r4"
+    versus = {c["against"]: c for c in summary.best_vs_others}
     assert set(versus) == {"r1", "r3"}  # neither the best itself nor the baseline
     assert versus["r1"]["verdict"] == "better" and versus["r1"]["difference"] == pytest.approx(0.2)
     assert versus["r3"]["verdict"] == "no clear difference"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import only_run_dir, run_cli, write_recipes
 
+from contract.run_row import RecipeRow, Status
 from orchestrator.planning.recipes import RecipeFileError, load_recipe_file
 from orchestrator.reporting.cells import status_text
 from orchestrator.results.stats import sample_error_verdict
@@ -69,13 +70,13 @@ def test_max_sample_errors_takes_a_count_or_a_fraction(tmp_path: Path) -> None:
 
 
 def test_the_status_says_how_many_errored_and_how_many_were_allowed() -> None:
-    failing = {"status": "sample_errors", "metrics": {"errors": 4},
-               "sample_errors": sample_error_verdict(_samples(6, 4), 1)}
+    failing = RecipeRow(name="r", status=Status.SAMPLE_ERRORS, metrics={"errors": 4},
+                        sample_errors=sample_error_verdict(_samples(6, 4), 1))
     assert status_text(failing) == "failed: 4 of 10 samples errored (1 allowed)"
-    nothing = {"status": "sample_errors", "metrics": {"errors": 3},
-               "sample_errors": sample_error_verdict(_samples(0, 3), 0)}
+    nothing = RecipeRow(name="r", status=Status.SAMPLE_ERRORS, metrics={"errors": 3},
+                        sample_errors=sample_error_verdict(_samples(0, 3), 0))
     assert status_text(nothing) == "failed: no sample scored (3 errored)"
-    assert status_text({"status": "ok", "metrics": {"errors": 1}}) == "ok, 1 sample error(s)"
+    assert status_text(RecipeRow(name="r", status=Status.OK, metrics={"errors": 1})) == "ok, 1 sample error(s)"
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,15 @@ import random
 
 import pytest
 
+from contract.run_row import IouRule, RecipeRow, Status
 from orchestrator.results.stats import (
+    MIN_BASELINE_FOR_RELATIVE,
     bootstrap_interval,
     metric_intervals,
     metric_value,
     metrics,
     paired_comparison,
-    rule_of,
+    relative_change,
     thresholds_of,
     verdict,
 )
@@ -129,14 +131,27 @@ def test_the_rate_at_t_counts_iou_equal_to_t_as_every_peer_does() -> None:
     ious = [0.5, 0.5, 0.7, 0.4999, 0.0]
     assert metrics(_records(ious)) == {"n": 5, "errors": 0, "mean_iou": pytest.approx(sum(ious) / 5),
                                        "detection_rate": 0.8, "iou_ge_0.5": 0.6, "iou_ge_0.7": 0.2}
-    old = metrics(_records(ious), rule=">")  # folders from before the rule was recorded
+    old = metrics(_records(ious), rule=IouRule.ABOVE)  # folders from before the rule was recorded
     assert old["iou_gt_0.5"] == 0.2 and old["iou_gt_0.7"] == 0.0 and "iou_ge_0.5" not in old
     assert metric_intervals(_records(ious), (0.5,))["iou_ge_0.5"][1] >= 0.6
 
 
 def test_the_rule_of_a_row_is_the_recorded_one_else_read_from_its_keys() -> None:
-    assert rule_of({"iou_rule": ">=", "metrics": {}}) == ">="
-    assert rule_of({"metrics": {"iou_gt_0.5": 0.1}}) == ">"  # a summary written before the rule was recorded
-    assert rule_of({"metrics": {"iou_ge_0.5": 0.1}}) == ">="
+    def rule(row: dict) -> IouRule:
+        return RecipeRow.model_validate({"name": "r", "status": "ok", **row}).iou_rule
+
+    assert rule({"iou_rule": ">=", "metrics": {}}) == IouRule.AT_LEAST
+    assert rule({"iou_rule": ">", "metrics": {"iou_ge_0.5": 0.1}}) == IouRule.ABOVE  # recorded: it wins
+    assert rule({"metrics": {"iou_gt_0.5": 0.1}}) == IouRule.ABOVE  # a summary from before the rule was recorded
+    assert rule({"metrics": {"iou_ge_0.5": 0.1}}) == IouRule.AT_LEAST
+    assert rule({"metrics": None}) == IouRule.ABOVE  # no rate at all: as before the rule was recorded
+    assert RecipeRow(name="r", status=Status.OK, metrics={"iou_ge_0.5": 0.1}).iou_rule == IouRule.AT_LEAST
     assert metric_value({"iou_gt_0.5": 0.25}, "iou_ge_0.5") == 0.25  # either name finds the rate at 0.5
     assert metric_value({"iou_ge_0.5": 0.5}, "iou_gt_0.5") == 0.5 and metric_value({}, "iou_ge_0.5") is None
+
+
+def test_a_relative_change_is_given_only_over_a_baseline_that_carries_one() -> None:
+    assert relative_change(0.8636, 0.0981) == pytest.approx(7.803, abs=1e-3)  # README's "+780.3% over base"
+    assert relative_change(0.2, MIN_BASELINE_FOR_RELATIVE) == pytest.approx(3.0)
+    assert relative_change(0.86, 0.004) is None  # "+21400%": noise, not a figure
+    assert relative_change(0.86, 0.0) is None and relative_change(None, 0.5) is None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+from contract.run_row import RecipeRow
 from orchestrator.execution.supervisor import TICK_S, Interrupts, Listener, RecipeOutcome, Suite
 from orchestrator.planning.plan import RecipePlan
 
@@ -87,7 +88,7 @@ class _Running:
 
     def __init__(self, lane: Lane, suite: Suite, plan: RecipePlan) -> None:
         self.lane = lane
-        self.row: dict[str, Any] | None = None
+        self.row: RecipeRow | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(suite, plan), daemon=True,
                                        name=f"evalorch-{lane.slug}-{plan.recipe.name}")
@@ -117,8 +118,8 @@ class LaneDriver:
         self.interrupts = interrupts
         self.running: dict[str, _Running] = {}
 
-    def run(self) -> list[dict[str, Any]]:
-        rows: dict[str, dict[str, Any]] = {}
+    def run(self) -> list[RecipeRow]:
+        rows: dict[str, RecipeRow] = {}
         waiting: list[str] = []
         for name, plan in self.plans.items():
             if plan.runnable and not self.recorder.finished_before(plan):
@@ -134,7 +135,7 @@ class LaneDriver:
             raise errors[0]
         return [rows[name] for name in self.plans]
 
-    def _drive(self, waiting: list[str], rows: dict[str, dict[str, Any]]) -> list[BaseException]:
+    def _drive(self, waiting: list[str], rows: dict[str, RecipeRow]) -> list[BaseException]:
         """Place recipes and collect finished ones until none waits or runs."""
         errors: list[BaseException] = []
         while waiting or self.running:
@@ -153,7 +154,7 @@ class LaneDriver:
             time.sleep(TICK_S)
         return errors
 
-    def _collect(self, rows: dict[str, dict[str, Any]]) -> list[BaseException]:
+    def _collect(self, rows: dict[str, RecipeRow]) -> list[BaseException]:
         """The rows of the recipes whose threads ended; the exceptions that ended any."""
         errors = []
         for name, running in list(self.running.items()):

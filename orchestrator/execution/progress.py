@@ -41,8 +41,9 @@ from contract.dataset import DatasetError, open_dataset
 from contract.layout import RecipeFolder, RunFolder
 from contract.messages import DECODE_GRAPH_ON
 from contract.recipe import Settings
+from contract.run_row import NEW_RUN_RULE, Status
 from orchestrator.execution.lanes import Lane
-from orchestrator.results.stats import DEFAULT_THRESHOLDS, metrics, threshold_key, threshold_title
+from orchestrator.results.stats import DEFAULT_THRESHOLDS, metrics
 from orchestrator.results.store import read_json, read_samples
 
 _PHASES = {"started": "starting", "hello": "loading", "lineage": "loading", "loaded": "inferring",
@@ -64,7 +65,7 @@ def expected_samples(recipe_dir: Path) -> int | None:
 @dataclass
 class _Recipe:
     name: str
-    status: str = "pending"
+    status: str = Status.PENDING  # a recipe's status, or the phase its worker is in
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
     note: str = ""
@@ -82,7 +83,7 @@ class _Listener:
             previous = RunFolder(run_dir).recipe(name).summary
             if previous.is_file():
                 stored = read_json(previous)
-                if stored.get("status") == "ok":
+                if stored.get("status") == Status.OK:
                     self.recipes[name] = _Recipe(name, "ok (kept)", stored.get("metrics") or {},
                                                  stored.get("seconds"))
 
@@ -246,7 +247,7 @@ class LiveProgress(_Listener):
         table = Table(title="Evaluation progress", title_justify="left")
         table.add_column("Recipe", style="bold")
         table.add_column("Status")
-        for title in ("Mean IoU", "Det Rate", *[threshold_title(t) for t in DEFAULT_THRESHOLDS], "Samples", "Time"):
+        for title in ("Mean IoU", "Det Rate", *[NEW_RUN_RULE.column(t) for t in DEFAULT_THRESHOLDS], "Samples", "Time"):
             table.add_column(title, justify="right")
         for name in self.names:
             table.add_row(*self._cells(self.recipes[name]), style=_row_style(self.recipes[name].status))
@@ -255,16 +256,16 @@ class LiveProgress(_Listener):
     def _cells(self, state: _Recipe) -> list[str]:
         m = state.metrics
         keys = [("mean_iou", "{:.4f}"), ("detection_rate", "{:.1%}"),
-                *[(threshold_key(t), "{:.1%}") for t in DEFAULT_THRESHOLDS]]
+                *[(NEW_RUN_RULE.key(t), "{:.1%}") for t in DEFAULT_THRESHOLDS]]
         values = [fmt.format(m[key]) if m.get(key) is not None else "" for key, fmt in keys]
         took = f"{state.seconds:.1f}s" if state.seconds else ""
         return [escape(state.name), escape(state.status), *values, str(m.get("n", "")) if m else "", took]
 
 
 def _row_style(status: str) -> str | None:
-    if status in ("pending",):
+    if status == Status.PENDING:
         return "dim"
-    if status.startswith("ok"):
+    if status.startswith(Status.OK):  # "ok (kept)" too
         return None
     if status in ("starting", "loading", "inferring", "finishing"):
         return "cyan"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from contract.run_row import RecipeRow
 from contract.spec import GPU_WORKER_THREADS
 from orchestrator.execution.lanes import Lane, LaneDriver, tagged
 from orchestrator.execution.supervisor import Interrupts, Listener, Overlaps, RecipeOutcome, Suite, SuiteOptions
@@ -148,7 +149,7 @@ class GpuScheduler:
         self.jobs: dict[str, Job] = {}  # each waiting recipe's, once asked for
         self.driver = LaneDriver(plans, self.suites, recorder, self, interrupts)
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[RecipeRow]:
         return self.driver.run()
 
     def place(self, waiting: list[str], running: Mapping[str, Lane]) -> list[tuple[str, Lane]]:

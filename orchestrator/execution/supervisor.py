@@ -20,12 +20,13 @@ from typing import Any
 from contract import messages
 from contract.layout import RecipeFolder, RunFolder
 from contract.recipe import UNCHECKED_AUTO_BATCH, Recipe
+from contract.run_row import NEW_RUN_RULE, RecipeRow, Status
 from contract.spec import WorkerSpec
 from orchestrator.execution.environment import worker_env
 from orchestrator.execution.process import WorkerHandle, WorkerProcess, describe_exit, kill_step, log_tail
 from orchestrator.execution.pump import pump
 from orchestrator.planning.plan import LaunchDecision, Preflight, RecipePlan
-from orchestrator.results.stats import IOU_RULE, metrics, sample_error_verdict
+from orchestrator.results.stats import metrics, sample_error_verdict
 from orchestrator.results.store import (
     SampleLog,
     make_folder,
@@ -35,6 +36,7 @@ from orchestrator.results.store import (
     write_bytes,
     write_json,
 )
+from orchestrator.results.summary import read_row
 
 _EXIT_GRACE_S = 10.0  # after the result pipe closes, how long a worker may take to exit
 TICK_S = 0.1  # how often a waiting loop (the drivers of lanes.py, a retry's back-off) looks at the interrupt flags
@@ -45,10 +47,7 @@ class RecipeOutcome:
     """Everything the parent learned about one recipe's run."""
 
     name: str
-    # ok, sample_errors (finished, but too many samples errored), error, crashed, killed, timeout, protocol,
-    # interrupted, refused, skipped; lost (a remote backend's node or Ray worker died under the worker: retried,
-    # see LOST_RETRIES)
-    status: str = "pending"
+    status: Status = Status.PENDING  # a lost one is retried (LOST_RETRIES)
     detail: str = ""
     pid: int | None = None
     exit: str | None = None
@@ -245,23 +244,24 @@ class RecipeRun:
         if self._expired is not None:
             limit = {"recipe": self.limits.total, "stall": self.limits.stall}.get(
                 self._expired, getattr(self.limits, self._expired, None))
-            out.status, out.detail = "timeout", f"{self._expired} timeout ({limit:g}s) reached; worker killed"
+            out.status, out.detail = Status.TIMEOUT, f"{self._expired} timeout ({limit:g}s) reached; worker killed"
         elif out.error is not None:
-            out.status, out.detail = "error", f"{out.error['kind']}: {out.error['message']}"
+            out.status, out.detail = Status.ERROR, f"{out.error['kind']}: {out.error['message']}"
         elif self.proc.lost is not None:
-            out.status, out.detail = "lost", f"{self.proc.lost} after {out.samples_received} samples"
+            out.status, out.detail = Status.LOST, f"{self.proc.lost} after {out.samples_received} samples"
             out.exit = "unknown: the worker's node or Ray worker was lost"
         elif self._interrupted:
-            out.status, out.detail = "interrupted", f"stopped by the user after {out.samples_received} samples"
+            out.status = Status.INTERRUPTED
+            out.detail = f"stopped by the user after {out.samples_received} samples"
         elif info.signal is not None:
-            out.status = "killed" if info.signal == signal.SIGKILL else "crashed"
+            out.status = Status.KILLED if info.signal == signal.SIGKILL else Status.CRASHED
             out.detail = info.description
         elif out.done is not None and returncode == 0 and not out.protocol_errors:
-            out.status = "ok"
+            out.status = Status.OK
             self._judge_samples()
         else:
             problems = out.protocol_errors or [f"stream ended without `done` ({info.description})"]
-            out.status, out.detail = "protocol", "; ".join(problems)[:2000]
+            out.status, out.detail = Status.PROTOCOL, "; ".join(problems)[:2000]
 
     def _judge_samples(self) -> None:
         """A worker that finished may still have errored on too many samples (a broken data mount: every image
@@ -271,7 +271,7 @@ class RecipeRun:
         self.outcome.sample_errors = verdict
         if not verdict["passed"]:
             quoted = "; ".join(f"{e['id']}: {e['error']}" for e in verdict["first"])
-            self.outcome.status = "sample_errors"
+            self.outcome.status = Status.SAMPLE_ERRORS
             self.outcome.detail = verdict["problem"] + (f". First: {quoted}" if quoted else "")
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
@@ -322,7 +322,8 @@ def _overlap(a: Span, b: Span) -> bool:
     return (b[1] is None or a[0] < b[1]) and (a[1] is None or b[0] < a[1])
 
 
-RETRYABLE = ("crashed", "killed", "timeout")  # never config or lineage errors: those fail the same way again
+# never config or lineage errors: those fail the same way again
+RETRYABLE = frozenset({Status.CRASHED, Status.KILLED, Status.TIMEOUT})
 # A lost node or Ray worker says nothing about the recipe: retried this many more times, whatever its `retries`.
 LOST_RETRIES = 2
 
@@ -370,7 +371,7 @@ class Suite:
         self._held: dict[str, RecipeRun] = {}
         self._held_lock = threading.Lock()
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[RecipeRow]:
         try:
             return [self.run_recipe(plan) for plan in self.plans]
         finally:
@@ -378,22 +379,22 @@ class Suite:
 
     def finished_before(self, plan: RecipePlan) -> bool:
         previous = RunFolder(self.run_dir).recipe(plan.recipe.name).summary
-        return self.options.resume and previous.exists() and read_json(previous).get("status") == "ok"
+        return self.options.resume and previous.exists() and read_json(previous).get("status") == Status.OK
 
-    def run_recipe(self, plan: RecipePlan) -> dict[str, Any]:
+    def run_recipe(self, plan: RecipePlan) -> RecipeRow:
         """One recipe to its recorded end (kept, skipped, error, refused, or its attempts); returns its row."""
         recipe_dir = make_folder(self.run_dir / plan.recipe.name)
         if self.finished_before(plan):
-            return read_json(RecipeFolder(recipe_dir).summary)
+            return read_row(RecipeFolder(recipe_dir).summary)
         decision = LaunchDecision(ok=True)
         attempts: list[dict[str, Any]] = []
         if self.interrupts.stop_requested:
-            outcome = RecipeOutcome(plan.recipe.name, "skipped", "interrupted before it started")
+            outcome = RecipeOutcome(plan.recipe.name, Status.SKIPPED, "interrupted before it started")
         elif not plan.runnable:
-            outcome = RecipeOutcome(plan.recipe.name, "error", plan.problem or "")
+            outcome = RecipeOutcome(plan.recipe.name, Status.ERROR, plan.problem or "")
             outcome.error = {"kind": "lineage", "message": plan.problem}
         elif self.preflight and not (decision := self._before_launch(self.preflight, plan)).ok:
-            outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
+            outcome = RecipeOutcome(plan.recipe.name, Status.REFUSED, decision.message)
         else:
             outcome, attempts, decision = self._attempts(plan, recipe_dir, decision)
         self.abandon_held(plan.recipe.name)  # started ahead, but the recipe did not run after all
@@ -420,8 +421,8 @@ class Suite:
                 if not self._sleep(plan.recipe.retry_backoff * 2 ** (len(attempts) - 1)):
                     break
                 if self.preflight and not (decision := self._before_launch(self.preflight, plan)).ok:
-                    outcome = RecipeOutcome(plan.recipe.name, "refused", decision.message)
-                    attempts.append({"attempt": attempt, "status": "refused", "detail": decision.message})
+                    outcome = RecipeOutcome(plan.recipe.name, Status.REFUSED, decision.message)
+                    attempts.append({"attempt": attempt, "status": Status.REFUSED, "detail": decision.message})
                     break
             outcome = self._launch(plan, recipe_dir, decision, attempt)
             if self.preflight:
@@ -431,7 +432,7 @@ class Suite:
                              "ran_on": outcome.ran_on})
             if self.interrupts.stop_requested:
                 break
-            if outcome.status == "lost" and lost_retries:
+            if outcome.status == Status.LOST and lost_retries:
                 lost_retries -= 1
             elif outcome.status in RETRYABLE and retries:
                 retries -= 1
@@ -525,32 +526,22 @@ class Suite:
         return True
 
     def _record(self, plan: RecipePlan, recipe_dir: Path, outcome: RecipeOutcome, decision: LaunchDecision,
-                attempts: list[dict[str, Any]]) -> dict[str, Any]:
+                attempts: list[dict[str, Any]]) -> RecipeRow:
+        """The recipe's row (contract/run_row.py), written with everything the parent learned into its
+        summary.json."""
         counts = (outcome.done or {}).get("counts") or {}
-        row = {
-            "name": plan.recipe.name,
-            "status": outcome.status,
-            "detail": outcome.detail,
-            "metrics": metrics(read_samples(RecipeFolder(recipe_dir).samples)),
-            "iou_rule": IOU_RULE,
-            "parity": (outcome.done or {}).get("parity"),  # batched vs one at a time (worker/inference/parity.py)
-            "lineage": outcome.lineage or [asdict(link) for link in plan.chain or []],
-            "base_override": plan.overridden_base,
-            "recipe": plan.recipe.model_dump(),
-            "preflight": decision.record,
-            "attempts": attempts,
-            "sample_errors": outcome.sample_errors,
-            # the recipes whose workers were on a device at the same time (several on a GPU, or one per GPU)
-            "concurrent_with": self.overlaps.concurrent_with(plan.recipe.name),
-            # batches CUDA ran out of memory on and the worker retried at half the size (inference/infer.py), and the
-            # batch size it ended at
-            "oom_retries": counts.get("oom_retries"),
-            "final_batch_size": counts.get("batch_size"),
-            # decode steps replayed from CUDA graphs, and the batches that went on eagerly and why
-            "decode_graph": counts.get("decode_graph"),
-        }
+        row = RecipeRow(
+            name=plan.recipe.name, status=outcome.status, detail=outcome.detail,
+            metrics=metrics(read_samples(RecipeFolder(recipe_dir).samples)), iou_rule=NEW_RUN_RULE,
+            parity=(outcome.done or {}).get("parity"),
+            lineage=outcome.lineage or [asdict(link) for link in plan.chain or []],
+            base_override=plan.overridden_base, recipe=plan.recipe.model_dump(), preflight=decision.record,
+            attempts=attempts, sample_errors=outcome.sample_errors,
+            concurrent_with=self.overlaps.concurrent_with(plan.recipe.name),
+            oom_retries=counts.get("oom_retries"), final_batch_size=counts.get("batch_size"),
+            decode_graph=counts.get("decode_graph"))
         write_json(RecipeFolder(recipe_dir).summary,
-                   {**outcome.to_dict(), **row, "box_format_from": plan.box_format_from,
+                   {**outcome.to_dict(), **row.recorded(), "box_format_from": plan.box_format_from,
                     "device_spans": self.overlaps.spans(plan.recipe.name)})
         return row
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.results.stats import DEFAULT_THRESHOLDS, IOU_RULE, parse_threshold_key, threshold_key, threshold_title
+from contract.run_row import NEW_RUN_RULE, RecipeRow, RunSummary, Status, parse_threshold_key
+from orchestrator.results.stats import DEFAULT_THRESHOLDS, MIN_BASELINE_FOR_RELATIVE, VERDICT_BETTER
+
+# What the "vs baseline" column and the best line's "% over" hold, for the notes under the tables.
+RELATIVE_CHANGE_NOTE = (f"vs baseline: the change in mean IoU relative to the baseline's, given only where the "
+                        f"baseline's mean IoU is at least {MIN_BASELINE_FOR_RELATIVE:g} (below it the ratio is noise)")
 
 
-def metric_columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+def metric_columns(summary: RunSummary) -> list[tuple[str, str, str]]:
     """(key, title, format) of each metric column: mean IoU, detection rate, then the rate at every IoU threshold
     any recipe was scored with (a rescore may add 0.9), titled by its rule: IoU≥0.5 (a folder from before the rule
     was recorded: IoU>0.5)."""
-    found = {parsed for row in summary["recipes"] for key in (row.get("metrics") or {})
+    found = {parsed for row in summary.recipes for key in (row.metrics or {})
              if (parsed := parse_threshold_key(key)) is not None}
-    rates = sorted(found) or [(t, IOU_RULE) for t in DEFAULT_THRESHOLDS]
+    rates = sorted(found) or [(t, NEW_RUN_RULE) for t in DEFAULT_THRESHOLDS]
     keys = [("mean_iou", "Mean IoU"), ("detection_rate", "Det Rate"),
-            *[(threshold_key(t, rule), threshold_title(t, rule)) for t, rule in rates]]
+            *[(rule.key(t), rule.column(t)) for t, rule in rates]]
     return [(key, title, metric_format(key)) for key, title in keys]
 
 
@@ -25,12 +30,12 @@ def metric_format(key: str) -> str:
     return "{:.4f}" if key == "mean_iou" else "{:.2%}"
 
 
-def metric_cell(row: dict[str, Any], key: str, fmt: str, *, interval: bool = False) -> str:
-    value = (row.get("metrics") or {}).get(key)
+def metric_cell(row: RecipeRow, key: str, fmt: str, *, interval: bool = False) -> str:
+    value = (row.metrics or {}).get(key)
     if value is None:
         return "-"
     text = fmt.format(value)
-    bounds = (row.get("intervals") or {}).get(key)
+    bounds = (row.intervals or {}).get(key)
     if interval and bounds:
         text += " " + interval_text(bounds, percent=fmt.endswith("%}"))
     return text
@@ -43,78 +48,79 @@ def interval_text(bounds: list[float], *, percent: bool = False, signed: bool = 
     return f"[{fmt.format(bounds[0])}, {fmt.format(bounds[1])}]"
 
 
-def change_cell(row: dict[str, Any]) -> str:
-    change = row.get("change_vs_baseline")
+def change_cell(row: RecipeRow) -> str:
+    """'+12.3%', or nothing where no relative change is given (stats.relative_change)."""
+    change = row.change_vs_baseline
     return f"{change:+.1%}" if change is not None else ""
 
 
-def paired_cell(row: dict[str, Any]) -> str:
+def paired_cell(row: RecipeRow) -> str:
     """'+0.0019 [-0.012, +0.016] no clear difference' (recipe - baseline, per sample, same samples)."""
-    paired = row.get("vs_baseline_paired")
+    paired = row.vs_baseline_paired
     if not paired:
         return ""
     return f"{paired['difference']:+.4f} {interval_text(paired['interval'], signed=True)} {paired['verdict']}"
 
 
-def label(row: dict[str, Any], summary: dict[str, Any]) -> str:
+def label(row: RecipeRow, summary: RunSummary) -> str:
     marks = []
-    if row["name"] == summary["baseline"]:
+    if row.name == summary.baseline:
         marks.append("baseline")
-    if row.get("base_override"):
+    if row.base_override:
         marks.append("base overridden")
-    return row["name"] + (f" ({', '.join(marks)})" if marks else "")
+    return row.name + (f" ({', '.join(marks)})" if marks else "")
 
 
-def status_text(row: dict[str, Any]) -> str:
+def status_text(row: RecipeRow) -> str:
     """'ok', 'ok, 2 sample error(s)', or where its sample errors fail the recipe (the verdict recorded in its row)
     'failed: 12 of 200 samples errored (0 allowed)'."""
-    verdict = row.get("sample_errors") or {}
-    if row["status"] == "sample_errors" and verdict:
+    verdict = row.sample_errors or {}
+    if row.status is Status.SAMPLE_ERRORS and verdict:
         if verdict["errors"] == verdict["samples"]:
             return f"failed: no sample scored ({verdict['errors']} errored)"
         return f"failed: {verdict['errors']} of {verdict['samples']} samples errored ({verdict['allowed']} allowed)"
-    errors = (row.get("metrics") or {}).get("errors")
-    return f"{row['status']}, {errors} sample error(s)" if errors else row["status"]
+    errors = (row.metrics or {}).get("errors")
+    return f"{row.status}, {errors} sample error(s)" if errors else str(row.status)
 
 
-def problems(summary: dict[str, Any]) -> list[str]:
-    return [f"{r['name']}: {r['status']}: {r['detail']}" for r in summary["recipes"] if r["status"] != "ok"]
+def problems(summary: RunSummary) -> list[str]:
+    return [f"{r.name}: {r.status}: {r.detail}" for r in summary.recipes if not r.ok]
 
 
-def best_line(summary: dict[str, Any]) -> str:
-    """Which recipe is best, by how much, and whether the difference is more than noise."""
-    best = summary["best"]
-    if best is None:
+def best_line(summary: RunSummary) -> str:
+    """Which recipe is best, by how much (the relative change where the baseline carries one, the paired Δ
+    always), and whether the difference is more than noise."""
+    row = summary.row(summary.best)
+    if row is None:
         return "Best recipe: none (no recipe finished with scored samples)"
-    row = next(r for r in summary["recipes"] if r["name"] == best)
-    bounds = (row.get("intervals") or {}).get("mean_iou")
-    text = f"Best recipe: {best} (Mean IoU: {row['metrics']['mean_iou']:.4f}"
+    bounds = (row.intervals or {}).get("mean_iou")
+    text = f"Best recipe: {row.name} (Mean IoU: {row.mean_iou or 0.0:.4f}"
     text += f" {interval_text(bounds)}" if bounds else ""
-    change = summary["best_change_vs_baseline"]
-    text += f", {change:+.1%} over {summary['baseline']}" if change is not None else ""
-    paired = row.get("vs_baseline_paired")
+    change = summary.best_change_vs_baseline
+    text += f", {change:+.1%} over {summary.baseline}" if change is not None else ""
+    paired = row.vs_baseline_paired
     if paired:
         text += f"; paired difference {paired_cell(row)}"
     return text + ")"
 
 
-def best_versus_others_line(summary: dict[str, Any]) -> str | None:
+def best_versus_others_line(summary: RunSummary) -> str | None:
     """'r4, paired with the others (best - other, per sample): clearly ahead of r1 (+0.0496 [+0.010, +0.089]); not
     clearly ahead of r3 (+0.0334 [-0.007, +0.072])': whether picking the best is more than picking noise. None with
     nothing to compare."""
-    compared = summary.get("best_vs_others") or []
+    compared = summary.best_vs_others
     if not compared:
         return None
-    ahead = [c for c in compared if c["verdict"] == "better"]
+    ahead = [c for c in compared if c["verdict"] == VERDICT_BETTER]
     unclear = best_lead_unclear(summary)
     parts = [f"clearly ahead of {_paired_items(ahead)}"] if ahead else []
     parts += [f"not clearly ahead of {_paired_items(unclear)}"] if unclear else []
-    return f"{summary['best']}, paired with the others (best - other, per sample): " + "; ".join(parts)
+    return f"{summary.best}, paired with the others (best - other, per sample): " + "; ".join(parts)
 
 
-def best_lead_unclear(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def best_lead_unclear(summary: RunSummary) -> list[dict[str, Any]]:
     """The recipes the best is not clearly ahead of (paired interval includes 0, or lies below it)."""
-    return [c for c in summary.get("best_vs_others") or [] if c["verdict"] != "better"]
+    return [c for c in summary.best_vs_others if c["verdict"] != VERDICT_BETTER]
 
 
 def _paired_items(compared: list[dict[str, Any]]) -> str:
@@ -122,34 +128,34 @@ def _paired_items(compared: list[dict[str, Any]]) -> str:
                      for c in compared)
 
 
-def override_notes(summary: dict[str, Any]) -> list[str]:
+def override_notes(summary: RunSummary) -> list[str]:
     """One line per recipe evaluated on an overridden base, with its paired difference from the recorded base."""
     notes = []
-    for row in summary["recipes"]:
-        paired = row.get("vs_recorded_base_paired")
+    for row in summary.recipes:
+        paired = row.vs_recorded_base_paired
         if paired:
-            notes.append(f"{row['name']} loads its adapter on a base it was not trained on; against "
+            notes.append(f"{row.name} loads its adapter on a base it was not trained on; against "
                          f"{paired['against']} (the same adapter on its recorded base): {paired['difference']:+.4f} "
                          f"{interval_text(paired['interval'], signed=True)} {paired['verdict']}")
     return notes
 
 
-def parity_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
+def parity_notes(summary: RunSummary) -> list[tuple[bool, str]]:
     """(agreed, line) per recipe whose worker checked batch parity: its first batch's samples checked again one
     at a time. A disagreement names the samples: the batched numbers may not be what the model gives alone."""
     notes = []
-    for row in summary["recipes"]:
-        parity = row.get("parity") or {}
+    for row in summary.recipes:
+        parity = row.parity or {}
         if not parity.get("enabled") or not parity.get("checked"):
             continue
         checked, batch = parity["checked"], parity.get("batch_size")
         wrong = parity.get("disagreements") or []
         if not wrong:
-            notes.append((True, f"{row['name']}: batch parity: {checked} of {checked} sample(s) of the first batch "
+            notes.append((True, f"{row.name}: batch parity: {checked} of {checked} sample(s) of the first batch "
                                 f"(batch {batch}) give the same answer alone{_parity_how(parity)}"))
             continue
         ids = ", ".join(str(d["id"]) for d in wrong[:10]) + (f" and {len(wrong) - 10} more" if len(wrong) > 10 else "")
-        notes.append((False, f"{row['name']}: batch parity FAILED: {len(wrong)} of {checked} sample(s) of the first "
+        notes.append((False, f"{row.name}: batch parity FAILED: {len(wrong)} of {checked} sample(s) of the first "
                              f"batch (batch {batch}) answer differently when generated alone: {ids}. Batched "
                              "numbers may not be the model's (left padding, position ids): compare with "
                              "batch_size = 1"))
@@ -165,31 +171,31 @@ def _parity_how(parity: dict[str, Any]) -> str:
             f" ({parity['generated_alone']} generated)")
 
 
-def worker_notes(summary: dict[str, Any]) -> list[tuple[bool, str]]:
+def worker_notes(summary: RunSummary) -> list[tuple[bool, str]]:
     """(worth a warning, line) per recipe whose worker ran at the same time as others (several on one GPU, or
     on other GPUs), whose batches CUDA ran out of memory on and the worker retried at half the size (a warning),
     or whose decode steps went on eagerly where a CUDA graph was to replay them (a warning for a batch's reason,
     a note for the model's: slower, and why)."""
     notes = []
-    for row in summary["recipes"]:
-        gpu = (row.get("preflight") or {}).get("gpu")
+    for row in summary.recipes:
+        gpu = (row.preflight or {}).get("gpu")
         where = f" (GPU {gpu})" if gpu is not None else ""
-        if row.get("concurrent_with"):
-            notes.append((False, f"{row['name']}{where}: its worker ran at the same time as those of "
-                                 f"{', '.join(row['concurrent_with'])}"))
-        if row.get("oom_retries"):
-            first = (row.get("preflight") or {}).get("batch_size")
-            notes.append((True, f"{row['name']}{where}: CUDA ran out of memory {row['oom_retries']} time(s); each "
+        if row.concurrent_with:
+            notes.append((False, f"{row.name}{where}: its worker ran at the same time as those of "
+                                 f"{', '.join(row.concurrent_with)}"))
+        if row.oom_retries:
+            first = (row.preflight or {}).get("batch_size")
+            notes.append((True, f"{row.name}{where}: CUDA ran out of memory {row.oom_retries} time(s); each "
                                 f"time the batch was halved and retried, "
-                                f"{f'from {first} ' if first else ''}to {row.get('final_batch_size')}"))
-        graphs = row.get("decode_graph") or {}
+                                f"{f'from {first} ' if first else ''}to {row.final_batch_size}"))
+        graphs = row.decode_graph or {}
         if graphs.get("not_recordable"):
-            notes.append((False, f"{row['name']}{where}: decoded eagerly, not from CUDA graphs: "
+            notes.append((False, f"{row.name}{where}: decoded eagerly, not from CUDA graphs: "
                                  f"{graphs['not_recordable']}"))
         declined = graphs.get("reasons") or {}
         if declined:
             reasons = "; ".join(f"{reason} ({count})" for reason, count in declined.items())
-            notes.append((True, f"{row['name']}{where}: {sum(declined.values())} batch(es) decoded eagerly instead "
+            notes.append((True, f"{row.name}{where}: {sum(declined.values())} batch(es) decoded eagerly instead "
                                 f"of from a CUDA graph (same answers, slower): {reasons}"))
     return notes
 

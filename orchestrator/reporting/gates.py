@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from contract.exits import Exit
+from contract.run_row import NEW_RUN_RULE, RecipeRow, RunSummary, parse_threshold_key
 from orchestrator.errors import UserError
-from orchestrator.results.stats import fraction, metric_value, metrics, parse_threshold_key, threshold_key
+from orchestrator.results.stats import fraction, metric_value, metrics
 from orchestrator.results.summary import ReportError, load_run
 
 _TOLERANCE = 1e-9  # 0.8 typed on the command line must pass a stored 0.8 computed as a sum / n
@@ -55,7 +56,7 @@ class Rule:
 class GateRequest:
     fail_under: list[Rule] = field(default_factory=list)
     max_drop: list[Rule] = field(default_factory=list)
-    previous: dict[str, Any] | None = None  # the --compare run's summary
+    previous: RunSummary | None = None  # the --compare run's summary
     previous_dir: Path | None = None
 
     @property
@@ -92,12 +93,12 @@ def metric_name(text: str) -> str:
     for prefix in ("iou≥", "iou>"):  # as the table's columns are titled, now and before
         if name.startswith(prefix):
             try:
-                return threshold_key(float(name[len(prefix):]))
+                return NEW_RUN_RULE.key(float(name[len(prefix):]))
             except ValueError:
                 return name
     parsed = parse_threshold_key(name)
     if parsed is not None:
-        return threshold_key(parsed[0])
+        return NEW_RUN_RULE.key(parsed[0])
     return _ALIASES.get(name, name)
 
 
@@ -116,26 +117,26 @@ def gate_request(fail_under: tuple[str, ...], compare: Path | None, max_drop: tu
     return request
 
 
-def check(summary: dict[str, Any], request: GateRequest) -> dict[str, Any] | None:
+def check(summary: RunSummary, request: GateRequest) -> dict[str, Any] | None:
     """Every rule against every recipe it names; None when no gate was asked for. Raises GateError for a rule
     that names a recipe or a metric the run does not have."""
     if not request.active:
         return None
-    rows = summary["recipes"]
+    rows = summary.recipes
     _validate(request.fail_under + request.max_drop, rows)
-    previous = {r["name"]: r for r in (request.previous or {}).get("recipes", [])}
+    previous = {r.name: r for r in (request.previous.recipes if request.previous else [])}
     failures, notes, checked = [], [], 0
     for rule in request.fail_under + request.max_drop:
         for row in rows:
-            if rule.recipe not in (None, row["name"]):
+            if rule.recipe not in (None, row.name):
                 continue
-            if row["status"] != "ok":
-                notes.append(f"{row['name']}: {rule.option} not checked ({row['status']})")
+            if not row.ok:
+                notes.append(f"{row.name}: {rule.option} not checked ({row.status})")
                 continue
             if rule.kind == "fail-under":
                 failure = _fail_under(rule, row)
-            elif (old := _previous_value(previous.get(row["name"]), rule.metric)) is None:
-                notes.append(f"{row['name']}: {rule.option} not checked (no {rule.metric} in the previous run)")
+            elif (old := _previous_value(previous.get(row.name), rule.metric)) is None:
+                notes.append(f"{row.name}: {rule.option} not checked (no {rule.metric} in the previous run)")
                 continue
             else:
                 failure = _max_drop(rule, row, old)
@@ -151,9 +152,9 @@ def validate_for_run(request: GateRequest, names: list[str]) -> None:
     _check_names(request.fail_under + request.max_drop, names, sorted(metrics([])))
 
 
-def _validate(rules: list[Rule], rows: list[dict[str, Any]]) -> None:
-    known = {k for r in rows for k in (r.get("metrics") or {})}
-    _check_names(rules, [r["name"] for r in rows], sorted(known))
+def _validate(rules: list[Rule], rows: list[RecipeRow]) -> None:
+    known = {k for r in rows for k in (r.metrics or {})}
+    _check_names(rules, [r.name for r in rows], sorted(known))
 
 
 def _check_names(rules: list[Rule], names: list[str], metric_keys: list[str]) -> None:
@@ -165,39 +166,39 @@ def _check_names(rules: list[Rule], names: list[str], metric_keys: list[str]) ->
             raise GateError(f"{rule.option}: unknown metric '{rule.metric}' (metrics: {', '.join(known)})")
 
 
-def _fail_under(rule: Rule, row: dict[str, Any]) -> dict[str, Any] | None:
+def _fail_under(rule: Rule, row: RecipeRow) -> dict[str, Any] | None:
     """The failure record, or None when the recipe passes."""
-    value = metric_value(row["metrics"], rule.metric)
+    value = metric_value(row.metrics or {}, rule.metric)
     if value is not None and value >= rule.value - _TOLERANCE:
         return None
     shown = "none" if value is None else f"{value:.4f}"
-    return {"recipe": row["name"], "metric": rule.metric, "value": value, "limit": rule.value, "previous": None,
+    return {"recipe": row.name, "metric": rule.metric, "value": value, "limit": rule.value, "previous": None,
             "rule": rule.option,
-            "message": f"{row['name']}: {rule.metric} {shown} is under {rule.value:g} ({rule.option})"}
+            "message": f"{row.name}: {rule.metric} {shown} is under {rule.value:g} ({rule.option})"}
 
 
-def _previous_value(before: dict[str, Any] | None, metric: str) -> float | None:
-    if not before or before.get("status") != "ok":
+def _previous_value(before: RecipeRow | None, metric: str) -> float | None:
+    if before is None or not before.ok:
         return None
-    return metric_value(before.get("metrics") or {}, metric)
+    return metric_value(before.metrics or {}, metric)
 
 
-def _max_drop(rule: Rule, row: dict[str, Any], old: float) -> dict[str, Any] | None:
+def _max_drop(rule: Rule, row: RecipeRow, old: float) -> dict[str, Any] | None:
     """The failure record, or None when the recipe lost no more than allowed."""
-    value = metric_value(row["metrics"], rule.metric)
+    value = metric_value(row.metrics or {}, rule.metric)
     if value is not None and old - value <= rule.value + _TOLERANCE:
         return None
     drop = f"dropped {old - value:.4f}" if value is not None else "has no value"
-    return {"recipe": row["name"], "metric": rule.metric, "value": value, "limit": old - rule.value,
+    return {"recipe": row.name, "metric": rule.metric, "value": value, "limit": old - rule.value,
             "previous": old, "rule": rule.option,
-            "message": f"{row['name']}: {rule.metric} {drop} (from {old:.4f}; at most {rule.value:g} allowed,"
+            "message": f"{row.name}: {rule.metric} {drop} (from {old:.4f}; at most {rule.value:g} allowed,"
                        f" {rule.option})"}
 
 
-def exit_code(summary: dict[str, Any], gates: dict[str, Any] | None, interrupted: bool = False) -> int:
+def exit_code(summary: RunSummary, gates: dict[str, Any] | None, interrupted: bool = False) -> int:
     if interrupted:
         return Exit.INTERRUPTED
-    if any(r["status"] != "ok" for r in summary["recipes"]):
+    if any(not r.ok for r in summary.recipes):
         return Exit.RECIPE_FAILED
     if gates and gates["failures"]:
         return Exit.GATE_FAILED

@@ -20,22 +20,19 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from contract.layout import RunFolder, stamp_time
+from contract.run_row import RecipeRow, RunSummary, Status
 from orchestrator.errors import UserError
 from orchestrator.reporting.gates import metric_name
 from orchestrator.results.resume import setting_changes
-from orchestrator.results.stats import paired_difference, rule_of, sample_values
+from orchestrator.results.stats import paired_difference, sample_values
 from orchestrator.results.store import DamagedRunFile, read_json, read_samples
 from orchestrator.results.summary import read_summary
 
 FINISHED, UNFINISHED, NOT_A_RUN, UNREADABLE = "finished", "did not finish", "not a run", "unreadable"
 BETTER, WORSE, NEW_SETUP, NOT_COMPARED = "better", "worse", "new setup", "not compared"
-# Recipe statuses of a run that was stopped before its end (Ctrl-C, a killed parent rebuilt by load_run).
-_STOPPED = frozenset({"interrupted", "skipped", "incomplete"})
-# How a run scored its samples: two runs that differ here are never compared. A run recorded before the threshold
-# rule existed scored with ">" (IoU > t).
-THRESHOLD_RULE = "iou_rule"  # stats.rule_of reads it, or the metric keys of a row from before it
-DEFAULT_RULE = ">"
-_SCORING_SETTINGS = frozenset({"box_format", THRESHOLD_RULE})
+# How a run scored its samples (the box format, the row's IoU rule): two runs that differ here are never compared,
+# so these are left out of the settings that make a new setup.
+_SCORING_SETTINGS = frozenset({"box_format", "iou_rule"})
 # What a recipe's own summary.json says of the software and device it ran with (a change is a new setup too).
 _VERSIONS = ("python", "torch", "transformers", "peft", "accelerate", "flash-attn")
 _LOADED = ("device", "dtype", "attn")
@@ -55,14 +52,14 @@ class RunEntry:
     started: datetime | None = None
     command: str | None = None
     commit: str | None = None
-    summary: dict[str, Any] | None = field(default=None, repr=False)
+    summary: RunSummary | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.folder.name
 
     @property
-    def finished_summary(self) -> dict[str, Any]:
+    def finished_summary(self) -> RunSummary:
         """A finished run's summary (every finished run has one: only those are compared)."""
         if self.summary is None:
             raise ValueError(f"{self.folder}: {self.state}, no summary to compare")
@@ -102,7 +99,7 @@ class Point:
     """A recipe in one finished run."""
 
     run: str
-    status: str | None  # None: the run has no such recipe
+    status: Status | None  # None: the run has no such recipe
     value: float | None = None
     interval: list[float] | None = None
     change: Change | None = None
@@ -183,7 +180,7 @@ def read_entry(folder: Path) -> RunEntry:
         return RunEntry(folder, UNFINISHED, "no summary.json (stopped before its end)", **facts)
     try:
         summary = read_summary(run.summary)
-        stopped = [r["name"] for r in summary["recipes"] if r.get("status") in _STOPPED]
+        stopped = [r.name for r in summary.recipes if r.status.stopped_early]
     except (OSError, DamagedRunFile) as exc:
         return RunEntry(folder, UNREADABLE, f"summary.json cannot be read: {exc}", **facts)
     if stopped:
@@ -216,15 +213,15 @@ def _command(argv: Any) -> str | None:
 
 def _metric(metric: str, runs: list[RunEntry]) -> str:
     key = metric_name(metric)
-    known = sorted({k for r in runs for row in r.finished_summary["recipes"]
-                    for k, v in (row.get("metrics") or {}).items() if k not in ("n", "errors") and v is not None})
+    known = sorted({k for r in runs for row in r.finished_summary.recipes
+                    for k, v in (row.metrics or {}).items() if k not in ("n", "errors") and v is not None})
     if runs and key not in known:
         raise HistoryError(f"--metric {metric}: no finished run has it (metrics: {', '.join(known) or 'none'})")
     return key
 
 
 def _recipes(wanted: Iterable[str] | None, runs: list[RunEntry]) -> list[str]:
-    names = list(dict.fromkeys(row["name"] for r in runs for row in r.finished_summary["recipes"]))
+    names = list(dict.fromkeys(row.name for r in runs for row in r.finished_summary.recipes))
     if wanted is None:
         return names
     wanted = list(wanted)
@@ -253,46 +250,43 @@ def _trend(name: str, runs: list[RunEntry], metric: str) -> Trend:
     points: list[Point] = []
     previous: _Scored | None = None
     for run in runs:
-        row = next((r for r in run.finished_summary["recipes"] if r["name"] == name), None)
+        row = run.finished_summary.row(name)
         if row is None:
             points.append(Point(run.name, None))
             continue
-        value = (row.get("metrics") or {}).get(metric)
-        interval = (row.get("intervals") or {}).get(metric)
-        if row.get("status") != "ok" or value is None:
-            points.append(Point(run.name, row.get("status"), value, interval))
+        value = (row.metrics or {}).get(metric)
+        interval = (row.intervals or {}).get(metric)
+        if not row.ok or value is None:
+            points.append(Point(run.name, row.status, value, interval))
             continue
         scored = _scored(run, row, metric)
         change = _compare(previous, scored) if previous is not None else None
-        points.append(Point(run.name, "ok", value, interval, change))
+        points.append(Point(run.name, Status.OK, value, interval, change))
         previous = scored
     return Trend(name, tuple(points))
 
 
-def _scored(run: RunEntry, row: dict[str, Any], metric: str) -> _Scored:
-    scoring = scoring_of(run.finished_summary, row)
-    folder = RunFolder(run.folder).recipe(row["name"])
+def _scored(run: RunEntry, row: RecipeRow, metric: str) -> _Scored:
+    scoring = scoring_of(row)
+    folder = RunFolder(run.folder).recipe(row.name)
     try:
-        values = sample_values(read_samples(folder.samples), metric, scoring["threshold rule"])
+        values = sample_values(read_samples(folder.samples), metric, row.iou_rule)
     except ValueError as exc:
-        raise HistoryError(f"{run.folder}, recipe '{row['name']}': {exc}") from None
-    return _Scored(run.name, values, scoring, dict(row.get("recipe") or {}), list(row.get("lineage") or []),
+        raise HistoryError(f"{run.folder}, recipe '{row.name}': {exc}") from None
+    return _Scored(run.name, values, scoring, dict(row.recipe or {}), list(row.lineage),
                    _environment(_read_or_empty(folder.summary), row))
 
 
-def scoring_of(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, str]:
-    """How a recipe's samples were scored: its box format and threshold rule, as recorded (the rule may be
-    recorded for the recipe or for the whole run)."""
-    recipe = row.get("recipe") or {}
-    rule = row.get(THRESHOLD_RULE) or summary.get(THRESHOLD_RULE) or rule_of(row)
-    return {"box format": str(recipe.get("box_format")), "threshold rule": str(rule)}
+def scoring_of(row: RecipeRow) -> dict[str, str]:
+    """How a recipe's samples were scored: its box format and its IoU rule, as recorded."""
+    return {"box format": str((row.recipe or {}).get("box_format")), "threshold rule": str(row.iou_rule)}
 
 
-def _environment(recipe_summary: dict[str, Any], row: dict[str, Any]) -> dict[str, str]:
+def _environment(recipe_summary: dict[str, Any], row: RecipeRow) -> dict[str, str]:
     versions = (recipe_summary.get("hello") or {}).get("versions") or {}
     loaded = recipe_summary.get("loaded") or {}
     found = {name: versions.get(name) for name in _VERSIONS} | {name: loaded.get(name) for name in _LOADED}
-    found["gpu"] = (row.get("preflight") or {}).get("gpu_name")
+    found["gpu"] = (row.preflight or {}).get("gpu_name")
     return {k: str(v) for k, v in found.items() if v is not None}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from contract.run_row import Status
 from orchestrator.reporting.cells import interval_text
 from orchestrator.reporting.history import BETTER, FINISHED, NEW_SETUP, NOT_COMPARED, WORSE, History, RunEntry, Trend
 from orchestrator.reporting.history_text import (
@@ -113,15 +114,15 @@ def _value_td(trend: Trend, index: int, metric: str) -> str:
     point = trend.points[index]
     mark = point.change.mark if point.change else ""
     bounds = ""
-    if point.interval and point.status == "ok":
+    if point.interval and point.status is Status.OK:
         bounds = f'<span class="ci">{escape(interval_text(point.interval, percent=metric != "mean_iou"))}</span>'
     title = f' title="{escape(change_text(point.change, metric))}"' if point.change else ""
-    cls = _CSS_CLASS.get(mark, "failed" if point.status not in (None, "ok") else "")
+    cls = _CSS_CLASS.get(mark, "failed" if point.status not in (None, Status.OK) else "")
     return f'<td class="num {cls}"{title}>{escape(value_text(point, metric))}{bounds}</td>'
 
 
 def _trend_section(trend: Trend, history: History) -> str:
-    has_values = any(p.value is not None and p.status == "ok" for p in trend.points)
+    has_values = any(p.value is not None and p.status is Status.OK for p in trend.points)
     chart = png_img(_trend_png(trend, history), f"{history.metric} of {trend.recipe} by run", "chart") \
         if has_values else "<p>No scored run.</p>"
     items = "".join(f"<li>{_mark_span(p.marked_change.mark)} <code>{escape(p.run)}</code>: "
@@ -156,9 +157,9 @@ def _trend_png(trend: Trend, history: History) -> bytes:
     for x, point in enumerate(trend.points):
         if point.status is None:
             continue  # the run has no such recipe
-        if point.status != "ok" or point.value is None:
-            ax.annotate(point.status if point.status != "ok" else "no value", (x, 0.02), ha="center", fontsize=7,
-                        color=_COLOURS[WORSE])
+        if point.status is not Status.OK or point.value is None:
+            shown = str(point.status) if point.status is not Status.OK else "no value"
+            ax.annotate(shown, (x, 0.02), ha="center", fontsize=7, color=_COLOURS[WORSE])
             continue
         mark = point.change.mark if point.change else ""
         if mark == NOT_COMPARED:

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from contract.run_row import Status
 from orchestrator.reporting.cells import interval_text, metric_format
 from orchestrator.reporting.history import (
     BETTER,
@@ -49,8 +50,8 @@ def value_text(point: Point, metric: str) -> str:
     """'0.6123 ▲', or the recipe's status when it has no value, '-' when the run has no such recipe."""
     if point.status is None:
         return "-"
-    if point.status != "ok":
-        return point.status
+    if point.status is not Status.OK:
+        return str(point.status)
     if point.value is None:
         return "no value"
     mark = point.change.mark if point.change else ""

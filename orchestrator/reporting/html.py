@@ -18,8 +18,10 @@ import orjson
 from contract.dataset import DatasetError, ImageSource, dataset_exists, open_dataset, read_image
 from contract.layout import RunFolder
 from contract.recipe import Settings
+from contract.run_row import RecipeRow, RunSummary
 from contract.samples import id_text
 from orchestrator.reporting.cells import (
+    RELATIVE_CHANGE_NOTE,
     best_lead_unclear,
     best_line,
     best_versus_others_line,
@@ -39,6 +41,7 @@ from orchestrator.reporting.page import figure as _figure
 from orchestrator.reporting.page import page
 from orchestrator.reporting.page import png_bytes as _save
 from orchestrator.reporting.page import png_img as _png
+from orchestrator.results.stats import VERDICT_BETTER, VERDICT_WORSE
 from orchestrator.results.store import DamagedRunFile, read_json
 
 GALLERY_SIZE = 6  # worst samples shown per recipe
@@ -47,7 +50,7 @@ GT_COLOUR, PRED_COLOUR, _EDGE = (34, 197, 94), (239, 68, 68), (17, 24, 39)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def render_html(summary: dict[str, Any], run_dir: Path, samples: dict[str, list[dict[str, Any]]]) -> str:
+def render_html(summary: RunSummary, run_dir: Path, samples: dict[str, list[dict[str, Any]]]) -> str:
     record = _run_record(run_dir)
     parts = [
         _header(summary, run_dir, record),
@@ -56,7 +59,7 @@ def render_html(summary: dict[str, Any], run_dir: Path, samples: dict[str, list[
         _forest(summary),
         _gates(summary),
         _problems(summary),
-        *[_recipe_section(row, summary, samples.get(row["name"], []), run_dir) for row in summary["recipes"]],
+        *[_recipe_section(row, summary, samples.get(row.name, []), run_dir) for row in summary.recipes],
     ]
     return page(f"evalorch: {run_dir.name}", _CSS, "\n".join(p for p in parts if p))
 
@@ -70,7 +73,7 @@ def _run_record(run_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- top of the page
 
-def _header(summary: dict[str, Any], run_dir: Path, record: dict[str, Any]) -> str:
+def _header(summary: RunSummary, run_dir: Path, record: dict[str, Any]) -> str:
     meta = [f"run folder <code>{_e(run_dir)}</code>"]
     if record.get("device"):
         meta.append(f"device {_e(record['device'])}")
@@ -81,46 +84,45 @@ def _header(summary: dict[str, Any], run_dir: Path, record: dict[str, Any]) -> s
     return f"<header><h1>Evaluation results</h1><p class=\"meta\">{' · '.join(meta)}</p></header>"
 
 
-def _headline(summary: dict[str, Any]) -> str:
-    best = summary.get("best")
-    if best is None:
+def _headline(summary: RunSummary) -> str:
+    row = summary.row(summary.best)
+    if row is None:
         return '<section class="headline bad">No recipe finished with scored samples.</section>'
-    row = next(r for r in summary["recipes"] if r["name"] == best)
-    paired = row.get("vs_baseline_paired")
+    paired = row.vs_baseline_paired
     if paired is None:
         sure = ""
-    elif paired["verdict"] == "better":
-        sure = f"<p class=\"good\">Clearly better than {_e(summary['baseline'])}: the paired 95% interval of the" \
+    elif paired["verdict"] == VERDICT_BETTER:
+        sure = f"<p class=\"good\">Clearly better than {_e(summary.baseline)}: the paired 95% interval of the" \
                " per-sample IoU difference lies above 0.</p>"
     else:
-        sure = f"<p class=\"warn\">Not clearly better than {_e(summary['baseline'])}: the paired 95% interval" \
+        sure = f"<p class=\"warn\">Not clearly better than {_e(summary.baseline)}: the paired 95% interval" \
                " of the per-sample IoU difference includes 0 (or lies below it).</p>"
-    tied = [r["name"] for r in summary["recipes"] if r["name"] not in (best, summary.get("baseline"))
-            and r["status"] == "ok" and (r.get("metrics") or {}).get("mean_iou") == row["metrics"]["mean_iou"]]
+    tied = [r.name for r in summary.recipes if r.name not in (row.name, summary.baseline)
+            and r.ok and r.mean_iou == row.mean_iou]
     if tied:  # "best" is then only the first of equals
         sure += f"<p class=\"warn\">Tied on mean IoU with {_e(', '.join(tied))}.</p>"
     versus = best_versus_others_line(summary)
     if versus:
         sure += f"<p class=\"{'warn' if best_lead_unclear(summary) else 'good'}\">{_e(versus)}</p>"
-    clear = paired is None or paired["verdict"] == "better"
+    clear = paired is None or paired["verdict"] == VERDICT_BETTER
     return (f'<section class="headline{"" if clear else " unsure"}"><p class="best">{_e(best_line(summary))}</p>{sure}'
             f"<p class=\"note\">{_e(_NOTE)}</p></section>")
 
 
 _NOTE = ("Intervals are 95% percentile-bootstrap intervals (2000 resamples, fixed seed). Paired Δ is the mean of"
          " (recipe IoU - baseline IoU) over the samples both scored; it is called better or worse only when its"
-         " interval excludes 0.")
+         f" interval excludes 0. {RELATIVE_CHANGE_NOTE}.")
 
 
-def _table(summary: dict[str, Any]) -> str:
+def _table(summary: RunSummary) -> str:
     columns = metric_columns(summary)
     head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in columns)
     rows = []
-    for row in summary["recipes"]:
-        cls = "best" if row["name"] == summary.get("best") else ("failed" if row["status"] != "ok" else "")
+    for row in summary.recipes:
+        cls = "best" if row.name == summary.best else ("failed" if not row.ok else "")
         cells = "".join(_metric_td(row, key, fmt) for key, _, fmt in columns)
-        name = f'<a href="#{_anchor(row["name"])}">{_e(label(row, summary))}</a>'
-        status = f'<span class="badge {"ok" if row["status"] == "ok" else "bad"}">{_e(status_text(row))}</span>'
+        name = f'<a href="#{_anchor(row.name)}">{_e(label(row, summary))}</a>'
+        status = f'<span class="badge {"ok" if row.ok else "bad"}">{_e(status_text(row))}</span>'
         rows.append(f'<tr class="{cls}"><th scope="row">{name}</th>{cells}<td class="num">{_e(change_cell(row))}'
                     f"</td>{_paired_td(row)}<td>{status}</td></tr>")
     return (f'<section><h2>Results</h2><table class="results"><thead><tr><th>Model</th>{head}'
@@ -128,36 +130,36 @@ def _table(summary: dict[str, Any]) -> str:
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
 
 
-def _metric_td(row: dict[str, Any], key: str, fmt: str) -> str:
-    value = (row.get("metrics") or {}).get(key)
+def _metric_td(row: RecipeRow, key: str, fmt: str) -> str:
+    value = (row.metrics or {}).get(key)
     if value is None:
         return '<td class="num">-</td>'
-    bounds = (row.get("intervals") or {}).get(key)
+    bounds = (row.intervals or {}).get(key)
     ci = f'<span class="ci">{_e(interval_text(bounds, percent=fmt.endswith("%}")))}</span>' if bounds else ""
     return f'<td class="num">{_e(fmt.format(value))}{ci}</td>'
 
 
-def _paired_td(row: dict[str, Any]) -> str:
-    paired = row.get("vs_baseline_paired")
+def _paired_td(row: RecipeRow) -> str:
+    paired = row.vs_baseline_paired
     if not paired:
         return '<td class="num"></td>'
     verdict = paired["verdict"]
-    cls = {"better": "good", "worse": "bad"}.get(verdict, "unclear")
+    cls = {VERDICT_BETTER: "good", VERDICT_WORSE: "bad"}.get(verdict, "unclear")
     return (f'<td class="num">{paired["difference"]:+.4f}<span class="ci">'
             f"{_e(interval_text(paired['interval'], signed=True))}, n={paired['n']}</span>"
             f'<span class="verdict {cls}">{_e(verdict)}</span></td>')
 
 
-def _forest(summary: dict[str, Any]) -> str:
-    rows = [r for r in summary["recipes"] if (r.get("metrics") or {}).get("mean_iou") is not None]
+def _forest(summary: RunSummary) -> str:
+    rows = [r for r in summary.recipes if r.mean_iou is not None]
     if not rows:
         return ""
     alt = "Mean IoU of each recipe with its 95% interval"
     return f'<section><h2>Mean IoU with 95% intervals</h2>{_png(_forest_png(summary, rows), alt, "chart")}</section>'
 
 
-def _gates(summary: dict[str, Any]) -> str:
-    gates = summary.get("gates")
+def _gates(summary: RunSummary) -> str:
+    gates = summary.gates
     if not gates:
         return ""
     failures = gates.get("failures") or []
@@ -178,7 +180,7 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _problems(summary: dict[str, Any]) -> str:
+def _problems(summary: RunSummary) -> str:
     html = ""
     notes = override_notes(summary)
     if notes:
@@ -201,15 +203,14 @@ def _problems(summary: dict[str, Any]) -> str:
 
 # -------------------------------------------------------------------------------------------- each recipe
 
-def _recipe_section(row: dict[str, Any], summary: dict[str, Any], samples: list[dict[str, Any]],
-                    run_dir: Path) -> str:
+def _recipe_section(row: RecipeRow, summary: RunSummary, samples: list[dict[str, Any]], run_dir: Path) -> str:
     scored = [s for s in samples if s.get("status") == "ok"]
-    parts = [f'<section class="recipe" id="{_anchor(row["name"])}"><h2>{_e(label(row, summary))}</h2>']
+    parts = [f'<section class="recipe" id="{_anchor(row.name)}"><h2>{_e(label(row, summary))}</h2>']
     if scored:
         ious = [float(s["iou"]) for s in scored]
         missed = sum(1 for s in scored if not s.get("detected"))
         counts = f"<p>{len(scored)} scored sample(s); {missed} without a parsable box (IoU 0).</p>"
-        picture = _png(_histogram_png(ious), "IoU histogram of " + row["name"], "chart")
+        picture = _png(_histogram_png(ious), "IoU histogram of " + row.name, "chart")
         parts.append(f'<div class="overview"><div>{_lineage(row)}{counts}</div><div>{picture}</div></div>')
         parts.append(_gallery(row, scored, run_dir))
     else:
@@ -219,13 +220,13 @@ def _recipe_section(row: dict[str, Any], summary: dict[str, Any], samples: list[
     return "\n".join(p for p in parts if p)
 
 
-def _lineage(row: dict[str, Any]) -> str:
-    links = list(reversed(row.get("lineage") or []))  # top (what the recipe names) first, down to the root
+def _lineage(row: RecipeRow) -> str:
+    links = list(reversed(row.lineage))  # top (what the recipe names) first, down to the root
     if not links:
         return ""
     items = "".join(f"<li><span class=\"kind\">{_e(link.get('kind'))}</span> <code>{_e(link.get('path'))}</code> "
                     f"<small>{_e(link.get('fingerprint'))}</small></li>" for link in links)
-    note = ' <span class="warn">(base overridden by the recipe)</span>' if row.get("base_override") else ""
+    note = ' <span class="warn">(base overridden by the recipe)</span>' if row.base_override else ""
     return f'<div class="lineage"><h3>Lineage{note}</h3><ol>{items}</ol></div>'
 
 
@@ -238,9 +239,9 @@ def _sample_errors(samples: list[dict[str, Any]]) -> str:
     return f'<div class="errors"><h3>{len(errors)} sample error(s)</h3><ul>{items}{more}</ul></div>'
 
 
-def _gallery(row: dict[str, Any], scored: list[dict[str, Any]], run_dir: Path) -> str:
+def _gallery(row: RecipeRow, scored: list[dict[str, Any]], run_dir: Path) -> str:
     worst = sorted(scored, key=lambda s: (float(s["iou"]), str(s["id"])))[:GALLERY_SIZE]
-    recipe = row.get("recipe") or {}
+    recipe = row.recipe or {}
     images = dataset_images(str(recipe.get("dataset") or ""), str(run_dir), _reading(recipe))
     exif = "ignore" if recipe.get("exif") == "ignore" else "apply"  # the image as the worker read it
     cards = []
@@ -338,20 +339,20 @@ def _histogram_png(ious: list[float]) -> bytes:
     return _save(fig)
 
 
-def _forest_png(summary: dict[str, Any], rows: list[dict[str, Any]]) -> bytes:
+def _forest_png(summary: RunSummary, rows: list[RecipeRow]) -> bytes:
     """Each recipe's mean IoU as a dot with its 95% interval; the baseline's mean as a dashed line."""
     fig = _figure(8.0, 0.45 * len(rows) + 1.0)
     ax = fig.add_subplot()
     for y, row in enumerate(reversed(rows)):
-        mean = row["metrics"]["mean_iou"]
-        low, high = (row.get("intervals") or {}).get("mean_iou") or (mean, mean)
-        colour = "#16a34a" if row["name"] == summary.get("best") else "#2563eb"
+        mean = row.mean_iou or 0.0
+        low, high = (row.intervals or {}).get("mean_iou") or (mean, mean)
+        colour = "#16a34a" if row.name == summary.best else "#2563eb"
         ax.plot([low, high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
         ax.plot([mean], [y], "o", color=colour)
         ax.text(high, y, f"  {mean:.3f}", va="center", fontsize=8)
-        if row["name"] == summary.get("baseline"):
+        if row.name == summary.baseline:
             ax.axvline(mean, color="#6b7280", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(rows)), [r["name"] for r in reversed(rows)])
+    ax.set_yticks(range(len(rows)), [r.name for r in reversed(rows)])
     ax.set_xlim(0, 1.08)
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("mean IoU (dashed: baseline)")

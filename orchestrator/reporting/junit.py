@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from contract.run_row import RecipeRow, RunSummary
 from orchestrator.results.summary import recipe_seconds
 
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -19,24 +20,24 @@ def _xml_text(text: str) -> str:
     return _XML_ILLEGAL.sub("?", text)
 
 
-def junit_xml(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir: Path) -> str:
+def junit_xml(summary: RunSummary, gates: dict[str, Any] | None, run_dir: Path) -> str:
     """One test case per recipe; a failed or refused recipe, or one a gate failed, has a <failure>."""
     by_recipe: dict[str, list[dict[str, Any]]] = {}
     for failure in (gates or {}).get("failures", []):
         by_recipe.setdefault(failure["recipe"], []).append(failure)
-    suite = ET.Element("testsuite", name="evalorch", tests=str(len(summary["recipes"])))
+    suite = ET.Element("testsuite", name="evalorch", tests=str(len(summary.recipes)))
     failed = 0
-    for row in summary["recipes"]:
-        seconds = recipe_seconds(run_dir, row["name"])
-        case = ET.SubElement(suite, "testcase", classname=f"evalorch.{run_dir.name}", name=row["name"],
+    for row in summary.recipes:
+        seconds = recipe_seconds(run_dir, row.name)
+        case = ET.SubElement(suite, "testcase", classname=f"evalorch.{run_dir.name}", name=row.name,
                              time=f"{seconds or 0.0:.3f}")
-        message, kind = _case_failure(row, by_recipe.get(row["name"], []))
+        message, kind = _case_failure(row, by_recipe.get(row.name, []))
         if message:
             failed += 1
             element = ET.SubElement(case, "failure", message=_xml_text(message.splitlines()[0][:500]), type=kind)
             element.text = _xml_text(message)
         out = ET.SubElement(case, "system-out")
-        out.text = _xml_text(orjson.dumps(row.get("metrics") or {}).decode())
+        out.text = _xml_text(orjson.dumps(row.metrics or {}).decode())
     suite.set("failures", str(failed))
     root = ET.Element("testsuites", name="evalorch", tests=suite.get("tests", "0"), failures=str(failed))
     root.append(suite)
@@ -44,9 +45,9 @@ def junit_xml(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir: Pa
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def _case_failure(row: dict[str, Any], gate_failures: list[dict[str, Any]]) -> tuple[str, str]:
-    if row["status"] != "ok":
-        return f"{row['name']}: {row['status']}: {row.get('detail') or ''}".rstrip(": "), row["status"]
+def _case_failure(row: RecipeRow, gate_failures: list[dict[str, Any]]) -> tuple[str, str]:
+    if not row.ok:
+        return f"{row.name}: {row.status}: {row.detail}".rstrip(": "), str(row.status)
     if gate_failures:
         return "\n".join(f["message"] for f in gate_failures), "gate"
     return "", ""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from contract.run_row import RunSummary
 from orchestrator.reporting.cells import (
+    RELATIVE_CHANGE_NOTE,
     best_line,
     best_versus_others_line,
     change_cell,
@@ -21,14 +23,14 @@ from orchestrator.reporting.cells import (
 )
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
+def markdown_table(summary: RunSummary) -> str:
     """The table with 95% intervals and the best line: what report.md opens with and what CI's step summary
     shows."""
     columns = metric_columns(summary)
     head = ["Model", *[title for _, title, _ in columns], "vs baseline", "Paired Δ IoU vs baseline (95% CI)",
             "Status"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
-    for row in summary["recipes"]:
+    for row in summary.recipes:
         cells = [metric_cell(row, key, fmt, interval=True) for key, _, fmt in columns]
         lines.append("| " + " | ".join([label(row, summary), *cells, change_cell(row), paired_cell(row),
                                          status_text(row)]).replace("\n", " ") + " |")
@@ -36,9 +38,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join([*lines, "", f"**{best_line(summary)}**", *(["", versus] if versus else []), ""])
 
 
-def render_markdown(summary: dict[str, Any]) -> str:
+def render_markdown(summary: RunSummary) -> str:
     lines = ["# Evaluation results", "", markdown_table(summary), _INTERVALS_NOTE, ""]
-    gates = summary.get("gates")
+    gates = summary.gates
     if gates and gates.get("failures"):
         lines += ["## Quality gates failed", "", gates_markdown(gates), ""]
     notes = override_notes(summary)
@@ -54,15 +56,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if found:
         lines += ["## Problems", "", *[f"- {p}" for p in found], ""]
     lines += ["## Lineage", ""]
-    for row in summary["recipes"]:
-        lines.append(f"- **{row['name']}**: " + (" → ".join(link_text(link) for link in
-                                                             reversed(row.get("lineage") or [])) or "-"))
+    for row in summary.recipes:
+        lines.append(f"- **{row.name}**: " + (" → ".join(link_text(link) for link in reversed(row.lineage))
+                                               or "-"))
     return "\n".join(lines) + "\n"
 
 
 _INTERVALS_NOTE = ("Brackets: 95% bootstrap intervals (2000 resamples). Paired Δ: the mean per-sample IoU difference"
                    " from the baseline on the samples both scored; \"better\"/\"worse\" only when its interval"
-                   " excludes 0.")
+                   f" excludes 0. {RELATIVE_CHANGE_NOTE}.")
 
 
 def gates_markdown(gates: dict[str, Any]) -> str:

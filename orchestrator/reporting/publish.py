@@ -14,6 +14,7 @@ import orjson
 from rich.console import Console
 
 from contract.layout import RunFolder, RunsFolder
+from contract.run_row import RunSummary
 from orchestrator.reporting.cells import problems
 from orchestrator.reporting.gates import GateRequest, check, exit_code
 from orchestrator.reporting.history import History
@@ -37,16 +38,16 @@ class Outputs:
     mlflow: MlflowTarget | None = None
 
 
-def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, outputs: Outputs,
+def publish(run_dir: Path, summary: RunSummary, request: GateRequest, outputs: Outputs,
             interrupted: bool = False) -> int:
     """Statistics, gates, summary.json, report.md/.html, the terminal table, CI outputs; returns the exit code.
     Raises GateError for a gate that names a metric or recipe the run does not have."""
     samples = load_samples(run_dir, summary)
     add_statistics(summary, samples)
     gates = check(summary, request)
-    summary["gates"] = gates
+    summary.gates = gates
     if outputs.write_summary:
-        write_json(RunFolder(run_dir).summary, summary)
+        write_json(RunFolder(run_dir).summary, summary.to_json())
     html_path = write_reports(run_dir, summary, samples)
     code = exit_code(summary, gates, interrupted)
     show_results(summary, gates, outputs.console, html_path)
@@ -56,7 +57,7 @@ def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, output
         write_bytes(outputs.junit, junit_xml(summary, gates, run_dir).encode())
     logged = _track(run_dir, summary, outputs.mlflow, outputs) if outputs.mlflow is not None else None
     if outputs.json_out:
-        document = {**summary, "run_dir": str(run_dir), "report": str(html_path), "exit_code": code}
+        document = {**summary.to_json(), "run_dir": str(run_dir), "report": str(html_path), "exit_code": code}
         if logged is not None:
             document["mlflow"] = asdict(logged)
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -64,7 +65,7 @@ def publish(run_dir: Path, summary: dict[str, Any], request: GateRequest, output
     return code
 
 
-def write_reports(run_dir: Path, summary: dict[str, Any], samples: Samples, out_dir: Path | None = None) -> Path:
+def write_reports(run_dir: Path, summary: RunSummary, samples: Samples, out_dir: Path | None = None) -> Path:
     """report.md and report.html into `out_dir` (the run folder by default); returns the HTML's path."""
     from orchestrator.reporting.html import render_html  # matplotlib and Pillow load only when a report is written
 
@@ -86,7 +87,7 @@ def write_history(history: History, out: Path) -> tuple[Path, Path]:
     return folder.history_md, folder.history_html
 
 
-def _step_summary(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir: Path) -> None:
+def _step_summary(summary: RunSummary, gates: dict[str, Any] | None, run_dir: Path) -> None:
     """GitHub Actions shows what a job appends to $GITHUB_STEP_SUMMARY on the run's page."""
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if not target:
@@ -99,7 +100,7 @@ def _step_summary(summary: dict[str, Any], gates: dict[str, Any] | None, run_dir
         f.write("\n".join(parts) + "\n\n")
 
 
-def _track(run_dir: Path, summary: dict[str, Any], target: MlflowTarget, outputs: Outputs) -> Logged:
+def _track(run_dir: Path, summary: RunSummary, target: MlflowTarget, outputs: Outputs) -> Logged:
     """Last, after every file is written: a tracking server that fails changes nothing of the run's results."""
     logged = log_run(run_dir, summary, target)
     if logged.warning:

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from contract.layout import RunFolder
+from contract.run_row import RunSummary
 from orchestrator.reporting.cells import (
     best_line,
     best_versus_others_line,
@@ -28,7 +29,7 @@ from orchestrator.reporting.cells import (
 )
 
 
-def render_terminal(summary: dict[str, Any], console: Console) -> None:
+def render_terminal(summary: RunSummary, console: Console) -> None:
     table = Table(title="Evaluation results")
     table.add_column("Model", style="bold")
     columns = metric_columns(summary)
@@ -37,8 +38,8 @@ def render_terminal(summary: dict[str, Any], console: Console) -> None:
     table.add_column("vs baseline", justify="right")
     table.add_column("Paired Δ IoU vs baseline (95% CI)", justify="right")
     table.add_column("Status")
-    for row in summary["recipes"]:
-        style = None if row["status"] == "ok" else "red"
+    for row in summary.recipes:
+        style = None if row.ok else "red"
         cells = [metric_cell(row, key, fmt, interval=key == "mean_iou") for key, _, fmt in columns]
         texts = [label(row, summary), *cells, change_cell(row), paired_cell(row), status_text(row)]
         table.add_row(*[Text(t) for t in texts], style=style)  # Text: a recipe name is never rich markup
@@ -80,7 +81,7 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def show_results(summary: dict[str, Any], gates: dict[str, Any] | None, console: Console, html_path: Path) -> None:
+def show_results(summary: RunSummary, gates: dict[str, Any] | None, console: Console, html_path: Path) -> None:
     """The table, then the gates' verdict and notes, then where the reports are."""
     render_terminal(summary, console)
     if gates and gates["failures"]:

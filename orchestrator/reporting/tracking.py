@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from contract.layout import RunFolder
+from contract.run_row import RecipeRow, RunSummary, Status
 from orchestrator.errors import UserError
 from orchestrator.results.store import DamagedRunFile, read_json
 
@@ -33,7 +34,8 @@ _FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKO
 # MLflow 3 refuses its file store unless this is set; a user who types --mlflow file:... asked for one.
 _FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 _PARAM_CHARS = 500  # the smallest limit of a param's value among MLflow servers in use
-_STATUSES = {"ok": "FINISHED", "interrupted": "KILLED", "skipped": "KILLED"}  # anything else: FAILED
+# An MLflow run's end state by the recipe's status; anything else: FAILED
+_MLFLOW_STATES = {Status.OK: "FINISHED", Status.INTERRUPTED: "KILLED", Status.SKIPPED: "KILLED"}
 
 
 class TrackingError(UserError):
@@ -67,7 +69,7 @@ def mlflow_target(uri: str | None, experiment: str | None) -> MlflowTarget | Non
     return MlflowTarget(uri, experiment)
 
 
-def log_run(run_dir: Path, summary: dict[str, Any], target: MlflowTarget) -> Logged:
+def log_run(run_dir: Path, summary: RunSummary, target: MlflowTarget) -> Logged:
     """Every recipe of the run as an MLflow run; never raises (what failed is the returned warning)."""
     logged = Logged(target.uri)
     try:
@@ -83,7 +85,7 @@ def _first_line(exc: Exception) -> str:
     return text[0][:400] if text else ""
 
 
-def _log(run_dir: Path, summary: dict[str, Any], target: MlflowTarget, logged: Logged) -> None:
+def _log(run_dir: Path, summary: RunSummary, target: MlflowTarget, logged: Logged) -> None:
     for name, value in _FAIL_FAST.items():
         os.environ.setdefault(name, value)
     if urlparse(target.uri).scheme in ("", "file"):
@@ -95,8 +97,8 @@ def _log(run_dir: Path, summary: dict[str, Any], target: MlflowTarget, logged: L
     logged.experiment = target.experiment or experiment_name(run_dir, record)
     found = client.get_experiment_by_name(logged.experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(logged.experiment)
-    for row in summary["recipes"]:
-        logged.runs[row["name"]] = _log_recipe(client, experiment_id, run_dir, summary, row, record)
+    for row in summary.recipes:
+        logged.runs[row.name] = _log_recipe(client, experiment_id, run_dir, summary, row, record)
 
 
 def experiment_name(run_dir: Path, record: dict[str, Any]) -> str:
@@ -112,23 +114,23 @@ def _read_record(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _log_recipe(client: Any, experiment_id: str, run_dir: Path, summary: dict[str, Any], row: dict[str, Any],
+def _log_recipe(client: Any, experiment_id: str, run_dir: Path, summary: RunSummary, row: RecipeRow,
                 record: dict[str, Any]) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
-    key = f"{run_dir.name}/{row['name']}"
+    key = f"{run_dir.name}/{row.name}"
     before = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quoted(key)}'",
                                 max_results=1)
-    run_id = before[0].info.run_id if before else client.create_run(experiment_id, run_name=row["name"]).info.run_id
+    run_id = before[0].info.run_id if before else client.create_run(experiment_id, run_name=row.name).info.run_id
     now = _millis()
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in recipe_metrics(row).items()],
                      params=[Param(k, v) for k, v in recipe_params(row).items()],
                      tags=[RunTag(k, v) for k, v in recipe_tags(run_dir, summary, row, record, key).items()])
     folder = RunFolder(run_dir)
-    for path in (folder.recipe(row["name"]).summary, folder.report_html, folder.report_md):
+    for path in (folder.recipe(row.name).summary, folder.report_html, folder.report_md):
         if path.is_file():
             client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status=_STATUSES.get(row["status"], "FAILED"))
+    client.set_terminated(run_id, status=_MLFLOW_STATES.get(row.status, "FAILED"))
     return run_id
 
 
@@ -140,11 +142,11 @@ def _millis() -> int:
     return int(time.time() * 1000)
 
 
-def recipe_params(row: dict[str, Any]) -> dict[str, str]:
+def recipe_params(row: RecipeRow) -> dict[str, str]:
     """The recipe's settings (`recipe.<field>`) and each lineage link (`lineage.<i>.path|kind|fingerprint`, the
     root first), as strings of at most the length every MLflow server takes."""
-    params = {f"recipe.{k}": v for k, v in sorted((row.get("recipe") or {}).items())}
-    for index, link in enumerate(row.get("lineage") or []):
+    params = {f"recipe.{k}": v for k, v in sorted((row.recipe or {}).items())}
+    for index, link in enumerate(row.lineage):
         for part in ("path", "kind", "fingerprint"):
             params[f"lineage.{index}.{part}"] = link.get(part)
     return {k: _clip("" if v is None else str(v)) for k, v in params.items()}
@@ -154,24 +156,24 @@ def _clip(text: str) -> str:
     return text if len(text) <= _PARAM_CHARS else text[:_PARAM_CHARS - 1] + "…"
 
 
-def recipe_metrics(row: dict[str, Any]) -> dict[str, float]:
+def recipe_metrics(row: RecipeRow) -> dict[str, float]:
     """Every metric with a value, its interval bounds, and the paired Δ against the baseline."""
-    found: dict[str, float] = {k: float(v) for k, v in (row.get("metrics") or {}).items() if v is not None}
-    for key, bounds in (row.get("intervals") or {}).items():
+    found: dict[str, float] = {k: float(v) for k, v in (row.metrics or {}).items() if v is not None}
+    for key, bounds in (row.intervals or {}).items():
         if bounds:
             found[f"{key}.low"], found[f"{key}.high"] = float(bounds[0]), float(bounds[1])
-    paired = row.get("vs_baseline_paired")
+    paired = row.vs_baseline_paired
     if paired:
         found |= {"vs_baseline.delta": float(paired["difference"]), "vs_baseline.low": float(paired["interval"][0]),
                   "vs_baseline.high": float(paired["interval"][1]), "vs_baseline.n": float(paired["n"])}
     return found
 
 
-def recipe_tags(run_dir: Path, summary: dict[str, Any], row: dict[str, Any], record: dict[str, Any],
+def recipe_tags(run_dir: Path, summary: RunSummary, row: RecipeRow, record: dict[str, Any],
                 key: str) -> dict[str, str]:
-    preflight = row.get("preflight") or {}
+    preflight = row.preflight or {}
     gpu = f"{preflight['gpu']}: {preflight.get('gpu_name')}" if preflight.get("gpu") is not None else "none"
-    tags = {"status": row["status"], "host": record.get("host"), "gpu": gpu, "device": record.get("device"),
-            "baseline": str(row["name"] == summary.get("baseline")).lower(), "evalorch.run_folder": str(run_dir),
+    tags = {"status": row.status, "host": record.get("host"), "gpu": gpu, "device": record.get("device"),
+            "baseline": str(row.name == summary.baseline).lower(), "evalorch.run_folder": str(run_dir),
             RUN_KEY_TAG: key, "commit": record.get("commit"), "mlflow.source.git.commit": record.get("commit")}
     return {k: str(v) for k, v in tags.items() if v is not None}

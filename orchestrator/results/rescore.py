@@ -24,10 +24,11 @@ import orjson
 
 from contract.boxes import BOX_FORMATS, InputSizeMissing, score_text
 from contract.layout import RESCORE_PREFIX, RunFolder
+from contract.run_row import IouRule, RecipeRow, Rescore, RunSummary
 from orchestrator.errors import UserError
-from orchestrator.results.stats import DEFAULT_THRESHOLDS, IOU_RULES, metrics, rule_of, thresholds_of
+from orchestrator.results.stats import DEFAULT_THRESHOLDS, metrics, thresholds_of
 from orchestrator.results.store import make_folder, new_folder, read_json, read_samples, write_bytes, write_json
-from orchestrator.results.summary import ROW_KEYS, load_run, run_summary
+from orchestrator.results.summary import load_run, run_summary
 
 
 class RescoreError(UserError):
@@ -35,18 +36,18 @@ class RescoreError(UserError):
 
 
 def rescore(run_dir: Path, box_format: str | None = None, thresholds: Sequence[float] | None = None,
-            iou_rule: str | None = None) -> tuple[Path, dict[str, Any]]:
+            iou_rule: str | None = None) -> tuple[Path, RunSummary]:
     """Rescore every recipe of `run_dir` into a new rescore folder; returns it and the new run summary (which
     the caller publishes: summary.json, reports). Each recipe keeps its own IoU rule unless `iou_rule` says."""
     if box_format is not None and box_format not in BOX_FORMATS:
         raise RescoreError(f"unknown box format {box_format!r}; known: {', '.join(BOX_FORMATS)}")
-    if iou_rule is not None and iou_rule not in IOU_RULES:
-        raise RescoreError(f"unknown IoU rule {iou_rule!r}; known: {', '.join(IOU_RULES)}")
+    if iou_rule is not None and iou_rule not in tuple(IouRule):
+        raise RescoreError(f"unknown IoU rule {iou_rule!r}; known: {', '.join(IouRule)}")
     summary = load_run(run_dir)
     out = new_folder(run_dir, RESCORE_PREFIX)
     try:
-        rows = [_rescore_recipe(RunFolder(run_dir), RunFolder(out), row, box_format, thresholds, iou_rule)
-                for row in summary["recipes"]]
+        rows = [_rescore_recipe(RunFolder(run_dir), RunFolder(out), row, box_format, thresholds,
+                                IouRule(iou_rule) if iou_rule is not None else None) for row in summary.recipes]
     except RescoreError:
         shutil.rmtree(out)  # our own new folder: no half rescore is left beside the run
         raise
@@ -56,13 +57,13 @@ def rescore(run_dir: Path, box_format: str | None = None, thresholds: Sequence[f
     write_json(RunFolder(out).record, {**record, "rescore_of": str(run_dir),
                                   "rescore": f"box format {box_format or 'as recorded'}, thresholds {shown}, "
                                              f"IoU rule {iou_rule or 'as recorded'}"})
-    return out, run_summary(rows, summary.get("baseline"))
+    return out, run_summary(rows, summary.baseline)
 
 
-def _rescore_recipe(run: RunFolder, out: RunFolder, row: dict[str, Any], box_format: str | None,
-                    thresholds: Sequence[float] | None, iou_rule: str | None) -> dict[str, Any]:
-    name = row["name"]
-    fmt = box_format or (row.get("recipe") or {}).get("box_format")
+def _rescore_recipe(run: RunFolder, out: RunFolder, row: RecipeRow, box_format: str | None,
+                    thresholds: Sequence[float] | None, iou_rule: IouRule | None) -> RecipeRow:
+    name = row.name
+    fmt = box_format or (row.recipe or {}).get("box_format")
     if fmt not in BOX_FORMATS:
         raise RescoreError(f"recipe '{name}': no known box format recorded ({fmt!r}); pass --box-format")
     try:
@@ -73,13 +74,13 @@ def _rescore_recipe(run: RunFolder, out: RunFolder, row: dict[str, Any], box_for
     target = out.recipe(name)
     make_folder(target.path)
     write_bytes(target.samples, b"".join(orjson.dumps(s) + b"\n" for s in samples))
-    used = list(thresholds or thresholds_of(row.get("metrics") or {}) or DEFAULT_THRESHOLDS)
+    used = list(thresholds or thresholds_of(row.metrics or {}) or DEFAULT_THRESHOLDS)
     changed = sum(1 for s in samples if "iou_before" in s and s["iou_before"] != s["iou"])
-    rule = iou_rule or rule_of(row)
-    new_row = {**{key: row.get(key) for key in ROW_KEYS}, "metrics": metrics(samples, used, rule), "iou_rule": rule,
-               "rescore": {"box_format": fmt, "thresholds": used, "iou_rule": rule, "samples_changed": changed}}
+    rule = iou_rule or row.iou_rule
+    new_row = RecipeRow.model_validate({**row.recorded(), "metrics": metrics(samples, used, rule), "iou_rule": rule})
+    new_row.rescore = Rescore(box_format=fmt, thresholds=used, iou_rule=rule, samples_changed=changed)
     stored = run.recipe(name).summary
-    write_json(target.summary, {**(read_json(stored) if stored.is_file() else {}), **new_row})
+    write_json(target.summary, {**(read_json(stored) if stored.is_file() else {}), **new_row.recorded()})
     return new_row
 
 

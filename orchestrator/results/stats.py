@@ -3,10 +3,9 @@
 Scored samples are those the model saw (status "ok"); a sample whose image could not be read is counted
 apart as an error, not as a miss. A scored sample with no parsable box is "not detected" and has IoU 0.
 
-The rate at t counts IoU >= t, as every peer's ACC@t does (lmms-eval, InternVL's and Qwen-VL's RefCOCO scripts):
-key iou_ge_<t>, column "IoU≥t". Run folders written before the rule was recorded counted IoU > t (key iou_gt_<t>,
-column "IoU>t"); a row records its rule as "iou_rule", and a rescore keeps a folder's own rule unless told
-otherwise. Gates accept either key name for the rate at t: the row's own rule decides what it counted.
+The rate at t counts by the row's IoU rule (contract/run_row.py IouRule: IoU >= t for new runs, IoU > t in run
+folders written before the rule was recorded); a rescore keeps a folder's own rule unless told otherwise. Gates
+accept either key name for the rate at t: the row's own rule decides what it counted.
 
 Intervals are percentile bootstrap intervals with a fixed seed, so re-rendering a report gives the same numbers.
 A comparison with the baseline is paired (per-sample IoU differences on the samples both recipes scored): the
@@ -16,10 +15,10 @@ same hard samples are hard for both recipes, so pairing removes most of the nois
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
+from contract.run_row import NEW_RUN_RULE, IouRule, Metrics, parse_threshold_key
 from contract.samples import id_text
 
 DEFAULT_THRESHOLDS = (0.5, 0.7)
@@ -32,11 +31,8 @@ def fraction(value: float, what: str) -> float:
     if not math.isfinite(value) or not 0 <= value <= 1:
         raise ValueError(f"{what} must lie between 0 and 1, not {value:g}")
     return value
-IOU_RULE = ">="  # how the rates of a new run count
-OLD_IOU_RULE = ">"  # what a row without a recorded "iou_rule" counted
-IOU_RULES = (IOU_RULE, OLD_IOU_RULE)
-_PREFIX = {">=": "iou_ge_", ">": "iou_gt_"}
-_TITLE = {">=": "IoU≥", ">": "IoU>"}
+
+
 RESAMPLES = 2000
 SEED = 0
 CONFIDENCE = 0.95
@@ -46,7 +42,7 @@ VERDICT_BETTER, VERDICT_WORSE, VERDICT_UNCLEAR = "better", "worse", "no clear di
 
 
 def metrics(samples: Sequence[dict[str, Any]], thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-            rule: str = IOU_RULE) -> dict:
+            rule: IouRule = NEW_RUN_RULE) -> Metrics:
     scored = [s for s in samples if s.get("status") == "ok"]
     errors = len(samples) - len(scored)
     n = len(scored)
@@ -58,35 +54,8 @@ def metrics(samples: Sequence[dict[str, Any]], thresholds: Sequence[float] = DEF
         "detection_rate": sum(1 for s in scored if s["detected"]) / n if n else None,
     }
     for t in thresholds:
-        out[threshold_key(t, rule)] = sum(1 for v in ious if reaches(v, t, rule)) / n if n else None
+        out[rule.key(t)] = sum(1 for v in ious if rule.counts(v, t)) / n if n else None
     return out
-
-
-def reaches(value: float, threshold: float, rule: str = IOU_RULE) -> bool:
-    """Whether an IoU counts towards the rate at `threshold` under `rule` (">=" or the old ">")."""
-    return value >= threshold if rule == ">=" else value > threshold
-
-
-def threshold_key(threshold: float, rule: str = IOU_RULE) -> str:
-    """The rate at 0.5: 'iou_ge_0.5' (IoU >= 0.5), or 'iou_gt_0.5' under the old rule (a stable name for JSON and
-    CLI options)."""
-    return f"{_PREFIX[rule]}{threshold:g}"
-
-
-def threshold_title(threshold: float, rule: str = IOU_RULE) -> str:
-    """'IoU≥0.5' (or 'IoU>0.5' under the old rule): the column a person reads."""
-    return f"{_TITLE[rule]}{threshold:g}"
-
-
-def parse_threshold_key(key: str) -> tuple[float, str] | None:
-    """'iou_ge_0.5' -> (0.5, '>='), 'iou_gt_0.5' -> (0.5, '>'); None for any other key."""
-    for rule, prefix in _PREFIX.items():
-        if key.startswith(prefix):
-            try:
-                return float(key[len(prefix):]), rule
-            except ValueError:
-                return None
-    return None
 
 
 def sample_error_verdict(samples: Sequence[dict[str, Any]], max_errors: int | float) -> dict[str, Any]:
@@ -113,16 +82,6 @@ def thresholds_of(metric_values: dict[str, Any]) -> list[float]:
     return sorted({found[0] for k in metric_values if (found := parse_threshold_key(k)) is not None})
 
 
-def rule_of(row: dict[str, Any]) -> str:
-    """The rule a recipe row's rates counted with: its recorded "iou_rule", else read from its metric keys (a row
-    written before the rule was recorded has iou_gt_ keys: ">")."""
-    recorded = row.get("iou_rule")
-    if recorded in IOU_RULES:
-        return recorded
-    rules = {found[1] for k in (row.get("metrics") or {}) if (found := parse_threshold_key(k)) is not None}
-    return IOU_RULE if rules == {IOU_RULE} else OLD_IOU_RULE
-
-
 def metric_value(metric_values: dict[str, Any], name: str) -> Any:
     """A metric by name; the rate at t by either key name (iou_ge_t or the older iou_gt_t), as the row counted it."""
     if name in metric_values:
@@ -130,13 +89,20 @@ def metric_value(metric_values: dict[str, Any], name: str) -> Any:
     found = parse_threshold_key(name)
     if found is None:
         return None
-    return next((metric_values[threshold_key(found[0], rule)] for rule in IOU_RULES
-                 if threshold_key(found[0], rule) in metric_values), None)
+    return next((metric_values[rule.key(found[0])] for rule in IouRule if rule.key(found[0]) in metric_values),
+                None)
+
+
+# The smallest baseline mean IoU a change relative to it is given for ("+780.3% over base"). Below it the baseline
+# barely overlaps its targets: the ratio grows without bound as the baseline nears 0 (0.004 -> 0.86 reads
+# "+21367.9%") and tells noise, not size. The paired Δ IoU, absolute and with its interval, is given always.
+MIN_BASELINE_FOR_RELATIVE = 0.05
 
 
 def relative_change(value: float | None, baseline: float | None) -> float | None:
-    """The seed's "+780.0% over base": (value - baseline) / baseline."""
-    if value is None or baseline is None or baseline == 0:
+    """(value - baseline) / baseline, where the baseline's mean IoU is at least MIN_BASELINE_FOR_RELATIVE; else
+    None (no relative figure is shown)."""
+    if value is None or baseline is None or baseline < MIN_BASELINE_FOR_RELATIVE:
         return None
     return (value - baseline) / baseline
 
@@ -171,7 +137,7 @@ def bootstrap_interval(values: Sequence[float], *, seed: int = SEED) -> tuple[fl
 
 
 def metric_intervals(samples: Sequence[dict[str, Any]], thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                     *, seed: int = SEED, rule: str = IOU_RULE) -> dict[str, list[float] | None]:
+                     *, seed: int = SEED, rule: IouRule = NEW_RUN_RULE) -> dict[str, list[float] | None]:
     """A 95% interval for mean IoU, the detection rate and each rate at t (by `rule`), over the scored samples."""
     scored = [s for s in samples if s.get("status") == "ok"]
     ious = [float(s["iou"]) for s in scored]
@@ -180,7 +146,7 @@ def metric_intervals(samples: Sequence[dict[str, Any]], thresholds: Sequence[flo
         "detection_rate": [1.0 if s["detected"] else 0.0 for s in scored],
     }
     for t in thresholds:
-        columns[threshold_key(t, rule)] = [1.0 if reaches(v, t, rule) else 0.0 for v in ious]
+        columns[rule.key(t)] = [1.0 if rule.counts(v, t) else 0.0 for v in ious]
     found = bootstrap_intervals(list(columns.values()), seed=seed)
     if found is None:
         return dict.fromkeys(columns)
@@ -194,7 +160,8 @@ def paired_comparison(samples: Sequence[dict[str, Any]], baseline: Sequence[dict
     return paired_difference(sample_values(samples), sample_values(baseline), seed=seed)
 
 
-def sample_values(samples: Sequence[dict[str, Any]], metric: str = "mean_iou", rule: str = ">") -> dict[str, float]:
+def sample_values(samples: Sequence[dict[str, Any]], metric: str = "mean_iou",
+                  rule: str = NEW_RUN_RULE) -> dict[str, float]:
     """Each scored sample's part of `metric` (the metric is their mean), by id (as text: a run recorded before ids
     kept their type pairs with one after): its IoU for mean_iou, 1/0 for detection_rate and for the rate at t,
     iou_ge_<t> or iou_gt_<t> (IoU `rule` t, as the run scored it). ValueError for another name."""
@@ -204,13 +171,11 @@ def sample_values(samples: Sequence[dict[str, Any]], metric: str = "mean_iou", r
     if metric == "detection_rate":
         return {id_text(s["id"]): 1.0 if s["detected"] else 0.0 for s in scored}
     parsed = parse_threshold_key(metric)  # the rate at t, under either key name: counted by `rule`
-    if parsed is not None and rule in _RULES:
-        above = _RULES[rule]
-        return {id_text(s["id"]): 1.0 if above(float(s["iou"]), parsed[0]) else 0.0 for s in scored}
+    if parsed is not None and rule in tuple(IouRule):
+        counted = IouRule(rule)
+        return {id_text(s["id"]): 1.0 if counted.counts(float(s["iou"]), parsed[0]) else 0.0 for s in scored}
     raise ValueError(f"unknown metric {metric!r} (or threshold rule {rule!r})")
 
-
-_RULES = {">": operator.gt, ">=": operator.ge}
 
 
 def paired_difference(values: dict[str, float], before: dict[str, float], *, seed: int = SEED) -> dict[str, Any] | None:

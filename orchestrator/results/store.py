@@ -14,9 +14,10 @@ import os
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel, ValidationError
 
 from contract.exits import Exit
 from contract.layout import stamped_folder
@@ -25,6 +26,7 @@ from orchestrator.errors import UserError
 from orchestrator.results import write_faults
 
 _FSYNC_EVERY_S = 1.0
+Record = TypeVar("Record", bound=BaseModel)
 
 
 class ResultsWriteError(UserError):
@@ -95,6 +97,17 @@ def read_json(path: Path) -> Any:
         return orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as exc:
         raise DamagedRunFile(path, f"not whole JSON ({exc})") from None
+
+
+def read_record(path: Path, shape: type[Record]) -> Record:
+    """A JSON file of the run folder read as `shape` (contract/run_row.py); DamagedRunFile naming the first field
+    that has not its shape (a hand-edited or foreign file: a figure read from it would be a guess)."""
+    try:
+        return shape.model_validate(read_json(path))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        raise DamagedRunFile(path, f"{where}: {first['msg']}") from None
 
 
 def make_folder(path: Path) -> Path:

@@ -39,6 +39,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from contract.run_row import RecipeRow
 from contract.spec import ChainLink, WorkerSpec
 from orchestrator.backends.ray.cluster import Cluster, RayBackendError
 from orchestrator.backends.ray.node import GONE_ANSWERS, NodeTask, RecipeNode, plan_here, resolve_task
@@ -392,7 +393,7 @@ def resolve_on_cluster(plans: list[RecipePlan], settings: RaySettings) -> list[R
 
 def run_on_ray(cluster: Cluster, plans: list[RecipePlan], run_dir: Path, options: SuiteOptions,
                settings: RaySettings, *, lanes: int | None, listener: Listener, interrupts: Interrupts,
-               report: Report) -> list[dict[str, Any]]:
+               report: Report) -> list[RecipeRow]:
     """Every recipe of `plans` through the supervisor, its worker on the cluster; the rows of Suite.run()."""
     plans = resolve_on_cluster(plans, settings)
     count = lane_count(cluster, settings.device, settings.cpus, lanes, sum(p.runnable for p in plans) or 1)
@@ -414,7 +415,7 @@ def run_on_ray(cluster: Cluster, plans: list[RecipePlan], run_dir: Path, options
 
 
 def _run_lanes(lanes: list[RayLane], plans: list[RecipePlan], run_dir: Path, options: SuiteOptions,
-               listener: Listener, interrupts: Interrupts) -> list[dict[str, Any]]:
+               listener: Listener, interrupts: Interrupts) -> list[RecipeRow]:
     """Each lane a Suite of its own, driven by lanes.LaneDriver: a placed lane with no recipe takes the next."""
     overlaps = Overlaps()  # shared: each recipe's row names those that ran at the same time
     suites = {lane.lane: Suite(plans, run_dir, options, listener=tagged(listener, lane.lane), preflight=lane,
