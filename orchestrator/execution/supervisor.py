@@ -552,6 +552,7 @@ class Suite:
             "parity": (outcome.done or {}).get("parity"),  # batched vs one at a time (worker/inference/parity.py)
             "lineage": outcome.lineage or [asdict(link) for link in plan.chain or []],
             "base_override": plan.overridden_base,
+            "as_trained": plan.as_trained(),  # its processor's folder and resolution, embeddings resized
             "recipe": plan.recipe.model_dump(),
             "preflight": decision.record,
             "attempts": attempts,

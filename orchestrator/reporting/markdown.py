@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.reporting.cells import (
+    as_trained_notes,
     best_line,
     best_versus_others_line,
     change_cell,
@@ -16,6 +17,7 @@ from orchestrator.reporting.cells import (
     paired_cell,
     parity_notes,
     problems,
+    processor_text,
     status_text,
     worker_notes,
 )
@@ -44,6 +46,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     notes = override_notes(summary)
     if notes:
         lines += ["## Base overrides", "", *[f"- {n}" for n in notes], ""]
+    trained = as_trained_notes(summary)
+    if trained:
+        lines += ["## Evaluated as trained", "", *[f"- {n}" for n in trained], ""]
     parity = parity_notes(summary)
     if parity:
         lines += ["## Batch parity", "", *[f"- {n}" if ok else f"- **⚠ {n}**" for ok, n in parity], ""]
@@ -57,6 +62,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     for row in summary["recipes"]:
         lines.append(f"- **{row['name']}**: " + (" → ".join(link_text(link) for link in
                                                              reversed(row.get("lineage") or [])) or "-"))
+        if processor := processor_text(row):
+            lines.append(f"  - processor: {processor}")
     return "\n".join(lines) + "\n"
 
 

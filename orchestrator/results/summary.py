@@ -24,8 +24,8 @@ from orchestrator.results.stats import (
 from orchestrator.results.store import DamagedRunFile, read_json, read_samples
 
 # The recipe-row keys a run summary keeps (a recipe's own summary.json adds the worker's messages).
-ROW_KEYS = ("name", "status", "detail", "metrics", "iou_rule", "parity", "lineage", "base_override", "recipe",
-            "preflight", "attempts", "sample_errors", "concurrent_with", "oom_retries", "final_batch_size",
+ROW_KEYS = ("name", "status", "detail", "metrics", "iou_rule", "parity", "lineage", "base_override", "as_trained",
+            "recipe", "preflight", "attempts", "sample_errors", "concurrent_with", "oom_retries", "final_batch_size",
             "decode_graph")
 
 
