@@ -35,9 +35,13 @@ class Resolution:
     def describe(self) -> str:
         if self.min_pixels is None and self.max_pixels is None:
             return "resolution not set in its files (the processor's defaults)"
+        return f"resizes {'every image' if self.min_pixels == self.max_pixels else 'images'} to {self.pixels()}"
+
+    def pixels(self) -> str:
+        """'3136-589824 pixels', or one number for a fixed size."""
         if self.min_pixels == self.max_pixels:
-            return f"resizes every image to {self.max_pixels} pixels"
-        return f"resizes images to {_pixels(self.min_pixels)}-{_pixels(self.max_pixels)} pixels"
+            return f"{_pixels(self.max_pixels)} pixels"
+        return f"{_pixels(self.min_pixels)}-{_pixels(self.max_pixels)} pixels"
 
 
 @dataclass
@@ -66,9 +70,8 @@ class ProcessorSource:
         """Where the processor resizes otherwise than the root checkpoint's: which one is used, and why."""
         if self.root_resolution is None:
             return None
-        return (f"the adapter's saved processor {self.resolution.describe()}, its base's "
-                f"{self.root_resolution.describe().removeprefix('resizes ')}: evaluated at the adapter's (the "
-                "resolution it was trained at)")
+        return (f"the processor saved with the adapter resizes images to {self.resolution.pixels()}, its base's to "
+                f"{self.root_resolution.pixels()}: evaluated at the adapter's (the resolution it was trained at)")
 
 
 def processor_source(chain_paths: list[str]) -> ProcessorSource:
