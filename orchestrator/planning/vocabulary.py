@@ -44,8 +44,8 @@ def check_vocabulary(chain: list[ChainLink]) -> None:
     if not root_rows:  # pickle weights (read by torch alone) or no embedding found: loading checks the shapes
         return
     rows = max(root_rows.values())
-    below = tokenizer_vocabulary(Path(chain[0].path))
-    kept = False  # whether an adapter above the last tokenizer kept embeddings
+    below = Path(chain[0].path)  # the nearest link beneath with a tokenizer (read only when one above has its own)
+    kept = False  # whether an adapter above that link kept embeddings
     for link in chain[1:]:
         folder = Path(link.path)
         carried = carried_rows(folder)
@@ -54,8 +54,8 @@ def check_vocabulary(chain: list[ChainLink]) -> None:
             kept = True
         tokens = tokenizer_vocabulary(folder)
         if tokens is not None:
-            _check_tokenizer(folder, tokens, below, rows, kept)
-            below, kept = tokens, False
+            _check_tokenizer(folder, tokens, tokenizer_vocabulary(below), rows, kept)
+            below, kept = folder, False
         elif (added := swift_new_tokens(folder)) and not carried:
             raise VocabularyError(_unkept(folder, f"ms-swift's args.json lists {len(added)} new_special_tokens "
                                           f"({_listed(added)}), which it adds to the tokenizer"))
