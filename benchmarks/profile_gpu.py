@@ -93,7 +93,7 @@ def profile_loads(models: Path, figures: dict) -> None:
             reference = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
         else:
             staged = {k: v.float().sum().item() for k, v in list(model.state_dict().items())[::7]}
-        seconds, model = timed(lambda m=model: apply_adapters(m, [adapter]), torch)
+        seconds, model = timed(lambda m=model: apply_adapters(m, [adapter])[0], torch)
         loads.setdefault(f"{loader}+r1 adapter", []).append({"seconds": seconds})
         del model
         torch.cuda.empty_cache()
@@ -253,7 +253,7 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     base, _ = load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
     rows = {}
     for merge in (False, True):
-        model = apply_adapters(base, [adapter], merge_top=merge)
+        model, _ = apply_adapters(base, [adapter], merge_top=merge)
         row: dict[int | str, float] = {}  # seconds by new tokens, and the decode step
         for tokens in (1, 1, 32, 32):
             row[tokens], _ = timed(lambda t=tokens, m=model: generate(
@@ -303,7 +303,7 @@ def profile_decode(models: Path, dataset: Path, figures: dict) -> None:
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 200, varied), ("base", 1, uniform),
                                  ("r1-llm-only", 200, varied)):
-        model = apply_adapters(base, [adapter]) if name != "base" else base
+        model = apply_adapters(base, [adapter])[0] if name != "base" else base
         inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
         name = f"{name} {'varied' if samples is varied else 'uniform'}"
         row: dict = {}
@@ -342,7 +342,7 @@ def profile_graph(models: Path, dataset: Path, figures: dict) -> None:
     decode_attention.install()
     runs = {}
     for name, batch, samples in (("base", 200, uniform), ("base", 1, uniform), ("r1-llm-only", 200, varied)):
-        model = apply_adapters(base, [adapter]) if name != "base" else base
+        model = apply_adapters(base, [adapter])[0] if name != "base" else base
         inputs = prepare_batch(processor, samples[:batch], "{prompt}", Cuda()).inputs
         label = f"{name} {'varied' if samples is varied else 'uniform'} batch {batch}"
         row: dict = {}

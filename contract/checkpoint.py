@@ -25,18 +25,22 @@ _HEADER_LENGTH = struct.Struct("<Q")
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 SHARD_INDEX = "model.safetensors.index.json"
+# ms-swift's record of a training run (`swift sft`'s arguments): written in its vN-YYYYMMDD-HHMMSS/ run folder and
+# copied into each checkpoint-N/ (swift/trainers/mixin.py `_save`); `swift infer --adapters` reads its `model`
+SWIFT_ARGS = "args.json"
 # The JSON files of a checkpoint folder that loading it reads (transformers' config, generation config,
 # processor and tokenizer; peft's adapter config): each is checked before the worker hands the folder over.
 LOADED_JSON = (CONFIG, ADAPTER_CONFIG, SHARD_INDEX, "generation_config.json", "preprocessor_config.json",
                "processor_config.json", "video_preprocessor_config.json", "tokenizer_config.json", "tokenizer.json",
-               "special_tokens_map.json", "added_tokens.json", "chat_template.json", "vocab.json")
+               "special_tokens_map.json", "added_tokens.json", "chat_template.json", "vocab.json", SWIFT_ARGS)
 # The files beside the weights that change what the model is given or how it answers: its processor, tokenizer,
-# chat template and generation config. A resume compares their fingerprint (files_fingerprint) as it does the
-# weights': a processor edited between an interrupt and a resume would otherwise mix two setups in one row.
+# chat template and generation config, and ms-swift's args.json (the base and the new tokens it names). A resume
+# compares their fingerprint (files_fingerprint) as it does the weights': a processor edited between an interrupt
+# and a resume would otherwise mix two setups in one row.
 SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
               "video_preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "tokenizer.model",
               "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja", "vocab.json",
-              "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+              "merges.txt", "spiece.model", "sentencepiece.bpe.model", SWIFT_ARGS)
 # Bytes per element of safetensors' dtypes (the sub-byte float formats are left out: their sizes are not checked)
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
@@ -200,6 +204,15 @@ def check_folder(folder: Path, kind: str, *, allow_pickle: bool) -> None:
                 pass
         except OSError as exc:
             raise CheckpointError(f"{weight}: cannot be read ({_os_reason(exc)})") from None
+
+
+def swift_args(adapter_dir: Path) -> dict[str, Any] | None:
+    """ms-swift's args.json for an adapter folder: its own (every checkpoint-N/ has a copy), else its run folder's
+    (the folder above); None where neither is there. A damaged one raises CheckpointError naming it."""
+    for folder in (adapter_dir, adapter_dir.parent):
+        if present(folder / SWIFT_ARGS):
+            return read_json_object(folder / SWIFT_ARGS)
+    return None
 
 
 def present(path: Path) -> bool:

@@ -128,6 +128,9 @@ class RecipeRow(BaseModel):
     parity: dict[str, Any] | None = None  # batched vs one at a time (worker/inference/parity.py)
     lineage: list[dict[str, Any]] = Field(default_factory=list)  # the chain, root first
     base_override: bool = False
+    # where its processor came from and the resolution it resizes to, embeddings resized to an adapter's rows
+    # (planning/plan.py, RecipePlan.as_trained); None for a row recorded before it was, or resolved on a Ray node
+    as_trained: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None  # the recipe's settings as run
     preflight: dict[str, Any] | None = None  # the preflight's record (GPU, memory, batch size); None on a CPU
     attempts: list[dict[str, Any]] = Field(default_factory=list)

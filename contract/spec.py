@@ -26,9 +26,17 @@ class ChainLink:
     fingerprint: str
     bytes: int
     recorded_base: str | None = None  # what an adapter's adapter_config.json names as its base
-    source: str = "local"  # "local", "remap", "relative", "hub-cache", "recipe-base"
+    # how it was found: "local", "remap", "relative", "hub-cache", "modelscope-cache", "recipe-base"
+    source: str = "local"
     # checkpoint.files_fingerprint: its processor, tokenizer, chat template, generation config (None: not recorded)
     files_fingerprint: str | None = None
+    # an adapter whose base was found through ms-swift's args.json: the `model` it names (adapter_config.json's
+    # base_model_name_or_path absent, or not found here)
+    base_from_args: str | None = None
+    # an adapter that carries its own embeddings (embed_tokens/lm_head) with another number of rows than the model
+    # beneath it (a grown tokenizer, or a resize_token_embeddings): the rows the worker resizes that model's
+    # embeddings to before applying it (orchestrator/planning/vocabulary.py)
+    embedding_rows: int | None = None
 
 
 class SpecError(Exception):

@@ -433,7 +433,7 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
         console.print(_lineage_tree(item, recipe_file.lineage))
         lines, fits = plan_lines(item, device, preflight)
         if item.runnable:
-            lines.insert(0, f"box format: {item.recipe.box_format} ({item.box_format_from})")
+            lines[:0] = [f"box format: {item.recipe.box_format} ({item.box_format_from})", *as_trained_lines(item)]
         for line in lines:
             console.print(f"    {line}")
         if item.runnable and not fits:
@@ -450,11 +450,25 @@ def _plan_on_ray(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, 
     answers = plan_on_ray(plans, RaySettings(device, recipe_file.lineage, "plan", hash_weights=hash_weights))
     for item, answer in zip(plans, answers, strict=True):
         console.print(_lineage_tree(item, recipe_file.lineage))
-        for line in answer["lines"]:
+        for line in [*as_trained_lines(item), *answer["lines"]]:
             console.print(f"    {line}")
     failed = sum(not answer["ok"] for answer in answers)
     if failed:
         fail(f"{failed} recipe(s) cannot run", Exit.RECIPE_FAILED)
+
+
+def as_trained_lines(item: RecipePlan) -> list[str]:
+    """What `plan` says under a recipe's lineage of how it is evaluated as trained: where its processor comes from
+    and the resolution, whether that differs from its base's, and the embeddings resized before an adapter."""
+    record = item.as_trained()
+    if record is None or item.processor is None:
+        return []
+    lines = [f"processor: {item.processor.describe()}"]
+    if record["resolution_note"]:
+        lines.append(f"resolution: {record['resolution_note']}")
+    lines += [f"embeddings: resized to {resized['rows']} rows before {resized['adapter']} (the rows its saved "
+              "embeddings have)" for resized in record["embeddings_resized"]]
+    return lines
 
 
 def _lineage_tree(item: RecipePlan, rules: LineageRules) -> Tree:

@@ -16,10 +16,11 @@ from transformers import AutoProcessor
 
 from contract.checkpoint import read_json_object
 from contract.dataset import read_dataset
+from contract.processor import processor_settings
 from contract.recipe import Recipe
 from contract.spec import ChainLink, WorkerSpec
 from orchestrator.gpu.image_tokens import image_rule
-from orchestrator.gpu.memory import processor_settings, read_workload
+from orchestrator.gpu.memory import read_workload
 from orchestrator.planning.plan import make_plans
 from orchestrator.planning.recipes import load_recipe_file
 from orchestrator.results.store import read_samples
@@ -77,7 +78,7 @@ def test_each_family_rule_counts_the_tokens_its_processor_makes(families: dict, 
     the image placeholder tokens in input_ids, and the image size the worker records as the one the model saw."""
     base = families["families"][name]["base"]
     config = read_json_object(base / "config.json")
-    rule = image_rule(config, processor_settings([_link(base)]))
+    rule = image_rule(config, processor_settings(base))
     processor = AutoProcessor.from_pretrained(base)
     image_id = _image_token_id(processor)
     most_tokens = most_patches = 0

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from contract.processor import pixel_bounds
+
 # Qwen2VLImageProcessor's defaults, for a checkpoint whose processor files do not say
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 QWEN_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
@@ -143,12 +145,10 @@ def image_rule(config: dict[str, Any], processor: dict[str, Any]) -> ImageRule |
 
 
 def _qwen(processor: dict[str, Any], vision: dict[str, Any]) -> QwenResize:
-    size = processor.get("size") or {}
+    low, high = pixel_bounds(processor)  # as written: a mistyped one fails the count (the estimate names it)
     return QwenResize(
-        min_pixels=processor.get("min_pixels") or size.get("min_pixels") or size.get("shortest_edge")
-        or QWEN_MIN_PIXELS,
-        max_pixels=processor.get("max_pixels") or size.get("max_pixels") or size.get("longest_edge")
-        or QWEN_MAX_PIXELS,
+        min_pixels=low or QWEN_MIN_PIXELS,
+        max_pixels=high or QWEN_MAX_PIXELS,
         patch_size=processor.get("patch_size") or _side(vision.get("patch_size")) or 14,
         merge_size=processor.get("merge_size") or vision.get("spatial_merge_size") or 2,
     )

@@ -7,7 +7,10 @@ before its worker starts, instead of finding out from an out-of-memory error, or
 - weights: the chain's full checkpoint, from its safetensors headers, each floating tensor in the dtype the
   recipe runs in (bfloat16 on CUDA unless the recipe says otherwise); integer tensors as stored.
 - adapter: the top adapter's floating tensors at float32: peft upcasts half-precision adapters when it loads them.
-  Lower adapters of a chain are merged into the weights before the next loads, so they add nothing.
+  Lower adapters of a chain are merged into the weights before the next loads, so they add nothing. Unmerged, LoRA
+  holds float32 temporaries at the widest adapted layer; DoRA (lora_magnitude_vector tensors) adds, at each layer it
+  adapts, the layer's weight and its LoRA product in float32 and an identity of its input width (peft's
+  DoraLinearLayer.forward: the weight norm is computed from them at every call).
 - KV cache: layers x 2 x kv heads x head dim x (prompt tokens incl. image tokens + max_new_tokens) x batch x bytes.
 - image tokens: each dataset image counted by its family's rule (orchestrator/gpu/image_tokens.py: Qwen's smart_resize,
   InternVL's tiles, a fixed count for PaliGemma, Gemma 3 and other fixed-size processors); an unreadable image
@@ -47,6 +50,7 @@ from contract.dataset import (
     open_dataset,
     render_prompt,
 )
+from contract.processor import processor_settings, processor_source
 from contract.recipe import Recipe, Settings, run_attn, run_dtype
 from contract.spec import ChainLink
 from contract.units import format_bytes
@@ -69,7 +73,6 @@ VISION_FACTOR = 0.5  # the vision tower's peak, in the per-patch buffers vision_
 CHAT_TOKENS = 48  # a chat template around the prompt (Qwen2-VL's: system turn, role and vision markers)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _RUN_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class EstimateError(Exception):
@@ -129,6 +132,7 @@ class MemoryEstimate:
     prompt_tokens: int  # text + image tokens of the longest prompt
     image_tokens: int
     lora_bytes: int = 0  # LoRA's float32 temporaries in the widest adapted layer during the prefill
+    dora_bytes: int = 0  # DoRA's float32 copies of the widest layer it adapts, made at every call (any batch)
     lora_alongside: bool = True  # the adapted layer is an MLP's (wider than the residual): its temporaries
     # coexist with the MLP buffers of the prefill's peak; attention-only LoRA peaks apart from them
     allocator_bytes: int = 0  # the caching allocator's slack beyond the live peak (CUDA only)
@@ -142,9 +146,10 @@ class MemoryEstimate:
     @property
     def activation_bytes(self) -> int:
         # the vision encoder runs first and its intermediates are freed before the language model's prefill
+        adapter = self.lora_bytes + self.dora_bytes
         if self.lora_alongside:
-            return max(self.vision_bytes, self.prefill_bytes) + self.lora_bytes
-        return max(self.vision_bytes, self.prefill_bytes, self.lora_bytes)
+            return max(self.vision_bytes, self.prefill_bytes) + adapter
+        return max(self.vision_bytes, self.prefill_bytes, adapter)
 
     @property
     def needed_bytes(self) -> int:
@@ -188,6 +193,7 @@ class Workload:
     shape: ModelShape | None  # None: config.json lacks the fields; only weights and context are counted
     prompts: Prompts
     lora_widths: tuple[int, int] = (0, 0)  # widest in/out features the top adapter adapts: (text, vision)
+    dora_bytes: int = 0  # the top adapter's DoRA temporaries (unmerged), whatever the batch
     notes: tuple[str, ...] = field(default=())
 
     def estimate(self, batch_size: int) -> MemoryEstimate:
@@ -200,7 +206,7 @@ class Workload:
             vision = vision_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
             prefill = prefill_bytes(self.shape, self.prompts, batch_size, dtype_bytes, self.attn)
         estimate = MemoryEstimate(
-            lora_bytes=lora_temporary_bytes(self.lora_widths, self.prompts, batch_size),
+            lora_bytes=lora_temporary_bytes(self.lora_widths, self.prompts, batch_size), dora_bytes=self.dora_bytes,
             lora_alongside=self.shape is None or lora_beside_mlp(self.shape, self.lora_widths),
             dtype=self.dtype, attn=self.attn, batch_size=batch_size, weights_bytes=self.weights_bytes,
             adapter_bytes=self.adapter_bytes, kv_cache_bytes=kv, vision_bytes=vision, prefill_bytes=prefill,
@@ -238,7 +244,7 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     shape = model_shape(config, str(Path(root.path) / CONFIG))
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
-    processor = processor_settings(chain)
+    processor = processor_settings(Path(processor_source([link.path for link in chain]).path))
     try:  # the rules read many processor and vision settings: a mistyped one is the checkpoint's damage
         rule = image_rule(config, processor)
         if rule is not None:
@@ -261,6 +267,7 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
         # merged adapters run as plain weights: no LoRA temporaries (the adapter's bytes stay counted: the peak
         # of merging holds them)
         lora_widths=lora_widths(adapters[-1]) if adapters and not recipe.merge_adapters else (0, 0),
+        dora_bytes=dora_temporary_bytes(adapters[-1]) if adapters and not recipe.merge_adapters else 0,
         notes=tuple(notes),
     )
 
@@ -276,6 +283,26 @@ def lora_widths(link: ChainLink) -> tuple[int, int]:
             vision = "visual" in name or "vision" in name
             widths[vision] = max([widths[vision], *info["shape"]])
     return widths[0], widths[1]
+
+
+def dora_temporary_bytes(link: ChainLink) -> int:
+    """What DoRA holds at once in the widest layer it adapts (in x out), in float32 (peft's DoraLinearLayer, at every
+    call): first an identity of in x in that its LoRA product (in x out) is computed through, then that product, the
+    layer's weight cast to float32, the product scaled, and their sum whose norm it takes. 0 for an adapter without
+    DoRA's magnitude vectors."""
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for path in sorted(Path(link.path).glob("adapter_model*.safetensors")):
+        for name, info in safetensors_header(path).tensors.items():
+            for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                if f".{part}" in name:
+                    shapes.setdefault(name.split(f".{part}")[0], {})[part] = info["shape"]
+    widest = 0
+    for found in shapes.values():
+        if "lora_magnitude_vector" in found and len(found.get("lora_A", ())) == 2 and len(found.get("lora_B", ())) == 2:
+            width_in, width_out = found["lora_A"][1], found["lora_B"][0]
+            product = width_in * width_out
+            widest = max(widest, max(width_in * width_in + product, 4 * product) * 4)
+    return widest
 
 
 def lora_beside_mlp(shape: ModelShape, widths: tuple[int, int]) -> bool:
@@ -497,23 +524,6 @@ def _prompt_bytes(template: str, sample: Sample) -> int:
         return len(render_prompt(template, sample, strict=False).encode())
     except (KeyError, ValueError, IndexError):
         return len(template.encode())
-
-
-def processor_settings(chain: list[ChainLink]) -> dict:
-    """The processor's settings from the nearest link (top first) that has processor files, as the worker picks
-    its processor: processor_config.json's keys (image_seq_length), then preprocessor_config.json's or the image
-    processor nested in processor_config.json (transformers 5 saves it there), flattened into one dict."""
-    for link in reversed(chain):
-        found = [Path(link.path) / name for name in reversed(_PROCESSOR_FILES) if (Path(link.path) / name).is_file()]
-        if found:
-            settings: dict = {}
-            for path in found:  # processor_config.json first: the image processor's own file has the last word
-                raw = _read_json(path)
-                nested = raw.get("image_processor")
-                settings |= {k: v for k, v in raw.items() if k not in ("image_processor", "video_processor")}
-                settings |= nested if isinstance(nested, dict) else {}
-            return settings
-    return {}
 
 
 def _read_json(path: Path) -> dict:

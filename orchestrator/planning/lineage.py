@@ -1,16 +1,19 @@
 """Resolving a recipe's `model` into the exact chain of weights to load: a pure function of files on disk.
 
 A link is a full checkpoint (config.json + weights) or a PEFT adapter (adapter_config.json + weights). An
-adapter's `base_model_name_or_path` is followed until a full checkpoint ends the chain. The chain is returned
+adapter's `base_model_name_or_path` is followed until a full checkpoint ends the chain; where it records none, or
+one not found here, ms-swift's args.json beside it (its `model`, which `swift infer --adapters` reads) names the
+base. A recorded path is looked for as it is, relative to the adapter, through the recipe file's remap rules, and
+where it is a hub id or a training machine's cache folder in the local caches (caches.py). The chain is returned
 root first, in the order the worker loads it, and each link carries a cheap fingerprint so every number in a
-report can be traced to the weights that produced it.
+report can be traced to the weights that produced it; each adapter's vocabulary is checked against the model
+beneath it (vocabulary.py).
 
 No torch here: the parent (and `plan`, on a CPU-only CI runner) runs this.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,23 @@ from contract.checkpoint import (
     present,
     read_json_object,
     safetensors_header,
+    swift_args,
     weight_files,
 )
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from contract.units import format_bytes
+from orchestrator.planning.caches import (
+    CachedName,
+    cached_name,
+    from_hub_cache,
+    from_modelscope_cache,
+    hub_cache_dir,
+    modelscope_cache_dir,
+    modelscope_folders,
+)
 from orchestrator.planning.recipes import LineageRules
+from orchestrator.planning.vocabulary import VocabularyError, check_vocabulary
 
 
 class LineageError(Exception):
@@ -42,7 +56,7 @@ class LineageError(Exception):
 @dataclass
 class Located:
     path: Path | None  # None: not found (then `tried` says where it was looked for)
-    source: str  # how it was found: local, relative, remap, hub-cache, recipe-base
+    source: str  # how it was found: local, relative, remap, hub-cache, modelscope-cache, recipe-base
     tried: list[str] = field(default_factory=list)
 
 
@@ -59,7 +73,7 @@ def resolve_chain(recipe: Recipe, rules: LineageRules, *, hash_weights: bool = F
     checkpoint file included: its message names the file)."""
     try:
         return _resolve_chain(recipe, rules, hash_weights)
-    except CheckpointError as exc:
+    except (CheckpointError, VocabularyError) as exc:
         raise LineageError(f"recipe '{recipe.name}': {exc}") from None
 
 
@@ -85,6 +99,7 @@ def _resolve_chain(recipe: Recipe, rules: LineageRules, hash_weights: bool) -> l
         located = _locate_base(link, recipe, rules, is_top=len(links) == 1)
     links.reverse()
     check_chain(links)
+    check_vocabulary(links)
     return links
 
 
@@ -92,28 +107,45 @@ def _locate_model(ref: str, rules: LineageRules) -> Found:
     path = Path(ref)
     if path.is_dir():
         return Found(path, "local")
-    found = _from_hub_cache(ref, rules.allow_network)
+    found = from_hub_cache(ref, rules.allow_network)
     if found is None:
         raise LineageError(
             f"model {ref!r} is neither a local directory nor in the local Hugging Face cache "
-            f"({_hub_cache_dir()}); download it first or give a local path"
+            f"({hub_cache_dir()}); download it first or give a local path"
         )
     return Found(found, "hub-cache")
 
 
 def _locate_base(adapter: ChainLink, recipe: Recipe, rules: LineageRules, *, is_top: bool) -> Found:
+    """The base an adapter records (adapter_config.json, else ms-swift's args.json), found here; with the recipe's
+    `base` checked against it (top adapter only)."""
+    folder = Path(adapter.path)
     recorded = adapter.recorded_base
-    if not recorded:
+    found = find_recorded_base(recorded, folder, rules) if recorded else Located(None, "")
+    args_model = _args_model(folder) if found.path is None else None
+    if args_model:
+        from_args = find_recorded_base(args_model, folder, rules)
+        found.tried += [f"{tried}  (args.json's model)" for tried in from_args.tried]
+        if from_args.path is not None:
+            adapter.base_from_args = args_model
+            found = Located(from_args.path, from_args.source, found.tried)
+    if not recorded and not args_model:
         raise LineageError(
-            f"adapter {adapter.path}: adapter_config.json has no base_model_name_or_path; "
-            "set `base` in the recipe to say which checkpoint it was trained on"
+            f"adapter {adapter.path}: adapter_config.json has no base_model_name_or_path (and no ms-swift args.json "
+            "beside it names a `model`); set `base` in the recipe to say which checkpoint it was trained on"
         )
-    found = find_recorded_base(recorded, Path(adapter.path), rules)
+    named = adapter.base_from_args or recorded or args_model or ""
     if is_top and recipe.base is not None:
-        return _apply_recipe_base(recipe, recipe.base, recorded, found, rules)
+        return _apply_recipe_base(recipe, recipe.base, named, found, rules)
     if found.path is None:
-        raise LineageError(_not_found_message(adapter.path, recorded, found.tried, rules))
+        raise LineageError(_not_found_message(adapter.path, recorded, args_model, found.tried, rules))
     return Found(found.path, found.source)
+
+
+def _args_model(adapter_dir: Path) -> str | None:
+    """The base ms-swift's args.json names (`model`: a hub id or the path it was given), where there is one."""
+    model = (swift_args(adapter_dir) or {}).get("model")
+    return model if isinstance(model, str) and model else None
 
 
 def _apply_recipe_base(recipe: Recipe, base: str, recorded: str, found: Located, rules: LineageRules) -> Found:
@@ -149,10 +181,29 @@ def find_recorded_base(recorded: str, adapter_dir: Path, rules: LineageRules) ->
         if path.is_dir():
             return Located(path, "remap" if source.startswith("remap") else source, tried)
     if not recorded_path.is_absolute() and "/" in recorded and not recorded.startswith("."):
-        tried.append(f"hub id {recorded} in {_hub_cache_dir()}")
-        cached = _from_hub_cache(recorded, rules.allow_network)
+        tried.append(f"hub id {recorded} in {hub_cache_dir()}")
+        cached = from_hub_cache(recorded, rules.allow_network)
         if cached is not None:
             return Located(cached, "hub-cache", tried)
+    name = cached_name(recorded) if recorded_path.is_absolute() else None
+    if name is not None:
+        return _from_local_caches(name, tried)
+    return Located(None, "", tried)
+
+
+def _from_local_caches(name: CachedName, tried: list[str]) -> Located:
+    """A training machine's cache folder, looked for in this machine's caches by the hub id it names: the kind of
+    cache it was recorded in first. Never the network: the record named a folder, not a download."""
+    lookups = [("modelscope-cache", lambda: from_modelscope_cache(name.repo_id),
+                " or ".join(str(f) for f in modelscope_folders(name.repo_id))),
+               ("hub-cache", lambda: from_hub_cache(name.repo_id, False, name.revision),
+                f"hub id {name.repo_id}" + (f" at revision {name.revision}" if name.revision else "")
+                + f" in {hub_cache_dir()}")]
+    for source, look, where in lookups if name.cache == "modelscope" else reversed(lookups):
+        tried.append(where)
+        found = look()
+        if found is not None:
+            return Located(found, source, tried)
     return Located(None, "", tried)
 
 
@@ -166,8 +217,12 @@ def remap_candidates(recorded: str, rules: LineageRules) -> list[tuple[Path, str
     return out
 
 
-def _not_found_message(adapter: str, recorded: str, tried: list[str], rules: LineageRules) -> str:
-    lines = [f"adapter {adapter} was trained on {recorded!r}, which was not found. Tried:"]
+def _not_found_message(adapter: str, recorded: str | None, args_model: str | None, tried: list[str],
+                       rules: LineageRules) -> str:
+    records = [repr(recorded)] if recorded else []
+    records += [f"{args_model!r} (ms-swift's args.json)"] if args_model else []
+    named = " and ".join(records)
+    lines = [f"adapter {adapter} was trained on {named}, which was not found. Tried:"]
     lines += [f"    {t}" for t in tried]
     if rules.remap:
         lines.append("  remap rules in the recipe file: " + ", ".join(f"{k} -> {v}" for k, v in rules.remap.items()))
@@ -177,29 +232,6 @@ def _not_found_message(adapter: str, recorded: str, tried: list[str], rules: Lin
         '  fix: add [lineage] remap = { "<training-machine prefix>" = "<where it is here>" } to the recipe file'
     )
     return "\n".join(lines)
-
-
-def _hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return home / "hub"
-
-
-def _from_hub_cache(repo_id: str, allow_network: bool) -> Path | None:
-    """A hub model's snapshot folder from the local cache (or downloaded, only if the recipe file allows)."""
-    from huggingface_hub import snapshot_download  # torch-free; imported late to keep start-up light
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        folder = snapshot_download(repo_id, cache_dir=_hub_cache_dir(), local_files_only=not allow_network)
-    except (HFValidationError, OSError, ValueError):
-        return None
-    except Exception as exc:  # huggingface_hub raises its own classes for "not cached" and network errors
-        if type(exc).__module__.startswith("huggingface_hub"):
-            return None
-        raise
-    return Path(folder)
 
 
 def _make_link(located: Found, recipe: Recipe, hash_weights: bool) -> ChainLink:
@@ -400,18 +432,30 @@ def describe_chain(chain: list[ChainLink], rules: LineageRules) -> list[str]:
 
 
 def describe_source(link: ChainLink, above: ChainLink | None, rules: LineageRules) -> str:
-    """How a link was found: the recipe's model, or the base recorded by the adapter above it, and by which rule."""
+    """How a link was found: the recipe's model, or the base recorded by the adapter above it (in its
+    adapter_config.json, or ms-swift's args.json), and by which rule."""
     if above is None:
         return "the recipe's model" + (", from the local Hugging Face cache" if link.source == "hub-cache" else "")
-    recorded = above.recorded_base or ""
+    recorded = above.base_from_args or above.recorded_base or ""
+    named = f"ms-swift's args.json model {recorded}" if above.base_from_args else f"recorded {recorded}"
+    if above.base_from_args and above.recorded_base:
+        named += f" (adapter_config.json's {above.recorded_base} is not here)"
     if link.source == "remap":
         rule = next(((p, t) for path, p, t in remap_candidates(recorded, rules) if path.resolve() == Path(link.path)),
                     None)
-        return f"recorded {recorded}, remap {rule[0]} -> {rule[1]}" if rule else f"recorded {recorded}, remapped"
+        return f"{named}, remap {rule[0]} -> {rule[1]}" if rule else f"{named}, remapped"
     if link.source == "relative":
-        return f"recorded {recorded}, relative to the adapter's folder"
+        return f"{named}, relative to the adapter's folder"
+    cached = cached_name(recorded)
+    if cached is not None and link.source in ("hub-cache", "modelscope-cache"):
+        kind = "ModelScope" if cached.cache == "modelscope" else "Hugging Face"
+        named += f" (a {kind} cache folder of {cached.repo_id} on the training machine)"
+    elif link.source == "hub-cache":
+        named = named.replace(recorded, f"hub id {recorded}", 1)
     if link.source == "hub-cache":
-        return f"recorded hub id {recorded}, from the local Hugging Face cache {_hub_cache_dir()}"
+        return f"{named}, from the local Hugging Face cache {hub_cache_dir()}"
+    if link.source == "modelscope-cache":
+        return f"{named}, from the local ModelScope cache {modelscope_cache_dir()}"
     if link.source == "recipe-base":
-        return f"the recipe's `base`, overriding the recorded {recorded}"
-    return f"recorded {recorded}"
+        return f"the recipe's `base`, overriding the base {named}"
+    return named

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from contract.boxes import AUTO, BOX_FORMATS, native_format
 from contract.checkpoint import CONFIG, CheckpointError, read_json_object
+from contract.processor import ProcessorSource, processor_source
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from orchestrator.errors import UserError
@@ -25,10 +26,22 @@ class RecipePlan:
     chain: list[ChainLink] | None = None
     problem: str | None = None  # set when the recipe must not run
     box_format_from: str = "recipe"  # how recipe.box_format was chosen: "recipe", or auto's reading of config.json
+    processor: ProcessorSource | None = None  # where its processor comes from, and the resolution it resizes to
 
     @property
     def runnable(self) -> bool:
         return self.problem is None
+
+    def as_trained(self) -> dict[str, Any] | None:
+        """What the recipe's row records of how it is evaluated as it was trained (beside its lineage, which says
+        where each link came from): its processor's folder and resolution, a note where that resolution is not
+        its base's, and the adapters whose embeddings the worker resizes first."""
+        if self.chain is None or self.processor is None:
+            return None
+        return {"processor": asdict(self.processor), "processor_text": self.processor.describe(),
+                "resolution_note": self.processor.resolution_note(),
+                "embeddings_resized": [{"adapter": link.path, "rows": link.embedding_rows}
+                                       for link in self.chain if link.embedding_rows is not None]}
 
     @property
     def overridden_base(self) -> bool:
@@ -45,10 +58,14 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
     for recipe in recipes:
         try:
             chain = resolve_chain(recipe, recipe_file.lineage, hash_weights=hash_weights)
+            processor = processor_source([link.path for link in chain])
         except LineageError as exc:
             plans.append(RecipePlan(recipe, problem=f"lineage: {exc}"))
             continue
-        plan = RecipePlan(recipe, chain=chain)
+        except CheckpointError as exc:  # a damaged processor file
+            plans.append(RecipePlan(recipe, problem=f"lineage: recipe '{recipe.name}': {exc}"))
+            continue
+        plan = RecipePlan(recipe, chain=chain, processor=processor)
         if box_formats and recipe.box_format == AUTO:
             try:
                 plan = _with_native_format(plan)
@@ -69,16 +86,16 @@ def _with_native_format(plan: RecipePlan) -> RecipePlan:
     try:
         model_type = read_json_object(config_file).get("model_type")
     except CheckpointError as exc:
-        return RecipePlan(plan.recipe, plan.chain, f"config: box_format = \"auto\" cannot read the family: {exc}")
+        return replace(plan, problem=f"config: box_format = \"auto\" cannot read the family: {exc}")
     if not isinstance(model_type, str) or not model_type:
-        return RecipePlan(plan.recipe, plan.chain, f"config: {config_file}: model_type is {model_type!r}, so "
-                          "box_format = \"auto\" cannot tell the family; restore the file, or set box_format")
+        return replace(plan, problem=f"config: {config_file}: model_type is {model_type!r}, so box_format = "
+                       "\"auto\" cannot tell the family; restore the file, or set box_format")
     found = native_format(model_type)
     if found is None:
         raise BoxFormatError(f"recipe '{plan.recipe.name}': box_format = \"auto\", but model_type {model_type!r} "
                              f"({config_file}) has no single native box convention")
     recipe = plan.recipe.model_copy(update={"box_format": found})
-    return RecipePlan(recipe, plan.chain, plan.problem, f"auto: model_type {model_type!r} in {config_file}")
+    return replace(plan, recipe=recipe, box_format_from=f"auto: model_type {model_type!r} in {config_file}")
 
 
 

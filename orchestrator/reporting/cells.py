@@ -140,6 +140,25 @@ def override_notes(summary: RunSummary) -> list[str]:
     return notes
 
 
+def as_trained_notes(summary: RunSummary) -> list[str]:
+    """One line per recipe evaluated otherwise than its base would be: at the resolution its adapter's processor was
+    saved with, or with embeddings resized to its adapter's vocabulary (each row's `as_trained`)."""
+    notes = []
+    for row in summary.recipes:
+        record = row.as_trained or {}
+        if record.get("resolution_note"):
+            notes.append(f"{row.name}: {record['resolution_note']}")
+        notes += [f"{row.name}: embeddings resized to {resized['rows']} rows before the adapter "
+                  f"{resized['adapter']} (its saved embed_tokens/lm_head have them)"
+                  for resized in record.get("embeddings_resized") or []]
+    return notes
+
+
+def processor_text(row: RecipeRow) -> str | None:
+    """'the adapter's own, /runs/x: resizes images to 3136-589824 pixels': where a row's processor came from."""
+    return (row.as_trained or {}).get("processor_text")
+
+
 def parity_notes(summary: RunSummary) -> list[tuple[bool, str]]:
     """(agreed, line) per recipe whose worker checked batch parity: its first batch's samples checked again one
     at a time. A disagreement names the samples: the batched numbers may not be what the model gives alone."""

@@ -22,6 +22,7 @@ from contract.run_row import RecipeRow, RunSummary
 from contract.samples import id_text
 from orchestrator.reporting.cells import (
     RELATIVE_CHANGE_NOTE,
+    as_trained_notes,
     best_lead_unclear,
     best_line,
     best_versus_others_line,
@@ -32,6 +33,7 @@ from orchestrator.reporting.cells import (
     override_notes,
     parity_notes,
     problems,
+    processor_text,
     status_text,
     worker_notes,
 )
@@ -186,6 +188,10 @@ def _problems(summary: RunSummary) -> str:
     if notes:
         items = "".join(f"<li>{_e(n)}</li>" for n in notes)
         html += f'<section><h2>Base overrides</h2><ul class="problems">{items}</ul></section>'
+    trained = as_trained_notes(summary)
+    if trained:
+        items = "".join(f"<li>{_e(n)}</li>" for n in trained)
+        html += f'<section><h2>Evaluated as trained</h2><ul class="problems">{items}</ul></section>'
     parity = parity_notes(summary)
     if parity:
         items = "".join(f"<li>{_e(n)}</li>" if ok else f'<li class="bad"><b>⚠ {_e(n)}</b></li>' for ok, n in parity)
@@ -227,7 +233,9 @@ def _lineage(row: RecipeRow) -> str:
     items = "".join(f"<li><span class=\"kind\">{_e(link.get('kind'))}</span> <code>{_e(link.get('path'))}</code> "
                     f"<small>{_e(link.get('fingerprint'))}</small></li>" for link in links)
     note = ' <span class="warn">(base overridden by the recipe)</span>' if row.base_override else ""
-    return f'<div class="lineage"><h3>Lineage{note}</h3><ol>{items}</ol></div>'
+    processor = processor_text(row)
+    processor_line = f"<p>processor: {_e(processor)}</p>" if processor else ""
+    return f'<div class="lineage"><h3>Lineage{note}</h3><ol>{items}</ol>{processor_line}</div>'
 
 
 def _sample_errors(samples: list[dict[str, Any]]) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 from contract.run_row import RunSummary
 from orchestrator.reporting.cells import (
     RELATIVE_CHANGE_NOTE,
+    as_trained_notes,
     best_line,
     best_versus_others_line,
     change_cell,
@@ -18,6 +19,7 @@ from orchestrator.reporting.cells import (
     paired_cell,
     parity_notes,
     problems,
+    processor_text,
     status_text,
     worker_notes,
 )
@@ -46,6 +48,9 @@ def render_markdown(summary: RunSummary) -> str:
     notes = override_notes(summary)
     if notes:
         lines += ["## Base overrides", "", *[f"- {n}" for n in notes], ""]
+    trained = as_trained_notes(summary)
+    if trained:
+        lines += ["## Evaluated as trained", "", *[f"- {n}" for n in trained], ""]
     parity = parity_notes(summary)
     if parity:
         lines += ["## Batch parity", "", *[f"- {n}" if ok else f"- **⚠ {n}**" for ok, n in parity], ""]
@@ -59,6 +64,8 @@ def render_markdown(summary: RunSummary) -> str:
     for row in summary.recipes:
         lines.append(f"- **{row.name}**: " + (" → ".join(link_text(link) for link in reversed(row.lineage))
                                                or "-"))
+        if processor := processor_text(row):
+            lines.append(f"  - processor: {processor}")
     return "\n".join(lines) + "\n"
 
 

@@ -17,12 +17,20 @@ from typing import Any
 import torch
 import transformers
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from contract.checkpoint import CheckpointError, check_folder, weight_files
 from contract.layout import WORKER_LOG
 from contract.messages import DECODE_GRAPH_ON
+from contract.processor import processor_source
 from contract.recipe import Recipe, run_attn
 from contract.spec import ChainLink
 from worker.decode import decode_attention, graph_decode
@@ -37,8 +45,6 @@ from worker.loading.weights import (
     resolve_dtype,
     root_weight_files,
 )
-
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
 def check_chain_files(chain: list[ChainLink], recipe: Recipe) -> None:
@@ -106,7 +112,7 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: Device, processor
     phases = {"cuda_init_s": device.start()}
     model, how = load_root(root, recipe, device, dtype, attn, prestaged)
     phases["root_s"] = time.perf_counter() - started - phases["cuda_init_s"]
-    model = apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
+    model, resized = apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
     model.eval()
     check_placement(model, device.tensors)
     phases["adapters_s"] = time.perf_counter() - started - phases["cuda_init_s"] - phases["root_s"]
@@ -127,6 +133,7 @@ def load_chain(chain: list[ChainLink], recipe: Recipe, device: Device, processor
         "bytes_allocated": memory.allocated_bytes,
         # the load's own peak: a transient copy of the weights shows here, not in bytes_allocated
         "peak_bytes": memory.peak_bytes,
+        "embeddings_resized": resized,  # adapters whose embeddings had other rows than the model beneath
         **how,
     }
 
@@ -242,19 +249,38 @@ def _attach_generation_config(model: Any, folder: str) -> None:
         model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
-def apply_adapters(model: Any, adapters: list[ChainLink], *, merge_top: bool = False) -> Any:
+def apply_adapters(model: Any, adapters: list[ChainLink], *,
+                    merge_top: bool = False) -> tuple[Any, list[dict[str, Any]]]:
     """Apply adapters bottom-up. Each lower adapter is merged into the weights before the next one is applied:
     the upper adapter was trained on a model whose weights included the lower one, and merging reproduces
     exactly that, while keeping one PEFT wrapper (stacked wrappers would need named multi-adapter handling).
     The top adapter stays unmerged, so its LoRA weights are what the recipe evaluates, unless the recipe asks
-    for `merge_adapters` (unmerged LoRA adds small matmuls to every adapted layer at every decode step)."""
+    for `merge_adapters` (unmerged LoRA adds small matmuls to every adapted layer at every decode step).
+    An adapter trained on a resized vocabulary gets the model's embeddings resized to its rows first; returns the
+    model and each such resize."""
+    resized = []
     for index, link in enumerate(adapters):
+        if link.embedding_rows is not None:
+            resized += _resize_embeddings(model, link)
         # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file, not initialised first
         with reading(link.path, "the adapter"), building_modules():
             model = PeftModel.from_pretrained(model, link.path, is_trainable=False, low_cpu_mem_usage=True)
             if index < len(adapters) - 1 or merge_top:
                 model = model.merge_and_unload()
-    return model
+    return model, resized
+
+
+def _resize_embeddings(model: Any, link: ChainLink) -> list[dict[str, Any]]:
+    """The model's input embedding and output head resized to the rows `link`'s saved embeddings have (the
+    parent found them: orchestrator/planning/vocabulary.py), as its trainer resized them before training. Rows
+    added here are never read: the adapter carries every resized module that gained rows. Resized without
+    transformers' mean initialisation, which draws random rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows == link.embedding_rows:
+        return []
+    with reading(link.path, f"the model's embeddings resized to its {link.embedding_rows} rows"), building_modules():
+        model.resize_token_embeddings(link.embedding_rows, mean_resizing=False)
+    return [{"adapter": link.path, "from_rows": rows, "to_rows": link.embedding_rows}]
 
 
 def _unwrap(model: Any) -> Any:
@@ -280,17 +306,24 @@ def check_placement(model: Any, device: str) -> None:
 
 
 def load_processor(chain: list[ChainLink], recipe: Recipe) -> Any:
-    """The processor from the nearest link (top first) that has one: an adapter may ship its own tokenizer."""
-    source = next((link.path for link in reversed(chain) if _has_processor(Path(link.path))), chain[0].path)
-    with reading(source, "its processor (tokenizer, image processor)"):
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+    """The processor the parent recorded (contract/processor.py: the nearest link, top first, that saved one; its
+    tokenizer from a link above where one saved a tokenizer alone), with the new special tokens its trainer adds
+    when it loads (ms-swift's), added the same way."""
+    try:
+        source = processor_source([link.path for link in chain])
+    except CheckpointError as exc:
+        raise WorkerError("lineage", str(exc)) from None
+    with reading(source.path, "its processor (tokenizer, image processor)"):
+        processor = AutoProcessor.from_pretrained(source.path, trust_remote_code=recipe.trust_remote_code)
+    if source.tokenizer_path != source.path:
+        with reading(source.tokenizer_path, "its tokenizer"):
+            processor.tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path,
+                                                                trust_remote_code=recipe.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
+    if source.added_tokens:  # as ms-swift's model loader adds them (swift/model/register.py)
+        tokenizer.add_special_tokens({"additional_special_tokens": source.added_tokens})
     tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
     return processor
-
-
-def _has_processor(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in _PROCESSOR_FILES)
 
 
 def warm_page_cache(chain: list[ChainLink]) -> float:

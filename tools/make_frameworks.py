@@ -1,0 +1,156 @@
+"""The folders the training frameworks write, built offline on the demo's base with the real libraries (peft's
+save_pretrained, transformers' processor and TrainerState), laid out as each framework's own code lays them out.
+
+What each framework writes, from its code (the commit read is named in tests/test_frameworks.py):
+
+* LLaMA-Factory: ``output_dir/checkpoint-N/`` per save, the final adapter in ``output_dir/`` itself, the processor
+  (tokenizer included) saved into both (train/callbacks.py ``SaveProcessorCallback``: on_save, on_train_end),
+  ``trainer_state.json``. Added tokens force ``resize_vocab`` (model/patcher.py), which resizes the embeddings to
+  ``len(tokenizer)`` padded to a multiple of 64 where the tokenizer outgrew them
+  (model/model_utils/embedding.py ``resize_embedding_layer``) and puts ``embed_tokens`` and ``lm_head`` in
+  modules_to_save (model/adapter.py); ``use_dora``; target_modules the full names of the language model's linear
+  layers (model/model_utils/visual.py ``patch_target_modules``). Its ``image_max_pixels`` is set on the processor
+  object (patcher.py ``patch_processor``), which ``save_pretrained`` does not write: the saved processor resizes as
+  the base's.
+* ms-swift: ``output/vN-YYYYMMDD-HHMMSS/checkpoint-N/`` (swift/utils ``add_version_to_work_dir``) with the adapter,
+  ``args.json`` copied from the run folder and ``trainer_state.json``, and no tokenizer or processor beside an
+  adapter (swift/trainers/mixin.py ``_save``); target_modules a regex over the language model and the vision tower,
+  the aligner excluded (swift/utils/transformers_utils.py ``get_multimodal_target_regex``); the recorded base is the
+  model's folder as modelscope downloaded it, ``<cache>/models/<org>/<name with dots as ___>``; args.json's
+  ``model`` is what the user passed and ``new_special_tokens`` the tokens it adds to the tokenizer when it loads.
+* TRL (and Unsloth, which trains through TRL's trainers): ``checkpoint-N/`` with the adapter, the processing class
+  (the processor, as the script built it: TRL builds the base's when given none, sft_trainer.py) and
+  ``trainer_state.json`` (transformers' Trainer ``_save``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+SWIFT_RUN = "v0-20260101-120000"
+LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# ms-swift's regex for Qwen2-VL with the vision tower trained (freeze_vit false): the language model's and the
+# vision tower's linear layers, the aligner (model.visual.merger) excluded
+SWIFT_TARGETS = (r"^((?!(model\.visual\.merger))model\.language_model(?=\.).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj"
+                 r"|up_proj|down_proj)|(?!(model\.visual\.merger))model\.visual(?=\.).*\.(qkv|proj|fc1|fc2))$")
+
+
+def load_base(base: Path) -> tuple[Any, Any]:
+    """The demo base model (float32) and its processor."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    return model.eval(), AutoProcessor.from_pretrained(base)
+
+
+def save_adapter(model: Any, folder: Path, recorded_base: str | None, seed: int, **lora: Any) -> Path:
+    """A peft adapter (non-zero B: trained) of `model` in `folder`, recording `recorded_base` as its base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM", **lora)
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(str(folder))
+    config_file = folder / "adapter_config.json"
+    record = json.loads(config_file.read_text()) | {"base_model_name_or_path": recorded_base}
+    config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def trainer_state(folder: Path, step: int, losses: dict[int, float]) -> None:
+    """transformers' trainer_state.json for a run at `step`, with an eval loss at each step of `losses`."""
+    from transformers import TrainerState
+
+    history = [{"step": s, "epoch": s / 10, "eval_loss": loss} for s, loss in sorted(losses.items()) if s <= step]
+    TrainerState(global_step=step, max_steps=max(losses), log_history=history).save_to_json(
+        str(folder / "trainer_state.json"))
+
+
+def grow_vocabulary(model: Any, tokenizer: Any, tokens: list[str], multiple: int) -> None:
+    """Add `tokens` as special tokens, and resize the embeddings to the tokenizer padded to `multiple` where it
+    outgrew them (LLaMA-Factory: 64, ms-swift: 128); new rows initialised without transformers' random draw."""
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=False)
+
+
+def llamafactory_run(base: Path, out: Path, steps: tuple[int, ...] = (2, 4)) -> Path:
+    """An LLaMA-Factory LoRA run with 20 added special tokens and DoRA: checkpoint-N/ per step, the final adapter in
+    `out` itself, each with the processor and trainer_state.json."""
+    model, processor = load_base(base)
+    grow_vocabulary(model, processor.tokenizer, [f"<region_{i}>" for i in range(20)], 64)
+    targets = [name for name, _ in model.named_modules() if name.endswith(LLM_LINEAR) and "visual" not in name]
+    losses = {step: 2.0 / step for step in steps}
+    for index, folder in enumerate([*(out / f"checkpoint-{s}" for s in steps), out]):
+        save_adapter(model, folder, str(base), 10 + index, target_modules=targets, use_dora=True,
+                     modules_to_save=["embed_tokens", "lm_head"])
+        processor.save_pretrained(folder)
+        trainer_state(folder, steps[min(index, len(steps) - 1)], losses)
+    return out
+
+
+def swift_checkpoint(base: Path, out: Path, *, recorded_base: str | None, model_arg: str, step: int = 2,
+                     new_tokens: list[str] | None = None, embeddings: bool = True) -> Path:
+    """An ms-swift LoRA checkpoint `out/output/v0-.../checkpoint-N/`: adapter (ms-swift's regex over the language
+    model and vision tower), args.json (its run folder's, copied), trainer_state.json; no tokenizer or processor.
+    `new_tokens`: ms-swift's new_special_tokens (embeddings resized to a multiple of 128 where needed, and kept as
+    modules_to_save when `embeddings`)."""
+    model, processor = load_base(base)
+    if new_tokens:
+        grow_vocabulary(model, processor.tokenizer, new_tokens, 128)
+    run = out / "output" / SWIFT_RUN
+    run.mkdir(parents=True)
+    args = {"model": model_arg, "model_type": "qwen2_vl", "tuner_type": "lora", "new_special_tokens": new_tokens or [],
+            "target_modules": ["all-linear"], "freeze_vit": False, "output_dir": str(run), "swift_version": "4.0.0"}
+    (run / "args.json").write_text(json.dumps(args, indent=2))
+    checkpoint = run / f"checkpoint-{step}"
+    save_adapter(model, checkpoint, recorded_base, 20 + step, target_modules=SWIFT_TARGETS,
+                 modules_to_save=["embed_tokens", "lm_head"] if new_tokens and embeddings else None)
+    shutil.copy(run / "args.json", checkpoint / "args.json")  # swift/trainers/mixin.py _save
+    trainer_state(checkpoint, step, {step: 1.0})
+    return checkpoint
+
+
+def trl_checkpoint(base: Path, out: Path, *, recorded_base: str, max_pixels: int, step: int = 3) -> Path:
+    """A TRL SFT checkpoint `out/checkpoint-N/`: adapter, trainer_state.json, and the processor the script passed
+    as processing_class, which the Trainer saves as given: here built as Qwen-VL fine-tuning scripts often build it,
+    `AutoProcessor.from_pretrained(model, max_pixels=...)`, so it resizes otherwise than the base's."""
+    from transformers import AutoProcessor
+
+    model, _ = load_base(base)
+    processor = AutoProcessor.from_pretrained(base, max_pixels=max_pixels)
+    folder = out / f"checkpoint-{step}"
+    save_adapter(model, folder, recorded_base, 30 + step, target_modules=["q_proj", "v_proj"])
+    processor.save_pretrained(folder)
+    trainer_state(folder, step, {step: 1.5})
+    return folder
+
+
+def shrunk_vocabulary_adapter(base: Path, out: Path) -> Path:
+    """A script's `model.resize_token_embeddings(len(tokenizer))`, which shrinks a vocabulary padded past the
+    tokenizer (Qwen's), with embed_tokens and lm_head in modules_to_save, and the tokenizer saved beside."""
+    model, processor = load_base(base)
+    model.resize_token_embeddings(len(processor.tokenizer))
+    save_adapter(model, out, str(base), 40, target_modules=["q_proj", "v_proj"],
+                 modules_to_save=["embed_tokens", "lm_head"])
+    processor.save_pretrained(out)
+    return out
+
+
+def grown_tokenizer_without_embeddings(base: Path, out: Path) -> Path:
+    """Tokens added to the tokenizer (inside the padded vocabulary: no resize), the embeddings trained but not kept:
+    a LoRA on the attention alone, the grown tokenizer saved beside it."""
+    model, processor = load_base(base)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<obj>", "</obj>"]})
+    save_adapter(model, out, str(base), 50, target_modules=["q_proj", "v_proj"])
+    processor.save_pretrained(out)
+    return out
