@@ -56,9 +56,8 @@ _GPUS_HELP = ("GPUs a worker may use, as nvidia-smi numbers them, or all. Withou
 _WORKERS_HELP = ("Workers at once on one GPU, each a fresh process with its own CUDA context, admitted while the GPU's"
                  " free memory, less what the workers already on it will still take, fits the next one's estimate at"
                  " its full batch. auto (the default): as many as fit, at most CPU cores // (4 x GPUs), since each"
-                 " GPU worker prepares its batches on 4 CPU threads (1 with --device cpu); packed runs answered as"
-                 " one at a time in every sample on an H200 (BENCHMARKS.md, 2026-12-02, later). 1: one at a time,"
-                 " the next ones started ahead.")
+                 " GPU worker prepares its batches on 4 CPU threads (1 with --device cpu); packed workers answer as"
+                 " they do one at a time. 1: one at a time, the next ones started ahead.")
 
 
 def _given(parameter: str) -> bool:
@@ -356,7 +355,7 @@ def _thresholds(given: str) -> list[float]:
 @click.option("--last", type=click.IntRange(min=1), metavar="N", help="Only the last N finished runs.")
 @click.option("--recipes", "only", metavar="NAME[,NAME...]", help="Only these recipes.")
 @click.option("--metric", default="mean_iou", show_default=True,
-              help="mean_iou, detection_rate or iou_gt_<t> (iou>0.5 works too).")
+              help="mean_iou, detection_rate or iou_ge_<t> (iou>=0.5 works too; iou_gt_<t>, its name before, too).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for history.md and history.html (default: RUNS_DIR).")
 def history_command(runs_dir: Path, last: int | None, only: str | None, metric: str, out: Path | None) -> None:

@@ -59,13 +59,11 @@ from orchestrator.gpu.image_tokens import QWEN_FAMILIES, ImageRule, image_rule
 CUDA_CONTEXT_BYTES = 768 * 2**20  # CUDA context + cuBLAS/flash-attn workspaces of one worker, seen on H100s
 # What torch's caching allocator holds beyond its peak of live tensors, which NVML counts: a fixed part, and a few
 # samples' worth of what grows with the batch (the KV cache re-allocated as it grows, activations of changing
-# sizes). The worker grows its segments in place (orchestrator/execution/environment.py: expandable_segments), which cut
-# that slack from about 1.5 GiB to 0.1-0.9 GiB. The four factors below were fitted on the H200 (2026-12-01,
-# GPU_CHECKS.md: Qwen2.5-VL 3B and InternVL3-2B, 32 samples at batch 8, 11, 16 and 32 and 48 samples at 12, 24 and
-# 48), so that the estimate without its margin is never below NVML's measure of the worker in those runs and as
-# little above it as one rule allows: +0.2% to +14.3% (InternVL's measure does not grow evenly with the batch:
-# 9.33 GiB at 11, 9.61 at 16). Every one of those runs peaked in the language model's prefill: VISION_FACTOR is
-# the most they allow (a larger one would bind and push InternVL past +15%), not a measured vision peak.
+# sizes). The worker grows its segments in place (execution/environment.py: expandable_segments), which keeps that
+# slack under a GiB. The four factors below were fitted against NVML on a GPU (Qwen2.5-VL 3B and InternVL3-2B at
+# several batch sizes; docs/gpu-checks-history.md) so that the estimate without its margin is never below the
+# measure and as little above it as one rule allows. Every one of those runs peaked in the language model's prefill:
+# VISION_FACTOR is the most they allow, not a measured vision peak.
 ALLOCATOR_FIXED_BYTES = 768 * 2**20
 ALLOCATOR_SAMPLES = 4.5  # samples' worth of KV cache and activations
 PREFILL_FACTOR = 0.95  # the prefill's peak, in one layer's MLP buffers and residual stream
@@ -315,8 +313,8 @@ def lora_beside_mlp(shape: ModelShape, widths: tuple[int, int]) -> bool:
 
 def lora_temporary_bytes(widths: tuple[int, int], prompts: Prompts, batch: int) -> int:
     """peft computes LoRA in the adapter's float32: at the widest adapted layer it holds a float32 copy of the
-    input and a float32 output for every token (text) or patch (vision). Measured on the H100: a LoRA on the
-    7B's MLP peaks 2.8 GiB above its base at batch 64 (BENCHMARKS.md); this gives 2.6 GiB."""
+    input and a float32 output for every token (text) or patch (vision), which is what a LoRA on a 7B's MLP was
+    measured to add on a GPU."""
     text_width, vision_width = widths
     text = (prompts.text_tokens + prompts.image_tokens) * text_width
     return max(batch * text, prompts.batch_patches(batch) * vision_width) * 8

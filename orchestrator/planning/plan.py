@@ -73,8 +73,8 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
                 unresolved.append(str(exc))
         plans.append(plan)
     if unresolved:
-        raise BoxFormatError("\n".join(unresolved) + f"\nSet box_format to one of: {', '.join(BOX_FORMATS)} (README: "
-                             "Box formats); evalorch never guesses it from the numbers.")
+        raise BoxFormatError("\n".join(unresolved) + f"\nSet box_format to one of: {', '.join(BOX_FORMATS)} "
+                             "(docs/models.md: Box formats); evalorch never guesses it from the numbers.")
     return plans
 
 
