@@ -19,6 +19,7 @@ from rich.console import Console
 
 from contract.nvml import FAKE_ENV, FakeNvml, open_nvml, write_fake_nvml
 from contract.recipe import Recipe
+from contract.run_row import RecipeRow, Status
 from orchestrator.backends.ray.node import node_nvml
 from orchestrator.execution.lanes import Lane, LaneDriver, tagged
 from orchestrator.execution.process import LOG_TAIL_BYTES, WorkerProcess, log_tail
@@ -82,14 +83,14 @@ class _TimedSuite(Suite):
         super().__init__(plans, run_dir, SuiteOptions(device="cpu"), interrupts=interrupts)
         self.log, self.fail = log, fail
 
-    def run_recipe(self, plan: RecipePlan) -> dict[str, Any]:
+    def run_recipe(self, plan: RecipePlan) -> RecipeRow:
         name = plan.recipe.name
         began = time.monotonic()
         time.sleep(float(name.rpartition("-")[2]))
         self.log.append((name, began, time.monotonic(), threading.current_thread().name))
         if name == self.fail:
             raise RuntimeError(f"{name} broke")
-        return {"name": name, "status": "ok"}
+        return RecipeRow(name=name, status=Status.OK)
 
 
 class _OneEach:
@@ -125,8 +126,8 @@ def test_the_driver_runs_one_recipe_per_free_lane_and_gives_rows_in_file_order(t
     plans = _plans("a-1.0", "b-0.1", "c-0.1", "gone-0", broken="gone-0")
     driver, log, placer = _driver(tmp_path, plans, Interrupts())
     rows = driver.run()
-    assert [row["name"] for row in rows] == ["a-1.0", "b-0.1", "c-0.1", "gone-0"]
-    assert rows[3]["status"] == "error"  # no lane needed: recorded by the recorder, never run on a lane
+    assert [row.name for row in rows] == ["a-1.0", "b-0.1", "c-0.1", "gone-0"]
+    assert rows[3].status == Status.ERROR  # no lane needed: recorded by the recorder, never run on a lane
     ran = {name: (began, ended, thread) for name, began, ended, thread in log}
     assert set(ran) == {"a-1.0", "b-0.1", "c-0.1"}
     assert ran["c-0.1"][0] >= ran["b-0.1"][1]  # c waited for a free lane: b's, while a still ran
@@ -150,7 +151,7 @@ def test_after_an_interrupt_the_waiting_recipes_are_recorded_as_skipped(tmp_path
     driver, log, placer = _driver(tmp_path, plans, interrupts)
     threading.Timer(0.2, interrupts._on_sigint).start()  # what one Ctrl-C's handler does
     rows = driver.run()
-    assert [(row["name"], row["status"]) for row in rows] == [("a-0.5", "ok"), ("b-0.5", "ok"),
+    assert [(row.name, row.status) for row in rows] == [("a-0.5", "ok"), ("b-0.5", "ok"),
                                                               ("c-0.1", "skipped")]
     assert "c-0.1" in placer.ended_names and "c-0.1" not in [entry[0] for entry in log]
 
