@@ -174,12 +174,14 @@ def checkpoint_sweep(base: Path, trained: Path, out: Path, steps: tuple[int, ...
               for step in range(eval_every, steps[-1] + 1, eval_every)}
     saves = [*((out / f"checkpoint-{step}", step) for step in steps), (out, steps[-1])]
     for folder, step in saves:
-        adapter = PeftModel.from_pretrained(copy.deepcopy(model), str(trained))
-        with torch.no_grad():
-            for name, parameter in adapter.named_parameters():
-                if "lora_B" in name:
-                    parameter.mul_(step / trained_at)
-        adapter.save_pretrained(str(folder))
+        with warnings.catch_warnings():  # transformers' deprecated is_gradient_checkpointing; peft looking for the
+            warnings.simplefilter("ignore")  # training machine's base (recorded in `trained`) to compare vocabularies
+            adapter = PeftModel.from_pretrained(copy.deepcopy(model), str(trained))
+            with torch.no_grad():
+                for name, parameter in adapter.named_parameters():
+                    if "lora_B" in name:
+                        parameter.mul_(step / trained_at)
+            adapter.save_pretrained(str(folder))
         config_file = folder / "adapter_config.json"
         record = json.loads(config_file.read_text()) | {"base_model_name_or_path": str(base)}
         config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
