@@ -87,6 +87,20 @@ def test_last_or_a_list_of_steps_picks_those_checkpoints_in_training_order(train
     assert [r.name for r in load_recipe_file(_recipes(tmp_path, body)).recipes] == names
 
 
+def test_a_root_with_configs_but_no_weights_yet_is_no_final_model(trained: Path, tmp_path: Path) -> None:
+    """axolotl writes adapter_config.json and config.json into output_dir before training starts (train.py
+    save_initial_configs); the final adapter's weights come when it ends. Meanwhile the checkpoints are the sweep."""
+    running = tmp_path / "running"
+    shutil.copytree(trained, running)
+    (running / "adapter_model.safetensors").unlink()
+    shutil.copy(FAMILY / "base" / "config.json", running / "config.json")
+    body = f'[[recipe]]\nname = "lora"\nmodel = "{running}"\ncheckpoints = "all"\n'
+    assert [r.name for r in load_recipe_file(_recipes(tmp_path, body)).recipes] == SWEPT[:3]
+    with pytest.raises(RecipeFileError) as caught:
+        load_recipe_file(_recipes(tmp_path, body.replace('"all"', '["final"]')))
+    assert "no checkpoint final in" in str(caught.value) and "and the final model" not in str(caught.value)
+
+
 def test_without_checkpoints_the_output_folder_is_its_final_adapter(trained: Path, tmp_path: Path) -> None:
     body = f'[[recipe]]\nname = "lora"\nmodel = "{trained}"\n'
     recipe_file = load_recipe_file(_recipes(tmp_path, body))

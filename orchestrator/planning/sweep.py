@@ -7,7 +7,9 @@ What the trainers write:
 
 * transformers' Trainer, which LLaMA-Factory, TRL, Unsloth and axolotl train through: ``output_dir/checkpoint-N/``
   at each save (N the global step; trainer_utils.PREFIX_CHECKPOINT_DIR), and the final model in ``output_dir/``
-  where the script saves it there (``trainer.save_model()``), each with a ``trainer_state.json``.
+  where the script saves it there (``trainer.save_model()``), each with a ``trainer_state.json``. axolotl writes
+  adapter_config.json and config.json into ``output_dir/`` before training starts (train.py save_initial_configs):
+  the root is a final model only once its weights are there.
 * ms-swift: ``output/vN-YYYYMMDD-HHMMSS/checkpoint-N/`` (swift/utils add_version_to_work_dir), nothing to load at
   the run folder's root. A `model` naming ``output/`` itself resolves to its one run folder that holds checkpoints;
   with several, the recipe must name one.
@@ -23,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from contract.checkpoint import ADAPTER_CONFIG, CONFIG, CheckpointError, present, read_json_object
+from contract.checkpoint import ADAPTER_CONFIG, CONFIG, CheckpointError, present, read_json_object, weight_files
 from contract.recipe import FINAL, Checkpoints, Recipe, checkpoint_name
 from contract.run_row import TrainedCheckpoint
 
@@ -59,7 +61,7 @@ def training_output(folder: Path) -> TrainingOutput:
         raise SweepError(f"{folder} is not a folder here: `checkpoints` needs the training output folder on this "
                          "machine, to list its checkpoint-N folders")
     steps = _checkpoint_folders(folder)
-    if not steps and not _is_model(folder):
+    if not steps and not _final_model(folder):
         runs = sorted(p for p in _subfolders(folder) if SWIFT_RUN_FOLDER.match(p.name) and _checkpoint_folders(p))
         if len(runs) > 1:
             names = ", ".join(p.name for p in runs)
@@ -67,7 +69,7 @@ def training_output(folder: Path) -> TrainingOutput:
                              f"the one to sweep, e.g. {runs[-1]}")
         if runs:
             folder, steps = runs[0], _checkpoint_folders(runs[0])
-    return TrainingOutput(folder, steps, folder if _is_model(folder) else None)
+    return TrainingOutput(folder, steps, folder if _final_model(folder) else None)
 
 
 def holds_checkpoints(folder: Path) -> bool:
@@ -154,5 +156,12 @@ def _subfolders(folder: Path) -> list[Path]:
         raise SweepError(f"{folder} cannot be listed ({exc.strerror or exc})") from None
 
 
-def _is_model(folder: Path) -> bool:
-    return present(folder / ADAPTER_CONFIG) or present(folder / CONFIG)
+def _final_model(folder: Path) -> bool:
+    """A model at the output folder's root, weights and all (a config alone is axolotl's, written at the start)."""
+    kind = "adapter" if present(folder / ADAPTER_CONFIG) else "full" if present(folder / CONFIG) else None
+    if kind is None:
+        return False
+    try:
+        return bool(weight_files(folder, kind, allow_pickle=True))  # only whether there are any: lineage checks them
+    except CheckpointError:
+        return False
