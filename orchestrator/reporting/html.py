@@ -417,7 +417,7 @@ def _sweep_png(sweep: Sweep) -> bytes:
         if point.status is not Status.OK:
             ax.annotate(str(point.status), (xs[point.recipe], 0.02), xycoords=("data", "axes fraction"),
                         ha="center", fontsize=7, color="#dc2626")
-    ax.set_xticks(list(ticks), list(ticks.values()), fontsize=7)
+    ax.set_xticks(list(ticks), list(ticks.values()), fontsize=8)
     ax.set_xlabel("training step", fontsize=8)
     ax.set_ylabel("mean IoU", fontsize=8)
     ax.yaxis.set_major_formatter(lambda value, _pos: f"{value:.2f}")
