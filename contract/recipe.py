@@ -22,6 +22,13 @@ from .samples import template_fields
 AUTO_BATCH_CAP = 256
 UNCHECKED_AUTO_BATCH = 8  # "auto" without a GPU preflight to size it (CPU runs, no estimate)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A swept checkpoint's recipe is named <recipe>@<step>, or <recipe>@final for the adapter a trainer writes at its
+# output folder's root (orchestrator/planning/sweep.py): '@' appears in no name a recipe file may give
+CHECKPOINT_MARK = "@"
+FINAL = "final"
+# `checkpoints`: "all", "last", or the steps (checkpoint-N's N, and "final"); None: the one model `model` names
+Checkpoints = Literal["all", "last"] | list[int | Literal["final"]] | None
+_CHECKPOINT_NAME = re.compile(rf"^(?P<sweep>[A-Za-z0-9][A-Za-z0-9._-]*){CHECKPOINT_MARK}(?P<label>\d+|{FINAL})$")
 
 
 class Settings(BaseModel):
@@ -158,16 +165,45 @@ class Recipe(Settings):
     base: str | None = None
     base_override: bool = False
     baseline: bool = False
+    checkpoints: Checkpoints = Field(
+        None, description="with `model` a training output folder (checkpoint-N/ inside; docs/trainers.md): evaluate "
+        "its checkpoints, each as a recipe of its own named <name>@<step> (<name>@final: the adapter at the folder's "
+        "root): \"all\", \"last\" (the highest step), or a list of steps (\"final\" among them); default: the one "
+        "model `model` names")
 
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        swept = split_checkpoint_name(value)
+        if not _NAME.match(swept[0] if swept else value):
             raise ValueError("use letters, digits, '.', '_' and '-' (it names a folder)")
         clash = reserved_name(value)
         if clash is not None:
             raise ValueError(f"{value!r} cannot name a recipe: {clash}; choose another name")
         return value
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _steps_listed_once(cls, value: Checkpoints) -> Checkpoints:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list selects no checkpoint")
+            if any(isinstance(step, int) and step < 0 for step in value):
+                raise ValueError("a step is a checkpoint-N folder's N (0 or more)")
+            if len(set(value)) != len(value):
+                raise ValueError("a step is listed twice")
+        return value
+
+
+def checkpoint_name(sweep: str, label: str) -> str:
+    """The name of a swept checkpoint's recipe: 'lora@400', 'lora@final'."""
+    return f"{sweep}{CHECKPOINT_MARK}{label}"
+
+
+def split_checkpoint_name(name: str) -> tuple[str, str] | None:
+    """('lora', '400') for 'lora@400', ('lora', 'final') for 'lora@final'; None for a recipe not swept."""
+    found = _CHECKPOINT_NAME.match(name)
+    return (found["sweep"], found["label"]) if found else None
 
 
 def run_dtype(dtype: str, device: str) -> str:

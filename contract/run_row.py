@@ -108,6 +108,32 @@ class Rescore(BaseModel):
     samples_changed: int
 
 
+class TrainedCheckpoint(BaseModel):
+    """Which checkpoint of a training run a swept recipe evaluates (orchestrator/planning/sweep.py), and what the
+    trainer's trainer_state.json beside it says: its eval loss at each step it evaluated, up to this checkpoint."""
+
+    sweep: str  # the recipe as the recipe file names it
+    label: str  # the step ('400'), or 'final' for the adapter at the training output folder's root
+    step: int | None = None  # the training step: checkpoint-N's N; for 'final' its trainer_state's global_step
+    output_dir: str  # the training output folder the checkpoints are in
+    eval_losses: dict[int, float] = Field(default_factory=dict)  # log_history's eval_loss, by step
+    trainer_state: str | None = None  # the trainer_state.json read, where there is one
+    trainer_state_problem: str | None = None  # why it could not be read (the losses are then left out)
+
+    def describe(self) -> str:
+        """'step 400 of sweep lora (/runs/out); the trainer's eval loss there: 0.4321'."""
+        if self.label.isdigit():
+            where = f"step {self.step}"
+        else:
+            where = "the final adapter" + (f" (step {self.step})" if self.step is not None else "")
+        text = f"{where} of sweep {self.sweep} ({self.output_dir})"
+        if self.step is not None and self.step in self.eval_losses:
+            text += f"; the trainer's eval loss there: {self.eval_losses[self.step]:.4f}"
+        if self.trainer_state_problem:
+            text += f"; {self.trainer_state_problem}"
+        return text
+
+
 # The fields a run's summary adds to each row when it is made (results/summary.py): None in a recipe's own
 # summary.json, which records what the recipe did, not how it compares.
 COMPARISONS = frozenset({"change_vs_baseline", "intervals", "vs_baseline_paired", "vs_recorded_base_paired"})
@@ -142,6 +168,7 @@ class RecipeRow(BaseModel):
     final_batch_size: int | None = None
     decode_graph: dict[str, Any] | None = None  # decode steps replayed from CUDA graphs, and batches run eagerly
     rescore: Rescore | None = None  # only in a rescore's rows (absent from the JSON otherwise)
+    checkpoint: TrainedCheckpoint | None = None  # a swept checkpoint's (its name is <sweep>@<label>)
     # comparisons (COMPARISONS), added when the run's summary is made
     change_vs_baseline: float | None = None
     intervals: dict[str, list[float] | None] | None = None
@@ -175,6 +202,30 @@ class RecipeRow(BaseModel):
         return self.model_dump(mode="json", exclude=set(COMPARISONS))
 
 
+class SweepPoint(BaseModel):
+    """One checkpoint of a sweep in a run's summary: its mean IoU with the interval, and the trainer's eval loss."""
+
+    recipe: str  # <sweep>@<label>
+    label: str
+    step: int | None = None
+    status: Status
+    mean_iou: float | None = None
+    interval: list[float] | None = None
+    eval_loss: float | None = None  # the trainer's, at this step (trainer_state.json)
+
+
+class Sweep(BaseModel):
+    """The checkpoints of one training run evaluated in a run (results/sweeps.py): the metric against the training
+    step, the best checkpoint, and whether it is clearly ahead of the last one (paired, best - last)."""
+
+    name: str
+    points: list[SweepPoint]  # in training order, the final adapter last
+    eval_losses: dict[int, float] = Field(default_factory=dict)  # the trainer's eval loss by step, all it recorded
+    best: str | None = None
+    last: str | None = None  # the last checkpoint that finished: the final adapter, else the highest step
+    best_vs_last: dict[str, Any] | None = None  # paired_comparison(best, last); None where best is last
+
+
 class RunSummary(BaseModel):
     """A run's summary.json: the rows in the run's order, the baseline, the best recipe and how the best compares;
     the gates' verdict once checked."""
@@ -186,6 +237,7 @@ class RunSummary(BaseModel):
     best: str | None = None
     best_change_vs_baseline: float | None = None
     best_vs_others: list[dict[str, Any]] = Field(default_factory=list)  # the best paired with each other recipe
+    sweeps: list[Sweep] = Field(default_factory=list)  # each training run's checkpoints evaluated, by step
     gates: dict[str, Any] | None = None
 
     @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form; mypy does not know it

@@ -432,7 +432,8 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
         console.print(_lineage_tree(item, recipe_file.lineage))
         lines, fits = plan_lines(item, device, preflight)
         if item.runnable:
-            lines[:0] = [f"box format: {item.recipe.box_format} ({item.box_format_from})", *as_trained_lines(item)]
+            lines[:0] = [*checkpoint_lines(item), f"box format: {item.recipe.box_format} ({item.box_format_from})",
+                         *as_trained_lines(item)]
         for line in lines:
             console.print(f"    {line}")
         if item.runnable and not fits:
@@ -449,11 +450,16 @@ def _plan_on_ray(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, 
     answers = plan_on_ray(plans, RaySettings(device, recipe_file.lineage, "plan", hash_weights=hash_weights))
     for item, answer in zip(plans, answers, strict=True):
         console.print(_lineage_tree(item, recipe_file.lineage))
-        for line in [*as_trained_lines(item), *answer["lines"]]:
+        for line in [*checkpoint_lines(item), *as_trained_lines(item), *answer["lines"]]:
             console.print(f"    {line}")
     failed = sum(not answer["ok"] for answer in answers)
     if failed:
         fail(f"{failed} recipe(s) cannot run", Exit.RECIPE_FAILED)
+
+
+def checkpoint_lines(item: RecipePlan) -> list[str]:
+    """Which checkpoint of a training run a swept recipe is, and the trainer's eval loss there."""
+    return [f"checkpoint: {item.checkpoint.describe()}"] if item.checkpoint is not None else []
 
 
 def as_trained_lines(item: RecipePlan) -> list[str]:

@@ -21,6 +21,9 @@ What each framework writes, from its code (the commit read is named in tests/tes
 * TRL (and Unsloth, which trains through TRL's trainers): ``checkpoint-N/`` with the adapter, the processing class
   (the processor, as the script built it: TRL builds the base's when given none, sft_trainer.py) and
   ``trainer_state.json`` (transformers' Trainer ``_save``).
+* A whole run to sweep (``checkpoint_sweep``): transformers' Trainer, which all but ms-swift train through, writes
+  ``checkpoint-N/`` at each save with ``trainer_state.json`` (its ``log_history`` holds the eval losses so far), and
+  the script's ``trainer.save_model()`` the final adapter in ``output_dir/``.
 """
 
 from __future__ import annotations
@@ -153,4 +156,35 @@ def grown_tokenizer_without_embeddings(base: Path, out: Path) -> Path:
     processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<obj>", "</obj>"]})
     save_adapter(model, out, str(base), 50, target_modules=["q_proj", "v_proj"])
     processor.save_pretrained(out)
+    return out
+
+
+def checkpoint_sweep(base: Path, trained: Path, out: Path, steps: tuple[int, ...] = (100, 200, 300),
+                     trained_at: int = 200, eval_every: int = 50) -> Path:
+    """A training run's output folder as transformers' Trainer leaves it: ``checkpoint-N/`` at each of `steps` and
+    the final adapter in `out` itself (the last step's), each with the processor and trainer_state.json (an eval
+    loss every `eval_every` steps). The adapters are the trained adapter `trained` (a LoRA of `base`) with its
+    lora_B scaled by step / `trained_at`, as though training had got that far, or past it: loaded and saved by
+    peft."""
+    import torch
+    from peft import PeftModel
+
+    model, processor = load_base(base)
+    losses = {step: round(0.3 + abs(step - trained_at) / (2 * trained_at), 4)  # lowest where it was trained
+              for step in range(eval_every, steps[-1] + 1, eval_every)}
+    saves = [*((out / f"checkpoint-{step}", step) for step in steps), (out, steps[-1])]
+    for folder, step in saves:
+        with warnings.catch_warnings():  # transformers' deprecated is_gradient_checkpointing; peft looking for the
+            warnings.simplefilter("ignore")  # training machine's base (recorded in `trained`) to compare vocabularies
+            adapter = PeftModel.from_pretrained(copy.deepcopy(model), str(trained))
+            with torch.no_grad():
+                for name, parameter in adapter.named_parameters():
+                    if "lora_B" in name:
+                        parameter.mul_(step / trained_at)
+            adapter.save_pretrained(str(folder))
+        config_file = folder / "adapter_config.json"
+        record = json.loads(config_file.read_text()) | {"base_model_name_or_path": str(base)}
+        config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        processor.save_pretrained(folder)
+        trainer_state(folder, step, losses)
     return out

@@ -540,7 +540,7 @@ class Suite:
             attempts=attempts, sample_errors=outcome.sample_errors,
             concurrent_with=self.overlaps.concurrent_with(plan.recipe.name),
             oom_retries=counts.get("oom_retries"), final_batch_size=counts.get("batch_size"),
-            decode_graph=counts.get("decode_graph"))
+            decode_graph=counts.get("decode_graph"), checkpoint=plan.checkpoint)
         write_json(RecipeFolder(recipe_dir).summary,
                    {**outcome.to_dict(), **row.recorded(), "box_format_from": plan.box_format_from,
                     "device_spans": self.overlaps.spans(plan.recipe.name)})

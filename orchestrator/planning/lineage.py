@@ -46,6 +46,7 @@ from orchestrator.planning.caches import (
     modelscope_folders,
 )
 from orchestrator.planning.recipes import LineageRules
+from orchestrator.planning.sweep import holds_checkpoints
 from orchestrator.planning.vocabulary import VocabularyError, check_vocabulary
 
 
@@ -241,7 +242,9 @@ def _make_link(located: Found, recipe: Recipe, hash_weights: bool) -> ChainLink:
     elif present(path / CONFIG):
         config_file, kind = path / CONFIG, "full"
     else:
-        raise LineageError(f"{path}: neither adapter_config.json nor config.json: not a model folder")
+        hint = (": a training output folder (checkpoint-N/ inside): set `checkpoints` in the recipe to evaluate them "
+                "(docs/trainers.md)" if holds_checkpoints(path) else "")
+        raise LineageError(f"{path}: neither adapter_config.json nor config.json: not a model folder{hint}")
     check_folder(path, kind, allow_pickle=recipe.allow_pickle)  # what the worker will read, checked now
     weights = weight_files(path, kind, allow_pickle=recipe.allow_pickle)
     recorded = None

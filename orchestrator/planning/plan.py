@@ -10,6 +10,7 @@ from contract.boxes import AUTO, BOX_FORMATS, native_format
 from contract.checkpoint import CONFIG, CheckpointError, read_json_object
 from contract.processor import ProcessorSource, processor_source
 from contract.recipe import Recipe
+from contract.run_row import TrainedCheckpoint
 from contract.spec import ChainLink
 from orchestrator.errors import UserError
 from orchestrator.planning.lineage import LineageError, resolve_chain
@@ -27,6 +28,7 @@ class RecipePlan:
     problem: str | None = None  # set when the recipe must not run
     box_format_from: str = "recipe"  # how recipe.box_format was chosen: "recipe", or auto's reading of config.json
     processor: ProcessorSource | None = None  # where its processor comes from, and the resolution it resizes to
+    checkpoint: TrainedCheckpoint | None = None  # a swept checkpoint's step and trainer's eval losses (sweep.py)
 
     @property
     def runnable(self) -> bool:
@@ -56,16 +58,17 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
     native convention under "auto" raises BoxFormatError naming every such recipe."""
     plans, unresolved = [], []
     for recipe in recipes:
+        checkpoint = recipe_file.checkpoints.get(recipe.name)
         try:
             chain = resolve_chain(recipe, recipe_file.lineage, hash_weights=hash_weights)
             processor = processor_source([link.path for link in chain])
         except LineageError as exc:
-            plans.append(RecipePlan(recipe, problem=f"lineage: {exc}"))
+            plans.append(RecipePlan(recipe, problem=f"lineage: {exc}", checkpoint=checkpoint))
             continue
         except CheckpointError as exc:  # a damaged processor file
-            plans.append(RecipePlan(recipe, problem=f"lineage: recipe '{recipe.name}': {exc}"))
+            plans.append(RecipePlan(recipe, problem=f"lineage: recipe '{recipe.name}': {exc}", checkpoint=checkpoint))
             continue
-        plan = RecipePlan(recipe, chain=chain, processor=processor)
+        plan = RecipePlan(recipe, chain=chain, processor=processor, checkpoint=checkpoint)
         if box_formats and recipe.box_format == AUTO:
             try:
                 plan = _with_native_format(plan)

@@ -4,7 +4,9 @@
     [lineage]             remap = { "/training/machine/prefix" = "/here" }, allow_network = false
     [[recipe]]            name, model, and any setting from [defaults]
 
-Every error names the file, the recipe and the field, and all of them are reported together.
+A recipe that sweeps a training run's checkpoints (`checkpoints`) becomes one recipe per checkpoint here
+(sweep.py), so everything downstream sees plain recipes. Every error names the file, the recipe and the field,
+and all of them are reported together.
 Relative paths are relative to the recipe file's folder.
 """
 
@@ -23,8 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from contract.dataset import dataset_exists, dataset_problems, is_glob
-from contract.recipe import Recipe, Settings
+from contract.recipe import CHECKPOINT_MARK, Recipe, Settings
+from contract.run_row import TrainedCheckpoint
 from orchestrator.errors import UserError
+from orchestrator.planning.sweep import SweepError, sweep_recipes
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -49,22 +53,29 @@ class LineageRules(BaseModel):
 
 
 class RecipeFile(BaseModel):
-    """A validated recipe file; paths in it are absolute."""
+    """A validated recipe file; paths in it are absolute. A sweep's recipes are one per checkpoint, and
+    `checkpoints` holds each one's record by its name (`<recipe>@<step>`)."""
 
     model_config = ConfigDict(frozen=True)
 
     path: Path
     recipes: list[Recipe]
     lineage: LineageRules
+    checkpoints: dict[str, TrainedCheckpoint] = Field(default_factory=dict)
 
     def select(self, only: list[str] | None) -> list[Recipe]:
+        """The recipes `only` names (all without it); a sweep's name selects each of its checkpoints."""
         if not only:
             return list(self.recipes)
-        known = {r.name for r in self.recipes}
+        known = {r.name for r in self.recipes} | {c.sweep for c in self.checkpoints.values()}
         unknown = [n for n in only if n not in known]
         if unknown:
             raise RecipeFileError(self.path, [f"--only names unknown recipe(s): {', '.join(unknown)}"])
-        return [r for r in self.recipes if r.name in only]
+        return [r for r in self.recipes if r.name in only or self._sweep_of(r.name) in only]
+
+    def _sweep_of(self, name: str) -> str | None:
+        found = self.checkpoints.get(name)
+        return found.sweep if found is not None else None
 
     @property
     def baseline(self) -> Recipe | None:
@@ -102,11 +113,11 @@ def load_recipe_file(path: Path, *, paths_on_nodes: bool = False) -> RecipeFile:
         entries = []
     validated = [_validate_recipe(i, entry, defaults, path, problems, paths_on_nodes)
                  for i, entry in enumerate(entries, 1)]
-    recipes = [r for r in validated if r is not None]
+    recipes, checkpoints = _swept(validated, problems)
     problems += _duplicate_names(entries) + _cross_recipe_problems(recipes)
     if problems:
         raise RecipeFileError(path, problems)
-    return RecipeFile(path=path.resolve(), recipes=recipes, lineage=lineage)
+    return RecipeFile(path=path.resolve(), recipes=recipes, lineage=lineage, checkpoints=checkpoints)
 
 
 def _table(raw: dict, name: str, problems: list[str]) -> dict:
@@ -282,8 +293,35 @@ def cache_root(value: str | None, folder: Path) -> Path:
     return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "evalorch"
 
 
+def _swept(validated: list[Recipe | None], problems: list[str]) -> tuple[list[Recipe], dict[str, TrainedCheckpoint]]:
+    """The recipes in file order, a sweep's (`checkpoints`) as one recipe per checkpoint, and each checkpoint's
+    record by its recipe's name; what a sweep cannot carry out is added to `problems`."""
+    recipes: list[Recipe] = []
+    checkpoints: dict[str, TrainedCheckpoint] = {}
+    for index, recipe in enumerate(validated, 1):
+        if recipe is None:
+            continue
+        if recipe.checkpoints is None:
+            recipes.append(recipe)
+            continue
+        where = f"recipe '{recipe.name}' (#{index})"
+        if recipe.baseline:
+            problems.append(f"{where}, field 'baseline': a sweep is one recipe per checkpoint, and a run has one "
+                            "baseline: set it on a recipe of its own (its model one checkpoint-N folder)")
+            continue
+        try:
+            swept = sweep_recipes(recipe)
+        except SweepError as exc:
+            problems.append(f"{where}, field 'checkpoints': {exc}")
+            continue
+        recipes += [checkpoint for checkpoint, _ in swept]
+        checkpoints |= {checkpoint.name: record for checkpoint, record in swept}
+    return recipes, checkpoints
+
+
 def _duplicate_names(entries: list) -> list[str]:
-    """From the raw entries, so a duplicate is reported even when one of the pair has other problems."""
+    """From the raw entries, so a duplicate is reported even when one of the pair has other problems; a name
+    with '@' is a sweep's (`<recipe>@<step>`), never a recipe file's."""
     problems, seen = [], set()
     for index, entry in enumerate(entries, 1):
         name = entry.get("name") if isinstance(entry, dict) else None
@@ -291,6 +329,10 @@ def _duplicate_names(entries: list) -> list[str]:
             continue
         if name in seen:
             problems.append(f"recipe '{name}' (#{index}), field 'name': duplicate name")
+        if CHECKPOINT_MARK in name:
+            problems.append(f"recipe '{name}' (#{index}), field 'name': '{CHECKPOINT_MARK}' names a swept "
+                            f"checkpoint (<recipe>{CHECKPOINT_MARK}<step>, from `checkpoints`); choose a name "
+                            "without it")
         seen.add(name)
     return problems
 

@@ -1,11 +1,11 @@
 """The text of each cell and line a person reads, one definition for the terminal, report.md and report.html:
-metric columns, intervals, the paired difference, labels, statuses, the best line, problems."""
+metric columns, intervals, the paired difference, labels, statuses, the best line, problems, checkpoint sweeps."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from contract.run_row import NEW_RUN_RULE, RecipeRow, RunSummary, Status, parse_threshold_key
+from contract.run_row import NEW_RUN_RULE, RecipeRow, RunSummary, Status, Sweep, SweepPoint, parse_threshold_key
 from orchestrator.results.stats import DEFAULT_THRESHOLDS, MIN_BASELINE_FOR_RELATIVE, VERDICT_BETTER
 
 # What the "vs baseline" column and the best line's "% over" hold, for the notes under the tables.
@@ -217,6 +217,45 @@ def worker_notes(summary: RunSummary) -> list[tuple[bool, str]]:
             notes.append((True, f"{row.name}{where}: {sum(declined.values())} batch(es) decoded eagerly instead "
                                 f"of from a CUDA graph (same answers, slower): {reasons}"))
     return notes
+
+
+SWEEP_COLUMNS = ("Step", "Checkpoint", "Mean IoU (95% CI)", "Trainer eval loss", "Status")
+
+
+def sweep_title(sweep: Sweep) -> str:
+    return f"{sweep.name}: mean IoU by training step"
+
+
+def sweep_cells(point: SweepPoint, sweep: Sweep) -> list[str]:
+    """A checkpoint's cells under SWEEP_COLUMNS: its step, its recipe (marked best or last), mean IoU with its
+    interval, the trainer's eval loss at that step, its status."""
+    marks = [word for word, name in (("best", sweep.best), ("last", sweep.last)) if name == point.recipe]
+    mean = "-" if point.mean_iou is None else f"{point.mean_iou:.4f}"
+    if point.interval and point.mean_iou is not None:
+        mean += " " + interval_text(point.interval)
+    return ["-" if point.step is None else str(point.step),
+            point.recipe + (f" ({', '.join(marks)})" if marks else ""), mean,
+            "-" if point.eval_loss is None else f"{point.eval_loss:.4f}", str(point.status)]
+
+
+def sweep_line(sweep: Sweep) -> str:
+    """'Best checkpoint of lora: lora@400 (0.5123); clearly ahead of the last, lora@final (+0.0412 [+0.010, +0.070],
+    paired); the trainer's eval loss is lowest at step 400 (0.3120)'."""
+    best = next((p for p in sweep.points if p.recipe == sweep.best), None)
+    if best is None:
+        return f"Best checkpoint of {sweep.name}: none (no checkpoint finished with scored samples)"
+    text = f"Best checkpoint of {sweep.name}: {best.recipe} (mean IoU {best.mean_iou or 0.0:.4f})"
+    paired = sweep.best_vs_last
+    if sweep.best == sweep.last:
+        text += "; it is the last one"
+    elif paired:
+        ahead = "clearly ahead of" if paired["verdict"] == VERDICT_BETTER else "not clearly ahead of"
+        text += (f"; {ahead} the last, {sweep.last} ({paired['difference']:+.4f} "
+                 f"{interval_text(paired['interval'], signed=True)}, paired)")
+    if sweep.eval_losses:
+        step, loss = min(sweep.eval_losses.items(), key=lambda item: (item[1], item[0]))
+        text += f"; the trainer's eval loss is lowest at step {step} ({loss:.4f})"
+    return text
 
 
 def link_text(link: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ red, and the model's raw text). matplotlib (Agg, no pyplot state) and Pillow are
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -17,11 +18,12 @@ import orjson
 
 from contract.dataset import DatasetError, ImageSource, dataset_exists, open_dataset, read_image
 from contract.layout import RunFolder
-from contract.recipe import Settings
-from contract.run_row import RecipeRow, RunSummary
+from contract.recipe import FINAL, Settings
+from contract.run_row import RecipeRow, RunSummary, Status, Sweep
 from contract.samples import id_text
 from orchestrator.reporting.cells import (
     RELATIVE_CHANGE_NOTE,
+    SWEEP_COLUMNS,
     as_trained_notes,
     best_lead_unclear,
     best_line,
@@ -35,6 +37,9 @@ from orchestrator.reporting.cells import (
     problems,
     processor_text,
     status_text,
+    sweep_cells,
+    sweep_line,
+    sweep_title,
     worker_notes,
 )
 from orchestrator.reporting.page import anchor as _anchor
@@ -59,6 +64,7 @@ def render_html(summary: RunSummary, run_dir: Path, samples: dict[str, list[dict
         _headline(summary),
         _table(summary),
         _forest(summary),
+        _sweeps(summary),
         _gates(summary),
         _problems(summary),
         *[_recipe_section(row, summary, samples.get(row.name, []), run_dir) for row in summary.recipes],
@@ -158,6 +164,31 @@ def _forest(summary: RunSummary) -> str:
         return ""
     alt = "Mean IoU of each recipe with its 95% interval"
     return f'<section><h2>Mean IoU with 95% intervals</h2>{_png(_forest_png(summary, rows), alt, "chart")}</section>'
+
+
+def _sweeps(summary: RunSummary) -> str:
+    """Each sweep: mean IoU against the training step (chart and table) beside the trainer's eval loss, and whether
+    the best checkpoint is clearly ahead of the last."""
+    if not summary.sweeps:
+        return ""
+    parts = ["<section><h2>Checkpoint sweeps</h2>"]
+    for sweep in summary.sweeps:
+        head = "".join(f"<th>{_e(title)}</th>" for title in SWEEP_COLUMNS)
+        rows = []
+        for point in sweep.points:
+            cls = "best" if point.recipe == sweep.best else "" if point.status is Status.OK else "failed"
+            cells = sweep_cells(point, sweep)
+            link = f'<a href="#{_anchor(point.recipe)}">{_e(cells[1])}</a>'
+            numbers = "".join(f'<td class="num">{_e(cell)}</td>' for cell in cells[2:4])
+            rows.append(f'<tr class="{cls}"><td class="num">{_e(cells[0])}</td><td>{link}</td>{numbers}'
+                        f"<td>{_e(cells[4])}</td></tr>")
+        chart = _png(_sweep_png(sweep), f"mean IoU of each checkpoint of {sweep.name} by training step", "chart") \
+            if any(p.mean_iou is not None for p in sweep.points) else ""
+        ahead = (sweep.best_vs_last or {}).get("verdict") == VERDICT_BETTER or sweep.best == sweep.last
+        parts.append(f"<h3>{_e(sweep_title(sweep))}</h3>{chart}<p class=\"{'good' if ahead else 'warn'}\">"
+                     f"{_e(sweep_line(sweep))}</p><table class=\"results sweep\"><thead><tr>{head}</tr></thead>"
+                     f"<tbody>{''.join(rows)}</tbody></table>")
+    return "".join(parts) + "</section>"
 
 
 def _gates(summary: RunSummary) -> str:
@@ -368,6 +399,65 @@ def _forest_png(summary: RunSummary, rows: list[RecipeRow]) -> bytes:
     return _save(fig)
 
 
+def _sweep_png(sweep: Sweep) -> bytes:
+    """Mean IoU of each checkpoint at its training step with its 95% interval (the best in green, the final model
+    after the last step), and the trainer's eval loss on a second axis (dashed, grey)."""
+    fig = _figure(8.0, 3.2)
+    ax = fig.add_subplot()
+    xs, ticks = _sweep_positions(sweep)
+    scored = [(xs[p.recipe], p) for p in sweep.points if p.status is Status.OK and p.mean_iou is not None]
+    ax.plot([x for x, _ in scored], [p.mean_iou for _, p in scored], "-o", color=_SWEEP_BLUE, linewidth=1.5,
+            markersize=5, label="mean IoU (95% interval)")
+    for x, point in scored:
+        low, high = point.interval or (point.mean_iou, point.mean_iou)
+        ax.plot([x, x], [low, high], color=_SWEEP_BLUE, linewidth=1, alpha=0.45)
+        if point.recipe == sweep.best:
+            ax.plot([x], [point.mean_iou], "o", color=_SWEEP_GREEN, markersize=10, label="best checkpoint")
+    for point in sweep.points:
+        if point.status is not Status.OK:
+            ax.annotate(str(point.status), (xs[point.recipe], 0.02), xycoords=("data", "axes fraction"),
+                        ha="center", fontsize=7, color="#dc2626")
+    ax.set_xticks(list(ticks), list(ticks.values()), fontsize=8)
+    ax.set_xlabel("training step", fontsize=8)
+    ax.set_ylabel("mean IoU", fontsize=8)
+    ax.yaxis.set_major_formatter(lambda value, _pos: f"{value:.2f}")
+    ax.grid(axis="y", color="#e5e7eb", linewidth=0.8)
+    ax.spines[["top", "right"]].set_visible(False)
+    handles, names = ax.get_legend_handles_labels()
+    if sweep.eval_losses:
+        loss_ax = ax.twinx()
+        loss_ax.plot(list(sweep.eval_losses), list(sweep.eval_losses.values()), "--s", color=_LOSS_GREY,
+                     linewidth=1, markersize=3, label="trainer eval loss")
+        loss_ax.set_ylabel("trainer eval loss", fontsize=8, color=_LOSS_GREY)
+        loss_ax.tick_params(axis="y", labelsize=7, colors=_LOSS_GREY)
+        loss_ax.spines[["top"]].set_visible(False)
+        more_handles, more_names = loss_ax.get_legend_handles_labels()
+        handles, names = handles + more_handles, names + more_names
+    ax.legend(handles, names, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False,
+              ncol=len(names))
+    return _save(fig)
+
+
+def _sweep_positions(sweep: Sweep) -> tuple[dict[str, float], dict[float, str]]:
+    """Where each checkpoint is drawn (its step) and the ticks: the final model one step's spacing after the
+    last checkpoint, labelled 'final' (with its step where its trainer_state.json says it)."""
+    steps = sorted(p.step for p in sweep.points if p.step is not None and p.label != FINAL)
+    gaps = [b - a for a, b in itertools.pairwise(steps) if b > a]
+    spacing = min(gaps) if gaps else max(1, (steps[-1] if steps else 1) // 10)
+    xs: dict[str, float] = {}
+    ticks: dict[float, str] = {}
+    for point in sweep.points:
+        if point.label == FINAL:
+            x = (steps[-1] if steps else 0) + spacing
+            ticks[x] = "final" + (f"\n(step {point.step})" if point.step is not None else "")
+        else:
+            x = point.step if point.step is not None else 0
+            ticks[x] = str(point.step)
+        xs[point.recipe] = x
+    return xs, ticks
+
+
+_SWEEP_BLUE, _SWEEP_GREEN, _LOSS_GREY = "#2563eb", "#16a34a", "#6b7280"
 _CSS = """
 .recipe{margin-top:8px}.lineage ol{margin:4px 0;padding-left:22px;font-size:13px}
 .kind{display:inline-block;min-width:56px;font-weight:600}
@@ -383,4 +473,5 @@ _CSS = """
 pre.text{white-space:pre-wrap;word-break:break-all;font-size:12px;background:#fff;border:1px solid #e5e7eb;
  padding:6px;margin:6px 0 0;max-height:120px;overflow:auto}
 .problems pre{white-space:pre-wrap;margin:0}
+table.results.sweep{width:auto;min-width:640px}
 """

@@ -7,6 +7,7 @@ from typing import Any
 from contract.run_row import RunSummary
 from orchestrator.reporting.cells import (
     RELATIVE_CHANGE_NOTE,
+    SWEEP_COLUMNS,
     as_trained_notes,
     best_line,
     best_versus_others_line,
@@ -21,6 +22,9 @@ from orchestrator.reporting.cells import (
     problems,
     processor_text,
     status_text,
+    sweep_cells,
+    sweep_line,
+    sweep_title,
     worker_notes,
 )
 
@@ -41,7 +45,7 @@ def markdown_table(summary: RunSummary) -> str:
 
 
 def render_markdown(summary: RunSummary) -> str:
-    lines = ["# Evaluation results", "", markdown_table(summary), _INTERVALS_NOTE, ""]
+    lines = ["# Evaluation results", "", markdown_table(summary), _INTERVALS_NOTE, "", *sweeps_markdown(summary)]
     gates = summary.gates
     if gates and gates.get("failures"):
         lines += ["## Quality gates failed", "", gates_markdown(gates), ""]
@@ -67,6 +71,19 @@ def render_markdown(summary: RunSummary) -> str:
         if processor := processor_text(row):
             lines.append(f"  - processor: {processor}")
     return "\n".join(lines) + "\n"
+
+
+def sweeps_markdown(summary: RunSummary) -> list[str]:
+    """'## Checkpoint sweeps': for each sweep, its checkpoints by training step and the best one's line."""
+    if not summary.sweeps:
+        return []
+    lines = ["## Checkpoint sweeps", ""]
+    for sweep in summary.sweeps:
+        lines += [f"### {sweep_title(sweep)}", "", "| " + " | ".join(SWEEP_COLUMNS) + " |",
+                  "|---:|---|---:|---:|---|"]
+        lines += ["| " + " | ".join(sweep_cells(point, sweep)) + " |" for point in sweep.points]
+        lines += ["", f"**{sweep_line(sweep)}**", ""]
+    return lines
 
 
 _INTERVALS_NOTE = ("Brackets: 95% bootstrap intervals (2000 resamples). Paired Δ: the mean per-sample IoU difference"

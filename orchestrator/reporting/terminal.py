@@ -12,8 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from contract.layout import RunFolder
-from contract.run_row import RunSummary
+from contract.run_row import RunSummary, Status, Sweep
 from orchestrator.reporting.cells import (
+    SWEEP_COLUMNS,
     best_line,
     best_versus_others_line,
     change_cell,
@@ -25,6 +26,9 @@ from orchestrator.reporting.cells import (
     parity_notes,
     problems,
     status_text,
+    sweep_cells,
+    sweep_line,
+    sweep_title,
     worker_notes,
 )
 
@@ -48,6 +52,9 @@ def render_terminal(summary: RunSummary, console: Console) -> None:
     versus = best_versus_others_line(summary)
     if versus:
         console.print(versus, markup=False, highlight=False)
+    for sweep in summary.sweeps:
+        console.print(sweep_table(sweep))
+        console.print(sweep_line(sweep), markup=False, highlight=False)
     for note in override_notes(summary):
         console.print(note, markup=False, highlight=False, style="yellow")
     parity = parity_notes(summary)
@@ -62,6 +69,17 @@ def render_terminal(summary: RunSummary, console: Console) -> None:
             console.print(note, markup=False, highlight=False, style="yellow")
     for problem in problems(summary):
         console.print(problem, markup=False, highlight=False, style="red")
+
+
+def sweep_table(sweep: Sweep) -> Table:
+    """A sweep's checkpoints by training step: mean IoU with its interval beside the trainer's eval loss."""
+    table = Table(title=sweep_title(sweep))
+    for title in SWEEP_COLUMNS:
+        table.add_column(title, justify="left" if title in ("Checkpoint", "Status") else "right")
+    for point in sweep.points:
+        style = "green" if point.recipe == sweep.best else None if point.status is Status.OK else "red"
+        table.add_row(*[Text(cell) for cell in sweep_cells(point, sweep)], style=style)
+    return table
 
 
 def failures_table(gates: dict[str, Any]) -> Table:

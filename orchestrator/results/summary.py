@@ -18,6 +18,7 @@ from orchestrator.results.stats import (
     thresholds_of,
 )
 from orchestrator.results.store import DamagedRunFile, read_json, read_record, read_samples
+from orchestrator.results.sweeps import checkpoint_sweeps
 
 Samples = dict[str, list[dict[str, Any]]]
 
@@ -97,8 +98,9 @@ def load_samples(run_dir: Path, summary: RunSummary) -> Samples:
 
 def add_statistics(summary: RunSummary, samples: Samples) -> RunSummary:
     """Adds to each row a 95% interval for each metric and, against the baseline, the change in mean IoU relative
-    to the baseline's (where its mean carries one: stats.relative_change) and the paired IoU difference. Made
-    again from the samples each time a summary is published, so a re-rendered report follows today's rules."""
+    to the baseline's (where its mean carries one: stats.relative_change) and the paired IoU difference; and each
+    sweep's checkpoints side by side (sweeps.py). Made again from the samples each time a summary is published, so
+    a re-rendered report follows today's rules."""
     baseline = summary.baseline
     base_row = summary.row(baseline)
     base_iou = base_row.mean_iou if base_row is not None and base_row.ok else None
@@ -114,6 +116,7 @@ def add_statistics(summary: RunSummary, samples: Samples) -> RunSummary:
     best = summary.row(summary.best)
     summary.best_change_vs_baseline = best.change_vs_baseline if best is not None else None
     summary.best_vs_others = _best_versus_others(summary, samples)
+    summary.sweeps = checkpoint_sweeps(summary, samples)
     return summary
 
 

@@ -385,9 +385,9 @@ def resolve_on_cluster(plans: list[RecipePlan], settings: RaySettings) -> list[R
             answer = {"chain": None, "problem": f"{plans[i].problem}; no node could resolve it ({_short(exc)})"}
         chain: list[ChainLink] | None = answer["chain"]
         if chain is not None:
-            resolved[i] = RecipePlan(plans[i].recipe, chain=chain)
+            resolved[i] = RecipePlan(plans[i].recipe, chain=chain, checkpoint=plans[i].checkpoint)
         else:
-            resolved[i] = RecipePlan(plans[i].recipe, problem=answer["problem"])
+            resolved[i] = RecipePlan(plans[i].recipe, problem=answer["problem"], checkpoint=plans[i].checkpoint)
     return resolved
 
 
