@@ -495,7 +495,7 @@ def main() -> int:
         return 0
     models = args.work / "models"
     if not (models / "r1-llm-only").exists():
-        subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "build", "--models", str(models)], check=True,
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "build", "--models", str(models)], check=True,
                        cwd=ROOT)
         log("models built")
     dataset = build_dataset(args.work / "data", 256)

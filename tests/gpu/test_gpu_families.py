@@ -26,7 +26,7 @@ CACHED = ("internvl", "paligemma")  # batches collated from the image cache
 @pytest.fixture(scope="module")
 def families_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("families")
-    subprocess.run([sys.executable, "tools/make_families.py", "--out", str(folder / "models"), "--samples", "8"],
+    subprocess.run([sys.executable, "-m", "tools.make_families", "--out", str(folder / "models"), "--samples", "8"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     body = ""
     for name in FAMILIES:
