@@ -459,7 +459,9 @@ def _plan_on_ray(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, 
         console.print(_lineage_tree(item, recipe_file.lineage))
         for line in [*as_trained_lines(item), *answer["lines"]]:
             console.print(f"    {line}")
-    failed = sum(not answer["ok"] for answer in answers)
+    # a config problem is the driver's verdict whatever a node resolves (a quantized base on the CPU)
+    failed = sum(not answer["ok"] or (not item.runnable and item.problem_kind == "config")
+                 for item, answer in zip(plans, answers, strict=True))
     if failed:
         fail(f"{failed} recipe(s) cannot run", Exit.RECIPE_FAILED)
 
