@@ -95,6 +95,12 @@ class Settings(BaseModel):
                               "one at a time against their batched answers (0: off): teacher-forced, and generated "
                               "alone where that disagrees (inference/parity.py); a disagreement is a warning naming "
                               "the samples")
+    dequantize: bool = Field(False, description="a base quantized with bitsandbytes (a quantization_config in its "
+                             "config.json: QLoRA's, Unsloth's -bnb-4bit) is evaluated quantized, as it was trained, "
+                             "which needs a CUDA GPU and bitsandbytes (pip install evalorch[quant]); true: evaluate it "
+                             "on dequantized weights instead, on any device (packed weights unpacked with "
+                             "bitsandbytes, full-precision ones read as stored), recorded in the row, with numbers "
+                             "that will differ from the quantized base's. No effect on a base that is not quantized")
     trust_remote_code: bool = False
     allow_pickle: bool = False
     image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"

@@ -17,6 +17,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, computed_field, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+from .quantization import Quantization
+
 
 class Status(StrEnum):
     """How a recipe's evaluation ended (PENDING: not yet)."""
@@ -157,6 +159,9 @@ class RecipeRow(BaseModel):
     # where its processor came from and the resolution it resizes to, embeddings resized to an adapter's rows
     # (planning/plan.py, RecipePlan.as_trained); None for a row recorded before it was, or resolved on a Ray node
     as_trained: dict[str, Any] | None = None
+    # its base's bitsandbytes quantization and whether it was evaluated quantized or dequantized (the recipe's
+    # `dequantize`); None where the base is not quantized, or for a row recorded before it was
+    quantization: Quantization | None = None
     recipe: dict[str, Any] | None = None  # the recipe's settings as run
     preflight: dict[str, Any] | None = None  # the preflight's record (GPU, memory, batch size); None on a CPU
     attempts: list[dict[str, Any]] = Field(default_factory=list)

@@ -35,7 +35,7 @@ from orchestrator.execution.scheduler import GpuScheduler, runs_concurrently, sc
 from orchestrator.execution.supervisor import Interrupts, Suite, SuiteOptions
 from orchestrator.gpu.preflight import plan_lines, preflight_for
 from orchestrator.planning.lineage import describe_chain
-from orchestrator.planning.plan import RecipePlan, make_plans
+from orchestrator.planning.plan import RecipePlan, bitsandbytes_installed, for_device, make_plans
 from orchestrator.planning.recipes import LineageRules, RecipeFile, load_recipe_file
 from orchestrator.reporting.gates import GateRequest, gate_request, validate_for_run
 from orchestrator.reporting.history import read_history
@@ -255,6 +255,7 @@ def run(recipes: Path, out: Path, only: str | None, device: str, timeout: float 
     if device == "auto":
         device = _auto_device(cluster)
         console.print(f"Device: {device} (--device auto)")
+    plans = _on_device(plans, device, cluster)
     preflight = _preflight(device, gpus, required=True) if cluster is None else None
     if cluster is not None and _given("max_workers_per_gpu"):
         raise UserError("--max-workers-per-gpu is for the local backend: on Ray, --ray-lanes says how many at once")
@@ -391,6 +392,12 @@ def _backend(backend: str, address: str | None, gpus: str | None) -> Cluster | N
     return cluster
 
 
+def _on_device(plans: list[RecipePlan], device: str, cluster: Cluster | None) -> list[RecipePlan]:
+    """The plans as they stand on `device`: a quantized base that cannot be evaluated there is its recipe's error.
+    Whether bitsandbytes is installed is known here for this host's workers; a Ray node's worker checks its own."""
+    return for_device(plans, device, bitsandbytes=bitsandbytes_installed() if cluster is None else None)
+
+
 def _auto_device(cluster: Cluster | None) -> str:
     """--device auto: cuda where NVML sees a GPU here, or on Ray where the cluster has one."""
     if cluster is not None:
@@ -423,6 +430,7 @@ def plan(recipes: Path, only: str | None, hash_weights: bool, device: str, gpus:
     recipe_file, plans = _load(recipes, only, hash_weights, backend)
     cluster = _backend(backend, address, gpus)
     device = _auto_device(cluster) if device == "auto" else device
+    plans = _on_device(plans, device, cluster)
     if cluster is not None:
         _plan_on_ray(recipe_file, plans, device, hash_weights)
         return
@@ -452,7 +460,9 @@ def _plan_on_ray(recipe_file: RecipeFile, plans: list[RecipePlan], device: str, 
         console.print(_lineage_tree(item, recipe_file.lineage))
         for line in [*checkpoint_lines(item), *as_trained_lines(item), *answer["lines"]]:
             console.print(f"    {line}")
-    failed = sum(not answer["ok"] for answer in answers)
+    # a config problem is the driver's verdict whatever a node resolves (a quantized base on the CPU)
+    failed = sum(not answer["ok"] or (not item.runnable and item.problem_kind == "config")
+                 for item, answer in zip(plans, answers, strict=True))
     if failed:
         fail(f"{failed} recipe(s) cannot run", Exit.RECIPE_FAILED)
 
@@ -464,11 +474,14 @@ def checkpoint_lines(item: RecipePlan) -> list[str]:
 
 def as_trained_lines(item: RecipePlan) -> list[str]:
     """What `plan` says under a recipe's lineage of how it is evaluated as trained: where its processor comes from
-    and the resolution, whether that differs from its base's, and the embeddings resized before an adapter."""
+    and the resolution, whether that differs from its base's, its base's quantization and how it is evaluated, and
+    the embeddings resized before an adapter."""
     record = item.as_trained()
     if record is None or item.processor is None:
         return []
     lines = [f"processor: {item.processor.describe()}"]
+    if item.quantization is not None:
+        lines.append(f"quantization: {item.quantization.describe()}; {item.quantization.evaluated()}")
     if record["resolution_note"]:
         lines.append(f"resolution: {record['resolution_note']}")
     lines += [f"embeddings: resized to {resized['rows']} rows before {resized['adapter']} (the rows its saved "

@@ -5,8 +5,10 @@ behind for offloaded weights) and the check must name it."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import write_recipes
 
 from orchestrator.planning.plan import make_plans
@@ -57,3 +59,24 @@ def test_a_model_on_the_cpu_when_cuda_was_asked_for_is_refused(demo: dict, tmp_p
     with pytest.raises(WorkerError, match=r"module\(s\) are not on cuda:0: .* \(cpu\).* and \d+ more") as caught:
         check_placement(model, "cuda:0")
     assert caught.value.kind == "offload"
+
+
+def test_a_quantized_layers_constants_left_behind_are_named_too(demo: dict, tmp_path: Path) -> None:
+    """bitsandbytes keeps a 4-bit weight's constants (absmax, code, double quant's nested state) on its
+    `quant_state` and an 8-bit weight's row scales on the weight itself, neither a parameter nor a buffer: the check
+    reads them there, as bitsandbytes.nn's Params4bit and Int8Params hold them, and accepts them on the device."""
+    model, _ = _load(demo, tmp_path, "base")
+    attention = model.model.language_model.layers[0].self_attn
+    four, eight = attention.q_proj.weight, attention.k_proj.weight
+    four.quant_state = SimpleNamespace(absmax=torch.zeros(4), code=torch.zeros(16),
+                                       state2=SimpleNamespace(absmax=torch.zeros(1), code=torch.zeros(256)))
+    eight.SCB = torch.zeros(eight.shape[0])
+    check_placement(model, "cpu")
+    four.quant_state.state2.absmax = torch.zeros(1, device="meta")
+    eight.SCB = torch.zeros(eight.shape[0], device="meta")
+    with pytest.raises(WorkerError) as caught:
+        check_placement(model, "cpu")
+    assert caught.value.kind == "offload"
+    message = str(caught.value)
+    assert "self_attn.q_proj.weight.quant_state.state2 (meta)" in message, message
+    assert "self_attn.k_proj.weight (meta)" in message and "2 module(s)" in message, message

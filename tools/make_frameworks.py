@@ -24,6 +24,11 @@ What each framework writes, from its code (the commit read is named in tests/tes
 * A whole run to sweep (``checkpoint_sweep``): transformers' Trainer, which all but ms-swift train through, writes
   ``checkpoint-N/`` at each save with ``trainer_state.json`` (its ``log_history`` holds the eval losses so far), and
   the script's ``trainer.save_model()`` the final adapter in ``output_dir/``.
+* Unsloth's (and QLoRA's) base quantized by bitsandbytes: a ``quantization_config`` in config.json as transformers
+  writes it (BitsAndBytesConfig.to_dict: nf4, double quant, bfloat16 compute, lm_head and the aligner kept in full
+  precision) and the weights packed as ``save_pretrained`` of the quantized model writes them: a 4-bit weight as
+  uint8 pairs with its ``absmax``, ``quant_map``, nested constants and ``quant_state.bitsandbytes__nf4`` record; an
+  8-bit one as int8 with its row scales ``SCB`` and ``weight_format``.
 """
 
 from __future__ import annotations
@@ -187,4 +192,95 @@ def checkpoint_sweep(base: Path, trained: Path, out: Path, steps: tuple[int, ...
         config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         processor.save_pretrained(folder)
         trainer_state(folder, step, losses)
+    return out
+
+
+# ----------------------------------------------------------------------------- bases quantized by bitsandbytes
+
+BNB_SKIP = ["lm_head", "merger"]  # kept in full precision, as Unsloth's VLM configs keep the head and the aligner
+
+
+def bnb_settings(bits: int) -> dict[str, Any]:
+    """The quantization_config transformers writes into config.json for a base quantized at `bits` (4: nf4 with
+    double quant and bfloat16 compute, Unsloth's -bnb-4bit; 8: LLM.int8())."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="bfloat16",
+                                llm_int8_skip_modules=BNB_SKIP)
+    return json.loads(json.dumps(config.to_dict()))  # quant_method as the string it is written as
+
+
+def quantized_base(base: Path, out: Path, *, bits: int = 4, device: str = "cpu") -> Path:
+    """The base saved quantized by bitsandbytes (which must be installed), as Unsloth made its -bnb-4bit
+    checkpoints: loaded with a BitsAndBytesConfig onto `device`, then save_pretrained; the base's processor beside."""
+    import torch
+    from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        base, quantization_config=BitsAndBytesConfig.from_dict(bnb_settings(bits)), device_map={"": device},
+        dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def quantization_config_only(base: Path, out: Path, *, bits: int = 4) -> Path:
+    """The base's full-precision weights under a config.json that carries a bitsandbytes quantization_config: the
+    base a QLoRA run names, saved with its quantization settings; transformers quantizes it as it loads."""
+    shutil.copytree(base, out)
+    config = json.loads((out / "config.json").read_text()) | {"quantization_config": bnb_settings(bits)}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def packed_layout(base: Path, out: Path, *, bits: int = 4) -> Path:
+    """Files only, where bitsandbytes is not installed: the config and the tensors of a base saved quantized, as
+    bitsandbytes names, types and shapes them (each linear weight outside BNB_SKIP packed, with its constants; the
+    other tensors in bfloat16), every value zero. Planning, the estimate and the refusals read no value."""
+    import torch
+
+    model, processor = load_base(base)
+    linear = {f"{name}.weight" for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and not any(skip in name.split(".") for skip in BNB_SKIP)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in linear:
+            tensors |= _packed(name, tensor.shape, bits)
+        else:
+            tensors[name] = torch.zeros(tensor.shape, dtype=torch.bfloat16)
+    model.config.quantization_config = bnb_settings(bits)
+    model.save_pretrained(out, state_dict=tensors)  # the checkpoint's key names, as transformers saves them
+    processor.save_pretrained(out)
+    return out
+
+
+def _packed(name: str, shape: Any, bits: int) -> dict[str, Any]:
+    """One linear weight as bitsandbytes saves it packed: 4-bit nf4 with double quant (bnb.functional.QuantState
+    as_dict(packed=True)), or 8-bit int8 with its row scales."""
+    import math
+
+    import torch
+
+    elements = math.prod(shape)
+    if bits == 8:
+        module = name.removesuffix(".weight")
+        return {name: torch.zeros(shape, dtype=torch.int8), f"{module}.SCB": torch.zeros(shape[0]),
+                f"{module}.weight_format": torch.zeros((), dtype=torch.uint8)}
+    blocks = math.ceil(elements / 64)
+    state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": list(shape),
+                        "nested_blocksize": 256, "nested_offset": 0.0, "nested_dtype": "float32"}).encode()
+    return {name: torch.zeros(((elements + 1) // 2, 1), dtype=torch.uint8),
+            f"{name}.absmax": torch.zeros(blocks, dtype=torch.uint8), f"{name}.quant_map": torch.zeros(16),
+            f"{name}.nested_absmax": torch.zeros(math.ceil(blocks / 256)), f"{name}.nested_quant_map": torch.zeros(256),
+            f"{name}.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)}
+
+
+def qlora_adapter(adapter: Path, quantized: Path, out: Path) -> Path:
+    """A trained peft LoRA recording `quantized` as its base, as QLoRA and Unsloth save one: the adapter's files are
+    the same whether the layers beneath were 4-bit or not (peft names and shapes a LoRA by the layer it adapts)."""
+    shutil.copytree(adapter, out)
+    config_file = out / "adapter_config.json"
+    record = json.loads(config_file.read_text()) | {"base_model_name_or_path": str(quantized)}
+    config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out

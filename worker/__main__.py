@@ -155,7 +155,7 @@ def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     versions: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "accelerate", "flash-attn"):
+    for name in ("torch", "transformers", "peft", "accelerate", "flash-attn", "bitsandbytes"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -392,7 +392,7 @@ class Suite:
             outcome = RecipeOutcome(plan.recipe.name, Status.SKIPPED, "interrupted before it started")
         elif not plan.runnable:
             outcome = RecipeOutcome(plan.recipe.name, Status.ERROR, plan.problem or "")
-            outcome.error = {"kind": "lineage", "message": plan.problem}
+            outcome.error = {"kind": plan.problem_kind, "message": plan.problem}
         elif self.preflight and not (decision := self._before_launch(self.preflight, plan)).ok:
             outcome = RecipeOutcome(plan.recipe.name, Status.REFUSED, decision.message)
         else:
@@ -535,7 +535,7 @@ class Suite:
             metrics=metrics(read_samples(RecipeFolder(recipe_dir).samples)), iou_rule=NEW_RUN_RULE,
             parity=(outcome.done or {}).get("parity"),
             lineage=outcome.lineage or [asdict(link) for link in plan.chain or []],
-            base_override=plan.overridden_base, as_trained=plan.as_trained(),
+            base_override=plan.overridden_base, as_trained=plan.as_trained(), quantization=plan.quantization,
             recipe=plan.recipe.model_dump(), preflight=decision.record,
             attempts=attempts, sample_errors=outcome.sample_errors,
             concurrent_with=self.overlaps.concurrent_with(plan.recipe.name),

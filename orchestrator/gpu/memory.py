@@ -5,7 +5,10 @@ before its worker starts, instead of finding out from an out-of-memory error, or
     total  = needed x (1 + memory_margin)
 
 - weights: the chain's full checkpoint, from its safetensors headers, each floating tensor in the dtype the
-  recipe runs in (bfloat16 on CUDA unless the recipe says otherwise); integer tensors as stored.
+  recipe runs in (bfloat16 on CUDA unless the recipe says otherwise); integer tensors as stored. A base quantized
+  with bitsandbytes (contract/quantization.py) as bitsandbytes holds it: packed weights and their constants as
+  stored; full-precision ones it quantizes as they load at 4 or 8 bits and their constants; dequantized ones
+  (`dequantize = true`) at the run's dtype.
 - adapter: the top adapter's floating tensors at float32: peft upcasts half-precision adapters when it loads them.
   Lower adapters of a chain are merged into the weights before the next loads, so they add nothing. Unmerged, LoRA
   holds float32 temporaries at the widest adapted layer; DoRA (lora_magnitude_vector tensors) adds, at each layer it
@@ -51,6 +54,7 @@ from contract.dataset import (
     render_prompt,
 )
 from contract.processor import processor_settings, processor_source
+from contract.quantization import Quantization, is_quant_state, packed_weight_names, read_quantization
 from contract.recipe import Recipe, Settings, run_attn, run_dtype
 from contract.spec import ChainLink
 from contract.units import format_bytes
@@ -243,6 +247,7 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
     processor = processor_settings(Path(processor_source([link.path for link in chain]).path))
+    quantization = read_quantization(Path(root.path), dequantize=recipe.dequantize, allow_pickle=recipe.allow_pickle)
     try:  # the rules read many processor and vision settings: a mistyped one is the checkpoint's damage
         rule = image_rule(config, processor)
         if rule is not None:
@@ -255,7 +260,8 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     return Workload(
         dtype=dtype,
         attn=run_attn(recipe.attn, device),
-        weights_bytes=weights_bytes(root, _RUN_BYTES[dtype], allow_pickle=recipe.allow_pickle, notes=notes),
+        weights_bytes=weights_bytes(root, _RUN_BYTES[dtype], allow_pickle=recipe.allow_pickle, notes=notes,
+                                    quantization=quantization),
         adapter_bytes=adapter_bytes(adapters[-1], allow_pickle=recipe.allow_pickle) if adapters else 0,
         context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
         margin=recipe.memory_margin,
@@ -320,8 +326,10 @@ def lora_temporary_bytes(widths: tuple[int, int], prompts: Prompts, batch: int) 
     return max(batch * text, prompts.batch_patches(batch) * vision_width) * 8
 
 
-def weights_bytes(link: ChainLink, run_bytes: int, *, allow_pickle: bool, notes: list[str] | None = None) -> int:
-    """A full checkpoint's bytes once loaded: floating tensors at `run_bytes` each, the others as stored."""
+def weights_bytes(link: ChainLink, run_bytes: int, *, allow_pickle: bool, notes: list[str] | None = None,
+                  quantization: Quantization | None = None) -> int:
+    """A full checkpoint's bytes once loaded: floating tensors at `run_bytes` each, the others as stored; a
+    quantized base's as bitsandbytes holds them (quantized_bytes)."""
     total = 0
     for path in weight_files(Path(link.path), "full", allow_pickle=allow_pickle):
         if path.suffix != ".safetensors":  # a pickle has no header to read: its size on disk is the best guess
@@ -329,8 +337,67 @@ def weights_bytes(link: ChainLink, run_bytes: int, *, allow_pickle: bool, notes:
             if notes is not None:
                 notes.append(f"{path.name}: pickle weights counted at their file size")
             continue
-        total += _tensor_bytes(path, lambda dtype: run_bytes if dtype in _FLOAT_DTYPES else DTYPE_BYTES[dtype])
+        if quantization is None:
+            total += _tensor_bytes(path, lambda dtype: run_bytes if dtype in _FLOAT_DTYPES else DTYPE_BYTES[dtype])
+        else:
+            total += quantized_bytes(path, quantization, run_bytes)
+    if quantization is not None and notes is not None:
+        notes.append(f"weights: {quantization.describe()}, {quantization.evaluated()}")
     return total
+
+
+BNB_BLOCK = 64  # elements per absmax constant of bitsandbytes' 4-bit weights
+BNB_NESTED_BLOCK = 256  # absmax constants per nested constant (double quant)
+
+
+def quantized_bytes(path: Path, quantization: Quantization, run_bytes: int) -> int:
+    """One safetensors file of a quantized base, as the worker holds it: packed weights and their constants as
+    stored; evaluated quantized, a full-precision linear weight at its 4 or 8 bits and constants (bnb_bytes);
+    evaluated dequantized, each packed weight's elements in the run's dtype besides (the worker loads it packed and
+    dequantizes it on the device: its allocator keeps the packed blocks); tensors that are not quantized
+    (embeddings, norms, the output head, skipped modules) at the run's dtype."""
+    tensors = safetensors_header(path).tensors
+    packed = packed_weight_names(tensors)
+    total = 0
+    for name, info in tensors.items():
+        dtype, shape = info["dtype"], info["shape"]
+        if dtype not in DTYPE_BYTES:
+            raise EstimateError(f"{path}: tensor {name} has dtype {dtype}, which evalorch cannot size")
+        elements = math.prod(shape)
+        stored = elements * DTYPE_BYTES[dtype]
+        if is_quant_state(name):
+            total += stored
+        elif name in packed:  # dequantized: 4-bit packs two elements a byte, whatever the storage dtype
+            unpacked = (2 * stored if quantization.bits == 4 else elements) * run_bytes
+            total += stored + (unpacked if quantization.dequantized else 0)
+        elif not (quantization.packed or quantization.dequantized) and _quantized_on_load(name, shape, quantization):
+            total += bnb_bytes(elements, shape[0], quantization)
+        else:
+            total += elements * run_bytes if dtype in _FLOAT_DTYPES else stored
+    return total
+
+
+def _quantized_on_load(name: str, shape: list[int], quantization: Quantization) -> bool:
+    """A linear layer's weight, which transformers replaces with bitsandbytes' layer as it loads: a matrix, not an
+    embedding, the output head or a module the config keeps in full precision."""
+    module = name.removesuffix(".weight")
+    parts = set(module.split("."))
+    return (name.endswith(".weight") and len(shape) == 2 and "embed" not in module and "lm_head" not in parts
+            and not any(skip in parts or module.endswith(skip) for skip in quantization.skip_modules))
+
+
+def bnb_bytes(elements: int, rows: int, quantization: Quantization) -> int:
+    """A weight of `elements` quantized by bitsandbytes: 4-bit, two elements a byte, a float32 absmax for each
+    block of 64 and its 16-entry float32 code (with double quant, a byte for each block, and a float32 for each 256
+    of them with their 256-entry code); 8-bit, a byte each and a float32 scale for each row."""
+    if quantization.bits == 8:
+        return elements + 4 * rows
+    blocks = math.ceil(elements / BNB_BLOCK)
+    if quantization.double_quant:
+        constants = blocks + 4 * (math.ceil(blocks / BNB_NESTED_BLOCK) + BNB_NESTED_BLOCK)
+    else:
+        constants = 4 * blocks
+    return math.ceil(elements / 2) + constants + 4 * 16
 
 
 def adapter_bytes(link: ChainLink, *, allow_pickle: bool) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -9,6 +10,7 @@ from typing import Any, Protocol
 from contract.boxes import AUTO, BOX_FORMATS, native_format
 from contract.checkpoint import CONFIG, CheckpointError, read_json_object
 from contract.processor import ProcessorSource, processor_source
+from contract.quantization import Quantization, read_quantization, refusal
 from contract.recipe import Recipe
 from contract.run_row import TrainedCheckpoint
 from contract.spec import ChainLink
@@ -29,10 +31,17 @@ class RecipePlan:
     box_format_from: str = "recipe"  # how recipe.box_format was chosen: "recipe", or auto's reading of config.json
     processor: ProcessorSource | None = None  # where its processor comes from, and the resolution it resizes to
     checkpoint: TrainedCheckpoint | None = None  # a swept checkpoint's step and trainer's eval losses (sweep.py)
+    quantization: Quantization | None = None  # its base's bitsandbytes quantization, as the recipe evaluates it
 
     @property
     def runnable(self) -> bool:
         return self.problem is None
+
+    @property
+    def problem_kind(self) -> str:
+        """The error kind a problem is recorded as: "config" (a setting, or the device, does not fit the model), else
+        "lineage" (the chain of weights)."""
+        return "config" if (self.problem or "").startswith("config:") else "lineage"
 
     def as_trained(self) -> dict[str, Any] | None:
         """What the recipe's row records of how it is evaluated as it was trained (beside its lineage, which says
@@ -62,13 +71,15 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
         try:
             chain = resolve_chain(recipe, recipe_file.lineage, hash_weights=hash_weights)
             processor = processor_source([link.path for link in chain])
+            quantization = read_quantization(Path(chain[0].path), dequantize=recipe.dequantize,
+                                             allow_pickle=recipe.allow_pickle)
         except LineageError as exc:
             plans.append(RecipePlan(recipe, problem=f"lineage: {exc}", checkpoint=checkpoint))
             continue
-        except CheckpointError as exc:  # a damaged processor file
+        except CheckpointError as exc:  # a damaged processor file, a quantization evalorch cannot evaluate
             plans.append(RecipePlan(recipe, problem=f"lineage: recipe '{recipe.name}': {exc}", checkpoint=checkpoint))
             continue
-        plan = RecipePlan(recipe, chain=chain, processor=processor, checkpoint=checkpoint)
+        plan = RecipePlan(recipe, chain=chain, processor=processor, checkpoint=checkpoint, quantization=quantization)
         if box_formats and recipe.box_format == AUTO:
             try:
                 plan = _with_native_format(plan)
@@ -79,6 +90,22 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
         raise BoxFormatError("\n".join(unresolved) + f"\nSet box_format to one of: {', '.join(BOX_FORMATS)} "
                              "(docs/models.md: Box formats); evalorch never guesses it from the numbers.")
     return plans
+
+
+def for_device(plans: list[RecipePlan], device: str, *, bitsandbytes: bool | None) -> list[RecipePlan]:
+    """The plans as they stand on `device`: a recipe whose quantized base cannot be evaluated there as it asks
+    (contract/quantization.py: a CPU, no bitsandbytes) becomes that recipe's config error, saying what to install
+    or set, before any worker starts; the others are unchanged. `bitsandbytes`: whether the workers can import it
+    (bitsandbytes_installed() for workers on this host; None where they run elsewhere: their worker checks)."""
+    return [replace(plan, problem=f"config: recipe '{plan.recipe.name}': {reason}")
+            if plan.runnable and plan.quantization is not None
+            and (reason := refusal(plan.quantization, device=device, bitsandbytes=bitsandbytes)) is not None
+            else plan for plan in plans]
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether this interpreter (the one the local workers run) has bitsandbytes, found without importing it."""
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _with_native_format(plan: RecipePlan) -> RecipePlan:

@@ -142,9 +142,14 @@ def override_notes(summary: RunSummary) -> list[str]:
 
 def as_trained_notes(summary: RunSummary) -> list[str]:
     """One line per recipe evaluated otherwise than its base would be: at the resolution its adapter's processor was
-    saved with, or with embeddings resized to its adapter's vocabulary (each row's `as_trained`)."""
+    saved with, or with embeddings resized to its adapter's vocabulary (each row's `as_trained`); and one per recipe
+    evaluated on a quantized base, saying whether quantized, as it was trained, or dequantized, whose numbers differ
+    from the quantized base's (each row's `quantization`)."""
     notes = []
     for row in summary.recipes:
+        if row.quantization is not None and row.mean_iou is not None:
+            notes.append(f"{row.name}: its base is quantized ({row.quantization.describe()}); "
+                         f"{row.quantization.evaluated()}")
         record = row.as_trained or {}
         if record.get("resolution_note"):
             notes.append(f"{row.name}: {record['resolution_note']}")

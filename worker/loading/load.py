@@ -37,6 +37,7 @@ from worker.decode import decode_attention, graph_decode
 from worker.device import Device
 from worker.errors import WorkerError
 from worker.loading.default_dtype import building_modules
+from worker.loading.quantized import check_quantization, load_quantized, quantization_tensors, without_quantization
 from worker.loading.weights import (
     Prestaged,
     UnstageableError,
@@ -164,12 +165,21 @@ def _attach_decode_graph(model: Any, device: Device, decode: str, requested: boo
 
 def load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtype, attn: str,
               prestaged: Prestaged | None = None) -> tuple[Any, dict]:
-    """The root checkpoint on `device`, and how it was read (for the `loaded` message)."""
+    """The root checkpoint on `device`, and how it was read (for the `loaded` message). A base quantized with
+    bitsandbytes goes through worker/loading/quantized.py, as it was trained or dequantized as the recipe asks."""
     trust = recipe.trust_remote_code
     with reading(root.path, "its config"):
         config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust)
     common = {"config": config, "dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust,
               "device_map": {"": device.tensors}}  # one device, all of it: never "auto"
+    quantization = check_quantization(root, recipe, device)
+    if quantization is not None and (quantization.packed or not quantization.dequantized):
+        if prestaged is not None:
+            prestaged.discard()
+        with reading(root.path, "its quantized weights"), building_modules():
+            return load_quantized(model_class(config), root.path, quantization, common, recipe.allow_pickle)
+    if quantization is not None:  # dequantized full-precision weights: read as stored, by either reader
+        without_quantization(config)
     files = root_weight_files(root.path)
     cls = concrete_class(model_class(config), config)
     if prestaged is not None and (cls is None or (prestaged.files, prestaged.device, prestaged.dtype)
@@ -288,10 +298,11 @@ def _unwrap(model: Any) -> Any:
 
 
 def check_placement(model: Any, device: str) -> None:
-    """Every parameter and buffer on `device`; anything on cpu or meta is an offload error naming the modules."""
+    """Every parameter and buffer on `device`, and every tensor bitsandbytes keeps beside a quantized layer's weight
+    (its quant state, its scales); anything on cpu or meta is an offload error naming the modules."""
     want = torch.device(device).type
     stray: dict[str, str] = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers(), *quantization_tensors(model)]:
         if tensor.device.type != want:
             module = name.rsplit(".", 1)[0]
             stray.setdefault(module, tensor.device.type)

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from contract.checkpoint import CheckpointError, safetensors_header
+from contract.quantization import read_quantization
 from contract.recipe import Recipe, run_dtype
 from worker.device import Device
 from worker.errors import WorkerError
@@ -294,11 +295,20 @@ class Prestaged:
         weights.state_dict.clear()
 
 
+def _quantized(folder: str) -> bool:
+    """The root records a quantization (transformers' own reader loads it), or its config cannot be read (the
+    load reports that): nothing to stage ahead either way."""
+    try:
+        return read_quantization(Path(folder)) is not None
+    except CheckpointError:
+        return True
+
+
 def prestage_root(root: Any, recipe: Recipe, device: Device) -> Prestaged | None:
     """Start reading the root link's weights now, where the staged loader will read them (the conditions of
     load.load_root that need no transformers: it discards them if the class turns out not to build from a
     state dict); None where it will not stage."""
     files = root_weight_files(root.path)
-    if recipe.loader != "staged" or not files or recipe.trust_remote_code:
+    if recipe.loader != "staged" or not files or recipe.trust_remote_code or _quantized(root.path):
         return None
     return Prestaged(files, device, resolve_dtype(recipe.dtype, device))
