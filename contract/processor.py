@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import read_json_object, swift_args
+from .trainer_resize import TrainerResize, trainer_resize
 
 # An image processor's configuration: transformers 5 nests it in processor_config.json, older versions wrote
 # preprocessor_config.json (the image processor's own file has the last word where both are there).
@@ -56,6 +57,8 @@ class ProcessorSource:
     # special tokens a trainer adds to the tokenizer when it loads (ms-swift's args.json new_special_tokens, which
     # `swift infer` adds again): the saved tokenizer lacks them, so the worker adds them as the trainer did
     added_tokens: list[str] | None = None
+    # how the top link's trainer resized images before its processor (contract/trainer_resize.py), applied alike
+    trainer_resize: TrainerResize | None = None
 
     def describe(self) -> str:
         """'the adapter's own, /runs/x/checkpoint-100: resizes images to 3136-589824 pixels'."""
@@ -67,15 +70,23 @@ class ProcessorSource:
         return text
 
     def resolution_note(self) -> str | None:
-        """Where the processor resizes otherwise than the root checkpoint's: which one is used, and why."""
-        if self.root_resolution is None:
-            return None
-        return (f"the processor saved with the adapter resizes images to {self.resolution.pixels()}, its base's to "
-                f"{self.root_resolution.pixels()}: evaluated at the adapter's (the resolution it was trained at)")
+        """Where images are resized otherwise than the root checkpoint's processor does: by the processor saved
+        with the adapter, by its trainer before the processor; which is used, and why."""
+        notes = []
+        if self.root_resolution is not None:
+            notes.append(f"the processor saved with the adapter resizes images to {self.resolution.pixels()}, its "
+                         f"base's to {self.root_resolution.pixels()}: evaluated at the adapter's (the resolution it "
+                         "was trained at)")
+        if self.trainer_resize is not None:
+            notes.append(self.trainer_resize.describe())
+        return "; ".join(notes) or None
 
 
-def processor_source(chain_paths: list[str]) -> ProcessorSource:
-    """The processor of a chain given as its links' folders, root first (see the module's docstring)."""
+def processor_source(chain_paths: list[str],
+                     recipe_bounds: tuple[int | None, int | None] = (None, None)) -> ProcessorSource:
+    """The processor of a chain given as its links' folders, root first (see the module's docstring), and the
+    resize its top link's trainer applied before it, with the recipe's (image_min_pixels, image_max_pixels) over
+    what the files say."""
     folders = [Path(p) for p in chain_paths]
     top_down = list(reversed(folders))
     found = next((f for f in top_down if has_image_processor(f)), folders[0])
@@ -87,7 +98,8 @@ def processor_source(chain_paths: list[str]) -> ProcessorSource:
     return ProcessorSource(
         path=str(found), tokenizer_path=str(tokenizer), which=_which(found, folders),
         resolution=resolution, root_resolution=root if found != folders[0] and root != resolution else None,
-        added_tokens=added or None)
+        added_tokens=added or None,
+        trainer_resize=trainer_resize(folders[-1], pixel_factor(processor_settings(found)), recipe_bounds))
 
 
 def has_image_processor(folder: Path) -> bool:
@@ -119,6 +131,13 @@ def is_pixel_bounded(settings: dict[str, Any]) -> bool:
     size.shortest_edge and longest_edge are pixel counts rather than sides."""
     kind = str(settings.get("image_processor_type") or "")
     return kind.startswith("Qwen2VLImageProcessor") or "min_pixels" in settings or "max_pixels" in settings
+
+
+def pixel_factor(settings: dict[str, Any]) -> int | None:
+    """A pixel-bounded processor's resize step, patch_size x merge_size (Qwen2-VL's 28); None for another."""
+    if not is_pixel_bounded(settings):
+        return None
+    return int(settings.get("patch_size") or 14) * int(settings.get("merge_size") or 2)
 
 
 def pixel_bounds(settings: dict[str, Any]) -> tuple[Any, Any]:

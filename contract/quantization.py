@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict
 
 from .checkpoint import CONFIG, CheckpointError, as_written, read_json_object, safetensors_header, weight_files
+from .recipe import Recipe
 
 BITSANDBYTES: Final = "bitsandbytes"
 INSTALL = "pip install evalorch[quant]"  # the extra that brings bitsandbytes (pyproject.toml)
@@ -44,12 +45,14 @@ class Quantization(BaseModel):
     packed: bool  # its safetensors hold the packed weights; False: full precision, quantized as they load
     skip_modules: tuple[str, ...] = ()  # modules kept in full precision (llm_int8_skip_modules)
     dequantized: bool = False  # evaluated on dequantized weights (the recipe's `dequantize = true`)
+    requested: bool = False  # by the recipe's `quantize`: its config.json records none (a plain QLoRA base)
 
     def describe(self) -> str:
         """'bitsandbytes 4-bit nf4 (double quant), compute bfloat16, packed weights'."""
         double = " (double quant)" if self.double_quant else ""
         compute = f", compute {self.compute_dtype}" if self.compute_dtype else ""
         stored = "packed weights" if self.packed else "full-precision weights quantized as they load"
+        stored += " (the recipe's quantize)" if self.requested else ""
         return f"{self.method} {self.bits}-bit {self.quant_type}{double}{compute}, {stored}"
 
     def evaluated(self) -> str:
@@ -59,6 +62,35 @@ class Quantization(BaseModel):
         if self.dequantized:
             return f"evaluated on its full-precision weights, not quantized (dequantize = true): {DIFFERS}"
         return "evaluated quantized, as it was trained (bitsandbytes on a CUDA GPU)"
+
+    def bnb_config(self) -> dict[str, Any]:
+        """The settings of transformers' BitsAndBytesConfig that quantize a full-precision base this way."""
+        return {"load_in_4bit": self.bits == 4, "load_in_8bit": self.bits == 8,
+                "bnb_4bit_quant_type": self.quant_type if self.bits == 4 else "nf4",
+                "bnb_4bit_use_double_quant": self.double_quant,
+                "bnb_4bit_compute_dtype": self.compute_dtype or "float32",
+                "llm_int8_skip_modules": list(self.skip_modules) or None}
+
+
+REQUESTED = {"nf4": 4, "fp4": 4, "int8": 8}  # a recipe's `quantize`: its bits
+REQUESTED_COMPUTE = "bfloat16"  # QLoRA's and Unsloth's bnb_4bit_compute_dtype
+
+
+def recipe_quantization(folder: Path, recipe: Recipe) -> Quantization | None:
+    """The root checkpoint's quantization in `folder` as `recipe` evaluates it: the one its config.json records
+    (read_quantization), or the recipe's `quantize` for a full-precision base; None where neither. Setting
+    `quantize` over a base that records its own is a CheckpointError: the base says how it was quantized."""
+    recorded = read_quantization(folder, dequantize=recipe.dequantize, allow_pickle=recipe.allow_pickle)
+    if recipe.quantize is None:
+        return recorded
+    if recorded is not None:
+        raise CheckpointError(f"{folder / CONFIG} records its own quantization ({recorded.describe()}): remove "
+                              f"quantize = {recipe.quantize!r} from the recipe, which is for a full-precision base "
+                              "that a QLoRA adapter was trained on quantized")
+    bits = REQUESTED[recipe.quantize]
+    return Quantization(bits=4 if bits == 4 else 8, quant_type=recipe.quantize,
+                        compute_dtype=REQUESTED_COMPUTE if bits == 4 else None, double_quant=bits == 4,
+                        packed=False, requested=True)
 
 
 def read_quantization(folder: Path, *, dequantize: bool = False, allow_pickle: bool = False) -> Quantization | None:
@@ -137,10 +169,14 @@ def refusal(quantization: Quantization, *, device: str, bitsandbytes: bool | Non
             return (f"{what} and dequantize = true, but unpacking its weights needs bitsandbytes, which is not "
                     f"installed: {INSTALL}")
         return None
+    # the other way to evaluate it: a recorded quantization dequantized; a requested one not asked for
+    instead = ("remove quantize from the recipe to evaluate the base in full precision (its numbers will differ "
+               "from the quantized base's the adapter was trained on)" if quantization.requested
+               else f"set dequantize = true in the recipe ({DIFFERS})")
     if not device.startswith("cuda"):
         return (f"{what}: it is evaluated as it was trained only on a CUDA GPU with bitsandbytes ({INSTALL}); to "
-                f"evaluate it on this device, set dequantize = true in the recipe ({DIFFERS})")
+                f"evaluate it on this device, {instead}")
     if bitsandbytes is False:
         return (f"{what}: evaluating it as it was trained needs bitsandbytes, which is not installed: {INSTALL}; or "
-                f"set dequantize = true in the recipe ({DIFFERS})")
+                f"{instead}")
     return None

@@ -101,6 +101,25 @@ class Settings(BaseModel):
                              "on dequantized weights instead, on any device (packed weights unpacked with "
                              "bitsandbytes, full-precision ones read as stored), recorded in the row, with numbers "
                              "that will differ from the quantized base's. No effect on a base that is not quantized")
+    quantize: Literal["nf4", "fp4", "int8"] | None = Field(None, description="a QLoRA adapter trained on a "
+                                                          "full-precision base that its trainer quantized as it "
+                                                          "loaded (its config.json records no quantization_config): "
+                                                          "quantize the base the same way, with bitsandbytes as it "
+                                                          "loads: 4-bit nf4 or fp4 (double quant, computing in "
+                                                          "bfloat16, QLoRA's and Unsloth's settings) or 8-bit int8 "
+                                                          "(LLM.int8()); recorded in the row. Needs a CUDA GPU and "
+                                                          "bitsandbytes. Unset: the base is evaluated as its files "
+                                                          "say (a base whose config.json records a quantization is "
+                                                          "evaluated by it, and must not set this)")
+    image_min_pixels: int | None = Field(None, gt=0, description="the fewest pixels the adapter's trainer "
+                                         "enlarged training images to before its processor, where its folder does "
+                                         "not record it (see image_max_pixels)")
+    image_max_pixels: int | None = Field(None, gt=0, description="the most pixels the adapter's trainer shrank "
+                                         "training images to before its processor, where its folder does not record "
+                                         "it: a LLaMA-Factory command-line run that set image_max_pixels (evalorch "
+                                         "otherwise assumes LLaMA-Factory's default, 768*768, and says so), or any "
+                                         "trainer that resized within pixel bounds (applied as Qwen-VL's processor "
+                                         "resizes). Each image is resized so before the processor, as in training")
     trust_remote_code: bool = False
     allow_pickle: bool = False
     image_cache: bool = Field(False, description="keep each sample's processor output on disk (in cache_dir/"
@@ -125,6 +144,14 @@ class Settings(BaseModel):
             raise ValueError(f"unknown box format {value!r}; known: auto, {', '.join(BOX_FORMATS)}")
         return value
 
+    @field_validator("quantize")
+    @classmethod
+    def _not_with_dequantize(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("dequantize"):
+            raise ValueError("cannot be set with dequantize = true: quantize evaluates a full-precision base quantized "
+                             "as its adapter was trained, dequantize a quantized base in full precision")
+        return value
+
     @field_validator("batch_size")
     @classmethod
     def _positive_batch(cls, value: int | str) -> int | str:
@@ -141,6 +168,11 @@ class Settings(BaseModel):
             raise ValueError("a fraction must lie between 0 and 1 (0.02: 2% of the samples); for a count, give "
                              "a whole number")
         return value
+
+    @property
+    def image_bounds(self) -> tuple[int | None, int | None]:
+        """(image_min_pixels, image_max_pixels): the training resize's bounds the recipe states."""
+        return self.image_min_pixels, self.image_max_pixels
 
     @property
     def requested_batch(self) -> int:

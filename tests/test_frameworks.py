@@ -50,6 +50,11 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 HUB_ID = "acme/tiny-qwen2-vl"  # the base, as a Hugging Face hub id
 MODELSCOPE_ID = "acme/Tiny-VL-2.5"  # the base, as a ModelScope id (a dot: written "___" in its cache)
 TRL_MAX_PIXELS = 28 * 28 * 8  # below every demo image's area: the TRL processor resizes each one down
+# Below the demo images' 112 x 112 = 12544 pixels: each bound shrinks every image before the processor
+WEB_UI_PIXELS = (1024, 9000)  # LLaMA-Factory's (image_min_pixels, image_max_pixels), as its web UI records them
+SWIFT_RESCALE = 8000  # ms-swift's --max_pixels (args.json)
+SWIFT_MAX_PIXELS = 5000  # ms-swift's model_kwargs MAX_PIXELS (qwen_vl_utils' bound)
+RECIPE_MAX_PIXELS = 4704  # a recipe's image_max_pixels
 
 
 def _caches(root: Path, base: Path) -> dict[str, str]:
@@ -87,9 +92,19 @@ def built(demo: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "grown-bare": frameworks.grown_tokenizer_without_embeddings(base, root / "grown-bare"),
         "swift-bare": frameworks.swift_checkpoint(base, root / "swift-bare", recorded_base=str(base), model_arg=HUB_ID,
                                                   new_tokens=["<ref>"], embeddings=False),
+        # the training resolution outside the processor: LLaMA-Factory's web UI, ms-swift's args.json, a recipe's
+        "llamafactory-webui": frameworks.llamafactory_run(base, root / "lf-webui", steps=(2,),
+                                                          web_ui_pixels=WEB_UI_PIXELS),
+        "swift-rescale": frameworks.swift_checkpoint(base, root / "swift-rescale", recorded_base=str(base),
+                                                     model_arg=HUB_ID, max_pixels=SWIFT_RESCALE),
+        "swift-kwargs": frameworks.swift_checkpoint(base, root / "swift-kwargs", recorded_base=str(base),
+                                                    model_arg=HUB_ID, model_kwargs={"max_pixels": SWIFT_MAX_PIXELS}),
+        "bounded": frameworks.trl_checkpoint(base, root / "bounded", recorded_base=str(base), max_pixels=25088),
     }
     env = _caches(root, base)
-    body = "".join(f'[[recipe]]\nname = "{recipe}"\nmodel = "{folder}"\n' for recipe, folder in folders.items())
+    extra = {"bounded": f"image_max_pixels = {RECIPE_MAX_PIXELS}\n"}
+    body = "".join(f'[[recipe]]\nname = "{recipe}"\nmodel = "{folder}"\n{extra.get(recipe, "")}'
+                   for recipe, folder in folders.items())
     recipes = root / "recipes.toml"
     recipes.write_text(f'[defaults]\ndataset = "{demo["dataset"]}"\nmax_new_tokens = 8\nbatch_size = 4\n{body}')
     return {"root": root, "base": base, "folders": folders, "env": env, "recipes": recipes}
@@ -169,7 +184,7 @@ def test_the_worker_evaluates_at_the_resolution_the_adapter_saved(built: dict, r
     report = (ran["run_dir"] / "report.md").read_text()
     assert f"- trl: {record['resolution_note']}" in report
     assert html.escape(record["resolution_note"]) in (ran["run_dir"] / "report.html").read_text()
-    assert ran["rows"]["llamafactory"]["as_trained"]["resolution_note"] is None
+    assert ran["rows"]["swift-cache"]["as_trained"]["resolution_note"] is None
 
 
 def test_embeddings_are_resized_to_the_adapters_rows_before_it_loads(built: dict, ran: dict) -> None:
@@ -280,3 +295,106 @@ def test_the_processor_comes_from_the_nearest_link_that_saved_one(built: dict) -
     assert (stacked.path, stacked.which) == (str(lf), f"the adapter {lf.name}'s (link 2 of 3)")
     link = ChainLink(str(base), "full", "quick:0", 1)
     assert load_processor([link], Recipe(name="r", model=str(base))).image_processor.size["longest_edge"] == 25088
+
+
+def test_saved_whole_modules_take_the_dtype_of_the_model_they_join(built: dict,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft assigns modules_to_save as the adapter file stores them (float32); under a bfloat16 model, as on a GPU,
+    the float32 lm_head met bfloat16 hidden states: "mat1 and mat2 must have the same dtype". Applied by the
+    worker's own apply_adapters, the saved embed_tokens and lm_head are bfloat16 and a forward pass runs."""
+    import torch
+    from peft.utils import ModulesToSaveWrapper
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from worker.loading.load import apply_adapters
+
+    plan = _plans(built, monkeypatch, "shrunk")["shrunk"]
+    assert plan.chain is not None
+    model = Qwen2VLForConditionalGeneration.from_pretrained(built["base"], dtype=torch.bfloat16)
+    model, resized = apply_adapters(model, plan.chain[1:])
+    assert resized and resized[0]["to_rows"] < resized[0]["from_rows"]
+    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert len(wrappers) == 2
+    assert {p.dtype for w in wrappers for p in w.modules_to_save.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.bfloat16 and logits.shape[-1] == resized[0]["to_rows"]
+
+
+# ----------------------------------------------------------------------------- the trainer's resize
+
+
+def _expected_input(name: str, width: int, height: int) -> tuple[int, int]:
+    """The size the model saw, as each trainer resized the image (its formula, transcribed from its code into this
+    test) and then the base's processor (transformers' own smart_resize: 28-pixel steps within 3136-25088)."""
+    import math
+
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    if name == "llamafactory-webui" and width * height > WEB_UI_PIXELS[1]:  # MMPluginMixin._preprocess_image
+        factor = math.sqrt(WEB_UI_PIXELS[1] / (width * height))
+        width, height = int(width * factor), int(height * factor)
+    elif name == "swift-rescale" and width * height > SWIFT_RESCALE:  # vision_utils.rescale_image
+        rows = math.sqrt(SWIFT_RESCALE / (width / height))
+        width, height = int(rows * width / height), int(rows)
+    elif name in ("swift-kwargs", "bounded"):  # qwen_vl_utils.fetch_image's smart_resize
+        bound = SWIFT_MAX_PIXELS // 784 * 784 if name == "swift-kwargs" else RECIPE_MAX_PIXELS
+        height, width = smart_resize(height, width, 28, 3136 if name == "bounded" else 4 * 784, bound)
+    height, width = smart_resize(height, width, 28, 3136, 25088)
+    return width, height
+
+
+@pytest.mark.parametrize("name", ["llamafactory-webui", "swift-rescale", "swift-kwargs", "bounded", "llamafactory"])
+def test_images_are_resized_as_the_trainer_resized_them_before_its_processor(ran: dict, name: str) -> None:
+    samples = _samples(ran["run_dir"], name)
+    assert samples and ran["rows"][name]["status"] == "ok", ran["rows"][name]["detail"]
+    for sample in samples:
+        assert tuple(sample["input_size"]) == _expected_input(name, *sample["image_size"]), (name, sample)
+    # the base's processor alone gives other sizes, but under LLaMA-Factory's defaults (768 x 768, above the
+    # demo's images)
+    alone = [tuple(s["input_size"]) == _expected_input("base", *s["image_size"]) for s in samples]
+    assert all(alone) if name == "llamafactory" else not all(alone), name
+
+
+def test_plan_and_report_say_where_the_training_resolution_came_from(built: dict, planned: str, ran: dict) -> None:
+    webui = (Path(built["folders"]["llamafactory-webui"]) / "training_args.yaml").resolve()
+    assert (f"LLaMA-Factory resized training images to at most {WEB_UI_PIXELS[1]} and at least {WEB_UI_PIXELS[0]} "
+            f"pixels before its processor ({webui}): evaluated the same way") in planned
+    default = (Path(built["folders"]["llamafactory"]) / "trainer_log.jsonl").resolve()
+    assert ("LLaMA-Factory resized training images to at most 589824 and at least 1024 pixels before its processor "
+            f"(LLaMA-Factory's defaults: {default} marks its run, which recorded no image_max_pixels (set it in the "
+            "recipe if the run did))") in planned
+    assert f"ms-swift resized training images to at most {SWIFT_RESCALE} pixels" in planned
+    assert f"ms-swift resized training images to at most {SWIFT_MAX_PIXELS // 784 * 784} pixels" in planned
+    assert (f"the recipe resized training images to at most {RECIPE_MAX_PIXELS} pixels before its processor (the "
+            "recipe's image_max_pixels)") in planned
+    record = ran["rows"]["swift-rescale"]["as_trained"]
+    assert record["processor"]["trainer_resize"]["rule"] == "swift"
+    assert record["processor"]["trainer_resize"]["max_pixels"] == SWIFT_RESCALE
+    assert f"- swift-rescale: {record['resolution_note']}" in (ran["run_dir"] / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("rule", "bounds", "expected"), [
+    ("llamafactory", (1024, 589824), (858, 686)),  # sqrt(589824 / 800000) = 0.8587: 858.66 x 686.93, truncated
+    ("swift", (None, 589824), (858, 686)),  # rows int(sqrt(589824 / 1.25)) = 686, columns int(686.93 x 1.25)
+    ("qwen", (None, 589824), (840, 672)),  # floor to 28-pixel steps within the bound
+])
+def test_each_trainers_rule_on_an_image_larger_than_its_bound(rule: str, bounds: tuple, expected: tuple) -> None:
+    from PIL import Image
+
+    from contract.trainer_resize import TrainerResize
+
+    resize = TrainerResize(trainer="t", rule=rule, source="s", min_pixels=bounds[0], max_pixels=bounds[1], factor=28)
+    assert resize.apply(Image.new("RGB", (1000, 800))).size == expected
+    # below the minimum: LLaMA-Factory enlarges by sqrt(1024 / 200) to 45 x 22, then 28 a side for Qwen; ms-swift
+    # leaves it; qwen_vl_utils' ceil to 28-pixel steps above its 3136
+    small = Image.new("RGB", (20, 10))
+    assert resize.apply(small).size == {"llamafactory": (45, 28), "swift": (20, 10), "qwen": (84, 56)}[rule]
+
+
+def test_a_recipes_bound_needs_a_processor_that_resizes_within_pixels(tmp_path: Path) -> None:
+    from contract.trainer_resize import trainer_resize
+
+    with pytest.raises(Exception, match="resizes to a fixed size"):
+        trainer_resize(tmp_path, None, (None, 4096))
+    assert trainer_resize(tmp_path, None, (None, None)) is None

@@ -163,6 +163,21 @@ def test_changed_processor_settings_miss(processor, samples, demo: dict, tmp_pat
     assert len(list((tmp_path / "cache").iterdir())) == 3  # one folder per fingerprint
 
 
+def test_a_trainers_resize_before_the_processor_is_part_of_the_fingerprint(processor) -> None:
+    """The same processor fed images a trainer resized first (contract/trainer_resize.py) gives other outputs: its
+    entries are another fingerprint's, one for each rule and bound; none where there is no such resize."""
+    from contract.trainer_resize import TrainerResize
+
+    def resize(rule: str, high: int) -> TrainerResize:
+        return TrainerResize(trainer="t", rule=rule, source="s", max_pixels=high, factor=28)  # type: ignore[arg-type]
+
+    fingerprints = {processor_fingerprint(processor), processor_fingerprint(processor, resize("swift", 8000)),
+                    processor_fingerprint(processor, resize("swift", 9000)),
+                    processor_fingerprint(processor, resize("llamafactory", 8000))}
+    assert len(fingerprints) == 4
+    assert processor_fingerprint(processor, None) == processor_fingerprint(processor)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 def test_a_damaged_entry_is_a_miss_and_is_rewritten(processor, samples, tmp_path: Path, damage: str) -> None:
     cache = ProcessorCache(tmp_path / "cache", processor)

@@ -42,13 +42,18 @@ def _settings(**extra: object) -> str:
     return "[defaults]\n" + "\n".join(lines) + f'\n[lineage]\nremap = {{ "/ssd1/team/vlm_outputs" = "{FAMILY}" }}\n'
 
 
-def _recipes(folder: Path, models: dict[str, tuple[Path, bool]]) -> Path:
-    """A recipe file: name -> (model, dequantize)."""
+def _recipes(folder: Path, models: dict[str, tuple[Path, bool]], more: str = "") -> Path:
+    """A recipe file: name -> (model, dequantize); `more`: further [[recipe]] entries as written."""
     body = "".join(f'[[recipe]]\nname = "{name}"\nmodel = "{model}"\n' + ("dequantize = true\n" if dequantize else "")
                    for name, (model, dequantize) in models.items())
     path = folder / "recipes.toml"
-    path.write_text(_settings() + body)
+    path.write_text(_settings() + body + more)
     return path
+
+
+def _requested(name: str, model: Path, quantize: str = "nf4") -> str:
+    """A recipe that asks for its full-precision base quantized as it loads (`quantize`)."""
+    return f'[[recipe]]\nname = "{name}"\nmodel = "{model}"\nquantize = "{quantize}"\n'
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     qlora = frameworks.qlora_adapter(r1, bases["full"], root / "qlora")
     qlora_packed = frameworks.qlora_adapter(r1, bases["packed"], root / "qlora-packed")
     recipes = _recipes(root, {"r1": (r1, False), "qlora": (qlora, False), "qlora-dequantized": (qlora, True),
-                              "packed-dequantized": (qlora_packed, True), "packed8": (bases["packed8"], False)})
+                              "packed-dequantized": (qlora_packed, True), "packed8": (bases["packed8"], False)},
+                       _requested("requested", r1))
     return {"root": root, "bases": bases, "recipes": recipes}
 
 
@@ -112,7 +118,39 @@ def test_the_cpu_fails_each_quantized_recipe_alone_with_what_to_install_or_set(r
     assert "dequantize = true" in rows["qlora"]["detail"]
     assert rows["qlora"]["quantization"] == {"method": "bitsandbytes", "bits": 4, "quant_type": "nf4",
                                              "compute_dtype": "bfloat16", "double_quant": True, "packed": False,
-                                             "skip_modules": frameworks.BNB_SKIP, "dequantized": False}
+                                             "skip_modules": frameworks.BNB_SKIP, "dequantized": False,
+                                             "requested": False}
+
+
+def test_a_plain_qlora_base_is_quantized_as_the_recipe_asks_and_refused_on_the_cpu(planned: tuple[int, str],
+                                                                                    ran: dict) -> None:
+    """`quantize = "nf4"` over the demo's full-precision base (its config.json records no quantization, as a plain
+    QLoRA run leaves it): planned and recorded as QLoRA quantizes, and refused on the CPU like any quantized base."""
+    requested = f"{NF4}, full-precision weights quantized as they load (the recipe's quantize)"
+    assert (f"config: recipe 'requested': its base is quantized ({requested}): it is evaluated as it was trained only "
+            f"on a CUDA GPU with bitsandbytes ({INSTALL}); to evaluate it on this device, remove quantize from the "
+            "recipe to evaluate the base in full precision") in planned[1]
+    row = json.loads((ran["run_dir"] / "requested" / "summary.json").read_text())
+    assert row["status"] == "error" and row["error"]["kind"] == "config" and INSTALL in row["detail"], row["detail"]
+    assert row["quantization"] == {"method": "bitsandbytes", "bits": 4, "quant_type": "nf4",
+                                   "compute_dtype": "bfloat16", "double_quant": True, "packed": False,
+                                   "skip_modules": [], "dequantized": False, "requested": True}
+
+
+def test_quantize_over_a_base_that_records_its_own_or_with_dequantize_is_refused(built: dict,
+                                                                                 tmp_path: Path) -> None:
+    recipes = _recipes(tmp_path, {"r1": (FAMILY / "r1-llm-only", False)},
+                       _requested("twice", built["bases"]["full"], "int8"))
+    recipe_file = load_recipe_file(recipes)
+    r1, twice = make_plans(recipe_file, recipe_file.recipes)
+    assert r1.runnable and not twice.runnable
+    assert twice.problem is not None and "records its own quantization (bitsandbytes 4-bit nf4" in twice.problem
+    assert "remove quantize = 'int8' from the recipe" in twice.problem
+    both = _recipes(tmp_path, {}, _requested("both", FAMILY / "base") + "dequantize = true\n")
+    result = run_cli("plan", str(both), "--device", "cpu")
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and "Traceback" not in text, text
+    assert "'both'" in text and "quantize" in text and "cannot be set with dequantize = true" in text, text
 
 
 def test_dequantized_full_precision_weights_answer_as_the_model_unquantized(ran: dict) -> None:
@@ -180,6 +218,9 @@ def test_full_precision_weights_are_counted_at_the_bits_they_load_in(built: dict
     on_load = _weights(built["bases"]["full"])
     assert 0 < _weights(built["bases"]["packed"]) - on_load <= 200 * len(records), (on_load, len(records))
     assert _weights(built["bases"]["full"], dequantize=True) == _weights(FAMILY / "base")
+    # asked for by the recipe: the same bits, the aligner quantized too (no skip list), 8-bit between 4 and none
+    nf4, int8 = _weights(FAMILY / "base", quantize="nf4"), _weights(FAMILY / "base", quantize="int8")
+    assert nf4 < on_load and nf4 < int8 < _weights(FAMILY / "base"), (nf4, on_load, int8)
 
 
 # ----------------------------------------------------------------------------- the rules

@@ -91,9 +91,23 @@ def grow_vocabulary(model: Any, tokenizer: Any, tokens: list[str], multiple: int
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=False)
 
 
-def llamafactory_run(base: Path, out: Path, steps: tuple[int, ...] = (2, 4)) -> Path:
+def llamafactory_run(base: Path, out: Path, steps: tuple[int, ...] = (2, 4),
+                     web_ui_pixels: tuple[int, int] | None = None) -> Path:
     """An LLaMA-Factory LoRA run with 20 added special tokens and DoRA: checkpoint-N/ per step, the final adapter in
-    `out` itself, each with the processor and trainer_state.json."""
+    `out` itself, each with the processor and trainer_state.json; its LogCallback's trainer_log.jsonl in `out`.
+    `web_ui_pixels`: (image_min_pixels, image_max_pixels) as its web UI launches a run, written into
+    `out/training_args.yaml` (webui/common.py save_cmd: yaml.safe_dump of the arguments)."""
+    import yaml  # type: ignore[import-untyped]  # a dependency of transformers; no stubs installed
+
+    out.mkdir(parents=True, exist_ok=True)
+    if web_ui_pixels is not None:
+        arguments = {"model_name_or_path": str(base), "stage": "sft", "finetuning_type": "lora", "use_dora": True,
+                     "image_min_pixels": web_ui_pixels[0], "image_max_pixels": web_ui_pixels[1],
+                     "output_dir": str(out)}
+        (out / "training_args.yaml").write_text(yaml.safe_dump(arguments))
+    with open(out / "trainer_log.jsonl", "w") as log:  # train/callbacks.py LogCallback
+        log.writelines(json.dumps({"current_steps": s, "total_steps": steps[-1], "loss": 1.0 / s}) + "\n"
+                       for s in steps)
     model, processor = load_base(base)
     grow_vocabulary(model, processor.tokenizer, [f"<region_{i}>" for i in range(20)], 64)
     targets = [name for name, _ in model.named_modules() if name.endswith(LLM_LINEAR) and "visual" not in name]
@@ -107,18 +121,21 @@ def llamafactory_run(base: Path, out: Path, steps: tuple[int, ...] = (2, 4)) -> 
 
 
 def swift_checkpoint(base: Path, out: Path, *, recorded_base: str | None, model_arg: str, step: int = 2,
-                     new_tokens: list[str] | None = None, embeddings: bool = True) -> Path:
+                     new_tokens: list[str] | None = None, embeddings: bool = True, max_pixels: int | None = None,
+                     model_kwargs: dict[str, Any] | None = None) -> Path:
     """An ms-swift LoRA checkpoint `out/output/v0-.../checkpoint-N/`: adapter (ms-swift's regex over the language
     model and vision tower), args.json (its run folder's, copied), trainer_state.json; no tokenizer or processor.
     `new_tokens`: ms-swift's new_special_tokens (embeddings resized to a multiple of 128 where needed, and kept as
-    modules_to_save when `embeddings`)."""
+    modules_to_save when `embeddings`). `max_pixels`: args.json's (the template's rescale); `model_kwargs`: its
+    model_kwargs (MAX_PIXELS for qwen_vl_utils)."""
     model, processor = load_base(base)
     if new_tokens:
         grow_vocabulary(model, processor.tokenizer, new_tokens, 128)
     run = out / "output" / SWIFT_RUN
     run.mkdir(parents=True)
     args = {"model": model_arg, "model_type": "qwen2_vl", "tuner_type": "lora", "new_special_tokens": new_tokens or [],
-            "target_modules": ["all-linear"], "freeze_vit": False, "output_dir": str(run), "swift_version": "4.0.0"}
+            "target_modules": ["all-linear"], "freeze_vit": False, "output_dir": str(run), "swift_version": "4.0.0",
+            "max_pixels": max_pixels, "model_kwargs": model_kwargs or {}}
     (run / "args.json").write_text(json.dumps(args, indent=2))
     checkpoint = run / f"checkpoint-{step}"
     save_adapter(model, checkpoint, recorded_base, 20 + step, target_modules=SWIFT_TARGETS,
@@ -284,3 +301,26 @@ def qlora_adapter(adapter: Path, quantized: Path, out: Path) -> Path:
     record = json.loads(config_file.read_text()) | {"base_model_name_or_path": str(quantized)}
     config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
+
+
+# ----------------------------------------------------------------------------- from another process
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tools.make_frameworks '[["builder", {"argument": value, ...}], ...]'``: each builder of this module
+    called in turn, its Path arguments made Paths; prints each folder built, one a line. The GPU suite builds here,
+    in a process of its own: peft imports bitsandbytes where it is installed, and bitsandbytes' import opens a CUDA
+    context, which the suite's own process must never hold."""
+    import inspect
+    import sys
+
+    for name, arguments in json.loads((argv if argv is not None else sys.argv[1:])[0]):
+        builder = globals()[name]
+        parameters = inspect.signature(builder).parameters
+        typed = {key: Path(value) if str(parameters[key].annotation).startswith("Path") and value is not None
+                 else value for key, value in arguments.items()}
+        print(builder(**typed), flush=True)
+
+
+if __name__ == "__main__":
+    main()

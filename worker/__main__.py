@@ -75,7 +75,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
         from contract.dataset import open_dataset
         from worker.decode.decode_attention import kernel_calls
         from worker.inference.infer import run_inference, start_batches
-        from worker.loading.load import check_chain_files, load_chain, load_processor, warm_page_cache
+        from worker.loading.load import check_chain_files, load_chain, load_processor, training_resize, warm_page_cache
     timings["imports"] = time.perf_counter() - started
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
@@ -90,13 +90,14 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     except OSError as exc:
         raise WorkerError("data", f"dataset {spec.dataset}: cannot be read ({exc.strerror or exc})") from None
     processor = batches = None
+    resize = training_resize(spec.chain, recipe)
     if spec.hold:
         held = time.perf_counter()
         timings["page_cache"] = warm_page_cache(spec.chain)
         go = control.go.is_set if device.is_gpu else lambda: True  # pinning memory would touch the GPU
         processor = load_processor(spec.chain, recipe)
         if isinstance(recipe.batch_size, int):  # the first batches get ready while the previous recipe runs
-            batches = start_batches(processor, samples, recipe, device, may_pin=go)
+            batches = start_batches(processor, samples, recipe, device, may_pin=go, resize=resize)
         out.send("ready", seconds=time.perf_counter() - started)
         given = control.wait_for_go()
         if given.get("batch_size") not in (None, recipe.batch_size):  # the preflight resized the batch
@@ -107,7 +108,7 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
         timings["held"] = time.perf_counter() - held
     if processor is None:  # not held: the first batches get ready while the weights load
         processor = load_processor(spec.chain, recipe)
-        batches = start_batches(processor, samples, recipe, device)
+        batches = start_batches(processor, samples, recipe, device, resize=resize)
     faults.points().before_load()
     if not device.usable():
         raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
@@ -115,7 +116,9 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     timings["load"] = loaded["seconds"]
     timings["loaded_at"] = time.perf_counter() - started  # from the first import: spawn to loaded, less the exec
     out.send("loaded", **loaded)
-    stats = run_inference(model, processor, batches or samples, recipe, device, out.send, control.stop.is_set)
+    if batches is None:  # held, and its batch was resized at its go (or "auto")
+        batches = start_batches(processor, samples, recipe, device, resize=resize)
+    stats = run_inference(model, processor, batches, recipe, device, out.send, control.stop.is_set)
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
                 "batch_wait": stats.wait_s, "generate": stats.generate_s,
                 "total": time.perf_counter() - started}

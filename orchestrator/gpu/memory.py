@@ -54,7 +54,7 @@ from contract.dataset import (
     render_prompt,
 )
 from contract.processor import processor_settings, processor_source
-from contract.quantization import Quantization, is_quant_state, packed_weight_names, read_quantization
+from contract.quantization import Quantization, is_quant_state, packed_weight_names, recipe_quantization
 from contract.recipe import Recipe, Settings, run_attn, run_dtype
 from contract.spec import ChainLink
 from contract.units import format_bytes
@@ -246,8 +246,8 @@ def _read_workload(recipe: Recipe, chain: list[ChainLink], device: str) -> Workl
     shape = model_shape(config, str(Path(root.path) / CONFIG))
     if shape is None:
         notes.append("config.json has no text-model sizes: KV cache and activations not counted")
-    processor = processor_settings(Path(processor_source([link.path for link in chain]).path))
-    quantization = read_quantization(Path(root.path), dequantize=recipe.dequantize, allow_pickle=recipe.allow_pickle)
+    processor = processor_settings(Path(processor_source([link.path for link in chain], recipe.image_bounds).path))
+    quantization = recipe_quantization(Path(root.path), recipe)
     try:  # the rules read many processor and vision settings: a mistyped one is the checkpoint's damage
         rule = image_rule(config, processor)
         if rule is not None:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from contract.boxes import AUTO, BOX_FORMATS, native_format
 from contract.checkpoint import CONFIG, CheckpointError, read_json_object
 from contract.processor import ProcessorSource, processor_source
-from contract.quantization import Quantization, read_quantization, refusal
+from contract.quantization import Quantization, recipe_quantization, refusal
 from contract.recipe import Recipe
 from contract.run_row import TrainedCheckpoint
 from contract.spec import ChainLink
@@ -70,9 +70,8 @@ def make_plans(recipe_file: RecipeFile, recipes: list[Recipe], *, hash_weights: 
         checkpoint = recipe_file.checkpoints.get(recipe.name)
         try:
             chain = resolve_chain(recipe, recipe_file.lineage, hash_weights=hash_weights)
-            processor = processor_source([link.path for link in chain])
-            quantization = read_quantization(Path(chain[0].path), dequantize=recipe.dequantize,
-                                             allow_pickle=recipe.allow_pickle)
+            processor = processor_source([link.path for link in chain], recipe.image_bounds)
+            quantization = recipe_quantization(Path(chain[0].path), recipe)
         except LineageError as exc:
             plans.append(RecipePlan(recipe, problem=f"lineage: {exc}", checkpoint=checkpoint))
             continue

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from gpu_helpers import SIMULATED, gpu_state
+from gpu_helpers import SIMULATED, gpu_state, held_by_this_process
 from helpers import ROOT
 
 from contract.nvml import GpuState
@@ -41,6 +41,15 @@ def gpu() -> Iterator[GpuState]:
     state = gpu_state()
     assert state is not None
     yield state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_context_here() -> Iterator[None]:
+    """The suite's own process never holds a CUDA context: one would be counted as memory a worker left behind,
+    and fail the release checks of every later test (an import that opens one, e.g. bitsandbytes through peft,
+    belongs in a child: gpu_helpers.build_offline)."""
+    yield
+    assert not held_by_this_process(), "the test process opened a CUDA context: build in a child process"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

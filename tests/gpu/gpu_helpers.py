@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,3 +77,21 @@ def readme_figures() -> dict[str, float]:
         if len(cells) >= 2 and cells[1][:1].isdigit() and "[" in cells[1]:
             figures[cells[0].split(" (")[0]] = float(cells[1].split()[0])
     return figures
+
+
+def build_offline(*calls: tuple[str, dict]) -> list[Path]:
+    """Folders built by tools/make_frameworks' builders (name, keyword arguments; paths as strings) in a child process
+    that sees no GPU: peft imports bitsandbytes where it is installed, and bitsandbytes' import opens a CUDA context,
+    which this process must never hold (it would count as memory a worker left behind)."""
+    spec = json.dumps([[name, {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}]
+                       for name, kwargs in calls])
+    done = subprocess.run([sys.executable, "-m", "tools.make_frameworks", spec], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [Path(line) for line in done.stdout.splitlines()[-len(calls):]]
+
+
+def held_by_this_process() -> bool:
+    """Whether this process holds a CUDA context on GPU 0 (as NVML lists it)."""
+    state = gpu_state()
+    return state is not None and any(proc.pid == os.getpid() for proc in state.processes)

@@ -1,6 +1,6 @@
 """What the training frameworks write, evaluated on the GPU as it was trained (flash_attention_2, bfloat16): each
 framework's folder (tools/make_frameworks.py, the same builders as tests/test_frameworks.py, on the trained demo
-family's base, built in this process on the CPU) and a sweep of a training run's checkpoints, in one run of
+family's base, built on the CPU in a child process) and a sweep of a training run's checkpoints, in one run of
 `python -m orchestrator run --device cuda`.
 
 - LLaMA-Factory's output folder, swept (`checkpoints = "all"`): DoRA, 20 added tokens, its embeddings resized;
@@ -18,10 +18,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from gpu_helpers import LOADED_AS, run_on_gpu, wait_for_release
+from gpu_helpers import LOADED_AS, build_offline, run_on_gpu, wait_for_release
 from helpers import ROOT
-
-from tools import make_frameworks as frameworks
 
 pytestmark = pytest.mark.gpu
 FAMILY = ROOT / "examples" / "demo-family"
@@ -50,20 +48,20 @@ def layouts(gpu, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("frameworks")
     base = FAMILY / "base"
     org, name = MODELSCOPE
-    folders = {
-        "llamafactory": frameworks.llamafactory_run(base, root / "llamafactory"),
-        "swift-cache": frameworks.swift_checkpoint(
-            base, root / "swift-cache", model_arg=f"{org}/{name}",
-            recorded_base=f"/root/.cache/modelscope/hub/models/{org}/{name.replace('.', '___')}"),
-        "swift-args": frameworks.swift_checkpoint(base, root / "swift-args", recorded_base=None, model_arg=HUB_ID,
-                                                  new_tokens=["<ref>", "</ref>"]),
-        "trl": frameworks.trl_checkpoint(
-            base, root / "trl", max_pixels=TRL_MAX_PIXELS,
-            recorded_base=f"/home/trainer/.cache/huggingface/hub/models--acme--tiny-qwen2-vl/snapshots/{REVISION}"),
-        "shrunk": frameworks.shrunk_vocabulary_adapter(base, root / "shrunk"),
-        "sweep": frameworks.checkpoint_sweep(base, FAMILY / "r1-llm-only", root / "sweep"),
-        "trained": FAMILY / "r1-llm-only",
+    swift_cache = f"/root/.cache/modelscope/hub/models/{org}/{name.replace('.', '___')}"
+    hf_cache = f"/home/trainer/.cache/huggingface/hub/models--acme--tiny-qwen2-vl/snapshots/{REVISION}"
+    calls = {
+        "llamafactory": ("llamafactory_run", {"out": root / "llamafactory"}),
+        "swift-cache": ("swift_checkpoint", {"out": root / "swift-cache", "model_arg": f"{org}/{name}",
+                                             "recorded_base": swift_cache}),
+        "swift-args": ("swift_checkpoint", {"out": root / "swift-args", "recorded_base": None, "model_arg": HUB_ID,
+                                            "new_tokens": ["<ref>", "</ref>"]}),
+        "trl": ("trl_checkpoint", {"out": root / "trl", "max_pixels": TRL_MAX_PIXELS, "recorded_base": hf_cache}),
+        "shrunk": ("shrunk_vocabulary_adapter", {"out": root / "shrunk"}),
+        "sweep": ("checkpoint_sweep", {"out": root / "sweep", "trained": FAMILY / "r1-llm-only"}),
     }
+    built = build_offline(*((builder, {"base": base, **kwargs}) for builder, kwargs in calls.values()))
+    folders = {**dict(zip(calls, built, strict=True)), "trained": FAMILY / "r1-llm-only"}
     swept = ("llamafactory", "sweep")
     body = "".join(f'[[recipe]]\nname = "{recipe}"\nmodel = "{folder}"\n'
                    + ('checkpoints = "all"\n' if recipe in swept else "") for recipe, folder in folders.items())

@@ -53,12 +53,14 @@ def quantized(gpu, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("quantized")
     base = _quantized_base(root / "base-4bit")
     qlora = frameworks.qlora_adapter(FAMILY / "r1-llm-only", base, root / "qlora")
+    plain = frameworks.qlora_adapter(FAMILY / "r1-llm-only", FAMILY / "base", root / "plain-qlora")
     recipes = root / "recipes.toml"
     recipes.write_text(
         f'[defaults]\ndataset = "{FAMILY / "data" / "heldout.jsonl"}"\n'
         'prompt = "{prompt} Answer with its bounding box."\nbox_format = "qwen2vl"\nmax_new_tokens = 32\n'
         f'attn = "sdpa"\nlimit = 64\n[[recipe]]\nname = "base"\nmodel = "{FAMILY / "base"}"\n'
-        f'[[recipe]]\nname = "qlora"\nmodel = "{qlora}"\n')
+        f'[[recipe]]\nname = "qlora"\nmodel = "{qlora}"\n'
+        f'[[recipe]]\nname = "requested"\nmodel = "{plain}"\nquantize = "nf4"\n')
     run = run_on_gpu(recipes, root / "runs")
     run["released"] = wait_for_release(gpu)
     run["base_path"] = base
@@ -99,3 +101,21 @@ def test_the_estimate_counted_the_packed_weights(quantized: dict) -> None:
     summary = quantized["summaries"]["qlora"]
     assert summary["preflight"]["estimate"]["weights_bytes"] == packed, summary["preflight"]
     assert summary["loaded"]["bytes_allocated"] < plain["weights_bytes"], summary["loaded"]
+
+
+def test_a_full_precision_base_is_quantized_as_the_recipe_asks(quantized: dict) -> None:
+    """A plain QLoRA adapter names the full-precision base its trainer quantized as it loaded: `quantize = "nf4"`
+    quantizes it so on the GPU, recorded as asked for; the adapter still grounds."""
+    summary = quantized["summaries"]["requested"]
+    if SIMULATED:
+        assert summary["status"] == "error" and summary["error"]["kind"] == "config", summary["error"]
+        assert INSTALL in summary["detail"] and "remove quantize" in summary["detail"], summary["detail"]
+        return
+    assert summary["status"] == "ok", summary["detail"]
+    assert summary["quantization"]["requested"] is True and summary["quantization"]["packed"] is False
+    loaded = summary["loaded"]
+    assert loaded["placement_ok"] is True and loaded["quantization"]["requested"] is True, loaded
+    assert loaded["quantization"]["quantized_modules"] > 0, loaded["quantization"]
+    base = quantized["summaries"]["base"]
+    assert summary["metrics"]["mean_iou"] > base["metrics"]["mean_iou"] + 0.3, (summary["metrics"], base["metrics"])
+    assert summary["preflight"]["estimate"]["weights_bytes"] < base["preflight"]["estimate"]["weights_bytes"]

@@ -30,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from transformers import BatchFeature
 
 from contract.recipe import Recipe
+from contract.trainer_resize import TrainerResize
 from worker.inference.families import encode
 
 ENTRY_FORMAT = 1  # part of the fingerprint: bump it when what an entry holds changes, and old entries are never read
@@ -42,20 +43,21 @@ _LIBRARIES = ("transformers", "tokenizers", "torch", "torchvision", "pillow", "n
 class ProcessorCache:
     """One processor's per-sample outputs under `folder`; counts hits and misses (read by the batch that asks)."""
 
-    def __init__(self, folder: Path, processor: Any) -> None:
+    def __init__(self, folder: Path, processor: Any, resize: TrainerResize | None = None) -> None:
         self.processor = processor
-        self.fingerprint = processor_fingerprint(processor)
+        self.fingerprint = processor_fingerprint(processor, resize)
         self.folder = Path(folder) / self.fingerprint[:16]
         self.hits = 0
         self.misses = 0
         self._warned = False
 
     @classmethod
-    def for_recipe(cls, processor: Any, recipe: Recipe) -> ProcessorCache | None:
-        """The cache the recipe asks for, or None (off). The parent resolves `cache_dir` (recipes.py)."""
+    def for_recipe(cls, processor: Any, recipe: Recipe, resize: TrainerResize | None = None) -> ProcessorCache | None:
+        """The cache the recipe asks for, or None (off). The parent resolves `cache_dir` (recipes.py). `resize`: the
+        trainer's resize before the processor, which decides the pixels as much as the processor's settings."""
         if not recipe.image_cache or not recipe.cache_dir:
             return None
-        return cls(Path(recipe.cache_dir) / "preprocessed", processor)
+        return cls(Path(recipe.cache_dir) / "preprocessed", processor, resize)
 
     def features(self, text: str, image: Any, source: Any, orientation: int = 1) -> BatchFeature:
         """The processor's output for one sample: read from disk, or computed and stored. `source` is the image's
@@ -99,7 +101,7 @@ class ProcessorCache:
             print(f"evalorch worker: image cache {self.folder}: {message}; the run goes on", file=sys.stderr)
 
 
-def processor_fingerprint(processor: Any) -> str:
+def processor_fingerprint(processor: Any, resize: TrainerResize | None = None) -> str:
     """sha256 of everything that decides the processor's output for a given text and image file.
 
     Built from the loaded processor's own settings, not from the bytes of the files it was loaded from: the
@@ -109,7 +111,8 @@ def processor_fingerprint(processor: Any) -> str:
     settings: size/min/max pixels, mean, std, patch and merge sizes), its chat template and special-token
     attributes, the tokenizer's full serialised state (vocabulary, merges, added tokens, normalizer, pre- and
     post-processor) and its class, and the versions of the libraries that do the work. Paths are left out, so
-    recipes whose checkpoints carry identical processors share entries."""
+    recipes whose checkpoints carry identical processors share entries. A trainer's resize before the processor
+    (`resize`) is part of it, left out where there is none so that those entries keep their fingerprints."""
     tokenizer = getattr(processor, "tokenizer", None)
     settings = {
         "entry_format": ENTRY_FORMAT,
@@ -120,6 +123,8 @@ def processor_fingerprint(processor: Any) -> str:
         "tokenizer": _tokenizer_state(tokenizer) if tokenizer is not None else None,
         "versions": {name: _version(name) for name in _LIBRARIES},
     }
+    if resize is not None:
+        settings["resize_before"] = resize.key()
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=repr).encode()).hexdigest()
 
 

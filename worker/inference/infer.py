@@ -25,6 +25,7 @@ from contract.dataset import (
     sample_key,
 )
 from contract.recipe import Recipe
+from contract.trainer_resize import TrainerResize
 from worker import faults
 from worker.device import Device
 from worker.errors import WorkerError
@@ -96,15 +97,17 @@ class PreparedBatch:
 
 
 def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, device: Device,
-                  may_pin: Callable[[], bool] = lambda: True) -> Prefetched:
+                  may_pin: Callable[[], bool] = lambda: True, resize: TrainerResize | None = None) -> Prefetched:
     """Start preparing the recipe's batches in the background (see prefetch). `may_pin` says whether CUDA may be
     touched yet: pinning host memory creates a CUDA context, which a held worker must not have. With the recipe's
     image_cache on, each sample's processor output comes from the cache in its cache_dir (see image_cache.py).
-    The samples are read as the batches are made (a set with embedded images is never held whole)."""
+    The samples are read as the batches are made (a set with embedded images is never held whole). `resize`: the
+    resize the adapter's trainer applied to each image before its processor (load.training_resize)."""
     batches = sorted_batches(samples, recipe.requested_batch, recipe.exif)
-    cache = ProcessorCache.for_recipe(processor, recipe)
+    cache = ProcessorCache.for_recipe(processor, recipe, resize)
     return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache,
-                                                     exif=recipe.exif, max_prompt_tokens=recipe.max_prompt_tokens))
+                                                     exif=recipe.exif, max_prompt_tokens=recipe.max_prompt_tokens,
+                                                     resize=resize))
 
 
 def sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator[list[Sample]]:
@@ -234,11 +237,12 @@ class Prefetched:
 
 def prepare_batch(processor: Any, batch: list[Sample], template: str, device: Device,
                   may_pin: Callable[[], bool] = lambda: True, cache: ProcessorCache | None = None,
-                  exif: str = "apply", max_prompt_tokens: int | None = None) -> PreparedBatch:
+                  exif: str = "apply", max_prompt_tokens: int | None = None,
+                  resize: TrainerResize | None = None) -> PreparedBatch:
     items: list[Prepared] = []
     errors: list[tuple[Sample, str, ImageInfo | None]] = []
     for sample in batch:
-        prepared = prepare_sample(processor, sample, template, exif, max_prompt_tokens)
+        prepared = prepare_sample(processor, sample, template, exif, max_prompt_tokens, resize)
         if isinstance(prepared, Prepared):
             items.append(prepared)
         else:
@@ -281,10 +285,12 @@ def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 def prepare_sample(processor: Any, sample: Sample, template: str, exif: str = "apply",
-                   max_prompt_tokens: int | None = None) -> Prepared | tuple[str, ImageInfo | None]:
-    """The sample's image (as read: upright by default) and chat text, or the reason it cannot be evaluated (and
-    the image as read, where it was): a bad row, an unreadable image, ground truth that does not fit the image, a
-    prompt field the sample lacks, a prompt longer than `max_prompt_tokens`."""
+                   max_prompt_tokens: int | None = None,
+                   resize: TrainerResize | None = None) -> Prepared | tuple[str, ImageInfo | None]:
+    """The sample's image (as read: upright by default; then resized as the adapter's trainer resized its images,
+    where `resize` says how) and chat text, or the reason it cannot be evaluated (and the image as read, where it
+    was): a bad row, an unreadable image, ground truth that does not fit the image, a prompt field the sample lacks,
+    a prompt longer than `max_prompt_tokens`."""
     if sample.error:
         return sample.error, None
     try:
@@ -302,7 +308,7 @@ def prepare_sample(processor: Any, sample: Sample, template: str, exif: str = "a
     too_long = prompt_too_long(processor, text, max_prompt_tokens) if max_prompt_tokens else None
     if too_long is not None:
         return too_long, info
-    return Prepared(sample, sample.bbox, image, text, info=info)
+    return Prepared(sample, sample.bbox, resize.apply(image) if resize is not None else image, text, info=info)
 
 
 def _generate_fitting(model: Any, processor: Any, prepared: PreparedBatch, recipe: Recipe, device: Device,

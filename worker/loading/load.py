@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import transformers
 from peft import PeftModel
+from peft.utils import ModulesToSaveWrapper
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -33,6 +34,7 @@ from contract.messages import DECODE_GRAPH_ON
 from contract.processor import processor_source
 from contract.recipe import Recipe, run_attn
 from contract.spec import ChainLink
+from contract.trainer_resize import TrainerResize
 from worker.decode import decode_attention, graph_decode
 from worker.device import Device
 from worker.errors import WorkerError
@@ -275,9 +277,28 @@ def apply_adapters(model: Any, adapters: list[ChainLink], *,
         # low_cpu_mem_usage: the LoRA weights are created empty and filled from the file, not initialised first
         with reading(link.path, "the adapter"), building_modules():
             model = PeftModel.from_pretrained(model, link.path, is_trainable=False, low_cpu_mem_usage=True)
+            _saved_modules_as_replaced(model)
             if index < len(adapters) - 1 or merge_top:
                 model = model.merge_and_unload()
     return model, resized
+
+
+def _saved_modules_as_replaced(model: Any) -> None:
+    """The adapter's whole saved modules (`modules_to_save`: embed_tokens, lm_head, a head) in the dtype of the
+    modules they replace. peft assigns them as the file stores them (low_cpu_mem_usage loads with assign=True), most
+    often float32, and a float32 lm_head under a bfloat16 model fails ("mat1 and mat2 must have the same dtype") on
+    the GPU only, where the model is not float32."""
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        dtypes = {p.dtype for p in wrapper.original_module.parameters() if p.is_floating_point()}
+        if len(dtypes) != 1:
+            continue
+        (dtype,) = dtypes
+        for saved in wrapper.modules_to_save.values():
+            for tensor in saved.parameters():
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
 
 
 def _resize_embeddings(model: Any, link: ChainLink) -> list[dict[str, Any]]:
@@ -321,7 +342,7 @@ def load_processor(chain: list[ChainLink], recipe: Recipe) -> Any:
     tokenizer from a link above where one saved a tokenizer alone), with the new special tokens its trainer adds
     when it loads (ms-swift's), added the same way."""
     try:
-        source = processor_source([link.path for link in chain])
+        source = processor_source([link.path for link in chain], recipe.image_bounds)
     except CheckpointError as exc:
         raise WorkerError("lineage", str(exc)) from None
     with reading(source.path, "its processor (tokenizer, image processor)"):
@@ -335,6 +356,15 @@ def load_processor(chain: list[ChainLink], recipe: Recipe) -> Any:
         tokenizer.add_special_tokens({"additional_special_tokens": source.added_tokens})
     tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
     return processor
+
+
+def training_resize(chain: list[ChainLink], recipe: Recipe) -> TrainerResize | None:
+    """The resize the top link's trainer applied to images before its processor (contract/trainer_resize.py), which
+    the worker applies to each image as read; None where there was none."""
+    try:
+        return processor_source([link.path for link in chain], recipe.image_bounds).trainer_resize
+    except CheckpointError as exc:
+        raise WorkerError("lineage", str(exc)) from None
 
 
 def warm_page_cache(chain: list[ChainLink]) -> float:

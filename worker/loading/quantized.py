@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from contract.checkpoint import CheckpointError
-from contract.quantization import Quantization, read_quantization, refusal
+from contract.quantization import Quantization, recipe_quantization, refusal
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from worker.device import Device
@@ -33,8 +33,7 @@ def check_quantization(root: ChainLink, recipe: Recipe, device: Device) -> Quant
     saying what to install or set. The parent checked the same before launch; checked again where the worker runs
     (a Ray node; a bitsandbytes that is installed but does not import)."""
     try:
-        quantization = read_quantization(Path(root.path), dequantize=recipe.dequantize,
-                                         allow_pickle=recipe.allow_pickle)
+        quantization = recipe_quantization(Path(root.path), recipe)
     except CheckpointError as exc:
         raise WorkerError("lineage", str(exc)) from None
     if quantization is None:
@@ -74,9 +73,11 @@ def load_quantized(cls: Any, folder: str, quantization: Quantization, common: di
 
     kwargs = dict(common)
     if not quantization.packed:  # from_pretrained quantizes only what a quantization_config argument asks for
-        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(without_quantization(common["config"]))
+        settings = quantization.bnb_config() if quantization.requested else without_quantization(common["config"])
+        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(settings)
     model = cls.from_pretrained(folder, use_safetensors=None if allow_pickle else True, **kwargs)
-    record = {**quantization.model_dump(include={"method", "bits", "quant_type", "compute_dtype", "dequantized"}),
+    record = {**quantization.model_dump(include={"method", "bits", "quant_type", "compute_dtype", "dequantized",
+                                                 "requested"}),
               "quantized_modules": quantized_modules(model)}
     if quantization.dequantized:
         model = model.dequantize(dtype=common["dtype"])

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from contract.checkpoint import CheckpointError, safetensors_header
-from contract.quantization import read_quantization
+from contract.quantization import recipe_quantization
 from contract.recipe import Recipe, run_dtype
 from worker.device import Device
 from worker.errors import WorkerError
@@ -295,11 +295,11 @@ class Prestaged:
         weights.state_dict.clear()
 
 
-def _quantized(folder: str) -> bool:
-    """The root records a quantization (transformers' own reader loads it), or its config cannot be read (the
-    load reports that): nothing to stage ahead either way."""
+def _quantized(folder: str, recipe: Recipe) -> bool:
+    """The root records a quantization or the recipe asks for one (transformers' own reader loads it), or its config
+    cannot be read (the load reports that): nothing to stage ahead either way."""
     try:
-        return read_quantization(Path(folder)) is not None
+        return recipe_quantization(Path(folder), recipe) is not None
     except CheckpointError:
         return True
 
@@ -309,6 +309,6 @@ def prestage_root(root: Any, recipe: Recipe, device: Device) -> Prestaged | None
     load.load_root that need no transformers: it discards them if the class turns out not to build from a
     state dict); None where it will not stage."""
     files = root_weight_files(root.path)
-    if recipe.loader != "staged" or not files or recipe.trust_remote_code or _quantized(root.path):
+    if recipe.loader != "staged" or not files or recipe.trust_remote_code or _quantized(root.path, recipe):
         return None
     return Prestaged(files, device, resolve_dtype(recipe.dtype, device))
