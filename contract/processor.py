@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_json_object, swift_args
+from .checkpoint import CheckpointError, as_written, read_json_object, swift_args
 from .trainer_resize import TrainerResize, trainer_resize
 
 # An image processor's configuration: transformers 5 nests it in processor_config.json, older versions wrote
@@ -99,7 +99,7 @@ def processor_source(chain_paths: list[str],
         path=str(found), tokenizer_path=str(tokenizer), which=_which(found, folders),
         resolution=resolution, root_resolution=root if found != folders[0] and root != resolution else None,
         added_tokens=added or None,
-        trainer_resize=trainer_resize(folders[-1], pixel_factor(processor_settings(found)), recipe_bounds))
+        trainer_resize=trainer_resize(folders[-1], pixel_factor(processor_settings(found), found), recipe_bounds))
 
 
 def has_image_processor(folder: Path) -> bool:
@@ -133,11 +133,19 @@ def is_pixel_bounded(settings: dict[str, Any]) -> bool:
     return kind.startswith("Qwen2VLImageProcessor") or "min_pixels" in settings or "max_pixels" in settings
 
 
-def pixel_factor(settings: dict[str, Any]) -> int | None:
-    """A pixel-bounded processor's resize step, patch_size x merge_size (Qwen2-VL's 28); None for another."""
+def pixel_factor(settings: dict[str, Any], folder: Path) -> int | None:
+    """A pixel-bounded processor's resize step, patch_size x merge_size (Qwen2-VL's 28); None for another. A value
+    that is not a positive whole number raises CheckpointError naming `folder`'s processor."""
     if not is_pixel_bounded(settings):
         return None
-    return int(settings.get("patch_size") or 14) * int(settings.get("merge_size") or 2)
+    step = 1
+    for key, default in (("patch_size", 14), ("merge_size", 2)):
+        value = settings.get(key, default)
+        if _count(value) is None:
+            raise CheckpointError(f"{folder}: its processor's {key} is {as_written(value)}, expected a positive "
+                                  "whole number")
+        step *= value
+    return step
 
 
 def pixel_bounds(settings: dict[str, Any]) -> tuple[Any, Any]:
