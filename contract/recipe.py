@@ -95,6 +95,11 @@ class Settings(BaseModel):
                               "one at a time against their batched answers (0: off): teacher-forced, and generated "
                               "alone where that disagrees (inference/parity.py); a disagreement is a warning naming "
                               "the samples")
+    parity_generate: int = Field(2, ge=0, le=4096, description="the most samples the parity check generates "
+                                 "alone, where teacher forcing does not confirm the batched answer; beyond it such "
+                                 "samples are recorded as unsettled (where the forced pass differed, and its margin), "
+                                 "never as agreeing: the check's cost is one forward pass per sample and this many "
+                                 "decodes, whatever the weights")
     dequantize: bool = Field(False, description="a base quantized with bitsandbytes (a quantization_config in its "
                              "config.json: QLoRA's, Unsloth's -bnb-4bit) is evaluated quantized, as it was trained, "
                              "which needs a CUDA GPU and bitsandbytes (pip install evalorch[quant]); true: evaluate it "

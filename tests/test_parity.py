@@ -85,7 +85,7 @@ def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, p
                       max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
     expected = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
     assert bool(expected) == (padding_side == "right")  # the bug is real, and left padding has none
-    every = recipe.model_copy(update={"parity_check": len(items)})
+    every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": len(items)})
     parity = check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
                           every, "cpu", len(items))
     assert {d["id"] for d in parity["disagreements"]} == expected
@@ -97,3 +97,44 @@ def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, p
         assert parity["forced_agreed"] >= len(items) // 2, parity["generated_alone_because"]
     for wrong in parity["disagreements"]:
         assert wrong["alone"] == alone[[item.sample.id for item in items].index(wrong["id"])]
+
+
+def test_generating_alone_is_bounded_and_the_rest_is_unsettled_not_agreed(base_model: tuple) -> None:
+    """Right padding disagrees under forcing on several samples; with parity_generate = 1 one of them is generated
+    alone (and found wrong), the others are recorded as unsettled with where forcing differed, and no sample is
+    counted as agreeing that was not confirmed."""
+    model, processor, recipe = base_model
+    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
+    processor.tokenizer.padding_side = "right"
+    try:
+        batched = generate(model, processor, processor_inputs(processor, items, CPU), "cpu",
+                           max_new_tokens=recipe.max_new_tokens)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    one = recipe.model_copy(update={"parity_check": len(items), "parity_generate": 1})
+    parity = check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
+                          one, "cpu", len(items))
+    unforced = len(items) - parity["forced_agreed"]
+    assert unforced >= 3, parity  # the bug makes forcing disagree on most samples
+    assert parity["generated_alone"] == 1 and len(parity["unsettled"]) == unforced - 1
+    assert parity["checked"] == parity["forced_agreed"] + 1 == len(items) - len(parity["unsettled"])
+    assert parity["agreed"] + len(parity["disagreements"]) == parity["checked"]
+    assert all(u["first_difference"] is not None and u["margin"] is not None for u in parity["unsettled"])
+    settled = {d["id"] for d in parity["disagreements"]} | {u["id"] for u in parity["unsettled"]}
+    assert len(settled) == len(parity["disagreements"]) + len(parity["unsettled"])  # disjoint
+
+
+def test_unsettled_samples_are_said_with_what_to_raise() -> None:
+    from contract.run_row import RecipeRow, RunSummary, Status
+    from orchestrator.reporting.cells import parity_notes
+
+    parity = {"enabled": True, "checked": 3, "agreed": 3, "batch_size": 8, "disagreements": [], "forced_agreed": 1,
+              "generated_alone": 2, "closest_margin": 0.0004, "generated_alone_because": [], "forcing_stopped": None,
+              "unsettled": [{"id": "s7", "first_difference": 4, "margin": 0.0004},
+                            {"id": "s8", "first_difference": 1, "margin": 0.002}]}
+    notes = parity_notes(RunSummary(recipes=[RecipeRow(name="r", status=Status.OK, parity=parity)]))
+    (unsettled, agreed) = notes
+    assert unsettled == (True, "r: batch parity unsettled for 2 sample(s) (s7, s8): teacher forcing differed from "
+                               "the batched answer (near-ties, closest margin 0.0004) after parity_generate's "
+                               "generations alone were spent; raise parity_generate to decide them")
+    assert agreed[0] and agreed[1].startswith("r: batch parity: 3 of 3 sample(s)")

@@ -170,6 +170,8 @@ def parity_notes(summary: RunSummary) -> list[tuple[bool, str]]:
     notes = []
     for row in summary.recipes:
         parity = row.parity or {}
+        if parity.get("enabled") and parity.get("unsettled"):
+            notes.append((True, _unsettled_note(row.name, parity)))
         if not parity.get("enabled") or not parity.get("checked"):
             continue
         checked, batch = parity["checked"], parity.get("batch_size")
@@ -184,6 +186,18 @@ def parity_notes(summary: RunSummary) -> list[tuple[bool, str]]:
                              "numbers may not be the model's (left padding, position ids): compare with "
                              "batch_size = 1"))
     return notes
+
+
+def _unsettled_note(name: str, parity: dict[str, Any]) -> str:
+    """The samples the parity check left undecided: teacher forcing disagreed, no generation alone was left."""
+    unsettled = parity["unsettled"]
+    margins = [u["margin"] for u in unsettled if u.get("margin") is not None]
+    closest = f", closest margin {min(margins):.3g}" if margins else ""
+    ids = ", ".join(str(u["id"]) for u in unsettled[:10]) + (f" and {len(unsettled) - 10} more"
+                                                              if len(unsettled) > 10 else "")
+    return (f"{name}: batch parity unsettled for {len(unsettled)} sample(s) ({ids}): teacher forcing differed from "
+            f"the batched answer (near-ties{closest}) after parity_generate's generations alone were spent; "
+            "raise parity_generate to decide them")
 
 
 def _parity_how(parity: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from orchestrator.planning.plan import RecipePlan
 from orchestrator.results.store import make_folder, read_json, read_samples, write_bytes
 
 # Settings that change how fast a recipe runs, never what it produces: recorded, but a resume ignores them.
-RESULT_NEUTRAL = frozenset({"image_cache", "cache_dir", "parity_check"})
+RESULT_NEUTRAL = frozenset({"image_cache", "cache_dir", "parity_check", "parity_generate"})
 
 
 class ResumeError(UserError):

@@ -7,9 +7,13 @@ over its prompt and its batched tokens, generate's logits processors applied at 
 would pick every batched token, the two agree exactly (up to the rounding of a pass over the whole sequence
 against a cached step-by-step decode, which the recorded closest margin measures). Where it would not, or where
 the forced check cannot model this model's inputs, the sample is generated alone, token by token, and its text
-decides: a disagreement is always one that generation alone produced. One forward pass per sample instead of
-one decode step per token, so the check costs a fraction of generating the samples again (docs/benchmarks-history.md
-has the figures)."""
+decides: a disagreement is always one that generation alone produced.
+
+Generating alone costs a whole decode per sample, so it is bounded: at most `recipe.parity_generate` samples are
+generated alone. A model whose logits tie (random weights in bfloat16) disagrees with its own batched answer under
+forcing on most samples; beyond the bound those samples are recorded as unsettled, with where the forced pass
+differed and its margin, never counted as agreeing. The check's cost is then one forward pass per sample and a
+bounded number of decodes, whatever the weights."""
 
 from __future__ import annotations
 
@@ -36,15 +40,18 @@ def check_parity(model: Any, processor: Any, items: list[Any], batched: Generate
                 "note": "the first batch had one sample: nothing to compare"}
     started = time.perf_counter()
     count = min(recipe.parity_check, len(items))
-    tally = _Tally()
+    tally = _Tally(budget=recipe.parity_generate)
     disagreements = []
     for number, item in enumerate(items[:count], 1):
         text = batched.texts[number - 1]
         alone = _alone(model, processor, inputs_for(item), batched, number - 1, item.sample.id, recipe, device, tally)
+        if alone is None:  # unsettled: the forced pass differed, and no generation alone was left to decide
+            continue
         alone = faults.points().parity_text(number, alone)
         if alone != text:
             disagreements.append({"id": item.sample.id, "batched": text, "alone": alone})
-    return {"enabled": True, "checked": count, "agreed": count - len(disagreements), "batch_size": batch_size,
+    checked = count - len(tally.unsettled)
+    return {"enabled": True, "checked": checked, "agreed": checked - len(disagreements), "batch_size": batch_size,
             "disagreements": disagreements, "seconds": time.perf_counter() - started, **tally.record()}
 
 
@@ -52,24 +59,26 @@ def check_parity(model: Any, processor: Any, items: list[Any], batched: Generate
 class _Tally:
     """How the samples were settled, and whether the forced pass is still worth trying in this worker."""
 
+    budget: int  # generations alone still allowed (recipe.parity_generate)
     forced_agreed: int = 0
     generated_alone: int = 0
     margins: list[float] = field(default_factory=list)
     unforced: list[dict] = field(default_factory=list)  # samples the forced pass could not model, and why
+    unsettled: list[dict] = field(default_factory=list)  # forced disagreements left undecided: no generation left
     stop_forcing: str | None = None
 
     def record(self) -> dict:
         return {"forced_agreed": self.forced_agreed, "generated_alone": self.generated_alone,
                 "closest_margin": min(self.margins) if self.margins else None,
-                "generated_alone_because": self.unforced, "forcing_stopped": self.stop_forcing}
+                "generated_alone_because": self.unforced, "forcing_stopped": self.stop_forcing,
+                "unsettled": self.unsettled}
 
 
 def _alone(model: Any, processor: Any, inputs: Any, batched: Generated, index: int, sample_id: str, recipe: Recipe,
-           device: str, tally: _Tally) -> str:
+           device: str, tally: _Tally) -> str | None:
     """What the model answers this sample alone: the batched text where the forced pass confirms it, else the
-    text generated alone. A forced disagreement that generation does not confirm means this model's logits are
-    too close to call for a differently rounded pass (random weights: ties in bf16); the pass then stops being
-    tried, so such a model pays for one pass, not one per sample."""
+    text generated alone while the budget of generations lasts, else None (unsettled, recorded in the tally with
+    where the forced pass differed). A forced pass this model's inputs defeat for every sample stops being tried."""
     forced = None
     if tally.stop_forcing is None:
         prefix = batched.decoder_prefix[index] if batched.decoder_prefix else None
@@ -84,10 +93,12 @@ def _alone(model: Any, processor: Any, inputs: Any, batched: Generated, index: i
             if forced.agrees:
                 tally.forced_agreed += 1
                 return batched.texts[index]
+    if tally.budget <= 0:
+        tally.unsettled.append({"id": sample_id, "first_difference": forced.first_difference if forced else None,
+                                "margin": forced.closest_margin if forced else None})
+        return None
+    tally.budget -= 1
     (alone,) = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
                         min_new_tokens=recipe.min_new_tokens).texts
     tally.generated_alone += 1
-    if forced is not None and alone == batched.texts[index]:
-        tally.stop_forcing = (f"{sample_id}: the forced pass differed at token {forced.first_difference} (closest "
-                              f"margin {forced.closest_margin:.3g}) where generation alone agreed")
     return alone
