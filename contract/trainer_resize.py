@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from .checkpoint import CheckpointError, swift_args
+from .checkpoint import SWIFT_ARGS, CheckpointError, present, swift_args
 
 LLAMAFACTORY_ARGS = "training_args.yaml"  # LLaMA-Factory's web UI: the arguments it launched the run with
 LLAMAFACTORY_LOG = "trainer_log.jsonl"  # LLaMA-Factory's LogCallback, in every run's output_dir
@@ -120,7 +120,7 @@ def _swift_record(folder: Path, processor_factor: int | None) -> TrainerResize |
     args = swift_args(folder)
     if args is None:
         return None
-    source = f"{folder / 'args.json'} (or its run folder's)"
+    source = str(next(f / SWIFT_ARGS for f in (folder, folder.parent) if present(f / SWIFT_ARGS)))
     rescale = _positive(args.get("max_pixels"))
     if rescale is not None:
         return TrainerResize(trainer="ms-swift", rule="swift", max_pixels=rescale, source=f"{source} max_pixels")
