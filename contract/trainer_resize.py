@@ -194,17 +194,24 @@ def _swift_rescale(image: Image.Image, high: int) -> Image.Image:
     return image.resize((int(rows * ratio), int(rows)), Image.Resampling.BILINEAR)
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize (its image processor's and qwen_vl_utils'): each side a multiple of `factor` (patch x
+    merge), the area within [min, max] pixels. The estimate counts image tokens by it too."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def _qwen_smart_resize(image: Image.Image, factor: int, low: int | None, high: int | None) -> Image.Image:
     """qwen_vl_utils' fetch_image: sides rounded to `factor`, scaled into [low, high] pixels, bicubic."""
-    low = low or 4 * factor * factor
-    high = high or 16384 * factor * factor
-    height, width = image.height, image.width
-    rows, cols = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if rows * cols > high:
-        beta = math.sqrt(height * width / high)
-        rows = max(factor, math.floor(height / beta / factor) * factor)
-        cols = max(factor, math.floor(width / beta / factor) * factor)
-    elif rows * cols < low:
-        beta = math.sqrt(low / (height * width))
-        rows, cols = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return image.resize((cols, rows), Image.Resampling.BICUBIC) if (rows, cols) != (height, width) else image
+    rows, cols = smart_resize(image.height, image.width, factor, low or 4 * factor * factor,
+                              high or 16384 * factor * factor)
+    return image.resize((cols, rows), Image.Resampling.BICUBIC) if (rows, cols) != image.size[::-1] else image

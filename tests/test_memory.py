@@ -15,7 +15,7 @@ from transformers import AutoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from contract.dataset import read_dataset
-from orchestrator.gpu.image_tokens import smart_resize
+from contract.trainer_resize import smart_resize
 from orchestrator.gpu.memory import (
     ALLOCATOR_FIXED_BYTES,
     ALLOCATOR_SAMPLES,

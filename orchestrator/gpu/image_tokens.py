@@ -20,11 +20,11 @@ that its image tokens are not counted, rather than counting them by another fami
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from contract.processor import pixel_bounds
+from contract.trainer_resize import smart_resize
 
 # Qwen2VLImageProcessor's defaults, for a checkpoint whose processor files do not say
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
@@ -51,21 +51,6 @@ class ImageRule(Protocol):
     def __hash__(self) -> int:
         """Rules key memory's cache of prompt counts; one holding a list raises TypeError, and is not cached."""
         ...
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's resize: each side a multiple of `factor` (patch x merge), the area within [min, max] pixels."""
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 @dataclass(frozen=True)
