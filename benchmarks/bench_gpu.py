@@ -789,7 +789,8 @@ def _parity_how(parity: dict) -> str:
     """How the parity check settled its samples (worker/inference/parity.py): forced, generated alone."""
     if "forced_agreed" not in parity:
         return ""
-    return f" ({parity['forced_agreed']} forced, {parity['generated_alone']} generated)"
+    return (f" ({parity['forced_agreed']} forced, {parity.get('forced_tied', 0)} tied, "
+            f"{parity['generated_alone']} generated)")
 
 
 def _exit_seconds(seconds: float | None, parent: dict, worker: dict) -> float | None:

@@ -43,6 +43,13 @@ def _recipe(**settings: object):
     return Recipe(name="profile", model="profile", **settings)
 
 
+def _link(path: str, kind: str = "full") -> Any:
+    """A chain link as the parent would send it, for the worker's loaders (no fingerprint: nothing is recorded)."""
+    from contract.spec import ChainLink
+
+    return ChainLink(path, kind, "profile", 0)
+
+
 def log(message: str) -> None:
     print(f"[+{time.time() - _T0:6.1f}s] {message}", flush=True)
 
@@ -81,9 +88,9 @@ def profile_loads(models: Path, figures: dict) -> None:
             del weights
             torch.cuda.empty_cache()
     figures["reader"] = reader
-    link = type("Link", (), {"path": str(models / "base")})()
+    link = _link(str(models / "base"))
     loads: dict = {}
-    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    adapter = _link(str(models / "r1-llm-only"), "adapter")
     for loader in ("staged", "transformers", "staged"):
         seconds, (model, how) = timed(lambda ld=loader: load_root(
             link, _recipe(loader=ld), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
@@ -111,7 +118,7 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
     from worker.inference.infer import prepare_batch
     from worker.loading.load import load_processor, load_root
 
-    link = type("Link", (), {"path": str(models / "base")})()
+    link = _link(str(models / "base"))
     processor = load_processor([link], _recipe())
     figures["image_processor"] = type(processor.image_processor).__name__
     samples = read_dataset(dataset)
@@ -162,7 +169,7 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
 
     steps["import flash_attn"] = time.perf_counter() - started
     steps["cuda context"], _ = timed(lambda: torch.empty(1, device="cuda"), torch)
-    link = type("Link", (), {"path": str(models / "base")})()
+    link = _link(str(models / "base"))
     steps["load (staged)"], (model, _) = timed(lambda: load_root(
         link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
     processor = load_processor([link], _recipe())
@@ -204,7 +211,7 @@ def prep_one(work: Path, threads: int, count: int) -> None:
     from worker.inference.infer import prepare_batch
     from worker.loading.load import load_processor
 
-    link = type("Link", (), {"path": str(work / "processor")})()
+    link = _link(str(work / "processor"))
     processor = load_processor([link], _recipe())
     samples = read_dataset(work / "data" / "grounding.jsonl")[:count]
     started = time.perf_counter()
@@ -236,8 +243,11 @@ def profile_prep(work: Path, figures: dict) -> None:
 
 
 def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
-    """r1 (LoRA on the language model) at batch 200, as the worker runs it (top adapter unmerged) and with
-    merge_adapters: prefill (generate of 1 token) and generate of 32 tokens, second call of each."""
+    """r1 (LoRA on the language model) at batch 200: as the worker runs it (top adapter unmerged, its weights in
+    float32 as peft keeps them under a bfloat16 model: autocast_adapter_dtype), with the adapter's weights cast to
+    bfloat16 (what autocast_adapter_dtype=False gives an adapter saved in bfloat16), and merged (merge_adapters).
+    Prefill (generate of 1 token) and generate of 32 tokens, second call of each; each variant's texts against
+    the worker's."""
     import torch
 
     from contract.dataset import read_dataset
@@ -246,23 +256,29 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     from worker.inference.infer import prepare_batch
     from worker.loading.load import apply_adapters, load_processor, load_root
 
-    link = type("Link", (), {"path": str(models / "base")})()
-    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    link = _link(str(models / "base"))
+    adapter = _link(str(models / "r1-llm-only"), "adapter")
     processor = load_processor([link], _recipe())
     inputs = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", Cuda()).inputs
     base, _ = load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
-    rows = {}
-    for merge in (False, True):
-        model, _ = apply_adapters(base, [adapter], merge_top=merge)
-        row: dict[int | str, float] = {}  # seconds by new tokens, and the decode step
+    rows: dict[str, dict] = {}
+    reference: list[str] = []
+    for variant in ("unmerged", "unmerged-bf16", "merged"):
+        model, _ = apply_adapters(base, [adapter], merge_top=variant == "merged")
+        if variant == "unmerged-bf16":
+            for name, tensor in model.named_parameters():
+                if "lora_" in name:
+                    tensor.data = tensor.data.to(torch.bfloat16)
+        row: dict[str, Any] = {}  # seconds by new tokens, and the decode step
         for tokens in (1, 1, 32, 32):
-            row[tokens], _ = timed(lambda t=tokens, m=model: generate(
+            row[str(tokens)], out = timed(lambda t=tokens, m=model: generate(
                 m, processor, inputs, "cuda:0", max_new_tokens=t, min_new_tokens=t), torch)
-        row["decode_step_ms"] = (row[32] - row[1]) / 31 * 1e3
-        rows["merged" if merge else "unmerged"] = row
-        log(f"r1 at batch 200, {'merged' if merge else 'unmerged'}: {row}")
-        if not merge:
-            base = model.unload()  # the plain base back, for the merged round
+        row["decode_step_ms"] = (row["32"] - row["1"]) / 31 * 1e3
+        reference = reference or out.texts
+        row["texts_equal_to_unmerged"] = sum(a == b for a, b in zip(out.texts, reference, strict=True))
+        rows[variant] = row
+        log(f"r1 at batch 200, {variant}: {row}")
+        base = model if variant == "merged" else model.unload()  # the plain base back for the next variant
     figures["lora"] = rows
 
 
@@ -276,8 +292,8 @@ def _decode_setup(models: Path, dataset: Path) -> tuple:
     from worker.device import Cuda
     from worker.loading.load import load_processor, load_root
 
-    link = type("Link", (), {"path": str(models / "base")})()
-    adapter = type("Link", (), {"path": str(models / "r1-llm-only")})()
+    link = _link(str(models / "base"))
+    adapter = _link(str(models / "r1-llm-only"), "adapter")
     processor = load_processor([link], _recipe())
     uniform = read_dataset(dataset)
     varied = read_dataset(build_dataset(dataset.parent.with_name("varied"), len(uniform), varied=True))

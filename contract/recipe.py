@@ -92,12 +92,13 @@ class Settings(BaseModel):
                                            "bad dataset line) with the recipe still passing: a count, or a fraction "
                                            "of its samples such as 0.02; above it the recipe fails (exit 1)")
     parity_check: int = Field(8, ge=0, le=4096, description="check this many samples of the first batch again "
-                              "one at a time against their batched answers (0: off): teacher-forced, and generated "
-                              "alone where that disagrees (inference/parity.py); a disagreement is a warning naming "
-                              "the samples")
+                              "one at a time against their batched answers (0: off): teacher-forced (agreeing exactly, "
+                              "or at ties within the logits' rounding), and generated alone where that "
+                              "disagrees (inference/parity.py); a disagreement is a warning naming the samples")
     parity_generate: int = Field(2, ge=0, le=4096, description="the most samples the parity check generates "
-                                 "alone, where teacher forcing does not confirm the batched answer; beyond it such "
-                                 "samples are recorded as unsettled (where the forced pass differed, and its margin), "
+                                 "alone, where teacher forcing does not confirm the batched answer (a gap wider than "
+                                 "a tie); beyond it such samples are recorded as unsettled (where the forced pass "
+                                 "differed, and by how much), "
                                  "never as agreeing: the check's cost is one forward pass per sample and this many "
                                  "decodes, whatever the weights")
     dequantize: bool = Field(False, description="a base quantized with bitsandbytes (a quantization_config in its "

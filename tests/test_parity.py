@@ -128,13 +128,70 @@ def test_unsettled_samples_are_said_with_what_to_raise() -> None:
     from contract.run_row import RecipeRow, RunSummary, Status
     from orchestrator.reporting.cells import parity_notes
 
-    parity = {"enabled": True, "checked": 3, "agreed": 3, "batch_size": 8, "disagreements": [], "forced_agreed": 1,
+    parity = {"enabled": True, "checked": 5, "agreed": 5, "batch_size": 8, "disagreements": [], "forced_agreed": 1,
               "generated_alone": 2, "closest_margin": 0.0004, "generated_alone_because": [], "forcing_stopped": None,
-              "unsettled": [{"id": "s7", "first_difference": 4, "margin": 0.0004},
-                            {"id": "s8", "first_difference": 1, "margin": 0.002}]}
+              "forced_tied": 2, "ties": [{"id": "s1", "first_difference": 3, "gap": 0.0},
+                                          {"id": "s2", "first_difference": 0, "gap": 0.03125}],
+              "unsettled": [{"id": "s7", "first_difference": 4, "margin": 0.0004, "gap": 0.25},
+                            {"id": "s8", "first_difference": 1, "margin": 0.002, "gap": 0.5}]}
     notes = parity_notes(RunSummary(recipes=[RecipeRow(name="r", status=Status.OK, parity=parity)]))
     (unsettled, agreed) = notes
     assert unsettled == (True, "r: batch parity unsettled for 2 sample(s) (s7, s8): teacher forcing differed from "
-                               "the batched answer (near-ties, closest margin 0.0004) after parity_generate's "
-                               "generations alone were spent; raise parity_generate to decide them")
-    assert agreed[0] and agreed[1].startswith("r: batch parity: 3 of 3 sample(s)")
+                               "the batched answer by more than a tie (the batched token behind greedy's pick by "
+                               "up to 0.5) after parity_generate's generations alone were spent; raise "
+                               "parity_generate to decide them")
+    assert agreed[0] and agreed[1].startswith("r: batch parity: 5 of 5 sample(s)")
+    assert "(3 by teacher forcing (2 at ties within the logits' rounding), 2 generated" in agreed[1]
+
+
+@pytest.fixture(scope="module")
+def base_bfloat16(demo: dict) -> tuple:
+    recipe = Recipe(name="base", model=str(demo["models"]["base"]), dataset=str(demo["dataset"]), dtype="bfloat16")
+    model, processor, _ = load_chain([ChainLink(str(demo["models"]["base"]), "full", "quick:0", 1)], recipe, CPU)
+    return model, processor, recipe
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_in_bfloat16_ties_settle_by_forcing_and_a_batching_bug_is_no_tie(base_bfloat16: tuple,
+                                                                           padding_side: str) -> None:
+    """In bfloat16 a correct batch (left padding) and the sample alone may pick different tokens where the logits
+    tie at their precision; the forced check settles those samples as ties, recorded, without generating any.
+    Right padding moves the logits by far more than a tie: every sample it changes is a disagreement found by
+    generating alone, and none is settled as a tie."""
+    model, processor, recipe = base_bfloat16
+    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
+    processor.tokenizer.padding_side = padding_side
+    try:
+        batched = generate(model, processor, processor_inputs(processor, items, CPU), "cpu",
+                           max_new_tokens=recipe.max_new_tokens)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    budget = 0 if padding_side == "left" else len(items)
+    every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": budget})
+    parity = check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
+                          every, "cpu", len(items))
+    assert parity["forced_tied"] == len(parity["ties"])
+    assert all(tie["gap"] <= 2 * 2.0 ** -7 * 2.0 ** 3 for tie in parity["ties"])  # two units at |logit| < 8
+    if padding_side == "left":
+        assert parity["unsettled"] == [] and parity["disagreements"] == [] and parity["generated_alone"] == 0
+        assert parity["checked"] == parity["agreed"] == len(items) == parity["forced_agreed"] + parity["forced_tied"]
+        return
+    alone = [generate(model, processor, processor_inputs(processor, [item], CPU), "cpu",
+                      max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
+    changed = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
+    assert len(changed) >= len(items) // 2  # the bug is real in bfloat16 too
+    assert {d["id"] for d in parity["disagreements"]} == changed and parity["ties"] == []
+
+
+def test_a_tie_is_two_units_of_the_logits_last_place() -> None:
+    """bfloat16 keeps 8 significant bits: at 4-8 one unit is 2**-5, at 0.25-0.5 it is 2**-9; float32 is far finer."""
+    import torch
+
+    from worker.inference.generation import step_gap, tie_tolerance
+
+    assert tie_tolerance(5.0, torch.bfloat16) == 2 * 2.0 ** -5 == tie_tolerance(-7.9, torch.bfloat16)
+    assert tie_tolerance(0.3, torch.bfloat16) == 2 * 2.0 ** -9
+    assert tie_tolerance(5.0, torch.float32) == 2 * 2.0 ** -21
+    assert tie_tolerance(0.0, torch.bfloat16) > 0
+    scores = torch.tensor([1.0, 3.0, 3.0, 2.96875])
+    assert step_gap(scores, 1) == step_gap(scores, 2) == 0.0 and step_gap(scores, 3) == 0.03125

@@ -191,12 +191,12 @@ def parity_notes(summary: RunSummary) -> list[tuple[bool, str]]:
 def _unsettled_note(name: str, parity: dict[str, Any]) -> str:
     """The samples the parity check left undecided: teacher forcing disagreed, no generation alone was left."""
     unsettled = parity["unsettled"]
-    margins = [u["margin"] for u in unsettled if u.get("margin") is not None]
-    closest = f", closest margin {min(margins):.3g}" if margins else ""
+    gaps = [u["gap"] for u in unsettled if u.get("gap") is not None]  # run folders from before the tie rule lack it
+    closest = f" (the batched token behind greedy's pick by up to {max(gaps):.3g})" if gaps else ""
     ids = ", ".join(str(u["id"]) for u in unsettled[:10]) + (f" and {len(unsettled) - 10} more"
                                                               if len(unsettled) > 10 else "")
     return (f"{name}: batch parity unsettled for {len(unsettled)} sample(s) ({ids}): teacher forcing differed from "
-            f"the batched answer (near-ties{closest}) after parity_generate's generations alone were spent; "
+            f"the batched answer by more than a tie{closest} after parity_generate's generations alone were spent; "
             "raise parity_generate to decide them")
 
 
@@ -204,9 +204,11 @@ def _parity_how(parity: dict[str, Any]) -> str:
     """How the samples were checked alone (inference/parity.py); run folders from before the forced check lack it."""
     if "forced_agreed" not in parity:
         return ""
-    return (f" ({parity['forced_agreed']} by teacher forcing, {parity['generated_alone']} generated; "
-            f"closest margin {parity['closest_margin']:.3g})" if parity.get("closest_margin") is not None else
-            f" ({parity['generated_alone']} generated)")
+    tied = parity.get("forced_tied") or 0  # run folders from before the tie rule lack it
+    forced = f"{parity['forced_agreed'] + tied} by teacher forcing" + (
+        f" ({tied} at ties within the logits' rounding)" if tied else "")
+    return (f" ({forced}, {parity['generated_alone']} generated; closest margin {parity['closest_margin']:.3g})"
+            if parity.get("closest_margin") is not None else f" ({parity['generated_alone']} generated)")
 
 
 def worker_notes(summary: RunSummary) -> list[tuple[bool, str]]:

@@ -4,6 +4,7 @@ alone would pick every token a batched run produced, from one forward pass inste
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +36,35 @@ class Generated:
 class Forced:
     """The teacher-forced answer for one sample: whether greedy alone picks every token of the batched row, the
     first position where it would not, and the smallest lead of the picked token over the runner-up (in logits
-    after generate's processors: how close the closest call was)."""
+    after generate's processors: how close the closest call was). Where it would not, `tied` says whether the
+    batched token was, at every such position, within the logits' rounding of greedy's pick (tie_tolerance: a tie
+    their precision cannot order), and `widest_gap` how far behind the batched token was at its worst."""
 
     agrees: bool
     first_difference: int | None
     closest_margin: float
+    tied: bool = False
+    widest_gap: float = 0.0
+
+
+# How far behind greedy's pick a batched token may be and still be a tie, in units of the logits' last place: one
+# for the logits' own rounding, one for their kernels' (a batch's matmuls sum in another order than one sample's).
+# Measured in bfloat16 on the CPU demo family (tests/test_parity.py): correct left padding differed by at most 2
+# units, the right-padding bug by 16-100.
+TIE_UNITS = 2
+
+
+def tie_tolerance(value: float, dtype: torch.dtype) -> float:
+    """TIE_UNITS units in the last place of `dtype` at |value| (bfloat16 at 4-8: one unit is 0.03125). Scores are
+    compared in float32, but a bfloat16 model's logits were rounded to bfloat16 before that."""
+    info = torch.finfo(dtype)
+    magnitude = max(abs(value), info.tiny)
+    return TIE_UNITS * info.eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def step_gap(scores: torch.Tensor, token: int) -> float:
+    """How far `token`'s score is behind the highest score at one step (0 where it is the highest, or tied)."""
+    return float(scores.max() - scores[token])
 
 
 class Unforceable(Exception):
@@ -127,17 +152,21 @@ def forced_check(model: Any, processor: Any, inputs: Any, row: list[int], decode
             logits = _forced_logits(model, _extended(inputs, tokens[:, :-1]), len(row))
         options = generation_options(tokenizer, max_new_tokens, min_new_tokens)
         processors = _greedy_processors(model, prompt, inputs["input_ids"], options)
-        picked, margins = [], []
+        picked, margins, gaps = [], [], []
         for step in range(len(row)):
             seen = torch.cat([prompt, tokens[:, :step]], dim=1)
-            scores = processors(seen, logits[step: step + 1].to(dtype=torch.float32, copy=True))
-            picked.append(scores[0].argmax())  # as generate picks: the first of tied maxima, which topk is not
-            top = torch.topk(scores[0], 2).values
+            scores = processors(seen, logits[step: step + 1].to(dtype=torch.float32, copy=True))[0]
+            picked.append(scores.argmax())  # as generate picks: the first of tied maxima, which topk is not
+            top = torch.topk(scores, 2).values
             margins.append(top[0] - top[1])
+            gaps.append((step_gap(scores, row[step]), tie_tolerance(float(top[0]), logits.dtype)))
         picked_ids = torch.stack(picked).tolist()
         closest = float(torch.stack(margins).min())
-    first = next((i for i, (a, b) in enumerate(zip(picked_ids, row, strict=True)) if a != b), None)
-    return Forced(first is None, first, closest)
+    differing = [i for i, (a, b) in enumerate(zip(picked_ids, row, strict=True)) if a != b]
+    if not differing:
+        return Forced(True, None, closest)
+    return Forced(False, differing[0], closest, tied=all(gaps[i][0] <= gaps[i][1] for i in differing),
+                  widest_gap=max(gaps[i][0] for i in differing))
 
 
 def _placeholder_ids(processor: Any, tokenizer: Any) -> set[int]:

@@ -5,15 +5,22 @@ rope deltas break this in the transformers and Qwen trackers).
 Each sample is first checked by teacher forcing (generation.forced_check: one forward pass of the sample alone
 over its prompt and its batched tokens, generate's logits processors applied at every step). Where greedy alone
 would pick every batched token, the two agree exactly (up to the rounding of a pass over the whole sequence
-against a cached step-by-step decode, which the recorded closest margin measures). Where it would not, or where
-the forced check cannot model this model's inputs, the sample is generated alone, token by token, and its text
-decides: a disagreement is always one that generation alone produced.
+against a cached step-by-step decode, which the recorded closest margin measures).
 
-Generating alone costs a whole decode per sample, so it is bounded: at most `recipe.parity_generate` samples are
-generated alone. A model whose logits tie (random weights in bfloat16) disagrees with its own batched answer under
-forcing on most samples; beyond the bound those samples are recorded as unsettled, with where the forced pass
-differed and its margin, never counted as agreeing. The check's cost is then one forward pass per sample and a
-bounded number of decodes, whatever the weights."""
+Where greedy alone would pick another token, but the batched token's logit is within two units of the logits'
+last place of it (generation.tie_tolerance; bfloat16 at 4-8: 0.0625) at every such step, the two are tied: the
+logits' precision cannot order them, and which one a decode picks depends on the rounding of its kernels, not on
+batching. The sample agrees at a tie; the ties are recorded (`forced_tied`, `ties`: where and by how much). A
+batching bug (pads between prompt and answer, wrong positions) moves logits by far more: in bfloat16 on the demo
+family, correct left padding differed from generating alone by at most 2 units, right padding by 16-100. A model
+whose logits tie (random weights in bfloat16) then settles by forcing instead of by generation.
+
+Where the gap is wider, or the forced check cannot model this model's inputs, the sample is generated alone, token
+by token, and its text decides: a disagreement is always one that generation alone produced. Generating alone costs
+a whole decode per sample, so it is bounded: at most `recipe.parity_generate` samples are generated alone; beyond
+that a forced difference is recorded as unsettled, with where the forced pass differed and by how much, never
+counted as agreeing. The check's cost is one forward pass per sample and a bounded number of decodes, whatever the
+weights."""
 
 from __future__ import annotations
 
@@ -60,7 +67,8 @@ class _Tally:
     """How the samples were settled, and whether the forced pass is still worth trying in this worker."""
 
     budget: int  # generations alone still allowed (recipe.parity_generate)
-    forced_agreed: int = 0
+    forced_agreed: int = 0  # exactly: greedy alone picks every batched token
+    ties: list[dict] = field(default_factory=list)  # agreeing at ties within the logits' rounding
     generated_alone: int = 0
     margins: list[float] = field(default_factory=list)
     unforced: list[dict] = field(default_factory=list)  # samples the forced pass could not model, and why
@@ -68,7 +76,8 @@ class _Tally:
     stop_forcing: str | None = None
 
     def record(self) -> dict:
-        return {"forced_agreed": self.forced_agreed, "generated_alone": self.generated_alone,
+        return {"forced_agreed": self.forced_agreed, "forced_tied": len(self.ties), "ties": self.ties,
+                "generated_alone": self.generated_alone,
                 "closest_margin": min(self.margins) if self.margins else None,
                 "generated_alone_because": self.unforced, "forcing_stopped": self.stop_forcing,
                 "unsettled": self.unsettled}
@@ -76,9 +85,10 @@ class _Tally:
 
 def _alone(model: Any, processor: Any, inputs: Any, batched: Generated, index: int, sample_id: str, recipe: Recipe,
            device: str, tally: _Tally) -> str | None:
-    """What the model answers this sample alone: the batched text where the forced pass confirms it, else the
-    text generated alone while the budget of generations lasts, else None (unsettled, recorded in the tally with
-    where the forced pass differed). A forced pass this model's inputs defeat for every sample stops being tried."""
+    """What the model answers this sample alone: the batched text where the forced pass confirms it (exactly, or
+    at ties within the logits' rounding), else the text generated alone while the budget of generations lasts,
+    else None (unsettled, recorded in the tally with where the forced pass differed). A forced pass this model's
+    inputs defeat for every sample stops being tried."""
     forced = None
     if tally.stop_forcing is None:
         prefix = batched.decoder_prefix[index] if batched.decoder_prefix else None
@@ -93,9 +103,14 @@ def _alone(model: Any, processor: Any, inputs: Any, batched: Generated, index: i
             if forced.agrees:
                 tally.forced_agreed += 1
                 return batched.texts[index]
+            if forced.tied:
+                tally.ties.append({"id": sample_id, "first_difference": forced.first_difference,
+                                   "gap": forced.widest_gap})
+                return batched.texts[index]
     if tally.budget <= 0:
         tally.unsettled.append({"id": sample_id, "first_difference": forced.first_difference if forced else None,
-                                "margin": forced.closest_margin if forced else None})
+                                "margin": forced.closest_margin if forced else None,
+                                "gap": forced.widest_gap if forced else None})
         return None
     tally.budget -= 1
     (alone,) = generate(model, processor, inputs, device, max_new_tokens=recipe.max_new_tokens,
