@@ -7,13 +7,14 @@ over its prompt and its batched tokens, generate's logits processors applied at 
 would pick every batched token, the two agree exactly (up to the rounding of a pass over the whole sequence
 against a cached step-by-step decode, which the recorded closest margin measures).
 
-Where greedy alone would pick another token, but the batched token's logit is within two units of the logits'
-last place of it (generation.tie_tolerance; bfloat16 at 4-8: 0.0625) at every such step, the two are tied: the
+Where greedy alone would pick another token, but the batched token's logit is within four units of the logits'
+last place of it (generation.tie_tolerance; bfloat16 at 4-8: 0.125) at every such step, the two are tied: the
 logits' precision cannot order them, and which one a decode picks depends on the rounding of its kernels, not on
 batching. The sample agrees at a tie; the ties are recorded (`forced_tied`, `ties`: where and by how much). A
-batching bug (pads between prompt and answer, wrong positions) moves logits by far more: in bfloat16 on the demo
-family, correct left padding differed from generating alone by at most 2 units, right padding by 16-100. A model
-whose logits tie (random weights in bfloat16) then settles by forcing instead of by generation.
+batching bug (pads between prompt and answer, wrong positions) moves logits by far more: in bfloat16, a correct
+batch differed from the sample alone by at most 2 units on the demo family and 3 on the 7B random family, right
+padding by 16-100. A model whose logits tie (random weights in bfloat16) then settles by forcing instead of by
+generation.
 
 Where the gap is wider, or the forced check cannot model this model's inputs, the sample is generated alone, token
 by token, and its text decides: a disagreement is always one that generation alone produced. Generating alone costs
