@@ -1,0 +1,33 @@
+"""benchmarks/import_contention.py, run as on the GPU machine: fresh processes import the worker's modules alone and
+several at once, and one more under -X importtime names the largest imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.import_contention import largest_imports
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_each_round_reports_every_process_and_the_largest_imports(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.import_contention", "--at-once", "1,2", "--rounds", "1",
+                           "--importtime", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads((tmp_path / "imports.json").read_text())
+    assert [len(r) for r in figures["by_count"]["1"]] == [1] and [len(r) for r in figures["by_count"]["2"]] == [2]
+    assert all(s > 0 for rounds in figures["by_count"].values() for r in rounds for s in r)
+    names = [name for _, name in figures["largest"]]
+    assert "torch" in names and "worker.loading.load" in names
+    assert "| 2 |" in done.stdout and "sklearn" not in (tmp_path / "importtime.txt").read_text()
+
+
+def test_largest_imports_reads_cumulative_times() -> None:
+    text = ("import time: self [us] | cumulative | imported package\n"
+            "import time:       100 |        300 |   b\n"
+            "import time:      2000 |    2500000 | a\n")
+    assert largest_imports(text, 2) == [(2.5, "a"), (0.0003, "b")]
