@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,8 +68,7 @@ def importtime(out: Path) -> list[tuple[float, str]]:
 
 
 def _env() -> dict[str, str]:
-    import os
-
+    """This environment with the checkout importable and no GPU visible unless one was named."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import only_run_dir, run_cli, write_recipes
@@ -74,20 +75,12 @@ def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, p
     ways, check_parity's verdict for each sample (teacher-forced where it can) is the one that generating every
     sample alone gives, and it forces most of them rather than generating them."""
     model, processor, recipe = base_model
-    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
-    processor.tokenizer.padding_side = padding_side
-    try:
-        batched = generate(model, processor, processor_inputs(processor, items, CPU), "cpu",
-                           max_new_tokens=recipe.max_new_tokens)
-    finally:
-        processor.tokenizer.padding_side = "left"
-    alone = [generate(model, processor, processor_inputs(processor, [item], CPU), "cpu",
-                      max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
+    items, batched = _first_batch(model, processor, recipe, padding_side)
+    alone = _alone_texts(model, processor, recipe, items)
     expected = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
     assert bool(expected) == (padding_side == "right")  # the bug is real, and left padding has none
     every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": len(items)})
-    parity = check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
-                          every, "cpu", len(items))
+    parity = _check(model, processor, items, batched, every)
     assert {d["id"] for d in parity["disagreements"]} == expected
     assert parity["checked"] == len(items) and parity["agreed"] == len(items) - len(expected)
     assert parity["forced_agreed"] + parity["generated_alone"] == len(items)
@@ -104,16 +97,9 @@ def test_generating_alone_is_bounded_and_the_rest_is_unsettled_not_agreed(base_m
     alone (and found wrong), the others are recorded as unsettled with where forcing differed, and no sample is
     counted as agreeing that was not confirmed."""
     model, processor, recipe = base_model
-    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
-    processor.tokenizer.padding_side = "right"
-    try:
-        batched = generate(model, processor, processor_inputs(processor, items, CPU), "cpu",
-                           max_new_tokens=recipe.max_new_tokens)
-    finally:
-        processor.tokenizer.padding_side = "left"
+    items, batched = _first_batch(model, processor, recipe, "right")
     one = recipe.model_copy(update={"parity_check": len(items), "parity_generate": 1})
-    parity = check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
-                          one, "cpu", len(items))
+    parity = _check(model, processor, items, batched, one)
     unforced = len(items) - parity["forced_agreed"]
     assert unforced >= 3, parity  # the bug makes forcing disagree on most samples
     assert parity["generated_alone"] == 1 and len(parity["unsettled"]) == unforced - 1
@@ -159,25 +145,17 @@ def test_in_bfloat16_ties_settle_by_forcing_and_a_batching_bug_is_no_tie(base_bf
     Right padding moves the logits by far more than a tie: every sample it changes is a disagreement found by
     generating alone, and none is settled as a tie."""
     model, processor, recipe = base_bfloat16
-    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
-    processor.tokenizer.padding_side = padding_side
-    try:
-        batched = generate(model, processor, processor_inputs(processor, items, CPU), "cpu",
-                           max_new_tokens=recipe.max_new_tokens)
-    finally:
-        processor.tokenizer.padding_side = "left"
+    items, batched = _first_batch(model, processor, recipe, padding_side)
     budget = 0 if padding_side == "left" else len(items)
     every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": budget})
-    parity = check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
-                          every, "cpu", len(items))
+    parity = _check(model, processor, items, batched, every)
     assert parity["forced_tied"] == len(parity["ties"])
     assert all(tie["gap"] <= 4 * 2.0 ** -7 * 2.0 ** 3 for tie in parity["ties"])  # four units at |logit| < 8
     if padding_side == "left":
         assert parity["unsettled"] == [] and parity["disagreements"] == [] and parity["generated_alone"] == 0
         assert parity["checked"] == parity["agreed"] == len(items) == parity["forced_agreed"] + parity["forced_tied"]
         return
-    alone = [generate(model, processor, processor_inputs(processor, [item], CPU), "cpu",
-                      max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
+    alone = _alone_texts(model, processor, recipe, items)
     changed = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
     assert len(changed) >= len(items) // 2  # the bug is real in bfloat16 too
     assert {d["id"] for d in parity["disagreements"]} == changed and parity["ties"] == []
@@ -195,3 +173,26 @@ def test_a_tie_is_four_units_of_the_logits_last_place() -> None:
     assert tie_tolerance(0.0, torch.bfloat16) > 0
     scores = torch.tensor([1.0, 3.0, 3.0, 2.96875])
     assert step_gap(scores, 1) == step_gap(scores, 2) == 0.0 and step_gap(scores, 3) == 0.03125
+
+
+def _first_batch(model: Any, processor: Any, recipe: Recipe, padding_side: str) -> tuple[list, Any]:
+    """The demo set as one batch, generated with `padding_side` padding (right: a real batching bug)."""
+    items = prepare_batch(processor, list(open_dataset(recipe.dataset, recipe)), recipe.prompt, CPU).items
+    processor.tokenizer.padding_side = padding_side
+    try:
+        batched = generate(model, processor, processor_inputs(processor, items, CPU), "cpu",
+                           max_new_tokens=recipe.max_new_tokens)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    return items, batched
+
+
+def _alone_texts(model: Any, processor: Any, recipe: Recipe, items: list) -> list[str]:
+    """Every sample generated alone: what the parity check's verdicts are held against."""
+    return [generate(model, processor, processor_inputs(processor, [item], CPU), "cpu",
+                     max_new_tokens=recipe.max_new_tokens).texts[0] for item in items]
+
+
+def _check(model: Any, processor: Any, items: list, batched: Any, recipe: Recipe) -> dict:
+    return check_parity(model, processor, items, batched, lambda item: processor_inputs(processor, [item], CPU),
+                        recipe, "cpu", len(items))
