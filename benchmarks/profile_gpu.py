@@ -12,6 +12,8 @@ benchmarks/bench_gpu.py's random-weight 7B family, and a 256-sample set:
   prep       batch preparation of 200 samples alone and in three processes at once, by torch thread count
              (no models needed);
   lora       r1 at batch 200 with its adapter unmerged (as evaluated) and merged (merge_adapters);
+  parity     the parity check after a batch of 200 (base, r1): first, second and third in the process, and its
+             pieces (the processor call, the forced forward, the forced check) for its 8 samples;
   decode     decode attention: flash-attn's kvcache kernel over the padded cache against transformers'
              unpadding path (worker/decode/decode_attention.py), the call alone and in generate;
   graph      decode steps replayed from CUDA graphs (worker/decode/graph_decode.py) against the eager kvcache steps:
@@ -282,6 +284,70 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     figures["lora"] = rows
 
 
+def profile_parity(models: Path, dataset: Path, figures: dict) -> None:
+    """The parity check (worker/inference/parity.py) as a worker runs it after its first batch (base, and r1 with
+    its adapter unmerged), at batch 200 and 32 tokens: the first check in the process (batch-1 shapes seen for the
+    first time), the second and third, then its pieces for the same 8 samples (_parity_pieces); a fourth check
+    under cProfile."""
+    import torch
+
+    from contract.dataset import read_dataset
+    from worker.device import Cuda
+    from worker.inference.generation import generate
+    from worker.inference.infer import prepare_batch, processor_inputs
+    from worker.inference.parity import check_parity
+    from worker.loading.load import apply_adapters, load_processor, load_root
+
+    link = _link(str(models / "base"))
+    processor = load_processor([link], _recipe())
+    items = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt}", Cuda()).items
+    recipe = _recipe(parity_check=8, parity_generate=2, max_new_tokens=32)
+    base, _ = load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    rows: dict[str, dict] = {}
+    for variant in ("base", "r1"):
+        adapter = _link(str(models / "r1-llm-only"), "adapter")
+        model = base if variant == "base" else apply_adapters(base, [adapter])[0]
+        batched = generate(model, processor, processor_inputs(processor, items, Cuda()), "cuda:0", max_new_tokens=32)
+
+        def check(model: Any = model, batched: Any = batched) -> dict:
+            return check_parity(model, processor, items, batched,
+                                lambda item: processor_inputs(processor, [item], Cuda()), recipe, "cuda:0", 200)
+
+        row: dict[str, Any] = {}
+        for run in ("first", "second", "third"):
+            row[f"check_{run}_s"], outcome = timed(check, torch)
+        row["outcome"] = {k: outcome[k] for k in ("forced_agreed", "forced_tied", "generated_alone", "agreed")}
+        row.update(_parity_pieces(model, processor, items[:8], batched))
+        _profiled(check, f"{variant}'s fourth parity check")
+        rows[variant] = row
+        log(f"parity, {variant}: {row}")
+        base = model.unload() if variant == "r1" else base
+    figures["parity"] = rows
+
+
+def _parity_pieces(model: Any, processor: Any, items: list, batched: Any) -> dict:
+    """Seconds for `items` (the first of a batch) of: the processor call alone (CPU), the forced forward pass
+    alone (inputs already on the GPU), the whole forced check."""
+    import torch
+
+    from worker.device import Cuda
+    from worker.inference.generation import _extended, _forced_logits, forced_check
+    from worker.inference.infer import processor_inputs
+
+    pieces: dict[str, Any] = {}
+    pieces["processor_s"], alone = timed(lambda: [processor_inputs(processor, [item], Cuda()).to("cuda:0")
+                                                  for item in items], torch)
+    rows = [torch.tensor([row[:-1]], device="cuda:0") for row in batched.rows[: len(items)]]
+    pieces["forward_s"], _ = timed(lambda: [_forced_logits(model, _extended(inputs, row), row.shape[1] + 1)
+                                            for inputs, row in zip(alone, rows, strict=True)], torch)
+    pieces["forced_check_s"], _ = timed(lambda: [forced_check(model, processor, inputs, batched.rows[i], None,
+                                                              "cuda:0", max_new_tokens=32)
+                                                 for i, inputs in enumerate(alone)], torch)
+    pieces["prompt_tokens"] = int(alone[0]["input_ids"].shape[1])
+    pieces["row_tokens"] = [len(row) for row in batched.rows[: len(items)]]
+    return pieces
+
+
 def _decode_setup(models: Path, dataset: Path) -> tuple:
     """The decode parts' common start: the processor, the base model on the GPU (flash_attention_2, bf16), r1's
     adapter link, the bench's samples (one prompt) and the same images with prompts of different lengths."""
@@ -495,7 +561,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--part", default="all",
-                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora", "decode", "graph"))
+                        choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora", "parity", "decode",
+                                 "graph"))
     args = parser.parse_args()
     from benchmarks.bench_gpu import build_dataset
 
@@ -522,6 +589,8 @@ def main() -> int:
         profile_cold(models, dataset, figures)
     if args.part == "lora":
         profile_lora(models, dataset, figures)
+    if args.part == "parity":
+        profile_parity(models, dataset, figures)
     if args.part == "decode":
         profile_decode(models, dataset, figures)
     if args.part == "graph":

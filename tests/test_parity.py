@@ -92,6 +92,29 @@ def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, p
         assert wrong["alone"] == alone[[item.sample.id for item in items].index(wrong["id"])]
 
 
+def test_the_forced_check_applies_generates_processors_step_by_step(base_model: tuple) -> None:
+    """With a repetition penalty and a minimum length in the generation config, each forced step's scores are
+    processed as generate processed them (seeing the prompt and the row before that step): under left padding
+    the forced check confirms every sample it can model exactly (a row holding an image placeholder is generated
+    alone instead), none at a tie, and no sample disagrees."""
+    model, processor, recipe = base_model
+    config = model.generation_config
+    saved = (config.repetition_penalty, config.min_new_tokens)
+    config.repetition_penalty, config.min_new_tokens = 1.3, 3
+    try:
+        items, batched = _first_batch(model, processor, recipe, "left")
+        alone = _alone_texts(model, processor, recipe, items)
+        every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": len(items)})
+        parity = _check(model, processor, items, batched, every)
+    finally:
+        config.repetition_penalty, config.min_new_tokens = saved
+    assert batched.texts == alone  # float32: a correct batch is the sample alone
+    assert parity["checked"] == parity["agreed"] == len(items) and parity["forced_tied"] == 0
+    unforced = parity["generated_alone_because"]
+    assert parity["forced_agreed"] + len(unforced) == len(items) and parity["generated_alone"] == len(unforced)
+    assert parity["forced_agreed"] >= len(items) // 2, unforced
+
+
 def test_generating_alone_is_bounded_and_the_rest_is_unsettled_not_agreed(base_model: tuple) -> None:
     """Right padding disagrees under forcing on several samples; with parity_generate = 1 one of them is generated
     alone (and found wrong), the others are recorded as unsettled with where forcing differed, and no sample is
@@ -165,14 +188,14 @@ def test_a_tie_is_four_units_of_the_logits_last_place() -> None:
     """bfloat16 keeps 8 significant bits: at 4-8 one unit is 2**-5, at 0.25-0.5 it is 2**-9; float32 is far finer."""
     import torch
 
-    from worker.inference.generation import step_gap, tie_tolerance
+    from worker.inference.generation import step_gaps, tie_tolerance
 
     assert tie_tolerance(5.0, torch.bfloat16) == 4 * 2.0 ** -5 == tie_tolerance(-7.9, torch.bfloat16)
     assert tie_tolerance(0.3, torch.bfloat16) == 4 * 2.0 ** -9
     assert tie_tolerance(5.0, torch.float32) == 4 * 2.0 ** -21
     assert tie_tolerance(0.0, torch.bfloat16) > 0
-    scores = torch.tensor([1.0, 3.0, 3.0, 2.96875])
-    assert step_gap(scores, 1) == step_gap(scores, 2) == 0.0 and step_gap(scores, 3) == 0.03125
+    scores = torch.tensor([1.0, 3.0, 3.0, 2.96875]).expand(4, 4)  # four steps, each scoring four tokens alike
+    assert step_gaps(scores, torch.tensor([1, 2, 3, 0])).tolist() == [0.0, 0.0, 0.03125, 2.0]
 
 
 def _first_batch(model: Any, processor: Any, recipe: Recipe, padding_side: str) -> tuple[list, Any]:

@@ -62,9 +62,10 @@ def tie_tolerance(value: float, dtype: torch.dtype) -> float:
     return TIE_UNITS * info.eps * 2.0 ** math.floor(math.log2(magnitude))
 
 
-def step_gap(scores: torch.Tensor, token: int) -> float:
-    """How far `token`'s score is behind the highest score at one step (0 where it is the highest, or tied)."""
-    return float(scores.max() - scores[token])
+def step_gaps(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """How far each step's token (`tokens[step]`) is behind that step's highest score (0 where it is the highest,
+    or tied): `scores` is steps x vocabulary."""
+    return scores.max(dim=-1).values - scores.gather(-1, tokens[:, None])[:, 0]
 
 
 class Unforceable(Exception):
@@ -152,21 +153,29 @@ def forced_check(model: Any, processor: Any, inputs: Any, row: list[int], decode
             logits = _forced_logits(model, _extended(inputs, tokens[:, :-1]), len(row))
         options = generation_options(tokenizer, max_new_tokens, min_new_tokens)
         processors = _greedy_processors(model, prompt, inputs["input_ids"], options)
-        picked, margins, gaps = [], [], []
-        for step in range(len(row)):
-            seen = torch.cat([prompt, tokens[:, :step]], dim=1)
-            scores = processors(seen, logits[step: step + 1].to(dtype=torch.float32, copy=True))[0]
-            picked.append(scores.argmax())  # as generate picks: the first of tied maxima, which topk is not
-            top = torch.topk(scores, 2).values
-            margins.append(top[0] - top[1])
-            gaps.append((step_gap(scores, row[step]), tie_tolerance(float(top[0]), logits.dtype)))
-        picked_ids = torch.stack(picked).tolist()
-        closest = float(torch.stack(margins).min())
+        scores = _processed_scores(processors, prompt, tokens, logits)
+        # every step's figures at once, read back in one transfer: a read per step would wait on the GPU each time
+        picked = scores.argmax(dim=-1)  # as generate picks: the first of tied maxima, which topk is not
+        top = torch.topk(scores, 2, dim=-1).values
+        figures = torch.stack([top[:, 0] - top[:, 1], step_gaps(scores, tokens[0]), top[:, 0]]).tolist()
+        picked_ids = picked.tolist()
+    margins, gaps, leaders = figures
     differing = [i for i, (a, b) in enumerate(zip(picked_ids, row, strict=True)) if a != b]
     if not differing:
-        return Forced(True, None, closest)
-    return Forced(False, differing[0], closest, tied=all(gaps[i][0] <= gaps[i][1] for i in differing),
-                  widest_gap=max(gaps[i][0] for i in differing))
+        return Forced(True, None, min(margins))
+    tied = all(gaps[i] <= tie_tolerance(leaders[i], logits.dtype) for i in differing)
+    return Forced(False, differing[0], min(margins), tied=tied, widest_gap=max(gaps[i] for i in differing))
+
+
+def _processed_scores(processors: Any, prompt: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor
+                      ) -> torch.Tensor:
+    """Each step's scores (steps x vocabulary, float32) as generate's processors leave them, each step seeing the
+    prompt and the row's tokens before it, as the cached decode saw them."""
+    scores = logits.to(dtype=torch.float32, copy=True)
+    if not processors:  # nothing to apply (the common greedy case): no step loop
+        return scores
+    return torch.cat([processors(torch.cat([prompt, tokens[:, :step]], dim=1), scores[step: step + 1])
+                      for step in range(scores.shape[0])])
 
 
 def _placeholder_ids(processor: Any, tokenizer: Any) -> set[int]:
