@@ -327,11 +327,11 @@ def profile_parity(models: Path, dataset: Path, figures: dict) -> None:
 
 def _parity_pieces(model: Any, processor: Any, items: list, batched: Any) -> dict:
     """Seconds for `items` (the first of a batch) of: the processor call alone (CPU), the forced forward pass
-    alone (inputs already on the GPU), the whole forced check."""
+    alone (inputs already on the GPU), generate's config prepared (once a check), the whole forced check."""
     import torch
 
     from worker.device import Cuda
-    from worker.inference.generation import _extended, _forced_logits, forced_check
+    from worker.inference.generation import _extended, _forced_logits, forced_check, greedy_config
     from worker.inference.infer import processor_inputs
 
     pieces: dict[str, Any] = {}
@@ -340,8 +340,9 @@ def _parity_pieces(model: Any, processor: Any, items: list, batched: Any) -> dic
     rows = [torch.tensor([row[:-1]], device="cuda:0") for row in batched.rows[: len(items)]]
     pieces["forward_s"], _ = timed(lambda: [_forced_logits(model, _extended(inputs, row), row.shape[1] + 1)
                                             for inputs, row in zip(alone, rows, strict=True)], torch)
+    pieces["config_s"], config = timed(lambda: greedy_config(model, processor, "cuda:0", max_new_tokens=32), torch)
     pieces["forced_check_s"], _ = timed(lambda: [forced_check(model, processor, inputs, batched.rows[i], None,
-                                                              "cuda:0", max_new_tokens=32)
+                                                              "cuda:0", config)
                                                  for i, inputs in enumerate(alone)], torch)
     pieces["prompt_tokens"] = int(alone[0]["input_ids"].shape[1])
     pieces["row_tokens"] = [len(row) for row in batched.rows[: len(items)]]

@@ -130,12 +130,13 @@ def _decode(tokenizer: Any, ids: list[int], ends: set[int]) -> str:
 
 
 def forced_check(model: Any, processor: Any, inputs: Any, row: list[int], decoder_prefix: list[int] | None,
-                 device: str, *, max_new_tokens: int, min_new_tokens: int | None = None) -> Forced:
+                 device: str, config: Any) -> Forced:
     """Teacher forcing: one forward pass over one sample's prompt followed by `row` (the tokens a batched run
     generated for it) gives the logits greedy decoding alone would see at every step, provided it had picked
     the same tokens so far; with generate's own logits processors applied at each step, the sample alone agrees
-    with the batch exactly when its argmax is the row's token at every step. Raises Unforceable where this
-    model's inputs cannot be extended as generate extends them."""
+    with the batch exactly when its argmax is the row's token at every step. `config` is greedy_config's, for the
+    options the batch was generated with. Raises Unforceable where this model's inputs cannot be extended as
+    generate extends them."""
     tokenizer = getattr(processor, "tokenizer", processor)
     placeholders = set(row) & _placeholder_ids(processor, tokenizer)
     if placeholders:  # the forward pass would take them for the places of images it was not given
@@ -151,8 +152,7 @@ def forced_check(model: Any, processor: Any, inputs: Any, row: list[int], decode
         else:
             prompt = inputs["input_ids"]
             logits = _forced_logits(model, _extended(inputs, tokens[:, :-1]), len(row))
-        options = generation_options(tokenizer, max_new_tokens, min_new_tokens)
-        processors = _greedy_processors(model, prompt, inputs["input_ids"], options)
+        processors = _greedy_processors(model, config, prompt, inputs["input_ids"])
         scores = _processed_scores(processors, prompt, tokens, logits)
         # every step's figures at once, read back in one transfer: a read per step would wait on the GPU each time
         picked = scores.argmax(dim=-1)  # as generate picks: the first of tied maxima, which topk is not
@@ -210,17 +210,32 @@ def _accepts(model: Any, name: str) -> bool:
     return name in inspect.signature(base.forward).parameters
 
 
-def _greedy_processors(model: Any, prompt: torch.Tensor, encoder_ids: torch.Tensor, options: dict) -> Any:
-    """The logits processors generate() builds for these options and this model's generation config (a
-    repetition penalty, a minimum length...), from generate's own helpers: a list written here could drift from
-    what generation applied. `prompt` is what generate decodes after (a decoder-only model's prompt, an
-    encoder-decoder's decoder start), `encoder_ids` the input ids it was given. They are private, so a
-    transformers that renamed them makes the check decline."""
+def greedy_config(model: Any, processor: Any, device: str, *, max_new_tokens: int,
+                  min_new_tokens: int | None = None) -> Any:
+    """The generation config generate() decodes with for these options (generation_options merged into the
+    model's own generation config, its special tokens made tensors on `device`), from generate's own helpers. It is
+    the same for every sample, and preparing it costs more than a 7B's forced pass (transformers validates the
+    model's whole config again): forced_check takes it built once. The helpers are private, so a transformers
+    that renamed them makes the whole check decline."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    options = generation_options(tokenizer, max_new_tokens, min_new_tokens)
+    try:
+        config, _ = model._prepare_generation_config(None, **options)
+        model._prepare_special_tokens(config, True, device=device)
+    except (AttributeError, TypeError) as exc:
+        raise Unforceable(f"this transformers' generate helpers differ ({type(exc).__name__}: {exc})",
+                          whole_check=True) from None
+    return config
+
+
+def _greedy_processors(model: Any, config: Any, prompt: torch.Tensor, encoder_ids: torch.Tensor) -> Any:
+    """The logits processors generate() builds for `config` (greedy_config's: a repetition penalty, a minimum
+    length...) and this sample, from generate's own helper: a list written here could drift from what generation
+    applied. `prompt` is what generate decodes after (a decoder-only model's prompt, an encoder-decoder's decoder
+    start), `encoder_ids` the input ids it was given."""
     from transformers import LogitsProcessorList
 
     try:
-        config, _ = model._prepare_generation_config(None, **options)
-        model._prepare_special_tokens(config, True, device=prompt.device)
         return model._get_logits_processor(generation_config=config, input_ids_seq_length=prompt.shape[1],
                                            encoder_input_ids=encoder_ids, prefix_allowed_tokens_fn=None,
                                            logits_processor=LogitsProcessorList(), device=prompt.device,

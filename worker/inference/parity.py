@@ -32,7 +32,7 @@ from typing import Any
 
 from contract.recipe import Recipe
 from worker import faults
-from worker.inference.generation import Generated, Unforceable, forced_check, generate
+from worker.inference.generation import Generated, Unforceable, forced_check, generate, greedy_config
 
 InputsFor = Callable[[Any], Any]  # one prepared sample -> its processor tensors alone
 
@@ -49,6 +49,11 @@ def check_parity(model: Any, processor: Any, items: list[Any], batched: Generate
     started = time.perf_counter()
     count = min(recipe.parity_check, len(items))
     tally = _Tally(budget=recipe.parity_generate)
+    try:
+        tally.config = greedy_config(model, processor, device, max_new_tokens=recipe.max_new_tokens,
+                                     min_new_tokens=recipe.min_new_tokens)
+    except Unforceable as exc:
+        tally.stop_forcing = str(exc)
     disagreements = []
     for number, item in enumerate(items[:count], 1):
         text = batched.texts[number - 1]
@@ -75,6 +80,7 @@ class _Tally:
     unforced: list[dict] = field(default_factory=list)  # samples the forced pass could not model, and why
     unsettled: list[dict] = field(default_factory=list)  # forced disagreements left undecided: no generation left
     stop_forcing: str | None = None
+    config: Any = None  # generate's generation config for the recipe's options (greedy_config), for every sample
 
     def record(self) -> dict:
         return {"forced_agreed": self.forced_agreed, "forced_tied": len(self.ties), "ties": self.ties,
@@ -94,8 +100,7 @@ def _alone(model: Any, processor: Any, inputs: Any, batched: Generated, index: i
     if tally.stop_forcing is None:
         prefix = batched.decoder_prefix[index] if batched.decoder_prefix else None
         try:
-            forced = forced_check(model, processor, inputs, batched.rows[index], prefix, device,
-                                  max_new_tokens=recipe.max_new_tokens, min_new_tokens=recipe.min_new_tokens)
+            forced = forced_check(model, processor, inputs, batched.rows[index], prefix, device, tally.config)
         except Unforceable as exc:  # this sample only, or every sample (generate's helpers differ)
             tally.unforced.append({"id": sample_id, "reason": str(exc)})
             tally.stop_forcing = str(exc) if exc.whole_check else None
