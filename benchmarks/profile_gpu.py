@@ -327,23 +327,29 @@ def profile_parity(models: Path, dataset: Path, figures: dict) -> None:
 
 def _parity_pieces(model: Any, processor: Any, items: list, batched: Any) -> dict:
     """Seconds for `items` (the first of a batch) of: the processor call alone (CPU), the forced forward pass
-    alone (inputs already on the GPU), generate's config prepared (once a check), the whole forced check."""
+    alone (inputs already on the GPU), generate's config prepared (once a check), every sample forced alone, and
+    all but the first forced in one batched pass (as the check forces them), with how many that pass settles."""
     import torch
 
     from worker.device import Cuda
-    from worker.inference.generation import _extended, _forced_logits, forced_check, greedy_config
+    from worker.inference.forcing import _extended, _forward, forced_batch, forced_check, greedy_config
     from worker.inference.infer import processor_inputs
 
     pieces: dict[str, Any] = {}
     pieces["processor_s"], alone = timed(lambda: [processor_inputs(processor, [item], Cuda()).to("cuda:0")
                                                   for item in items], torch)
     rows = [torch.tensor([row[:-1]], device="cuda:0") for row in batched.rows[: len(items)]]
-    pieces["forward_s"], _ = timed(lambda: [_forced_logits(model, _extended(inputs, row), row.shape[1] + 1)
-                                            for inputs, row in zip(alone, rows, strict=True)], torch)
+    with torch.inference_mode():
+        pieces["forward_s"], _ = timed(lambda: [_forward(model, _extended(inputs, row), row.shape[1] + 1)
+                                                for inputs, row in zip(alone, rows, strict=True)], torch)
     pieces["config_s"], config = timed(lambda: greedy_config(model, processor, "cuda:0", max_new_tokens=32), torch)
-    pieces["forced_check_s"], _ = timed(lambda: [forced_check(model, processor, inputs, batched.rows[i], None,
+    pieces["forced_alone_s"], _ = timed(lambda: [forced_check(model, processor, inputs, batched.rows[i], None,
                                                               "cuda:0", config)
                                                  for i, inputs in enumerate(alone)], torch)
+    pieces["forced_batch_s"], verdicts = timed(lambda: forced_batch(model, processor, alone[1:],
+                                                                    batched.rows[1: len(items)], "cuda:0", config),
+                                               torch)
+    pieces["forced_batch_settles"] = sum(verdict.settles for verdict in verdicts)
     pieces["prompt_tokens"] = int(alone[0]["input_ids"].shape[1])
     pieces["row_tokens"] = [len(row) for row in batched.rows[: len(items)]]
     return pieces

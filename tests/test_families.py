@@ -35,6 +35,7 @@ FORMATS = {"qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen25vl", "qwen3_vl": "qwen3vl
            "florence2": "florence2"}
 SAMPLES = 3
 CACHED = ("internvl", "paligemma")  # batches collated from the image cache: tiles, and a fixed picture
+FORCED_ALONE = ("florence2",)  # an encoder-decoder: its samples are forced one at a time
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,8 @@ def test_every_family_runs_in_its_own_box_format(families_run: dict) -> None:
         parity = summary["parity"]  # batched (left-padded) and one at a time: the same answers, in every family
         assert parity["checked"] == parity["agreed"] == SAMPLES, (name, parity["disagreements"])
         assert parity["forced_agreed"] == SAMPLES, (name, parity["generated_alone_because"])  # one pass, not 32
+        batching = (parity["forced_batch_declined"], parity["forced_in_batch"])  # all but the first forced at once
+        assert batching == (None, SAMPLES - 1) or (name in FORCED_ALONE and batching[1] == 0), (name, batching)
 
 
 def test_every_family_merges(families: dict, families_run: dict, tmp_path: Path) -> None:

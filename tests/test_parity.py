@@ -88,6 +88,7 @@ def test_the_forced_check_finds_what_generating_alone_finds(base_model: tuple, p
     assert parity["generated_alone"] >= len(expected)
     if padding_side == "left":
         assert parity["forced_agreed"] >= len(items) // 2, parity["generated_alone_because"]
+        assert parity["forced_batch_declined"] is None and parity["forced_in_batch"] >= len(items) // 2
     for wrong in parity["disagreements"]:
         assert wrong["alone"] == alone[[item.sample.id for item in items].index(wrong["id"])]
 
@@ -115,6 +116,55 @@ def test_the_forced_check_applies_generates_processors_step_by_step(base_model: 
     assert parity["forced_agreed"] >= len(items) // 2, unforced
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_the_batched_forced_pass_gives_each_sample_its_verdict_alone(base_model: tuple, padding_side: str) -> None:
+    """Forcing the samples in one right-padded pass (prompts of different lengths) gives each the verdict forcing
+    it alone gives: agreement, the first difference, the closest margin up to float32 rounding; for the rows of a
+    correct batch and for the rows the right-padding bug changed."""
+    from worker.inference.forcing import forced_batch, forced_check, greedy_config
+
+    model, processor, recipe = base_model
+    items, batched = _first_batch(model, processor, recipe, padding_side)
+    inputs = [processor_inputs(processor, [item], CPU) for item in items]
+    assert len({each["input_ids"].shape[1] for each in inputs}) > 1  # the batch pads
+    config = greedy_config(model, processor, "cpu", max_new_tokens=recipe.max_new_tokens)
+    usable = [i for i, row in enumerate(batched.rows) if not set(row) & {processor.tokenizer.convert_tokens_to_ids(
+        processor.image_token)}]  # a row holding an image placeholder is never forced
+    alone = [forced_check(model, processor, inputs[i], batched.rows[i], None, "cpu", config) for i in usable]
+    together = forced_batch(model, processor, [inputs[i] for i in usable], [batched.rows[i] for i in usable], "cpu",
+                            config)
+    assert [(v.agrees, v.first_difference) for v in together] == [(v.agrees, v.first_difference) for v in alone]
+    assert [v.closest_margin for v in together] == pytest.approx([v.closest_margin for v in alone], abs=1e-3)
+    assert any(not v.agrees for v in alone) == (padding_side == "right")
+
+
+def test_a_bug_every_batch_shares_is_found_by_the_sample_forced_alone(base_model: tuple,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug that shows wherever several images share a pass (here each image's features halved) changes the
+    batched answers, and the batched forced pass shares it: it confirms the rows it changed. The first sample,
+    forced alone, does not, and generating it alone finds the disagreement: the check fails loudly."""
+    model, processor, recipe = base_model
+    inner = model.model
+    original = inner.get_image_features
+
+    def halved_when_batched(pixel_values: Any, image_grid_thw: Any = None, **kwargs: Any) -> Any:
+        out = original(pixel_values, image_grid_thw, **kwargs)
+        if image_grid_thw.shape[0] > 1:
+            out.pooler_output = tuple(features * 0.5 for features in out.pooler_output)
+        return out
+
+    monkeypatch.setattr(inner, "get_image_features", halved_when_batched)
+    items, batched = _first_batch(model, processor, recipe, "left")
+    alone = _alone_texts(model, processor, recipe, items)
+    changed = {item.sample.id for item, text, one in zip(items, batched.texts, alone, strict=True) if text != one}
+    assert items[0].sample.id in changed and len(changed) >= 3  # the bug is real
+    every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": len(items)})
+    parity = _check(model, processor, items, batched, every)
+    found = {d["id"] for d in parity["disagreements"]}
+    assert items[0].sample.id in found and found <= changed
+    assert changed - found and parity["forced_in_batch"] >= len(changed - found)  # the batch confirmed the others
+
+
 def test_generating_alone_is_bounded_and_the_rest_is_unsettled_not_agreed(base_model: tuple) -> None:
     """Right padding disagrees under forcing on several samples; with parity_generate = 1 one of them is generated
     alone (and found wrong), the others are recorded as unsettled with where forcing differed, and no sample is
@@ -139,7 +189,7 @@ def test_unsettled_samples_are_said_with_what_to_raise() -> None:
 
     parity = {"enabled": True, "checked": 5, "agreed": 5, "batch_size": 8, "disagreements": [], "forced_agreed": 1,
               "generated_alone": 2, "closest_margin": 0.0004, "generated_alone_because": [], "forcing_stopped": None,
-              "forced_tied": 2, "ties": [{"id": "s1", "first_difference": 3, "gap": 0.0},
+              "forced_tied": 2, "forced_in_batch": 2, "ties": [{"id": "s1", "first_difference": 3, "gap": 0.0},
                                           {"id": "s2", "first_difference": 0, "gap": 0.03125}],
               "unsettled": [{"id": "s7", "first_difference": 4, "margin": 0.0004, "gap": 0.25},
                             {"id": "s8", "first_difference": 1, "margin": 0.002, "gap": 0.5}]}
@@ -150,7 +200,8 @@ def test_unsettled_samples_are_said_with_what_to_raise() -> None:
                                "up to 0.5) after parity_generate's generations alone were spent; raise "
                                "parity_generate to decide them")
     assert agreed[0] and agreed[1].startswith("r: batch parity: 5 of 5 sample(s)")
-    assert "(3 by teacher forcing (2 at ties within the logits' rounding), 2 generated" in agreed[1]
+    assert ("(3 by teacher forcing (2 in one batched pass, 2 at ties within the logits' rounding), 2 generated"
+            in agreed[1])
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +239,7 @@ def test_a_tie_is_four_units_of_the_logits_last_place() -> None:
     """bfloat16 keeps 8 significant bits: at 4-8 one unit is 2**-5, at 0.25-0.5 it is 2**-9; float32 is far finer."""
     import torch
 
-    from worker.inference.generation import step_gaps, tie_tolerance
+    from worker.inference.forcing import step_gaps, tie_tolerance
 
     assert tie_tolerance(5.0, torch.bfloat16) == 4 * 2.0 ** -5 == tie_tolerance(-7.9, torch.bfloat16)
     assert tie_tolerance(0.3, torch.bfloat16) == 4 * 2.0 ** -9

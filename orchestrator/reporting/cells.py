@@ -205,8 +205,10 @@ def _parity_how(parity: dict[str, Any]) -> str:
     if "forced_agreed" not in parity:
         return ""
     tied = parity.get("forced_tied") or 0  # run folders from before the tie rule lack it
-    forced = f"{parity['forced_agreed'] + tied} by teacher forcing" + (
-        f" ({tied} at ties within the logits' rounding)" if tied else "")
+    in_batch = parity.get("forced_in_batch") or 0  # and from before the batched forced pass
+    how = ([f"{in_batch} in one batched pass"] if in_batch else []) + (
+        [f"{tied} at ties within the logits' rounding"] if tied else [])
+    forced = f"{parity['forced_agreed'] + tied} by teacher forcing" + (f" ({', '.join(how)})" if how else "")
     return (f" ({forced}, {parity['generated_alone']} generated; closest margin {parity['closest_margin']:.3g})"
             if parity.get("closest_margin") is not None else f" ({parity['generated_alone']} generated)")
 

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,12 +187,13 @@ def write_entry(path: Path, key: str, features: Mapping[str, Any]) -> None:
         raise
 
 
-def collate(entries: list[Mapping[str, torch.Tensor]], pad_token_id: int) -> BatchFeature:
+def collate(entries: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int, side: str = "left") -> BatchFeature:
     """Per-sample processor outputs as one batch, exactly as the batched call with padding=True and the tokenizer
-    padding on the left returns it. A key is per-token when every sample's tensor is [1, that sample's
-    input_ids length] (input_ids, attention_mask, token_type_ids, mm_token_type_ids, ...), and not one of the
-    image keys: those are left-padded to the longest (input_ids with pad_token_id, the others with 0) and stacked.
-    Everything else (pixel_values, image_grid_thw, ...) is concatenated along dim 0."""
+    padding on `side` returns it (generation pads on the left; the parity check's batched forced pass on the
+    right). A key is per-token when every sample's tensor is [1, that sample's input_ids length] (input_ids,
+    attention_mask, token_type_ids, mm_token_type_ids, ...), and not one of the image keys: those are padded to the
+    longest (input_ids with pad_token_id, the others with 0) and stacked. Everything else (pixel_values,
+    image_grid_thw, ...) is concatenated along dim 0."""
     lengths = [entry["input_ids"].shape[-1] for entry in entries]
     longest = max(lengths)
     batch = {}
@@ -200,7 +201,7 @@ def collate(entries: list[Mapping[str, torch.Tensor]], pad_token_id: int) -> Bat
         values = [entry[name] for entry in entries]
         if name not in _NOT_PER_TOKEN and all(_per_token(v, n) for v, n in zip(values, lengths, strict=True)):
             fill = pad_token_id if name == "input_ids" else 0
-            values = [_left_pad(v, longest, fill) for v in values]
+            values = [_padded(v, longest, fill, side) for v in values]
         batch[name] = torch.cat(values)
     kind = type(entries[0]) if isinstance(entries[0], BatchFeature) else BatchFeature
     return kind(batch)
@@ -210,8 +211,9 @@ def _per_token(value: torch.Tensor, length: int) -> bool:
     return value.dim() == 2 and value.shape[0] == 1 and value.shape[1] == length
 
 
-def _left_pad(value: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+def _padded(value: torch.Tensor, length: int, fill: int, side: str) -> torch.Tensor:
     missing = length - value.shape[1]
     if not missing:
         return value
-    return torch.cat([torch.full((1, missing), fill, dtype=value.dtype), value], dim=1)
+    pads = torch.full((1, missing), fill, dtype=value.dtype, device=value.device)
+    return torch.cat([pads, value] if side == "left" else [value, pads], dim=1)
