@@ -138,6 +138,28 @@ def test_the_batched_forced_pass_gives_each_sample_its_verdict_alone(base_model:
     assert any(not v.agrees for v in alone) == (padding_side == "right")
 
 
+def test_where_the_samples_do_not_stack_they_are_forced_alone(base_model: tuple,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A family whose per-sample inputs cannot be stacked into one batch (images of different tile counts) makes the
+    batched forced pass decline, with torch's own error recorded: every sample is then forced alone, and the check
+    settles them as before."""
+    import torch
+
+    from worker.inference import forcing
+
+    def unstackable(entries: Any, pad_token_id: int, side: str = "left") -> Any:
+        return torch.cat([torch.zeros(1, 2, 3), torch.zeros(1, 4, 3)], dim=0)  # what torch says to such inputs
+
+    model, processor, recipe = base_model
+    items, batched = _first_batch(model, processor, recipe, "left")
+    monkeypatch.setattr(forcing, "collate", unstackable)
+    every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": len(items)})
+    parity = _check(model, processor, items, batched, every)
+    assert parity["forced_in_batch"] == 0 and "RuntimeError" in parity["forced_batch_declined"]
+    assert parity["checked"] == parity["agreed"] == len(items) and parity["forcing_stopped"] is None
+    assert parity["forced_agreed"] + len(parity["generated_alone_because"]) == len(items)
+
+
 def test_a_bug_every_batch_shares_is_found_by_the_sample_forced_alone(base_model: tuple,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug that shows wherever several images share a pass (here each image's features halved) changes the

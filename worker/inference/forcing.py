@@ -34,8 +34,9 @@ _EXTENSIONS = {
 # (tests/test_parity.py), 3 on the 7B random family on an H100 (BENCHMARKS.md); the right-padding bug: 16-100 units.
 TIE_UNITS = 4
 
-# A forced batch keeps the logits of every position from its shortest prompt's end: rows whose prompts differ by
-# more than this many answers are forced alone instead of paying for the positions between.
+# A forced batch keeps the logits of every position from its shortest prompt's end: where those would span more
+# than this many answers (prompts differing by more than three), the rows are forced alone instead of paying for
+# the positions between.
 _WINDOW_ANSWERS = 4
 
 
@@ -127,7 +128,7 @@ def forced_batch(model: Any, processor: Any, inputs: list[Any], rows: list[list[
     the right and collated as a batch (image_cache.collate, the batch's order reversed from the generated batch's,
     so that a row's neighbours differ from its neighbours there). Each row's verdict as forced_check gives it.
     Raises Unforceable (for this batch: the samples can still be forced alone) where a row cannot be forced, the
-    prompts differ too much in length, or the pass does not fit in memory."""
+    prompts differ too much in length, the inputs do not stack, or the pass fails (out of memory)."""
     if is_encoder_decoder(model):
         raise Unforceable("an encoder-decoder's samples are forced alone")
     for row in rows:
@@ -136,17 +137,17 @@ def forced_batch(model: Any, processor: Any, inputs: list[Any], rows: list[list[
     tokens = [torch.tensor(rows[i], dtype=torch.long, device=device) for i in order]
     ends = [inputs[i]["input_ids"].shape[1] for i in order]  # each prompt's length: its answer's logits start there
     entries = [_extended(inputs[i].to(device), row[None, :-1]) for i, row in zip(order, tokens, strict=True)]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    batch = collate(entries, tokenizer.pad_token_id, side="right")
-    width = batch["input_ids"].shape[1]
-    window = width - min(ends) + 1  # from the shortest prompt's last position to the end
-    if window > _WINDOW_ANSWERS * max(len(row) for row in rows):
+    if max(ends) - min(ends) > (_WINDOW_ANSWERS - 1) * max(len(row) for row in rows):
         raise Unforceable(f"the prompts differ by {max(ends) - min(ends)} tokens: forced alone")
+    tokenizer = getattr(processor, "tokenizer", processor)
     with torch.inference_mode():
-        try:
+        try:  # a family whose inputs do not stack (images of different tile counts), or memory running out
+            batch = collate(entries, tokenizer.pad_token_id, side="right")
+            width = batch["input_ids"].shape[1]
+            window = width - min(ends) + 1  # from the shortest prompt's last position to the end
             logits = _forward(model, batch, window)
-        except torch.OutOfMemoryError as exc:
-            raise Unforceable(f"the forced batch of {len(rows)} did not fit ({exc})") from None
+        except (RuntimeError, TypeError, ValueError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            raise Unforceable(f"the forced batch of {len(rows)} failed ({type(exc).__name__}: {exc})") from None
         verdicts = [_verdict(model, config, entry["input_ids"][:, :end], entry["input_ids"][:, :end], row,
                              logits[k, end - 1 - (width - window): end - 1 - (width - window) + len(row)])
                     for k, (entry, end, row) in enumerate(zip(entries, ends, tokens, strict=True))]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -187,7 +187,8 @@ def write_entry(path: Path, key: str, features: Mapping[str, Any]) -> None:
         raise
 
 
-def collate(entries: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int, side: str = "left") -> BatchFeature:
+def collate(entries: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int,
+            side: Literal["left", "right"] = "left") -> BatchFeature:
     """Per-sample processor outputs as one batch, exactly as the batched call with padding=True and the tokenizer
     padding on `side` returns it (generation pads on the left; the parity check's batched forced pass on the
     right). A key is per-token when every sample's tensor is [1, that sample's input_ids length] (input_ids,
@@ -211,7 +212,7 @@ def _per_token(value: torch.Tensor, length: int) -> bool:
     return value.dim() == 2 and value.shape[0] == 1 and value.shape[1] == length
 
 
-def _padded(value: torch.Tensor, length: int, fill: int, side: str) -> torch.Tensor:
+def _padded(value: torch.Tensor, length: int, fill: int, side: Literal["left", "right"]) -> torch.Tensor:
     missing = length - value.shape[1]
     if not missing:
         return value
