@@ -133,25 +133,23 @@ def forced_batch(model: Any, processor: Any, inputs: list[Any], rows: list[list[
         raise Unforceable("an encoder-decoder's samples are forced alone")
     for row in rows:
         _no_placeholders(processor, row)
-    order = list(reversed(range(len(rows))))
-    tokens = [torch.tensor(rows[i], dtype=torch.long, device=device) for i in order]
-    ends = [inputs[i]["input_ids"].shape[1] for i in order]  # each prompt's length: its answer's logits start there
-    entries = [_extended(inputs[i].to(device), row[None, :-1]) for i, row in zip(order, tokens, strict=True)]
+    ends = [each["input_ids"].shape[1] for each in reversed(inputs)]  # each prompt's length, in the batch's order
     if max(ends) - min(ends) > (_WINDOW_ANSWERS - 1) * max(len(row) for row in rows):
         raise Unforceable(f"the prompts differ by {max(ends) - min(ends)} tokens: forced alone")
+    tokens = [torch.tensor(row, dtype=torch.long, device=device) for row in reversed(rows)]
+    entries = [_extended(each.to(device), row[None, :-1]) for each, row in zip(reversed(inputs), tokens, strict=True)]
     tokenizer = getattr(processor, "tokenizer", processor)
     with torch.inference_mode():
         try:  # a family whose inputs do not stack (images of different tile counts), or memory running out
             batch = collate(entries, tokenizer.pad_token_id, side="right")
-            width = batch["input_ids"].shape[1]
-            window = width - min(ends) + 1  # from the shortest prompt's last position to the end
-            logits = _forward(model, batch, window)
+            # every position from the shortest prompt's last on: row k's answer logits start at ends[k] - min(ends)
+            logits = _forward(model, batch, batch["input_ids"].shape[1] - min(ends) + 1)
         except (RuntimeError, TypeError, ValueError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             raise Unforceable(f"the forced batch of {len(rows)} failed ({type(exc).__name__}: {exc})") from None
         verdicts = [_verdict(model, config, entry["input_ids"][:, :end], entry["input_ids"][:, :end], row,
-                             logits[k, end - 1 - (width - window): end - 1 - (width - window) + len(row)])
+                             logits[k, end - min(ends): end - min(ends) + len(row)])
                     for k, (entry, end, row) in enumerate(zip(entries, ends, tokens, strict=True))]
-    return [verdicts[order.index(i)] for i in range(len(rows))]
+    return verdicts[::-1]  # back in the order given
 
 
 def _verdict(model: Any, config: Any, prompt: torch.Tensor, encoder_ids: torch.Tensor, tokens: torch.Tensor,
