@@ -5,7 +5,8 @@
 One process per part (a measurement, not the orchestrator); the parts that need models first build
 benchmarks/bench_gpu.py's random-weight 7B family, and a 256-sample set:
   load       (in "all") the staged reader alone (worker/loading/weights.py) over threads x chunk sizes; the worker's
-             load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter;
+             load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter; each
+             recipe's whole load_chain with its phases; from_pretrained(state_dict=...) under cProfile;
   inference  (in "all") the worker's batch preparation and generate at batch 64, 128 and 256, and batch 1;
   cold       a fresh process's first CUDA work step by step, cProfile of the first and of a warm generate, and
              the decode step with sdpa instead of flash_attention_2;
@@ -109,6 +110,54 @@ def profile_loads(models: Path, figures: dict) -> None:
     figures["loads"] = loads
     figures["same_tensors"] = reference == staged
     log(f"staged and transformers loads give the same tensors (checksums of {len(staged)}): {reference == staged}")
+    figures["chains"] = _chain_loads(models, torch)
+
+
+def _chain_loads(models: Path, torch: Any) -> dict:
+    """Each recipe's whole load as a worker does it (load_chain: root, adapters, processor, decode routing), its
+    phases, and one root's from_pretrained(state_dict=...) under cProfile: where a load loses the reader's rate."""
+    from benchmarks.bench_gpu import RECIPES
+    from worker.device import Cuda
+    from worker.loading.load import (
+        building_modules,
+        concrete_class,
+        load_chain,
+        model_class,
+        warm_page_cache,
+        without_allocator_warmup,
+    )
+    from worker.loading.weights import load_safetensors, root_weight_files
+
+    chains: dict = {}
+    for name, _, (root, adapter) in RECIPES:
+        chain = [_link(str(models / root))] + ([_link(str(models / adapter), "adapter")] if adapter else [])
+        warm_page_cache(chain)  # as a held worker leaves it
+        seconds, (model, _, how) = timed(lambda c=chain: load_chain(c, _recipe(), Cuda()), torch)
+        chains[name] = {"seconds": seconds, **{k: v for k, v in how.items() if isinstance(v, int | float | str)}}
+        log(f"load_chain {name}: {seconds:.2f} s {chains[name]}")
+        del model
+        torch.cuda.empty_cache()
+    from transformers import AutoConfig
+
+    folder = str(models / "base")
+    config = AutoConfig.from_pretrained(folder)
+    common = {"config": config, "dtype": torch.bfloat16, "attn_implementation": "flash_attention_2",
+              "trust_remote_code": False, "device_map": {"": "cuda:0"}}
+    files = root_weight_files(folder)
+    weights = load_safetensors(files, Cuda(), torch.bfloat16)
+    torch.cuda.synchronize()
+    cls = concrete_class(model_class(config), config)
+    assert cls is not None
+
+    def build(state_dict: dict = weights.state_dict) -> Any:
+        with torch.no_grad():
+            return cls.from_pretrained(None, state_dict=state_dict, **common)
+
+    with without_allocator_warmup(), building_modules():
+        model = _profiled(build, "from_pretrained(state_dict=staged tensors)")
+    del model, weights
+    torch.cuda.empty_cache()
+    return chains
 
 
 def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
