@@ -17,6 +17,8 @@ benchmarks/bench_gpu.py's random-weight 7B family, and a 256-sample set:
              pieces (the processor call, the forced forward, the forced check) for its 8 samples;
   decode     decode attention: flash-attn's kvcache kernel over the padded cache against transformers'
              unpadding path (worker/decode/decode_attention.py), the call alone and in generate;
+  prefill    a batch of 200's prefill (base): the vision tower, its patch embedding as Conv3d and as a matmul,
+             the 3D rope index, and one prefill's kernels under torch.profiler with the GPU's busy time;
   graph      decode steps replayed from CUDA graphs (worker/decode/graph_decode.py) against the eager kvcache steps:
              base at batch 200 and 1, r1 (LoRA unmerged) at batch 200; a replay alone; generate's host time.
 Figures go to OUT/profile.json (prep: OUT/prep.json) and stdout. BENCHMARKS.md quotes them.
@@ -197,6 +199,79 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
                                     min_new_tokens=1), torch)
     figures["batch1_decode_step_ms"] = (seconds - one) / 31 * 1e3
     log(f"batch 1: decode step {(seconds - one) / 31 * 1e3:.2f} ms (host overhead bound)")
+
+
+def profile_prefill(models: Path, dataset: Path, figures: dict) -> None:
+    """Where a prefill's time goes (base, batch 200, flash_attention_2): the whole prefill (generate of 1 token);
+    the vision tower alone; its patch embedding as the Conv3d it is and as the matmul it equals (stride = kernel);
+    the 3D rope index; and the kernels of one prefill under torch.profiler, with the GPU's busy time against the
+    wall (the gap is host time the GPU waited through)."""
+    import inspect
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from contract.dataset import read_dataset
+    from worker.device import Cuda
+    from worker.inference.generation import generate
+    from worker.inference.infer import prepare_batch
+    from worker.loading.load import load_processor, load_root
+
+    link = _link(str(models / "base"))
+    processor = load_processor([link], _recipe())
+    model, _ = load_root(link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2")
+    prepared = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt} Answer with its bounding box.", Cuda())
+    inputs = prepared.inputs.to("cuda:0")
+
+    def prefill() -> Any:
+        return generate(model, processor, inputs, "cuda:0", max_new_tokens=1, min_new_tokens=1)
+
+    result: dict[str, Any] = {"tokens": int(inputs["attention_mask"].sum()), "rows": int(inputs["input_ids"].shape[0]),
+                              "patches": int(inputs["pixel_values"].shape[0])}
+    prefill()
+    result["prefill_s"] = [timed(prefill, torch)[0] for _ in range(3)]
+    inner = model.model
+    visual = inner.visual
+    pixels = inputs["pixel_values"].to(torch.bfloat16)
+    grid = inputs["image_grid_thw"]
+    with torch.inference_mode():
+        visual(pixels, grid_thw=grid)
+        result["vision_s"] = [timed(lambda: visual(pixels, grid_thw=grid), torch)[0] for _ in range(3)]
+        result["patch_embed"] = _patch_embed_as_matmul(torch, visual.patch_embed, pixels)
+        rope = inner.get_rope_index
+        wanted = inspect.signature(rope).parameters
+        given = {k: v for k, v in inputs.items() if k in wanted}
+        rope(**given)
+        result["rope_index_s"] = [timed(lambda: rope(**given), torch)[0] for _ in range(3)]
+    log("prefill pieces: " + json.dumps(result))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = timed(prefill, torch)
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    result["profiled_wall_s"], result["gpu_busy_s"] = wall, busy
+    log(f"one prefill under the profiler: wall {wall:.3f} s, GPU busy {busy:.3f} s\n"
+        + events.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70))
+    log(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    figures["prefill"] = result
+
+
+def _patch_embed_as_matmul(torch: Any, patch_embed: Any, pixels: Any) -> dict:
+    """The patch embedding's Conv3d against the matmul it equals (its stride is its kernel: each patch is one row
+    times the flattened kernel): seconds of each, and how far apart their outputs are."""
+    weight = patch_embed.proj.weight
+    flat = weight.reshape(weight.shape[0], -1)
+
+    def conv() -> Any:
+        return patch_embed(pixels)
+
+    def matmul() -> Any:
+        return pixels.reshape(-1, flat.shape[1]) @ flat.T
+
+    conv(), matmul()
+    conv_s, by_conv = timed(conv, torch)
+    matmul_s, by_matmul = timed(matmul, torch)
+    return {"conv3d_s": conv_s, "matmul_s": matmul_s, "max_abs_diff": float((by_conv - by_matmul).abs().max()),
+            "bitwise_equal": bool(torch.equal(by_conv, by_matmul))}
 
 
 def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
@@ -618,7 +693,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--part", default="all",
                         choices=("all", "load", "inference", "cold", "prep", "prep-one", "lora", "parity", "decode",
-                                 "graph"))
+                                 "graph", "prefill"))
     args = parser.parse_args()
     from benchmarks.bench_gpu import build_dataset
 
@@ -651,6 +726,8 @@ def main() -> int:
         profile_decode(models, dataset, figures)
     if args.part == "graph":
         profile_graph(models, dataset, figures)
+    if args.part == "prefill":
+        profile_prefill(models, dataset, figures)
     if args.part in ("all", "inference"):
         profile_inference(models, dataset, figures)
     args.out.mkdir(parents=True, exist_ok=True)
