@@ -8,8 +8,8 @@ benchmarks/bench_gpu.py's random-weight 7B family, and a 256-sample set:
              load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter; each
              recipe's whole load_chain with its phases; from_pretrained(state_dict=...) under cProfile;
   inference  (in "all") the worker's batch preparation and generate at batch 64, 128 and 256, and batch 1;
-  cold       a fresh process's first CUDA work step by step, cProfile of the first and of a warm generate, and
-             the decode step with sdpa instead of flash_attention_2;
+  cold       a fresh process's first CUDA work at batch 200 step by step: its first prefill and generate against
+             the same calls again, cProfile of the first prefill;
   prep       batch preparation of 200 samples alone and in three processes at once, by torch thread count
              (no models needed);
   lora       r1 at batch 200 with its adapter unmerged (as evaluated) and merged (merge_adapters);
@@ -275,9 +275,9 @@ def _patch_embed_as_matmul(torch: Any, patch_embed: Any, pixels: Any) -> dict:
 
 
 def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
-    """A fresh process's first CUDA work, step by step: which of the first generate's extra seconds are one-off
-    (kernel and library loading, whatever the shapes) and which come with each new batch shape; then the decode
-    step with sdpa instead of flash_attention_2 (flash-attn's padded path syncs with the host in every layer)."""
+    """A fresh process's first CUDA work at the suite's batch (200), step by step: how much longer a worker's first
+    prefill and first generate take than the same calls again (kernel and library loading, the allocator's first
+    segments, the first decode graphs' recording), with cProfile of the first prefill to say where."""
     steps: dict[str, float] = {}
     started = time.perf_counter()
     import torch
@@ -286,7 +286,7 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import load_processor, load_root
+    from worker.loading.load import load_chain
 
     steps["import torch, worker"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -296,31 +296,22 @@ def profile_cold(models: Path, dataset: Path, figures: dict) -> None:
     steps["import flash_attn"] = time.perf_counter() - started
     steps["cuda context"], _ = timed(lambda: torch.empty(1, device="cuda"), torch)
     link = _link(str(models / "base"))
-    steps["load (staged)"], (model, _) = timed(lambda: load_root(
-        link, _recipe(loader="staged"), Cuda(), torch.bfloat16, "flash_attention_2"), torch)
-    processor = load_processor([link], _recipe())
-    samples = read_dataset(dataset)
-    template = "{prompt} Answer with its bounding box."
-    one = prepare_batch(processor, samples[:1], template, Cuda()).inputs
-    big = prepare_batch(processor, samples[:64], template, Cuda()).inputs
+    steps["load (load_chain, as a worker)"], (model, processor, _) = timed(
+        lambda: load_chain([link], _recipe(), Cuda()), torch)
+    batch = prepare_batch(processor, read_dataset(dataset)[:200], "{prompt} Answer with its bounding box.",
+                          Cuda()).inputs
 
-    def run(inputs, tokens):
-        return timed(lambda: generate(model, processor, inputs, "cuda:0", max_new_tokens=tokens,
+    def run(tokens: int) -> float:
+        return timed(lambda: generate(model, processor, batch, "cuda:0", max_new_tokens=tokens,
                                       min_new_tokens=tokens), torch)[0]
 
-    steps["first generate: batch 1, 2 tokens"] = _profiled(lambda: run(one, 2), "first generate, batch 1")
-    steps["again: batch 1, 2 tokens"] = run(one, 2)
-    steps["first batch-64 prefill (1 token)"] = run(big, 1)
-    steps["again: batch-64 prefill"] = run(big, 1)
-    steps["first batch-64 generate 32"] = run(big, 32)
-    steps["again: batch-64 generate 32"] = _profiled(lambda: run(big, 32), "warm generate, batch 64, 32 tokens")
-    warm = steps["again: batch-64 generate 32"] - steps["again: batch-64 prefill"]
-    steps["fa2 decode step ms, batch 64"] = warm / 31 * 1e3
-    model.set_attn_implementation("sdpa")
-    run(big, 2)
-    prefill = run(big, 1)
-    steps["sdpa: batch-64 generate 32"] = run(big, 32)
-    steps["sdpa decode step ms, batch 64"] = (steps["sdpa: batch-64 generate 32"] - prefill) / 31 * 1e3
+    steps["first prefill, batch 200 (1 token)"] = _profiled(lambda: run(1), "first prefill, batch 200")
+    steps["again: prefill"] = run(1)
+    steps["first generate of 32, batch 200"] = run(32)
+    steps["again: generate of 32"] = run(32)
+    steps["first calls' extra seconds"] = (steps["first prefill, batch 200 (1 token)"] - steps["again: prefill"]
+                                           + steps["first generate of 32, batch 200"]
+                                           - steps["again: generate of 32"])
     for name, value in steps.items():
         log(f"cold: {name}: {value:.3f}")
     figures["cold"] = steps
