@@ -246,7 +246,7 @@ def test_in_bfloat16_ties_settle_by_forcing_and_a_batching_bug_is_no_tie(base_bf
     every = recipe.model_copy(update={"parity_check": len(items), "parity_generate": budget})
     parity = _check(model, processor, items, batched, every)
     assert parity["forced_tied"] == len(parity["ties"])
-    assert all(tie["gap"] <= 4 * 2.0 ** -7 * 2.0 ** 3 for tie in parity["ties"])  # four units at |logit| < 8
+    assert all(tie["gap"] <= 8 * 2.0 ** -7 * 2.0 ** 3 for tie in parity["ties"])  # eight units at |logit| < 8
     if padding_side == "left":
         assert parity["unsettled"] == [] and parity["disagreements"] == [] and parity["generated_alone"] == 0
         assert parity["checked"] == parity["agreed"] == len(items) == parity["forced_agreed"] + parity["forced_tied"]
@@ -257,15 +257,15 @@ def test_in_bfloat16_ties_settle_by_forcing_and_a_batching_bug_is_no_tie(base_bf
     assert {d["id"] for d in parity["disagreements"]} == changed and parity["ties"] == []
 
 
-def test_a_tie_is_four_units_of_the_logits_last_place() -> None:
+def test_a_tie_is_eight_units_of_the_logits_last_place() -> None:
     """bfloat16 keeps 8 significant bits: at 4-8 one unit is 2**-5, at 0.25-0.5 it is 2**-9; float32 is far finer."""
     import torch
 
     from worker.inference.forcing import step_gaps, tie_tolerance
 
-    assert tie_tolerance(5.0, torch.bfloat16) == 4 * 2.0 ** -5 == tie_tolerance(-7.9, torch.bfloat16)
-    assert tie_tolerance(0.3, torch.bfloat16) == 4 * 2.0 ** -9
-    assert tie_tolerance(5.0, torch.float32) == 4 * 2.0 ** -21
+    assert tie_tolerance(5.0, torch.bfloat16) == 8 * 2.0 ** -5 == tie_tolerance(-7.9, torch.bfloat16)
+    assert tie_tolerance(0.3, torch.bfloat16) == 8 * 2.0 ** -9
+    assert tie_tolerance(5.0, torch.float32) == 8 * 2.0 ** -21
     assert tie_tolerance(0.0, torch.bfloat16) > 0
     scores = torch.tensor([1.0, 3.0, 3.0, 2.96875]).expand(4, 4)  # four steps, each scoring four tokens alike
     assert step_gaps(scores, torch.tensor([1, 2, 3, 0])).tolist() == [0.0, 0.0, 0.03125, 2.0]

@@ -11,12 +11,12 @@ a batch's kernels: none of the ways left padding breaks generation exists in it,
 order of the generated batch's, so a row's neighbours differ there. The first sample, alone, guards against what
 any batch might share. A row the batched pass does not confirm is forced again alone, which decides.
 
-Where greedy would pick another token, but the batched token's logit is within four units of the logits' last
-place of it (forcing.tie_tolerance; bfloat16 at 4-8: 0.125) at every such step, the two are tied: the logits'
+Where greedy would pick another token, but the batched token's logit is within eight units of the logits' last
+place of it (forcing.tie_tolerance; bfloat16 at 4-8: 0.25) at every such step, the two are tied: the logits'
 precision cannot order them, and which one a decode picks depends on the rounding of its kernels, not on batching.
 The sample agrees at a tie; the ties are recorded (`forced_tied`, `ties`: where and by how much). A batching bug
 (pads between prompt and answer, wrong positions) moves logits by far more: in bfloat16, a correct batch differed
-from the sample alone by at most 2 units on the demo family and 3 on the 7B random family, right padding by 16-100.
+from the sample alone by at most 2 units on the demo family and 5 on the 7B random family, right padding by 16-100.
 A model whose logits tie (random weights in bfloat16) then settles by forcing instead of by generation.
 
 Where the gap is wider, or the forced check cannot model this model's inputs, the sample is generated alone, token
