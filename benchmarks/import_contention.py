@@ -8,6 +8,12 @@ Each round starts N fresh Python processes at once; each imports the worker's mo
 imports, with the optional ones it hides hidden) and reports its own seconds, from its first import to its last.
 The first round of all reads the libraries from disk: compare the later rounds. With --importtime, one more process
 alone writes `python -X importtime` to OUT/importtime.txt, and the largest cumulative imports are printed.
+
+    python3 -m benchmarks.import_contention --prestage /tmp/m/base --threads 0,4,16 --rounds 3   # GPU machine
+
+With --prestage, each process does what a first worker does: imports torch, starts reading the root's weights onto
+the GPU in a thread (worker/loading/weights.py's Prestaged, with each given reader thread count; 0: none), imports
+the rest, then takes the weights: its imports' seconds beside the read, the read's own, and the wait for it after.
 """
 
 from __future__ import annotations
@@ -34,6 +40,58 @@ with unused_optional_imports_hidden():
     import {", ".join(WORKER_MODULES)}
 print(json.dumps({{"seconds": time.perf_counter() - started}}))
 """
+
+
+_PRESTAGING_CHILD = f"""
+import json, sys, time
+started = time.perf_counter()
+import torch
+from worker.loading.weights import Prestaged, load_safetensors, root_weight_files
+from worker.startup import select_device
+threads = int(sys.argv[2])
+
+class Sized(Prestaged):
+    def _read(self):
+        began = time.perf_counter()
+        return load_safetensors(self.files, self.device, self.dtype, threads=threads), time.perf_counter() - began
+
+staged = Sized(root_weight_files(sys.argv[1]), select_device('cuda'), torch.bfloat16) if threads else None
+from worker.startup import unused_optional_imports_hidden
+with unused_optional_imports_hidden():
+    import {", ".join(WORKER_MODULES[1:])}
+seconds = time.perf_counter() - started
+read_s = waited_s = None
+if staged is not None:
+    _, read_s, waited_s = staged.take()
+print(json.dumps({{"seconds": seconds, "read_s": read_s, "waited_s": waited_s}}))
+"""
+
+
+def prestaging_round(folder: Path, threads: int) -> dict:
+    """One fresh process importing beside a prestaged read of `folder` with `threads` readers (0: no read)."""
+    done = subprocess.run([sys.executable, "-c", _PRESTAGING_CHILD, str(folder), str(threads)], cwd=ROOT,
+                          capture_output=True, text=True, env={**_env(), **_gpu()})
+    if done.returncode != 0:
+        raise SystemExit(f"a prestaging process failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _gpu() -> dict[str, str]:
+    """The GPU visible again (the import rounds hide it unless one was named)."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"CUDA_VISIBLE_DEVICES": named if named is not None else "0"}
+
+
+def prestaging(folder: Path, thread_counts: list[int], rounds: int) -> dict[str, list[dict]]:
+    """Each thread count's processes, round after round (the counts interleaved, so drift spreads over all)."""
+    results: dict[str, list[dict]] = {}
+    for _ in range(rounds):
+        for threads in thread_counts:
+            row = prestaging_round(folder, threads)
+            results.setdefault(str(threads), []).append(row)
+            print(f"prestage threads={threads}: " + json.dumps({k: v and round(v, 2) for k, v in row.items()}),
+                  flush=True)
+    return results
 
 
 def import_round(count: int) -> list[float]:
@@ -79,11 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each kind, after one warm-up round (2)")
     parser.add_argument("--importtime", action="store_true", help="also one process under -X importtime")
     parser.add_argument("--out", type=Path, default=Path("import_contention"))
+    parser.add_argument("--prestage", type=Path, help="a root checkpoint: import beside its prestaged read instead")
+    parser.add_argument("--threads", default="0,4,16", help="with --prestage: reader threads, per kind (0,4,16)")
     args = parser.parse_args(argv)
     kinds = [int(n) for n in args.at_once.split(",")]
     started = time.perf_counter()
     warm = import_round(1)
     print(f"warm-up (libraries from disk, page cache cold or not): {warm[0]:.2f} s", flush=True)
+    if args.prestage is not None:
+        staged = prestaging(args.prestage, [int(n) for n in args.threads.split(",")], args.rounds)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "prestage.json").write_text(json.dumps(staged, indent=1))
+        return 0
     results: dict[str, list[list[float]]] = {}
     for _ in range(args.rounds):
         for count in kinds:
