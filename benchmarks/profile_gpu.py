@@ -6,7 +6,7 @@ One process per part (a measurement, not the orchestrator); the parts that need 
 benchmarks/bench_gpu.py's random-weight 7B family, and a 256-sample set:
   load       (in "all") the staged reader alone (worker/loading/weights.py) over threads x chunk sizes; the worker's
              load_root with loader = "staged" and "transformers" (the same tensors, checked); r1's adapter; each
-             recipe's whole load_chain with its phases; from_pretrained(state_dict=...) under cProfile;
+             recipe's whole load_chain with its phases; base's load_root under cProfile;
   inference  (in "all") the worker's batch preparation and generate at batch 64, 128 and 256, and batch 1;
   cold       a fresh process's first CUDA work at batch 200 step by step: its first prefill and generate against
              the same calls again, cProfile of the first prefill;
@@ -117,18 +117,11 @@ def profile_loads(models: Path, figures: dict) -> None:
 
 def _chain_loads(models: Path, torch: Any) -> dict:
     """Each recipe's whole load as a worker does it (load_chain: root, adapters, processor, decode routing), its
-    phases, and one root's from_pretrained(state_dict=...) under cProfile: where a load loses the reader's rate."""
+    phases, and base's load_root under cProfile (the reader's threads show as the wait for them; from_pretrained
+    building the model around the tensors as itself): where a load loses the reader's rate."""
     from benchmarks.bench_gpu import RECIPES
     from worker.device import Cuda
-    from worker.loading.load import (
-        building_modules,
-        concrete_class,
-        load_chain,
-        model_class,
-        warm_page_cache,
-        without_allocator_warmup,
-    )
-    from worker.loading.weights import load_safetensors, root_weight_files
+    from worker.loading.load import load_chain, load_root, warm_page_cache
 
     chains: dict = {}
     for name, _, (root, adapter) in RECIPES:
@@ -139,25 +132,9 @@ def _chain_loads(models: Path, torch: Any) -> dict:
         log(f"load_chain {name}: {seconds:.2f} s {chains[name]}")
         del model
         torch.cuda.empty_cache()
-    from transformers import AutoConfig
-
-    folder = str(models / "base")
-    config = AutoConfig.from_pretrained(folder)
-    common = {"config": config, "dtype": torch.bfloat16, "attn_implementation": "flash_attention_2",
-              "trust_remote_code": False, "device_map": {"": "cuda:0"}}
-    files = root_weight_files(folder)
-    weights = load_safetensors(files, Cuda(), torch.bfloat16)
-    torch.cuda.synchronize()
-    cls = concrete_class(model_class(config), config)
-    assert cls is not None
-
-    def build(state_dict: dict = weights.state_dict) -> Any:
-        with torch.no_grad():
-            return cls.from_pretrained(None, state_dict=state_dict, **common)
-
-    with without_allocator_warmup(), building_modules():
-        model = _profiled(build, "from_pretrained(state_dict=staged tensors)")
-    del model, weights
+    model, _ = _profiled(lambda: load_root(_link(str(models / "base")), _recipe(loader="staged"), Cuda(),
+                                           torch.bfloat16, "flash_attention_2"), "load_root (staged)")
+    del model
     torch.cuda.empty_cache()
     return chains
 
