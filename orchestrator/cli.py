@@ -385,7 +385,8 @@ def _backend(backend: str, address: str | None, gpus: str | None) -> Cluster | N
         raise UserError("--gpus is for the local backend: with --backend ray, Ray gives each worker its GPU")
     from orchestrator.backends.ray.cluster import open_cluster
 
-    cluster = click.get_current_context().with_resource(open_cluster(address))
+    cluster = click.get_current_context().with_resource(
+        open_cluster(address, report=lambda message: err_console.print(f"Ray: {message}")))
     where = "a local Ray cluster (started for this command)" if cluster.started else f"the Ray cluster at {address}"
     err_console.print(f"Ray: {where}: {len(cluster.nodes)} node(s), {cluster.resources.get('CPU', 0):g} CPU(s), "
                       f"{cluster.gpus} GPU(s)")

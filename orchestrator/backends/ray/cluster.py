@@ -21,7 +21,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,12 @@ from orchestrator.errors import UserError
 _OBJECT_STORE_BYTES = 256 * 2**20
 # Ray's sockets live in its temporary folder; a Unix socket path has room for about 107 bytes.
 _SHORT_TMP = "/tmp"
+# Ray Client's proxier starts a server process for each connection, forking from its gRPC threads, and that server
+# now and then dies as it starts (ray-project/ray#63202: about 7% of starts in its reports; seen here in CI). The
+# connection is refused with the first message where the proxier saw it die, with the second where it died after
+# (its channel never came up). A new connection gets a new server, so it is asked again, a few times.
+_CLIENT_SERVER_DIED = ("Starting Ray client server failed", "Proxy failed to Connect to backend")
+_CLIENT_ATTEMPTS = 3
 
 
 class RayBackendError(UserError):
@@ -57,6 +63,7 @@ class Cluster:
     resources: dict[str, float] = field(default_factory=dict)
     nodes: list[dict[str, Any]] = field(default_factory=list)  # alive nodes: id, host, resources
     auth: str = ""
+    attempts: int = 1  # connections made until one held (Ray Client's server may die as it starts)
 
     @property
     def gpus(self) -> int:
@@ -70,46 +77,57 @@ class Cluster:
         """What run.json keeps of the cluster."""
         ray = require_ray()
         return {"name": "ray", "address": self.address, "local_cluster": self.started, "ray_version": ray.__version__,
-                "auth": self.auth, "cpus": self.resources.get("CPU", 0.0), "gpus": self.gpus,
+                "auth": self.auth, "connect_attempts": self.attempts, "cpus": self.resources.get("CPU", 0.0),
+                "gpus": self.gpus,
                 "nodes": [{"node_id": n["node_id"], "host": n["host"], "gpus": n["resources"].get("GPU", 0.0),
                            "cpus": n["resources"].get("CPU", 0.0)} for n in self.nodes]}
 
 
 @contextlib.contextmanager
-def open_cluster(address: str | None, *, num_cpus: int | None = None) -> Iterator[Cluster]:
+def open_cluster(address: str | None, *, num_cpus: int | None = None,
+                 report: Callable[[str], None] = lambda message: None) -> Iterator[Cluster]:
     """Connected to the cluster at `address` ("auto", "ray://HOST:PORT", "HOST:PORT"), or to a local one started
-    now (and stopped when the block ends) when `address` is None."""
+    now (and stopped when the block ends) when `address` is None. `report` is told of a connection asked again."""
     if address is None:
         with _local_environment() as (folder, auth):
             ray = require_ray()
-            _init(ray, None, num_cpus=num_cpus, include_dashboard=False, object_store_memory=_OBJECT_STORE_BYTES,
-                  _temp_dir=str(folder / "ray"))
+            _init(ray, None, report, num_cpus=num_cpus, include_dashboard=False,
+                  object_store_memory=_OBJECT_STORE_BYTES, _temp_dir=str(folder / "ray"))
             try:
                 yield _describe(ray, None, started=True, auth=auth)
             finally:
                 ray.shutdown()
         return
     ray = require_ray()
-    _init(ray, address)
+    attempts = _init(ray, address, report)
     try:
-        yield _describe(ray, address, started=False, auth=os.environ.get("RAY_AUTH_MODE", ""))
+        yield _describe(ray, address, started=False, auth=os.environ.get("RAY_AUTH_MODE", ""), attempts=attempts)
     finally:
         ray.shutdown()
 
 
-def _init(ray: Any, address: str | None, **options: Any) -> None:
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **options)
-    except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        causes = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
-        raise RayBackendError(f"cannot start or reach {where}: {'; '.join(causes)}") from None
+def _init(ray: Any, address: str | None, report: Callable[[str], None], **options: Any) -> int:
+    """ray.init, asked again where Ray Client's server for the connection died as it started; the attempts made."""
+    for attempt in range(1, _CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **options)
+            return attempt
+        except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as exc:
+            causes = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
+            if attempt < _CLIENT_ATTEMPTS and any(m in cause for m in _CLIENT_SERVER_DIED for cause in causes):
+                ray.shutdown()
+                report(f"Ray Client's server for this connection died as it started (a known Ray race, "
+                       f"ray-project/ray#63202); connecting again ({attempt + 1} of {_CLIENT_ATTEMPTS})")
+                continue
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            raise RayBackendError(f"cannot start or reach {where}: {'; '.join(causes)}") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _describe(ray: Any, address: str | None, *, started: bool, auth: str) -> Cluster:
+def _describe(ray: Any, address: str | None, *, started: bool, auth: str, attempts: int = 1) -> Cluster:
     nodes = [{"node_id": n["NodeID"], "host": n.get("NodeManagerHostname") or n.get("NodeManagerAddress", ""),
               "resources": dict(n.get("Resources") or {})} for n in ray.nodes() if n.get("Alive")]
-    return Cluster(address, started, dict(ray.cluster_resources()), nodes, auth)
+    return Cluster(address, started, dict(ray.cluster_resources()), nodes, auth, attempts)
 
 
 @contextlib.contextmanager
