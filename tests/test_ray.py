@@ -175,7 +175,7 @@ def test_ray_client_reaches_the_cluster_and_gives_the_local_backends_results(clu
                      "--address", cluster["client"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert not cluster["client_server_dies"].exists()  # the first connection's server did die
-    assert "died as it started" in result.stderr and "connecting again (2 of 3)" in result.stderr
+    assert "did not start" in result.stderr and "connecting again (2 of 3)" in result.stderr
     local_dir, ray_dir = only_run_dir(tmp_path / "local"), only_run_dir(tmp_path / "ray")
     assert _results(ray_dir, "base") == _results(local_dir, "base") and len(_results(ray_dir, "base")) == 2
     summary = _summary(ray_dir, "base")

@@ -116,8 +116,8 @@ def _init(ray: Any, address: str | None, report: Callable[[str], None], **option
             causes = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
             if attempt < _CLIENT_ATTEMPTS and any(m in cause for m in _CLIENT_SERVER_DIED for cause in causes):
                 ray.shutdown()
-                report(f"Ray Client's server for this connection died as it started (a known Ray race, "
-                       f"ray-project/ray#63202); connecting again ({attempt + 1} of {_CLIENT_ATTEMPTS})")
+                report(f"Ray Client's server for this connection did not start (Ray's own race, ray-project/ray#63202, "
+                       f"kills one now and then); connecting again ({attempt + 1} of {_CLIENT_ATTEMPTS})")
                 continue
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
             raise RayBackendError(f"cannot start or reach {where}: {'; '.join(causes)}") from None
