@@ -108,20 +108,20 @@ def open_cluster(address: str | None, *, num_cpus: int | None = None,
 
 def _init(ray: Any, address: str | None, report: Callable[[str], None], **options: Any) -> int:
     """ray.init, asked again where Ray Client's server for the connection died as it started; the attempts made."""
-    for attempt in range(1, _CLIENT_ATTEMPTS + 1):
+    attempt = 1
+    while True:
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **options)
             return attempt
         except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as exc:
             causes = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
-            if attempt < _CLIENT_ATTEMPTS and any(m in cause for m in _CLIENT_SERVER_DIED for cause in causes):
-                ray.shutdown()
-                report(f"Ray Client's server for this connection did not start (Ray's own race, ray-project/ray#63202, "
-                       f"kills one now and then); connecting again ({attempt + 1} of {_CLIENT_ATTEMPTS})")
-                continue
-            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-            raise RayBackendError(f"cannot start or reach {where}: {'; '.join(causes)}") from None
-    raise AssertionError("unreachable: the last attempt returns or raises")
+            if attempt == _CLIENT_ATTEMPTS or not any(m in cause for m in _CLIENT_SERVER_DIED for cause in causes):
+                where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+                raise RayBackendError(f"cannot start or reach {where}: {'; '.join(causes)}") from None
+        ray.shutdown()
+        attempt += 1
+        report(f"Ray Client's server for this connection did not start (Ray's own race, ray-project/ray#63202, "
+               f"kills one now and then); connecting again ({attempt} of {_CLIENT_ATTEMPTS})")
 
 
 def _describe(ray: Any, address: str | None, *, started: bool, auth: str, attempts: int = 1) -> Cluster:
