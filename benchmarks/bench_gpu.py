@@ -566,7 +566,14 @@ class Bench:
               "load GB/s | cuda init | weights GB/s | staged read GB/s | first_sample | inference | batch wait | "
               "generate | s/sample | samples/s | gen tok/s | teardown | exit | not hidden | parity | ran beside |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-              *[_recipe_line(r) for r in table], "")
+              *[_recipe_line(r) for r in table], "",
+              "The first batch (worker seconds from its first import; its preparation in pieces, in the prefetch "
+              "thread): the GPU waits `batch wait` where it is ready after the load.", "",
+              "| recipe | loaded at | first batch ready at | samples (images, texts) | processor | pin | batch wait |",
+              "|---|---|---|---|---|---|---|",
+              *[f"| {r['name']} | {_s(r['loaded_at_s'])} | {_s(r['first_batch'].get('ready_at'))} | "
+                f"{_s(r['first_batch'].get('samples'))} | {_s(r['first_batch'].get('processor'))} | "
+                f"{_s(r['first_batch'].get('pin'))} | {_s(r['batch_wait_s'])} |" for r in table], "")
         e("not hidden = time from the previous worker's exit (its `finished` line in the parent's output) to this "
           "worker's `loaded` line, less its load: the start-up the pipeline did not hide (one worker at a time "
           "only). load GB/s = bytes of the "
@@ -789,6 +796,8 @@ def _recipe_row(summary: dict) -> dict:
         "gen_tok_per_s": counts.get("decode_tokens_per_s"), "not_hidden_s": None, "chain_bytes": chain,
         "exit_s": _exit_seconds(summary.get("seconds"), timings, worker),
         "beside": summary.get("concurrent_with"), "parity_s": (summary.get("parity") or {}).get("seconds"),
+        "loaded_at_s": loaded_at, "first_batch": {k.removeprefix("first_batch_"): v for k, v in worker.items()
+                                                  if k.startswith("first_batch_")},
         "parity_how": _parity_how(summary.get("parity") or {}),
     }
 

@@ -14,6 +14,13 @@ alone writes `python -X importtime` to OUT/importtime.txt, and the largest cumul
 With --prestage, each process does what a first worker does: imports torch, starts reading the root's weights onto
 the GPU in a thread (worker/loading/weights.py's Prestaged, with each given reader thread count; 0: none), imports
 the rest, then takes the weights: its imports' seconds beside the read, the read's own, and the wait for it after.
+
+    python3 -m benchmarks.import_contention --stages /tmp/bench/models/base --rounds 3   # GPU machine, or here
+
+With --stages, each fresh process imports in stages and says how long each took: torch; what loading the
+processor saved in FOLDER needs (and the load itself); batch preparation's modules (worker/inference/infer.py);
+then the rest of the worker's (the model stack: transformers' modeling, peft). Which heavy libraries had been
+imported by the end of each stage is listed: how much of a first worker's imports its first batch must wait for.
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # what worker/__main__.py imports before its first load, in its order
-WORKER_MODULES = ("torch", "worker.loading.weights", "contract.dataset", "worker.decode.decode_attention",
-                  "worker.inference.infer", "worker.loading.load")
+WORKER_MODULES = ("torch", "contract.dataset", "worker.decode.decode_attention", "worker.inference.infer",
+                  "worker.loading.load", "worker.loading.weights")
+# libraries whose import is a large share of the worker's (python -X importtime on the GPU machine)
+HEAVY = ("torchvision", "torch._dynamo", "torch.distributed.tensor", "sympy", "transformers.modeling_utils",
+         "transformers.generation.utils", "transformers.masking_utils", "peft")
 # import statements, not importlib.import_module: -X importtime leaves out the module that call imports itself
 _CHILD = f"""
 import json, time
@@ -65,6 +75,39 @@ if staged is not None:
     _, read_s, waited_s = staged.take()
 print(json.dumps({{"seconds": seconds, "read_s": read_s, "waited_s": waited_s}}))
 """
+
+
+_STAGES_CHILD = f"""
+import json, sys, time
+from worker.startup import unused_optional_imports_hidden
+heavy = {HEAVY!r}
+stages, loaded = {{}}, {{}}
+def stage(name, began):
+    stages[name] = time.perf_counter() - began
+    loaded[name] = [m for m in heavy if m in sys.modules and m not in sum(loaded.values(), [])]
+    return time.perf_counter()
+clock = time.perf_counter()
+import torch
+clock = stage("torch", clock)
+with unused_optional_imports_hidden():
+    from transformers import AutoProcessor
+    AutoProcessor.from_pretrained(sys.argv[1])
+    clock = stage("processor", clock)
+    import contract.dataset, worker.inference.infer
+    clock = stage("batch preparation", clock)
+    import {", ".join(WORKER_MODULES[2:])}
+    stage("the rest", clock)
+print(json.dumps({{"seconds": stages, "heavy_first_imported": loaded}}))
+"""
+
+
+def stages_round(folder: Path) -> dict:
+    """One fresh process importing in stages (see --stages), loading the processor saved in `folder`."""
+    done = subprocess.run([sys.executable, "-c", _STAGES_CHILD, str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, env=_env())
+    if done.returncode != 0:
+        raise SystemExit(f"an importing process failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def prestaging_round(folder: Path, threads: int) -> dict:
@@ -138,12 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--importtime", action="store_true", help="also one process under -X importtime")
     parser.add_argument("--out", type=Path, default=Path("import_contention"))
     parser.add_argument("--prestage", type=Path, help="a root checkpoint: import beside its prestaged read instead")
+    parser.add_argument("--stages", type=Path, help="a folder with a saved processor: import in stages instead")
     parser.add_argument("--threads", default="0,4,16", help="with --prestage: reader threads, per kind (0,4,16)")
     args = parser.parse_args(argv)
     kinds = [int(n) for n in args.at_once.split(",")]
     started = time.perf_counter()
     warm = import_round(1)
     print(f"warm-up (libraries from disk, page cache cold or not): {warm[0]:.2f} s", flush=True)
+    if args.stages is not None:
+        rows = [stages_round(args.stages) for _ in range(args.rounds)]
+        for row in rows:
+            print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items()), flush=True)
+        print("heavy libraries, by the stage that first had them: " + json.dumps(rows[-1]["heavy_first_imported"]))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "stages.json").write_text(json.dumps(rows, indent=1))
+        return 0
     if args.prestage is not None:
         staged = prestaging(args.prestage, [int(n) for n in args.threads.split(",")], args.rounds)
         args.out.mkdir(parents=True, exist_ok=True)

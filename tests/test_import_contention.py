@@ -56,3 +56,26 @@ def test_prestaging_rounds_time_the_imports_beside_the_read(tmp_path: Path) -> N
     (none,), (two,) = staged["0"], staged["2"]
     assert none["seconds"] > 0 and none["read_s"] is None
     assert two["seconds"] > 0 and two["read_s"] > 0 and two["waited_s"] >= 0
+
+
+def test_stages_split_the_imports_at_the_processor_and_batch_preparation(tmp_path: Path) -> None:
+    """--stages: each process times torch, the processor's imports and load, batch preparation's modules and the
+    rest, and says which heavy libraries each stage brought (each listed once, in the stage that imported it)."""
+    from benchmarks.gpu_check import SHAPES, qwen2vl_configs
+    from benchmarks.import_contention import HEAVY
+
+    processor, _, _ = qwen2vl_configs(SHAPES["7b"])
+    processor.save_pretrained(tmp_path / "processor")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.import_contention", "--stages",
+                           str(tmp_path / "processor"), "--rounds", "2", "--out", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "out" / "stages.json").read_text())
+    assert len(rows) == 2
+    for row in rows:
+        assert list(row["seconds"]) == ["torch", "processor", "batch preparation", "the rest"]
+        assert all(s > 0 for s in row["seconds"].values())
+        brought = [name for names in row["heavy_first_imported"].values() for name in names]
+        assert len(brought) == len(set(brought)) and set(brought) <= set(HEAVY)  # each once, in one stage
+        assert "peft" in row["heavy_first_imported"]["the rest"]  # the model stack's, imported by the worker last
+        assert "peft" not in row["heavy_first_imported"]["processor"]  # loading a processor needs no peft

@@ -126,6 +126,17 @@ def test_faults_are_recorded_and_the_next_recipe_still_runs(demo: dict, tmp_path
     assert "lost-base: error" in result.stdout
 
 
+def test_each_worker_says_when_its_first_batch_was_ready_and_where_its_time_went(demo_run: dict) -> None:
+    """The first batch's preparation in pieces (images and texts, the processor, pinning), and when it was
+    ready, on the worker's clock from its first import: made after the imports, from pieces that fit in that span."""
+    for name in NAMES:
+        timings = json.loads((demo_run["run_dir"] / name / "summary.json").read_text())["done"]["timings"]
+        pieces = [timings[f"first_batch_{piece}"] for piece in ("samples", "processor", "pin")]
+        assert min(pieces) >= 0 and timings["first_batch_processor"] > 0, (name, timings)
+        assert timings["first_batch_ready_at"] >= timings["imports"] + sum(pieces), (name, timings)
+        assert timings["first_batch_ready_at"] <= timings["total"], (name, timings)
+
+
 def test_a_config_error_exits_2_naming_the_field(tmp_path: Path) -> None:
     recipes = tmp_path / "recipes.toml"
     recipes.write_text('[[recipe]]\nname = "x"\nmodel = "nowhere/"\nbatch_size = -1\n')
@@ -146,8 +157,8 @@ def test_the_next_worker_starts_while_the_previous_recipe_runs(demo_run: dict) -
         assert "held" in summary["done"]["timings"] and "page_cache" in summary["done"]["timings"]
     first = json.loads((run_dir / NAMES[0] / "summary.json").read_text())
     assert "held" not in first["done"]["timings"] and first["timings"]["hidden_startup"] < 0.25
-    # the first worker, with nothing to hide behind, read its weights while its imports finished; the others
-    # read theirs at their turn (a worker started ahead may not touch the device before its go)
+    # the first worker, with nothing to hide behind, read its weights while its processor and first batch were
+    # made; the others read theirs at their turn (a worker started ahead may not touch the device before its go)
     assert first["loaded"]["loader"] == "staged" and first["loaded"]["prestaged_wait_s"] is not None
     later = json.loads((run_dir / NAMES[1] / "summary.json").read_text())
     assert later["loaded"]["prestaged_wait_s"] is None

@@ -65,18 +65,18 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     started = time.perf_counter()
     import torch  # the imports are a phase of their own: they dominate a fresh process's start-up
 
-    from worker.loading.weights import prestage_root  # torch only
-
     device = select_device(spec.device)
     share_cpu(device.is_gpu, torch)
-    # a worker started ahead may not touch the GPU before its go; any other reads its weights meanwhile
-    prestaged = None if spec.hold or not device.usable() else prestage_root(spec.chain[0], spec.recipe, device)
     with unused_optional_imports_hidden():
         from contract.dataset import open_dataset
         from worker.decode.decode_attention import kernel_calls
         from worker.inference.infer import run_inference, start_batches
         from worker.loading.load import check_chain_files, load_chain, load_processor, training_resize, warm_page_cache
+        from worker.loading.weights import prestage_root
     timings["imports"] = time.perf_counter() - started
+    # a worker started ahead may not touch the GPU before its go; any other reads its weights meanwhile. Not beside
+    # the imports: there the read slowed them by more than it saved (BENCHMARKS.md, import_contention --prestage)
+    prestaged = None if spec.hold or not device.usable() else prestage_root(spec.chain[0], spec.recipe, device)
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
     recipe = spec.recipe
@@ -121,13 +121,22 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
     stats = run_inference(model, processor, batches, recipe, device, out.send, control.stop.is_set)
     timings |= {"inference": stats.seconds, "first_sample": stats.first_sample_s or 0.0,
                 "batch_wait": stats.wait_s, "generate": stats.generate_s,
-                "total": time.perf_counter() - started}
+                "total": time.perf_counter() - started} | _first_batch(stats.first_batch, started)
     counts = {"scored": stats.scored, "errors": stats.errors, "batches": stats.batches,
               "generated_tokens": stats.generated_tokens, "stopped_early": control.stop.is_set(),
               "oom_retries": stats.oom_retries, "batch_size": stats.batch_size, "decode_graph": stats.decode_graph(),
               "kvcache_calls": kernel_calls(), "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
               "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
     out.send("done", counts=counts, timings=timings, parity=stats.parity, **_measured_memory(device))
+
+
+def _first_batch(first: dict[str, float] | None, started: float) -> dict[str, float]:
+    """The first batch's preparation in pieces (samples, processor, pin) and when it was ready, from the first
+    import: what the device waited for at the start (`batch_wait`) is then named."""
+    if first is None:
+        return {}
+    return {f"first_batch_{k}": v for k, v in first.items() if k != "ready_at"} | {
+        "first_batch_ready_at": first["ready_at"] - started}
 
 
 def _measured_memory(device: Device) -> dict[str, int | None]:

@@ -64,6 +64,8 @@ class InferenceStats:
     cache_misses: int = 0  # samples the processor ran on with the cache on (their output is stored for next time)
     parity: dict | None = None  # the first batch's samples generated again one at a time (check_parity)
     graphs: list = field(default_factory=list)  # each generate call's decode outcome (worker/decode/graph_decode.py)
+    # the first batch's preparation in pieces, and when it was ready (PreparedBatch.seconds, .ready_at)
+    first_batch: dict[str, float] | None = None
 
     def decode_graph(self) -> dict | None:
         """How the decode steps ran: generate calls replayed from a graph, those that went on eagerly and why
@@ -94,6 +96,10 @@ class PreparedBatch:
     inputs: Any = None  # the processor's tensors for all items (pinned on CUDA), or None when no item is usable
     cache_hits: int = 0
     cache_misses: int = 0
+    # where its preparation's seconds went (samples: images read, texts made; processor; pin: into page-locked
+    # memory), and when it was ready (time.perf_counter): a GPU waiting for its first batch says which to blame
+    seconds: dict[str, float] = field(default_factory=dict)
+    ready_at: float = 0.0
 
 
 def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, device: Device,
@@ -132,6 +138,7 @@ def run_inference(model: Any, processor: Any, samples: Iterable[Sample] | Prefet
     prepared_batches = samples if isinstance(samples, Prefetched) else start_batches(processor, samples, recipe,
                                                                                      device)
     for prepared in _timed(prepared_batches, stats):
+        stats.first_batch = stats.first_batch or {**prepared.seconds, "ready_at": prepared.ready_at}
         stats.cache_hits += prepared.cache_hits
         stats.cache_misses += prepared.cache_misses
         for sample, error, info in prepared.errors:
@@ -239,20 +246,28 @@ def prepare_batch(processor: Any, batch: list[Sample], template: str, device: De
                   may_pin: Callable[[], bool] = lambda: True, cache: ProcessorCache | None = None,
                   exif: str = "apply", max_prompt_tokens: int | None = None,
                   resize: TrainerResize | None = None) -> PreparedBatch:
+    """One batch made ready for the device: each sample's image and text (or why it cannot be evaluated), the
+    processor's tensors for the usable ones (from the image cache where it holds them), pinned where `may_pin`."""
     items: list[Prepared] = []
     errors: list[tuple[Sample, str, ImageInfo | None]] = []
+    started = time.perf_counter()
     for sample in batch:
         prepared = prepare_sample(processor, sample, template, exif, max_prompt_tokens, resize)
         if isinstance(prepared, Prepared):
             items.append(prepared)
         else:
             errors.append((sample, *prepared))
+    read = time.perf_counter()
     hits, misses = _cached_features(cache, items)
-    inputs = processor_inputs(processor, items, device, may_pin()) if items else None
+    inputs = processor_inputs(processor, items, device, pin=False) if items else None
+    processed = time.perf_counter()
     if items:
         for item, size in zip(items, input_sizes(processor, inputs, [p.image for p in items]), strict=True):
             item.input_size = size
-    return PreparedBatch(items, errors, inputs, hits, misses)
+        inputs = pinned(inputs, device) if may_pin() else inputs
+    ready = time.perf_counter()
+    seconds = {"samples": read - started, "processor": processed - read, "pin": ready - processed}
+    return PreparedBatch(items, errors, inputs, hits, misses, seconds, ready)
 
 
 def _cached_features(cache: ProcessorCache | None, items: list[Prepared]) -> tuple[int, int]:
@@ -273,9 +288,14 @@ def processor_inputs(processor: Any, items: list[Prepared], device: Device, pin:
         inputs = collate([p.features for p in items], getattr(processor, "tokenizer", processor).pad_token_id)
     else:
         inputs = encode(processor, [p.text for p in items], [p.image for p in items])
-    if pin and device.is_gpu:  # pinned pages copy to the device at full speed, and asynchronously
-        inputs = inputs.__class__({k: device.pin(v) if torch.is_tensor(v) else v for k, v in inputs.items()})
-    return inputs
+    return pinned(inputs, device) if pin else inputs
+
+
+def pinned(inputs: Any, device: Device) -> Any:
+    """The batch's tensors in page-locked memory on a GPU, which copy to it at full speed and asynchronously."""
+    if not device.is_gpu:
+        return inputs
+    return inputs.__class__({k: device.pin(v) if torch.is_tensor(v) else v for k, v in inputs.items()})
 
 
 def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:

@@ -260,10 +260,10 @@ def root_weight_files(folder: str | Path) -> list[Path]:
 
 
 class Prestaged:
-    """A root's weights being read onto the device in a thread, started as soon as torch is imported: the
-    reading overlaps the worker's remaining imports (transformers, peft: seconds in a fresh process), which
-    a first worker otherwise waits through before it reads a byte. `take()` waits for them; a read that failed
-    raises there, where the load would have raised it."""
+    """A root's weights being read onto the device in a thread, started once the worker's imports are done: the
+    read overlaps its processor's load and its first batch's preparation. (Started beside the imports, it slowed
+    them by more than it saved: BENCHMARKS.md.) `take()` waits for them; a read that failed raises there, where the
+    load would have raised it."""
 
     def __init__(self, files: list[Path], device: Device, dtype: torch.dtype) -> None:
         self.files, self.device, self.dtype = files, device, dtype
