@@ -674,8 +674,7 @@ class Bench:
                   f"spawn to hello {_s(first.get('spawn_to_hello_s'))}, imports {_s(first.get('imports_s'))})",
                   f"- the first worker from spawn to loaded <= 8 s: "
                   f"{verdict(None if first.get('spawn_to_loaded_s') is None else first['spawn_to_loaded_s'] <= 8)} "
-                  f"({_s(first.get('spawn_to_loaded_s'))}; its weights read beside its imports for "
-                  f"{_s(first.get('prestage_overlap_s'))})",
+                  f"({_s(first.get('spawn_to_loaded_s'))}; its imports {_s(first.get('imports_s'))})",
                   f"- model load >= 15 GB/s from a warm page cache (weights GB/s: CUDA context creation apart): "
                   f"{verdict(None if not loads else min(v for _, v in loads) >= 15)} "
                   f"({listing(loads, lambda v: f'{v:.1f} GB/s')})",
@@ -772,20 +771,17 @@ def _recipe_row(summary: dict) -> dict:
     counts = done.get("counts") or {}
     loaded = summary.get("loaded") or {}
     chain = sum(link.get("bytes") or 0 for link in summary.get("lineage") or [])
-    # a prestaged read (loading/weights.py) ran beside the imports before the load began: the load's span counts it
-    overlap = loaded["staged_s"] - loaded["prestaged_wait_s"] if loaded.get("prestaged_wait_s") is not None else 0.0
-    load = loaded["seconds"] + overlap if loaded.get("seconds") else None
+    load = loaded.get("seconds") or None
     scored = counts.get("scored") or 0
-    to_hello, imports, loaded_at = timings.get("spawn_to_hello"), worker.get("imports"), worker.get("loaded_at")
+    to_hello, hello_at, loaded_at = timings.get("spawn_to_hello"), _hello_at(worker), worker.get("loaded_at")
     inference = worker.get("inference")
     return {
         "name": summary["name"], "status": summary.get("status"), "batch": counts.get("batch_size"),
         "hidden_startup_s": timings.get("hidden_startup"), "spawn_to_hello_s": timings.get("spawn_to_hello"),
         "teardown_s": timings.get("teardown"), "imports_s": worker.get("imports"),
         "page_cache_s": worker.get("page_cache"), "held_s": worker.get("held"), "load_s": load,
-        "prestage_overlap_s": overlap if loaded.get("prestaged_wait_s") is not None else None,
-        "spawn_to_loaded_s": to_hello - imports + loaded_at
-        if to_hello is not None and imports is not None and loaded_at is not None else None,
+        "spawn_to_loaded_s": to_hello - hello_at + loaded_at
+        if to_hello is not None and hello_at is not None and loaded_at is not None else None,
         "load_GBps": chain / load / 1e9 if load else None, "first_sample_s": worker.get("first_sample"),
         "cuda_init_s": loaded.get("cuda_init_s"), "loader": loaded.get("loader"),
         "weights_GBps": chain / (load - loaded["cuda_init_s"]) / 1e9 if load and "cuda_init_s" in loaded else None,
@@ -823,13 +819,20 @@ def _exit_seconds(seconds: float | None, parent: dict, worker: dict) -> float | 
     span of the run less the worker's own span from release (held) or from its first import (not held). A held
     worker that was not ready at its release noticed `go` late, and that lateness is in the parent's span: the
     caller subtracts it (the recipe's "not hidden" time)."""
-    if seconds is None or worker.get("total") is None or worker.get("imports") is None:
+    hello_at = _hello_at(worker)
+    if seconds is None or worker.get("total") is None or hello_at is None:
         return None
-    if worker.get("held") is not None:
-        return seconds - (worker["total"] - worker["imports"] - worker["held"])
+    if worker.get("held") is not None:  # held from its hello to its go
+        return seconds - (worker["total"] - hello_at - worker["held"])
     if parent.get("spawn_to_hello") is None:
         return None
-    return seconds - worker["total"] - (parent["spawn_to_hello"] - worker["imports"])
+    return seconds - worker["total"] - (parent["spawn_to_hello"] - hello_at)
+
+
+def _hello_at(worker: dict) -> float | None:
+    """When the worker said hello, from its first import: after all its imports in runs before the model stack's
+    were imported after the hello (those runs have no `hello_at`)."""
+    return worker.get("hello_at", worker.get("imports"))
 
 
 def _recipe_line(r: dict) -> str:

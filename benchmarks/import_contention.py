@@ -9,18 +9,12 @@ imports, with the optional ones it hides hidden) and reports its own seconds, fr
 The first round of all reads the libraries from disk: compare the later rounds. With --importtime, one more process
 alone writes `python -X importtime` to OUT/importtime.txt, and the largest cumulative imports are printed.
 
-    python3 -m benchmarks.import_contention --prestage /tmp/m/base --threads 0,4,16 --rounds 3   # GPU machine
-
-With --prestage, each process does what a first worker does: imports torch, starts reading the root's weights onto
-the GPU in a thread (worker/loading/weights.py's Prestaged, with each given reader thread count; 0: none), imports
-the rest, then takes the weights: its imports' seconds beside the read, the read's own, and the wait for it after.
-
     python3 -m benchmarks.import_contention --stages /tmp/bench/models/base --rounds 3   # GPU machine, or here
 
 With --stages, each fresh process imports in stages and says how long each took: torch; what loading the
-processor saved in FOLDER needs (and the load itself); batch preparation's modules (worker/inference/infer.py);
-then the rest of the worker's (the model stack: transformers' modeling, peft). Which heavy libraries had been
-imported by the end of each stage is listed: how much of a first worker's imports its first batch must wait for.
+processor saved in FOLDER needs (and the load itself); the rest of what batch preparation needs; then the model
+stack (transformers' modeling, peft), which a worker imports while its first batch is prepared. Which heavy
+libraries had been imported by the end of each stage is listed.
 """
 
 from __future__ import annotations
@@ -35,9 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# what worker/__main__.py imports before its first load, in its order
-WORKER_MODULES = ("torch", "contract.dataset", "worker.decode.decode_attention", "worker.inference.infer",
-                  "worker.loading.load", "worker.loading.weights")
+# what worker/__main__.py imports before its first load, in its order: what preparing batches needs (transformers'
+# processors), then the model stack (transformers' modeling, peft) while the first batch is prepared
+BATCH_MODULES = ("contract.dataset", "worker.inference.infer", "worker.loading.chain_files", "worker.loading.processor")
+MODEL_MODULES = ("worker.decode.decode_attention", "worker.loading.load")
+WORKER_MODULES = ("torch", *BATCH_MODULES, *MODEL_MODULES)
 # libraries whose import is a large share of the worker's (python -X importtime on the GPU machine)
 HEAVY = ("torchvision", "torch._dynamo", "torch.distributed.tensor", "sympy", "transformers.modeling_utils",
          "transformers.generation.utils", "transformers.masking_utils", "peft")
@@ -49,31 +45,6 @@ from worker.startup import unused_optional_imports_hidden
 with unused_optional_imports_hidden():
     import {", ".join(WORKER_MODULES)}
 print(json.dumps({{"seconds": time.perf_counter() - started}}))
-"""
-
-
-_PRESTAGING_CHILD = f"""
-import json, sys, time
-started = time.perf_counter()
-import torch
-from worker.loading.weights import Prestaged, load_safetensors, root_weight_files
-from worker.startup import select_device
-threads = int(sys.argv[2])
-
-class Sized(Prestaged):
-    def _read(self):
-        began = time.perf_counter()
-        return load_safetensors(self.files, self.device, self.dtype, threads=threads), time.perf_counter() - began
-
-staged = Sized(root_weight_files(sys.argv[1]), select_device('cuda'), torch.bfloat16) if threads else None
-from worker.startup import unused_optional_imports_hidden
-with unused_optional_imports_hidden():
-    import {", ".join(WORKER_MODULES[1:])}
-seconds = time.perf_counter() - started
-read_s = waited_s = None
-if staged is not None:
-    _, read_s, waited_s = staged.take()
-print(json.dumps({{"seconds": seconds, "read_s": read_s, "waited_s": waited_s}}))
 """
 
 
@@ -93,9 +64,9 @@ with unused_optional_imports_hidden():
     from transformers import AutoProcessor
     AutoProcessor.from_pretrained(sys.argv[1])
     clock = stage("processor", clock)
-    import contract.dataset, worker.inference.infer
+    import {", ".join(BATCH_MODULES)}
     clock = stage("batch preparation", clock)
-    import {", ".join(WORKER_MODULES[2:])}
+    import {", ".join(MODEL_MODULES)}
     stage("the rest", clock)
 print(json.dumps({{"seconds": stages, "heavy_first_imported": loaded}}))
 """
@@ -108,33 +79,6 @@ def stages_round(folder: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"an importing process failed (exit {done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def prestaging_round(folder: Path, threads: int) -> dict:
-    """One fresh process importing beside a prestaged read of `folder` with `threads` readers (0: no read)."""
-    done = subprocess.run([sys.executable, "-c", _PRESTAGING_CHILD, str(folder), str(threads)], cwd=ROOT,
-                          capture_output=True, text=True, env={**_env(), **_gpu()})
-    if done.returncode != 0:
-        raise SystemExit(f"a prestaging process failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _gpu() -> dict[str, str]:
-    """The GPU visible again (the import rounds hide it unless one was named)."""
-    named = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return {"CUDA_VISIBLE_DEVICES": named if named is not None else "0"}
-
-
-def prestaging(folder: Path, thread_counts: list[int], rounds: int) -> dict[str, list[dict]]:
-    """Each thread count's processes, round after round (the counts interleaved, so drift spreads over all)."""
-    results: dict[str, list[dict]] = {}
-    for _ in range(rounds):
-        for threads in thread_counts:
-            row = prestaging_round(folder, threads)
-            results.setdefault(str(threads), []).append(row)
-            print(f"prestage threads={threads}: " + json.dumps({k: v and round(v, 2) for k, v in row.items()}),
-                  flush=True)
-    return results
 
 
 def import_round(count: int) -> list[float]:
@@ -180,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each kind, after one warm-up round (2)")
     parser.add_argument("--importtime", action="store_true", help="also one process under -X importtime")
     parser.add_argument("--out", type=Path, default=Path("import_contention"))
-    parser.add_argument("--prestage", type=Path, help="a root checkpoint: import beside its prestaged read instead")
     parser.add_argument("--stages", type=Path, help="a folder with a saved processor: import in stages instead")
-    parser.add_argument("--threads", default="0,4,16", help="with --prestage: reader threads, per kind (0,4,16)")
     args = parser.parse_args(argv)
     kinds = [int(n) for n in args.at_once.split(",")]
     started = time.perf_counter()
@@ -195,11 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         print("heavy libraries, by the stage that first had them: " + json.dumps(rows[-1]["heavy_first_imported"]))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "stages.json").write_text(json.dumps(rows, indent=1))
-        return 0
-    if args.prestage is not None:
-        staged = prestaging(args.prestage, [int(n) for n in args.threads.split(",")], args.rounds)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "prestage.json").write_text(json.dumps(staged, indent=1))
         return 0
     results: dict[str, list[list[float]]] = {}
     for _ in range(args.rounds):

@@ -121,7 +121,8 @@ def _chain_loads(models: Path, torch: Any) -> dict:
     building the model around the tensors as itself): where a load loses the reader's rate."""
     from benchmarks.bench_gpu import RECIPES
     from worker.device import Cuda
-    from worker.loading.load import load_chain, load_root, warm_page_cache
+    from worker.loading.chain_files import warm_page_cache
+    from worker.loading.load import load_chain, load_root
 
     chains: dict = {}
     for name, _, (root, adapter) in RECIPES:
@@ -146,7 +147,8 @@ def profile_inference(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import load_processor, load_root
+    from worker.loading.load import load_root
+    from worker.loading.processor import load_processor
 
     link = _link(str(models / "base"))
     processor = load_processor([link], _recipe())
@@ -192,7 +194,8 @@ def profile_prefill(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import load_processor, load_root
+    from worker.loading.load import load_root
+    from worker.loading.processor import load_processor
 
     link = _link(str(models / "base"))
     processor = load_processor([link], _recipe())
@@ -302,7 +305,7 @@ def prep_one(work: Path, threads: int, count: int) -> None:
     from contract.dataset import read_dataset
     from worker.device import CPU
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import load_processor
+    from worker.loading.processor import load_processor
 
     link = _link(str(work / "processor"))
     processor = load_processor([link], _recipe())
@@ -347,7 +350,8 @@ def profile_lora(models: Path, dataset: Path, figures: dict) -> None:
     from worker.device import Cuda
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch
-    from worker.loading.load import apply_adapters, load_processor, load_root
+    from worker.loading.load import apply_adapters, load_root
+    from worker.loading.processor import load_processor
 
     link = _link(str(models / "base"))
     adapter = _link(str(models / "r1-llm-only"), "adapter")
@@ -387,7 +391,8 @@ def profile_parity(models: Path, dataset: Path, figures: dict) -> None:
     from worker.inference.generation import generate
     from worker.inference.infer import prepare_batch, processor_inputs
     from worker.inference.parity import check_parity
-    from worker.loading.load import apply_adapters, load_processor, load_root
+    from worker.loading.load import apply_adapters, load_root
+    from worker.loading.processor import load_processor
 
     link = _link(str(models / "base"))
     processor = load_processor([link], _recipe())
@@ -454,7 +459,8 @@ def _decode_setup(models: Path, dataset: Path) -> tuple:
     from benchmarks.bench_gpu import build_dataset
     from contract.dataset import read_dataset
     from worker.device import Cuda
-    from worker.loading.load import load_processor, load_root
+    from worker.loading.load import load_root
+    from worker.loading.processor import load_processor
 
     link = _link(str(models / "base"))
     adapter = _link(str(models / "r1-llm-only"), "adapter")

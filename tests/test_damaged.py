@@ -191,7 +191,7 @@ def test_the_worker_checks_the_files_again_before_loading(damaged: Path) -> None
     """The worker reads through the same checks (a file may break between plan and load): a lineage error naming
     the file, before transformers is handed the folder."""
     from worker.errors import WorkerError
-    from worker.loading.load import check_chain_files
+    from worker.loading.chain_files import check_chain_files
 
     for name, (_, _, file, says) in DAMAGES.items():
         kind = "adapter" if (damaged / name / "adapter_config.json").exists() else "full"

@@ -21,7 +21,8 @@ from worker.device import CPU
 from worker.errors import WorkerError
 from worker.inference.infer import prepare_batch
 from worker.loading import default_dtype
-from worker.loading.load import load_chain, load_processor
+from worker.loading.load import load_chain
+from worker.loading.processor import load_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ from contract.dataset import open_dataset
 from contract.recipe import Recipe
 from contract.spec import ChainLink
 from worker.inference.families import prompt_text
-from worker.loading.load import load_processor
+from worker.loading.processor import load_processor
 from worker.inference.infer import prepare_sample
 recipe = Recipe(name="b", model={model!r}, dataset={dataset!r})
 processor = load_processor([ChainLink({model!r}, "full", "quick:0", 1)], recipe)

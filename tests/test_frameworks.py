@@ -44,7 +44,7 @@ from orchestrator.planning.lineage import LineageError, resolve_chain
 from orchestrator.planning.plan import make_plans
 from orchestrator.planning.recipes import load_recipe_file
 from tools import make_frameworks as frameworks
-from worker.loading.load import load_processor
+from worker.loading.processor import load_processor
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 HUB_ID = "acme/tiny-qwen2-vl"  # the base, as a Hugging Face hub id

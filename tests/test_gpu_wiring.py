@@ -1,7 +1,7 @@
 """The GPU's wiring, run on the CPU: `--device cuda` with a simulated GPU (worker/simulated_gpu.py behind
 worker/device.py's seam) and a fake NVML for the parent. Every branch a GPU run takes in the worker runs here
-through the same code (the staged weights' buffers and streams, the prestaged read, the held worker's gate on
-pinning, pinned inputs, the kvcache route, decode steps recorded and replayed, the memory readings), with CPU
+through the same code (the staged weights' buffers and streams, the held worker's gate on pinning, pinned
+inputs, the kvcache route, decode steps recorded and replayed, the memory readings), with CPU
 stand-ins only below the seam. Its answers must be the plain CPU run's, sample for sample: a broken branch fails
 its recipe or changes an answer. The other side of the seam (CUDA itself) is tests/gpu's, on the GPU machine; the
 last test runs that suite here too, on the simulated GPU, so that its own code is never first run on a GPU."""
@@ -75,10 +75,11 @@ def test_each_gpu_branch_was_taken(runs: dict) -> None:
         # the memory readings of `loaded` and `done`: the simulated device's (the process's resident set)
         assert loaded["bytes_allocated"] > 0 and loaded["peak_bytes"] > 0, loaded
         assert summary["done"]["peak_bytes"] >= loaded["bytes_allocated"], summary["done"]
-    # the first worker read its weights beside its imports; the others were started ahead and held
+    # the first worker's first batch was made while it loaded; the others were started ahead and held, their
+    # first batches made (and pinned once released) before their go
     first, *later = (runs["cuda"]["summaries"][n] for n in NAMES)
-    assert first["loaded"]["prestaged_wait_s"] is not None, first["loaded"]
-    assert all(s["loaded"]["prestaged_wait_s"] is None for s in later)
+    assert "held" not in first["done"]["timings"] and all("held" in s["done"]["timings"] for s in later)
+    assert all(s["done"]["timings"]["first_batch_ready_at"] > 0 for s in (first, *later))
 
 
 def test_the_cpu_path_takes_none_of_them(runs: dict) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class CountingProcessor:
 @pytest.fixture(scope="module")
 def processor(demo: dict) -> object:
     loaded = AutoProcessor.from_pretrained(demo["models"]["base"])
-    loaded.tokenizer.padding_side = "left"  # as worker.loading.load.load_processor sets it
+    loaded.tokenizer.padding_side = "left"  # as worker.loading.processor.load_processor sets it
     return loaded
 
 
@@ -263,6 +264,31 @@ def test_prefetch_prepares_each_batch_once_while_the_device_is_busy() -> None:
         time.sleep(0.5)  # the device, slower than the CPU
         consumed.append(batch)
     assert consumed == calls == [[0], [1], [2], [3]]
+
+
+def test_prefetch_says_which_batch_the_device_is_waiting_for() -> None:
+    """`waited_for` is set while the consumer waits for a batch not yet ready (that batch is then not worth
+    pinning: start_batches) and clear while it works on one: here the first batch is finished only once the
+    consumer waits for it, and the second is checked while the consumer holds the first."""
+    waited_for, go_on, checked = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def prepare(batch: list[int]) -> list[int]:
+        if batch == [0]:
+            assert waited_for.wait(timeout=30)  # made while the device waits for it
+        else:
+            go_on.wait(timeout=30)
+        seen.append(waited_for.is_set())
+        checked.set()
+        return batch
+
+    batches = iter(prefetch([[0], [1]], prepare, depth=1, waited_for=waited_for))
+    assert next(batches) == [0] and not waited_for.is_set()
+    checked.clear()
+    go_on.set()
+    assert checked.wait(timeout=30)
+    assert next(batches) == [1]
+    assert seen == [True, False]
 
 
 # ----------------------------------------------------------------------------- settings and resume

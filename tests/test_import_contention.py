@@ -22,7 +22,7 @@ def test_each_round_reports_every_process_and_the_largest_imports(tmp_path: Path
     assert [len(r) for r in figures["by_count"]["1"]] == [1] and [len(r) for r in figures["by_count"]["2"]] == [2]
     assert all(s > 0 for rounds in figures["by_count"].values() for r in rounds for s in r)
     names = [name for _, name in figures["largest"]]
-    assert "torch" in names and "worker.loading.load" in names
+    assert "worker.loading.processor" in names  # it brings transformers: the largest of the worker's own modules
     assert "| 2 |" in done.stdout and "sklearn" not in (tmp_path / "importtime.txt").read_text()
 
 
@@ -31,31 +31,6 @@ def test_largest_imports_reads_cumulative_times() -> None:
             "import time:       100 |        300 |   b\n"
             "import time:      2000 |    2500000 | a\n")
     assert largest_imports(text, 2) == [(2.5, "a"), (0.0003, "b")]
-
-
-def test_prestaging_rounds_time_the_imports_beside_the_read(tmp_path: Path) -> None:
-    """--prestage, as a first worker does it (on the simulated GPU the CPU stands in for): each thread count's
-    process reports its imports, and the read's own seconds where it read."""
-    import os
-
-    import torch
-    from safetensors.torch import save_file
-
-    from worker.device import SIMULATED_ENV
-
-    root = tmp_path / "root"
-    root.mkdir()
-    save_file({"w": torch.randn(256, 256).bfloat16(), "b": torch.zeros(8, dtype=torch.bfloat16)},
-              str(root / "model.safetensors"))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.import_contention", "--prestage", str(root),
-                           "--threads", "0,2", "--rounds", "1", "--out", str(tmp_path / "out")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, SIMULATED_ENV: "1"})
-    assert done.returncode == 0, done.stderr
-    staged = json.loads((tmp_path / "out" / "prestage.json").read_text())
-    (none,), (two,) = staged["0"], staged["2"]
-    assert none["seconds"] > 0 and none["read_s"] is None
-    assert two["seconds"] > 0 and two["read_s"] > 0 and two["waited_s"] >= 0
 
 
 def test_stages_split_the_imports_at_the_processor_and_batch_preparation(tmp_path: Path) -> None:

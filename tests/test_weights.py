@@ -17,7 +17,7 @@ from contract.recipe import Recipe
 from worker.device import CPU
 from worker.errors import WorkerError
 from worker.loading.load import load_root, model_class
-from worker.loading.weights import load_safetensors, plan_chunks, prestage_root, read_spans, read_through
+from worker.loading.weights import load_safetensors, plan_chunks, read_spans, read_through
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -157,42 +157,3 @@ def test_read_through_reads_every_byte_of_every_file(tmp_path: Path) -> None:
     for name, size in sizes.items():
         (tmp_path / name).write_bytes(bytes(size))
     assert read_through([tmp_path / n for n in sizes], threads=3, block=64) == sum(sizes.values())
-
-
-def test_prestaged_weights_build_the_same_model(demo: dict) -> None:
-    """The first worker starts reading its root's weights beside its imports (worker/loading/weights.py, Prestaged): the
-    model built from them is transformers' own, and the load says it waited for that read."""
-    link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
-    recipe = Recipe(name="t", model="m", loader="staged", dtype="float32")
-    ref, _ = load_root(link, Recipe(name="t", model="m", loader="transformers"), CPU, torch.float32, "sdpa")
-    got, how = load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
-    assert how["loader"] == "staged" and how["prestaged_wait_s"] is not None and how["staged_s"] > 0
-    expected, actual = ref.state_dict(), got.state_dict()
-    assert expected.keys() == actual.keys() and all(torch.equal(expected[n], actual[n]) for n in expected)
-
-
-def test_prestaged_weights_of_another_dtype_are_read_again(demo: dict) -> None:
-    """Read in bfloat16 ahead of a load in float32 (the dtype resolved differently): discarded, not used."""
-    link = type("Link", (), {"path": str(demo["root"] / "models" / "base")})()
-    early = prestage_root(link, Recipe(name="t", model="m", dtype="bfloat16"), CPU)
-    got, how = load_root(link, Recipe(name="t", model="m"), CPU, torch.float32, "sdpa", early)
-    assert how["prestaged_wait_s"] is None and next(got.parameters()).dtype == torch.float32
-
-
-def test_a_prestaged_read_of_a_damaged_file_fails_as_the_load_would(demo: dict, tmp_path: Path) -> None:
-    folder = tmp_path / "cut"
-    shutil.copytree(demo["root"] / "models" / "base", folder)
-    shard = next(folder.glob("model*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[:-1000])
-    link = type("Link", (), {"path": str(folder)})()
-    recipe = Recipe(name="t", model="m", dtype="float32")
-    with pytest.raises(WorkerError) as direct:
-        load_root(link, recipe, CPU, torch.float32, "sdpa")
-    with pytest.raises(WorkerError) as early:
-        load_root(link, recipe, CPU, torch.float32, "sdpa", prestage_root(link, recipe, CPU))
-    assert str(early.value) == str(direct.value) and "file holds" in str(early.value)
-
-
-def test_nothing_is_prestaged_where_the_staged_loader_will_not_read() -> None:
-    link = type("Link", (), {"path": "/nonexistent"})()
-    assert prestage_root(link, Recipe(name="t", model="m"), CPU) is None  # no safetensors files

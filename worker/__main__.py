@@ -25,6 +25,8 @@ from worker.errors import WorkerError
 from worker.startup import select_device, share_cpu, unused_optional_imports_hidden
 
 if TYPE_CHECKING:  # torch is imported only once the spec is valid (its imports are a phase of their own)
+    from contract.dataset import Dataset
+    from contract.recipe import Recipe
     from worker.device import Device
 
 
@@ -67,37 +69,29 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
 
     device = select_device(spec.device)
     share_cpu(device.is_gpu, torch)
-    with unused_optional_imports_hidden():
-        from contract.dataset import open_dataset
-        from worker.decode.decode_attention import kernel_calls
-        from worker.inference.infer import run_inference, start_batches
-        from worker.loading.load import check_chain_files, load_chain, load_processor, training_resize, warm_page_cache
-        from worker.loading.weights import prestage_root
-    timings["imports"] = time.perf_counter() - started
-    # a worker started ahead may not touch the GPU before its go; any other reads its weights meanwhile. Not beside
-    # the imports: there the read slowed them by more than it saved (BENCHMARKS.md, import_contention --prestage)
-    prestaged = None if spec.hold or not device.usable() else prestage_root(spec.chain[0], spec.recipe, device)
+    with unused_optional_imports_hidden():  # what preparing batches needs: transformers' processors, no model
+        from worker.inference.infer import start_batches
+        from worker.loading.chain_files import warm_page_cache
+        from worker.loading.processor import load_processor, training_resize
+    timings["hello_at"] = timings["imports"] = time.perf_counter() - started
     out.send("hello", version=messages.PROTOCOL_VERSION, pid=os.getpid(), versions=_versions(), device=spec.device)
     out.send("lineage", links=[asdict(link) for link in spec.chain])
-    recipe = spec.recipe
-    if recipe.box_format == AUTO:  # the parent resolves it from the family before launch; never the worker
-        raise WorkerError("config", "box_format \"auto\" reached the worker unresolved (the parent resolves it)")
-    check_chain_files(spec.chain, recipe)
-    try:  # read as the batches are made (streamed); the recipe's subset, less what earlier attempts recorded
-        samples = open_dataset(spec.dataset, recipe, skip_ids=spec.skip_ids)
-    except DatasetError as exc:
-        raise WorkerError("config", f"dataset: {exc}") from None
-    except OSError as exc:
-        raise WorkerError("data", f"dataset {spec.dataset}: cannot be read ({exc.strerror or exc})") from None
-    processor = batches = None
+    recipe, samples = _checked_inputs(spec)
     resize = training_resize(spec.chain, recipe)
+    processor = load_processor(spec.chain, recipe)
+    batches = None
+    if not spec.hold or isinstance(recipe.batch_size, int):  # "auto" is sized at a held worker's go
+        # a held worker may not touch the GPU (pinning memory would) before its go
+        may_pin = control.go.is_set if spec.hold and device.is_gpu else lambda: True
+        batches = start_batches(processor, samples, recipe, device, may_pin=may_pin, resize=resize)
+    models = time.perf_counter()
+    with unused_optional_imports_hidden():  # the model stack (peft: seconds), while the first batch is prepared
+        from worker.decode.decode_attention import kernel_calls
+        from worker.inference.infer import run_inference
+        from worker.loading.load import load_chain
+    timings["imports"] += time.perf_counter() - models
     if spec.hold:
-        held = time.perf_counter()
         timings["page_cache"] = warm_page_cache(spec.chain)
-        go = control.go.is_set if device.is_gpu else lambda: True  # pinning memory would touch the GPU
-        processor = load_processor(spec.chain, recipe)
-        if isinstance(recipe.batch_size, int):  # the first batches get ready while the previous recipe runs
-            batches = start_batches(processor, samples, recipe, device, may_pin=go, resize=resize)
         out.send("ready", seconds=time.perf_counter() - started)
         given = control.wait_for_go()
         if given.get("batch_size") not in (None, recipe.batch_size):  # the preflight resized the batch
@@ -105,14 +99,11 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
             if batches is not None:
                 batches.close()
                 batches = None
-        timings["held"] = time.perf_counter() - held
-    if processor is None:  # not held: the first batches get ready while the weights load
-        processor = load_processor(spec.chain, recipe)
-        batches = start_batches(processor, samples, recipe, device, resize=resize)
+        timings["held"] = time.perf_counter() - started - timings["hello_at"]  # from its hello to its go
     faults.points().before_load()
     if not device.usable():
         raise WorkerError("config", "--device cuda, but the worker sees no CUDA device")
-    model, processor, loaded = load_chain(spec.chain, recipe, device, processor, prestaged)
+    model, processor, loaded = load_chain(spec.chain, recipe, device, processor)
     timings["load"] = loaded["seconds"]
     timings["loaded_at"] = time.perf_counter() - started  # from the first import: spawn to loaded, less the exec
     out.send("loaded", **loaded)
@@ -128,6 +119,24 @@ def _evaluate(spec: WorkerSpec, out: messages.MessageWriter, control: lifeline.C
               "kvcache_calls": kernel_calls(), "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
               "decode_tokens_per_s": stats.generated_tokens / stats.seconds if stats.seconds else None}
     out.send("done", counts=counts, timings=timings, parity=stats.parity, **_measured_memory(device))
+
+
+def _checked_inputs(spec: WorkerSpec) -> tuple[Recipe, Dataset]:
+    """The recipe, checked as the worker needs it, and its samples (read as the batches are made: the recipe's
+    subset, less what earlier attempts recorded), once the chain's files are checked."""
+    from contract.dataset import open_dataset
+    from worker.loading.chain_files import check_chain_files  # imported by then: torch
+
+    recipe = spec.recipe
+    if recipe.box_format == AUTO:  # the parent resolves it from the family before launch; never the worker
+        raise WorkerError("config", "box_format \"auto\" reached the worker unresolved (the parent resolves it)")
+    check_chain_files(spec.chain, recipe)
+    try:
+        return recipe, open_dataset(spec.dataset, recipe, skip_ids=spec.skip_ids)
+    except DatasetError as exc:
+        raise WorkerError("config", f"dataset: {exc}") from None
+    except OSError as exc:
+        raise WorkerError("data", f"dataset {spec.dataset}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _first_batch(first: dict[str, float] | None, started: float) -> dict[str, float]:

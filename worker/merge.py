@@ -68,7 +68,8 @@ def merge(spec: WorkerSpec, out: Path, *, hash_weights: bool = False) -> dict[st
     _check_out(out)
     started = time.perf_counter()
     from worker.device import CPU
-    from worker.loading.load import check_chain_files, load_chain  # torch: after the cheap checks
+    from worker.loading.chain_files import check_chain_files  # torch: after the cheap checks
+    from worker.loading.load import load_chain
     from worker.loading.weights import resolve_dtype
 
     check_chain_files(spec.chain, spec.recipe)

@@ -111,9 +111,17 @@ def start_batches(processor: Any, samples: Iterable[Sample], recipe: Recipe, dev
     resize the adapter's trainer applied to each image before its processor (load.training_resize)."""
     batches = sorted_batches(samples, recipe.requested_batch, recipe.exif)
     cache = ProcessorCache.for_recipe(processor, recipe, resize)
-    return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, may_pin, cache,
+    waited_for = threading.Event()  # the device loop is waiting for the batch being prepared
+
+    def pin() -> bool:
+        """Pinning a batch of 200 448x448 images (963 MB of float32 pixels) took 0.46-0.55 s on the H100 host:
+        worth it ahead of the device, which then copies at full speed, but not for a batch the device waits for
+        (a first batch, made while the model loads), whose pageable copy takes a fraction of that."""
+        return may_pin() and not waited_for.is_set()
+
+    return prefetch(batches, lambda b: prepare_batch(processor, b, recipe.prompt, device, pin, cache,
                                                      exif=recipe.exif, max_prompt_tokens=recipe.max_prompt_tokens,
-                                                     resize=resize))
+                                                     resize=resize), waited_for=waited_for)
 
 
 def sorted_batches(samples: Iterable[Sample], size: int, exif: str) -> Iterator[list[Sample]]:
@@ -195,10 +203,11 @@ def by_prompt_length(samples: list[Sample], exif: str = "apply") -> list[Sample]
 
 
 def prefetch(batches: Iterable[list[Sample]], prepare: Callable[[list[Sample]], PreparedBatch],
-             depth: int = 2) -> Prefetched:
+             depth: int = 2, waited_for: threading.Event | None = None) -> Prefetched:
     """Prepare batches (decode images, run the processor) in a background thread, `depth` ahead of the device:
     the GPU should not wait on the CPU between batches. The thread starts at once (a held worker prepares its
-    first batches before it may load); exceptions surface in the consumer."""
+    first batches before it may load); exceptions surface in the consumer. `waited_for` is set while the consumer
+    waits for the next batch."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     finished = threading.Event()
 
@@ -219,27 +228,40 @@ def prefetch(batches: Iterable[list[Sample]], prepare: Callable[[list[Sample]], 
         ready.put(("end", None))
 
     threading.Thread(target=produce, daemon=True, name="prefetch").start()
-    return Prefetched(ready, finished)
+    return Prefetched(ready, finished, waited_for or threading.Event())
 
 
 class Prefetched:
     """The batches a prefetch thread prepares; iterate once, or close() to stop the thread unused."""
 
-    def __init__(self, ready: queue.Queue, finished: threading.Event) -> None:
+    def __init__(self, ready: queue.Queue, finished: threading.Event, waited_for: threading.Event) -> None:
         self._ready = ready
         self._finished = finished
+        self._waited_for = waited_for
 
     def close(self) -> None:
         self._finished.set()
 
     def __iter__(self) -> Iterator[PreparedBatch]:
         try:
-            while (item := self._ready.get())[0] != "end":
+            while (item := self._next())[0] != "end":
                 if item[0] == "error":
                     raise item[1]
                 yield item[1]
         finally:
             self.close()
+
+    def _next(self) -> tuple[str, Any]:
+        """The next item, saying meanwhile that it is waited for (where it is not ready yet)."""
+        try:
+            return self._ready.get_nowait()
+        except queue.Empty:
+            pass
+        self._waited_for.set()
+        try:
+            return self._ready.get()
+        finally:
+            self._waited_for.clear()
 
 
 def prepare_batch(processor: Any, batch: list[Sample], template: str, device: Device,

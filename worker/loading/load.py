@@ -21,62 +21,22 @@ from peft.utils import ModulesToSaveWrapper
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
     GenerationConfig,
     PreTrainedModel,
 )
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from contract.checkpoint import CheckpointError, check_folder, weight_files
-from contract.layout import WORKER_LOG
 from contract.messages import DECODE_GRAPH_ON
-from contract.processor import processor_source
 from contract.recipe import Recipe, run_attn
 from contract.spec import ChainLink
-from contract.trainer_resize import TrainerResize
 from worker.decode import decode_attention, graph_decode
 from worker.device import Device
 from worker.errors import WorkerError
+from worker.loading.chain_files import reading
 from worker.loading.default_dtype import building_modules
+from worker.loading.processor import load_processor
 from worker.loading.quantized import check_quantization, load_quantized, quantization_tensors, without_quantization
-from worker.loading.weights import (
-    Prestaged,
-    UnstageableError,
-    load_safetensors,
-    read_through,
-    resolve_dtype,
-    root_weight_files,
-)
-
-
-def check_chain_files(chain: list[ChainLink], recipe: Recipe) -> None:
-    """Every file of the chain that loading reads, checked (bounded) before transformers or peft read it: the
-    parent checked them when it planned, but a copy may still have been under way. A damaged file is this
-    recipe's lineage error, naming the file."""
-    for link in chain:
-        try:
-            check_folder(Path(link.path), link.kind, allow_pickle=recipe.allow_pickle)
-        except CheckpointError as exc:
-            raise WorkerError("lineage", str(exc)) from None
-
-
-@contextmanager
-def reading(folder: str | Path, what: str) -> Iterator[None]:
-    """A failure while a library reads a checkpoint is that checkpoint's: a lineage error naming the folder and
-    what was being read (the file checks above catch most damage first, with the file's name; this catches what
-    only the library sees: a tokenizer.json that is JSON but no tokenizer, tensors that do not fit the config).
-    CUDA out of memory stays what it is."""
-    try:
-        yield
-    except (WorkerError, UnstageableError):  # the latter: transformers' reader takes over
-        raise
-    except Exception as exc:
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise
-        raise WorkerError("lineage", f"{folder}: {what} could not be loaded ({type(exc).__name__}: "
-                                     f"{str(exc)[:1000]}); the checkpoint may be damaged or incomplete (the "
-                                     f"library's own report, if any, is in {WORKER_LOG})") from exc
+from worker.loading.weights import UnstageableError, load_safetensors, resolve_dtype, root_weight_files
 
 
 def resolve_attn(name: str, device: Device) -> str:
@@ -103,17 +63,16 @@ def model_class(config: Any) -> type[PreTrainedModel] | type[_BaseAutoModelClass
     return AutoModelForImageTextToText
 
 
-def load_chain(chain: list[ChainLink], recipe: Recipe, device: Device, processor: Any = None,
-               prestaged: Prestaged | None = None) -> tuple[Any, Any, dict]:
-    """The chain's model (root, then each adapter in order), its processor (loaded here unless given: a held
-    worker loads it early to prepare batches), and what the `loaded` message says. `prestaged`: the root's
-    weights, already being read (`weights.prestage_root`)."""
+def load_chain(chain: list[ChainLink], recipe: Recipe, device: Device,
+               processor: Any = None) -> tuple[Any, Any, dict]:
+    """The chain's model (root, then each adapter in order), its processor (loaded here unless given: a worker
+    loads it first, to prepare batches meanwhile), and what the `loaded` message says."""
     started = time.perf_counter()
     dtype = resolve_dtype(recipe.dtype, device)
     attn = resolve_attn(recipe.attn, device)
     root, adapters = chain[0], chain[1:]
     phases = {"cuda_init_s": device.start()}
-    model, how = load_root(root, recipe, device, dtype, attn, prestaged)
+    model, how = load_root(root, recipe, device, dtype, attn)
     phases["root_s"] = time.perf_counter() - started - phases["cuda_init_s"]
     model, resized = apply_adapters(model, adapters, merge_top=recipe.merge_adapters)
     model.eval()
@@ -165,8 +124,7 @@ def _attach_decode_graph(model: Any, device: Device, decode: str, requested: boo
     return DECODE_GRAPH_ON if reason is None else f"off ({reason})"
 
 
-def load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtype, attn: str,
-              prestaged: Prestaged | None = None) -> tuple[Any, dict]:
+def load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtype, attn: str) -> tuple[Any, dict]:
     """The root checkpoint on `device`, and how it was read (for the `loaded` message). A base quantized with
     bitsandbytes goes through worker/loading/quantized.py, as it was trained or dequantized as the recipe asks."""
     trust = recipe.trust_remote_code
@@ -176,23 +134,17 @@ def load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtyp
               "device_map": {"": device.tensors}}  # one device, all of it: never "auto"
     quantization = check_quantization(root, recipe, device)
     if quantization is not None and (quantization.packed or not quantization.dequantized):
-        if prestaged is not None:
-            prestaged.discard()
         with reading(root.path, "its quantized weights"), building_modules():
             return load_quantized(model_class(config), root.path, quantization, common, recipe.allow_pickle)
     if quantization is not None:  # dequantized full-precision weights: read as stored, by either reader
         without_quantization(config)
     files = root_weight_files(root.path)
     cls = concrete_class(model_class(config), config)
-    if prestaged is not None and (cls is None or (prestaged.files, prestaged.device, prestaged.dtype)
-                                  != (files, device, dtype)):
-        prestaged.discard()
-        prestaged = None
     # pickles (allowed by the recipe), remote code (it may not build from a state dict) and unknown auto-class
     # entries are read by transformers itself
     if recipe.loader == "staged" and files and cls is not None and not trust:
         try:
-            return _load_staged(cls, files, root.path, common, device, prestaged)
+            return _load_staged(cls, files, root.path, common, device)
         except UnstageableError as exc:
             print(f"evalorch worker: staged loading not possible ({exc}); using transformers' reader", flush=True)
     with reading(root.path, "its weights"), building_modules():
@@ -201,17 +153,13 @@ def load_root(root: ChainLink, recipe: Recipe, device: Device, dtype: torch.dtyp
     return model, {"loader": "transformers"}
 
 
-def _load_staged(cls: type[PreTrainedModel], files: list[Path], folder: str, common: dict, device: Device,
-                 prestaged: Prestaged | None = None) -> tuple[Any, dict]:
-    """Weights through worker/loading/weights.py's pinned staging (read here, or already reading since the worker
-    started), the model built from them by transformers."""
+def _load_staged(cls: type[PreTrainedModel], files: list[Path], folder: str, common: dict,
+                 device: Device) -> tuple[Any, dict]:
+    """Weights through worker/loading/weights.py's pinned staging, the model built from them by transformers."""
     started = time.perf_counter()
     with reading(folder, "its weights"):
-        if prestaged is None:
-            weights = load_safetensors(files, device, common["dtype"])
-            read_s, waited_s = time.perf_counter() - started, None
-        else:
-            weights, read_s, waited_s = prestaged.take()
+        weights = load_safetensors(files, device, common["dtype"])
+    read_s = time.perf_counter() - started
     try:
         with reading(folder, "its weights"), without_allocator_warmup(), building_modules():
             model = cls.from_pretrained(None, state_dict=weights.state_dict, **common)
@@ -220,7 +168,7 @@ def _load_staged(cls: type[PreTrainedModel], files: list[Path], folder: str, com
     with reading(folder, "generation_config.json"):
         _attach_generation_config(model, folder)
     return model, {"loader": "staged", "staged_bytes": weights.fast_bytes, "staged_s": read_s,
-                   "prestaged_wait_s": waited_s, "converted_tensors": len(weights.lazy_names)}
+                   "converted_tensors": len(weights.lazy_names)}
 
 
 @contextmanager
@@ -335,43 +283,3 @@ def check_placement(model: Any, device: str) -> None:
             f"{len(stray)} module(s) are not on {device}: {listed}{more}. The whole model must sit on one "
             "device; a partly offloaded model gives wrong or failing results (e.g. 'q must be on CUDA').",
         )
-
-
-def load_processor(chain: list[ChainLink], recipe: Recipe) -> Any:
-    """The processor the parent recorded (contract/processor.py: the nearest link, top first, that saved one; its
-    tokenizer from a link above where one saved a tokenizer alone), with the new special tokens its trainer adds
-    when it loads (ms-swift's), added the same way."""
-    try:
-        source = processor_source([link.path for link in chain], recipe.image_bounds)
-    except CheckpointError as exc:
-        raise WorkerError("lineage", str(exc)) from None
-    with reading(source.path, "its processor (tokenizer, image processor)"):
-        processor = AutoProcessor.from_pretrained(source.path, trust_remote_code=recipe.trust_remote_code)
-    if source.tokenizer_path != source.path:
-        with reading(source.tokenizer_path, "its tokenizer"):
-            processor.tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path,
-                                                                trust_remote_code=recipe.trust_remote_code)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    if source.added_tokens:  # as ms-swift's model loader adds them (swift/model/register.py)
-        tokenizer.add_special_tokens({"additional_special_tokens": source.added_tokens})
-    tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
-    return processor
-
-
-def training_resize(chain: list[ChainLink], recipe: Recipe) -> TrainerResize | None:
-    """The resize the top link's trainer applied to images before its processor (contract/trainer_resize.py), which
-    the worker applies to each image as read; None where there was none."""
-    try:
-        return processor_source([link.path for link in chain], recipe.image_bounds).trainer_resize
-    except CheckpointError as exc:
-        raise WorkerError("lineage", str(exc)) from None
-
-
-def warm_page_cache(chain: list[ChainLink]) -> float:
-    """Read every weight file of the chain once, so that the load which follows reads from memory, not disk.
-    A held worker does this while the previous recipe still owns the GPU (hidden start-up). Returns seconds."""
-    started = time.perf_counter()
-    for link in chain:
-        with reading(link.path, "its weight files"):
-            read_through(weight_files(Path(link.path), link.kind, allow_pickle=True))  # what check_chain_files let by
-    return time.perf_counter() - started

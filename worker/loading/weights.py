@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,7 @@ import torch
 from safetensors import safe_open
 
 from contract.checkpoint import CheckpointError, safetensors_header
-from contract.quantization import recipe_quantization
-from contract.recipe import Recipe, run_dtype
+from contract.recipe import run_dtype
 from worker.device import Device
 from worker.errors import WorkerError
 
@@ -257,58 +255,3 @@ def resolve_dtype(name: str, device: Device) -> torch.dtype:
 def root_weight_files(folder: str | Path) -> list[Path]:
     """The safetensors files a root checkpoint's weights are staged from (one home for the pattern)."""
     return sorted(Path(folder).glob("model*.safetensors"))
-
-
-class Prestaged:
-    """A root's weights being read onto the device in a thread, started once the worker's imports are done: the
-    read overlaps its processor's load and its first batch's preparation. (Started beside the imports, it slowed
-    them by more than it saved: BENCHMARKS.md.) `take()` waits for them; a read that failed raises there, where the
-    load would have raised it."""
-
-    def __init__(self, files: list[Path], device: Device, dtype: torch.dtype) -> None:
-        self.files, self.device, self.dtype = files, device, dtype
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prestage")
-        self._future: Future[tuple[LoadedWeights, float]] | None = self._pool.submit(self._read)
-        self._pool.shutdown(wait=False)
-
-    def _read(self) -> tuple[LoadedWeights, float]:
-        started = time.perf_counter()
-        weights = load_safetensors(self.files, self.device, self.dtype)
-        return weights, time.perf_counter() - started
-
-    def take(self) -> tuple[LoadedWeights, float, float]:
-        """The weights (this object lets go of them), the read's own seconds, and the seconds waited here."""
-        started = time.perf_counter()
-        future, self._future = self._future, None
-        if future is None:
-            raise RuntimeError("the prestaged weights were already taken or discarded")
-        weights, read_s = future.result()
-        return weights, read_s, time.perf_counter() - started
-
-    def discard(self) -> None:
-        """Not used after all (the class cannot be built from a state dict): free what was read."""
-        future, self._future = self._future, None
-        if future is None or future.exception() is not None:
-            return  # the load reads again its own way and reports its own errors
-        weights = future.result()[0]
-        weights.close()
-        weights.state_dict.clear()
-
-
-def _quantized(folder: str, recipe: Recipe) -> bool:
-    """The root records a quantization or the recipe asks for one (transformers' own reader loads it), or its config
-    cannot be read (the load reports that): nothing to stage ahead either way."""
-    try:
-        return recipe_quantization(Path(folder), recipe) is not None
-    except CheckpointError:
-        return True
-
-
-def prestage_root(root: Any, recipe: Recipe, device: Device) -> Prestaged | None:
-    """Start reading the root link's weights now, where the staged loader will read them (the conditions of
-    load.load_root that need no transformers: it discards them if the class turns out not to build from a
-    state dict); None where it will not stage."""
-    files = root_weight_files(root.path)
-    if recipe.loader != "staged" or not files or recipe.trust_remote_code or _quantized(root.path, recipe):
-        return None
-    return Prestaged(files, device, resolve_dtype(recipe.dtype, device))
