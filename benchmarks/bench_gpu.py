@@ -830,8 +830,8 @@ def _exit_seconds(seconds: float | None, parent: dict, worker: dict) -> float | 
 
 
 def _hello_at(worker: dict) -> float | None:
-    """When the worker said hello, from its first import: after all its imports in runs before the model stack's
-    were imported after the hello (those runs have no `hello_at`)."""
+    """When the worker said hello, seconds from its first import. Runs before d9df41d record no `hello_at`: their
+    workers said hello once every import was done, so `imports` is that time."""
     return worker.get("hello_at", worker.get("imports"))
 
 
